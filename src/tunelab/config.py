@@ -1,0 +1,296 @@
+"""Run configuration: pydantic models for every section, YAML loading, dotted overrides.
+
+Every error names the key (and the YAML line when it comes from a file) and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import TunelabError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+TargetModules = Literal["all-linear"] | list[str]
+
+
+class LoraConfig(Section):
+    """LoRA: h = W x + (alpha / r) * B (A x)."""
+
+    name: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+
+
+class DyLoraConfig(Section):
+    """DyLoRA: one rank b per optimizer step from {r_min..r}; forward with A[:b], B[:, :b], scale alpha/b."""
+
+    name: Literal["dylora"] = "dylora"
+    r: int = Field(64, gt=0)
+    r_min: int = Field(1, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+    rank_distribution: Literal["uniform", "geometric"] = "uniform"
+    # geometric: P(b = r_min + j) ∝ (1 - p)^j, so low ranks are drawn more often.
+    geometric_p: float = Field(0.15, gt=0, lt=1)
+    # unfrozen: all of the first b rows/columns train (what QDyLoRA's "semi-sorted" §4 implies);
+    # frozen: only row b of A and column b of B (the DyLoRA paper's default).
+    update: Literal["unfrozen", "frozen"] = "unfrozen"
+
+    @model_validator(mode="after")
+    def _rank_range(self) -> DyLoraConfig:
+        if self.r_min > self.r:
+            raise ValueError(f"r_min ({self.r_min}) must be <= r ({self.r}); lower r_min or raise r")
+        return self
+
+
+class FullConfig(Section):
+    """Full fine-tuning: every weight trains."""
+
+    name: Literal["full"] = "full"
+
+
+class SpielConfig(Section):
+    """SpIEL sparse fine-tuning: per weight matrix k (index, delta) pairs; update -> prune -> regrow."""
+
+    name: Literal["spiel"] = "spiel"
+    # budget: a fraction of all model parameters, or an absolute count (num_tunable wins when set)
+    density: float | None = Field(0.01, gt=0, le=1)
+    num_tunable: int | None = Field(None, gt=0)
+    target_modules: TargetModules = "all-linear"
+    regrowth: Literal["ag", "ma"] = "ag"  # accumulated gradients (AdamW) | momentum approx. (SM3)
+    reselection_steps: int = Field(20, gt=0)
+    accumulation_steps: int = Field(5, gt=0)
+    initial_reselection_rate: float = Field(0.2, ge=0, le=1)
+    reselection_policy: Literal["linear", "cosine"] = "linear"
+    sm3_beta: float = Field(0.0, ge=0, lt=1)  # SM3 momentum (0: none)
+    eps: float = Field(1e-8, gt=0)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> SpielConfig:
+        if self.accumulation_steps >= self.reselection_steps:
+            raise ValueError(
+                f"accumulation_steps ({self.accumulation_steps}) must be < reselection_steps "
+                f"({self.reselection_steps})"
+            )
+        if self.density is None and self.num_tunable is None:
+            raise ValueError("set density (fraction of all parameters) or num_tunable")
+        return self
+
+
+MethodConfig = Annotated[LoraConfig | DyLoraConfig | FullConfig | SpielConfig, Field(discriminator="name")]
+METHOD_CONFIGS = {"lora": LoraConfig, "dylora": DyLoraConfig, "full": FullConfig, "spiel": SpielConfig}
+METHOD_NAMES = tuple(METHOD_CONFIGS)
+
+
+class DataConfig(Section):
+    train: str = "gsm8k:train"
+    eval: str | None = "gsm8k:eval"
+    format: Literal["auto", "alpaca", "prompt-completion", "messages", "text"] = "auto"
+    max_length: int = Field(512, gt=0)
+    train_on_prompt: bool = False
+    # cap on rows taken from the eval set during training (None: all of it)
+    eval_limit: int | None = Field(None, gt=0)
+
+
+class TrainConfig(Section):
+    lr: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = 42
+    save_steps: int = Field(0, ge=0)
+    eval_steps: int = Field(0, ge=0)
+    log_steps: int = Field(10, gt=0)
+    # auto: bf16 on a GPU that supports it, else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+
+
+class RunConfig(Section):
+    model: str = "smollm2-135m"
+    quantization: Literal["none", "nf4"] = "none"
+    method: MethodConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    name: str | None = None
+    output_dir: str | None = None
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / (self.name or self.method.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key of a YAML mapping document to its 1-based line number."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _allowed_keys(model: type[BaseModel], data: Any, loc: tuple) -> list[str]:
+    """The field names valid at `loc` (following the method discriminator), for suggestions."""
+    for part in loc:
+        if isinstance(part, int):
+            return []
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif part == "method":
+            name = data.get("method", {}).get("name", "lora") if isinstance(data, dict) else "lora"
+            model = METHOD_CONFIGS.get(name, LoraConfig)
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _format_error(err: dict, data: Any, source: str, key_lines: dict[str, int]) -> str:
+    loc = tuple(p for p in err["loc"] if p not in METHOD_NAMES or err["loc"][0] != "method")
+    key = ".".join(str(p) for p in loc) or "<root>"
+    where = source
+    line = key_lines.get(key)
+    if line:
+        where = f"{source}:{line}"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(RunConfig, data, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+        valid = f"valid keys here: {', '.join(allowed)}" if allowed else ""
+        return f"{where}: unknown key '{key}'; " + (hint or valid)
+    if kind == "union_tag_invalid":
+        return f"{where}: unknown method '{err['ctx']['tag']}'; choose one of: {', '.join(METHOD_NAMES)}"
+    if kind == "union_tag_not_found":
+        return f"{where}: 'method' needs a 'name' (one of: {', '.join(METHOD_NAMES)})"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{where}: '{key}' is {err['input']!r}; expected {expected}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "model_type" or kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{where}: '{key}' is {err['input']!r}: {msg.lower()}"
+    if kind == "value_error":  # our own validators already say what to change
+        return f"{where}: '{key}': {msg}"
+    return f"{where}: '{key}': {msg} (got {err['input']!r})"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['train.lr=1e-4', 'method.r=16'] -> {'train': {'lr': 1e-4}, 'method': {'r': 16}}"""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise TunelabError(f"override '{item}' is not of the form key.sub=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise TunelabError(f"override '{item}' has an empty key part; write e.g. method.r=16")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            existing = node.get(part)
+            if not isinstance(existing, dict):
+                existing = node[part] = {}
+            node = existing
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> tuple[dict, str]:
+    """Read a YAML mapping; returns (data, text). Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunelabError(f"config file not found: {path}")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TunelabError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise TunelabError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TunelabError(f"{path}: the config must be a YAML mapping of keys (model:, method:, ...)")
+    return data, text
+
+
+def validate(data: dict, source: str = "config", text: str = "") -> RunConfig:
+    method = data.get("method")
+    if isinstance(method, str):  # `method: full` is shorthand for `method: {name: full}`
+        data = {**data, "method": {"name": method}}
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        key_lines = _key_lines(text)
+        raise TunelabError(_format_error(exc.errors()[0], data, source, key_lines)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML (or defaults when path is None) and apply dotted overrides."""
+    data, text, source = {}, "", "overrides"
+    if path is not None:
+        data, text = read_yaml(path)
+        source = str(path)
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+        if path is not None:
+            source = f"{path} (with overrides)"
+    config = validate(data, source, text)
+    if config.name is None and path is not None:
+        config.name = Path(path).stem
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,146 @@
+"""Evaluation: loss / perplexity on response tokens, exact match by generation, rank sweeps."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import nn
+
+from tunelab.data import IGNORE_INDEX, TokenizedDataset, collator
+from tunelab.tasks import first_line
+
+
+@torch.no_grad()
+def loss_and_perplexity(
+    model: nn.Module,
+    dataset: TokenizedDataset,
+    tokenizer,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the labelled (response) tokens, and exp of it."""
+    model.eval()
+    collate = collator(tokenizer)
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    task = progress.add_task("loss", total=len(dataset)) if progress else None
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total_loss += losses.item()
+        total_tokens += int((labels != IGNORE_INDEX).sum())
+        if progress:
+            progress.advance(task, len(batch["input_ids"]))
+    loss = total_loss / max(total_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Greedy completions of `prompts` (left-padded batches)."""
+    model.eval()
+    device = next(model.parameters()).device
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    task = progress.add_task("generate", total=len(prompts)) if progress else None
+    completions: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(
+                device
+            )
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            if progress:
+                progress.advance(task, len(new_tokens))
+    finally:
+        tokenizer.padding_side = padding_side
+    return completions
+
+
+def exact_match(
+    model: nn.Module,
+    tokenizer,
+    dataset: TokenizedDataset,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> float:
+    """Share of examples whose generated answer equals the reference answer (by the task's rule;
+    for user data: the first line of the completion)."""
+    extract = dataset.task.extract_answer if dataset.task else first_line
+    max_new_tokens = dataset.task.max_new_tokens if dataset.task else 64
+    prompts = [example.prompt for example in dataset.examples]
+    generated = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    hits = 0
+    for example, text in zip(dataset.examples, generated, strict=True):
+        expected = extract(example.reference)
+        hits += expected is not None and extract(text) == expected
+    return hits / len(dataset.examples)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    dataset: TokenizedDataset,
+    with_exact_match: bool,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    metrics = loss_and_perplexity(model, dataset, tokenizer, batch_size, progress)
+    if with_exact_match:
+        metrics["exact_match"] = exact_match(model, tokenizer, dataset, max(batch_size, 16), progress)
+    return metrics
+
+
+def elbow_index(values: list[float]) -> int:
+    """Index of the elbow of a curve: the point farthest from the chord joining its ends, after
+    scaling both axes to [0, 1] (the 'knee' heuristic)."""
+    if len(values) < 3:
+        return len(values) - 1
+    y = np.asarray(values, dtype=float)
+    x = np.linspace(0.0, 1.0, len(y))
+    span = y.max() - y.min()
+    if span == 0:
+        return 0
+    y = (y - y.min()) / span
+    # distance of each point to the line through the first and last points
+    dx, dy = x[-1] - x[0], y[-1] - y[0]
+    distance = np.abs(dy * (x - x[0]) - dx * (y - y[0])) / math.hypot(dx, dy)
+    return int(distance.argmax())
+
+
+def summarize_ranks(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """best_rank (highest exact match, else lowest loss) and elbow_rank of the metric-vs-rank curve."""
+    metric = "exact_match" if all("exact_match" in row for row in rows) else "loss"
+    values = [row[metric] for row in rows]
+    best = int(np.argmax(values)) if metric == "exact_match" else int(np.argmin(values))
+    return {
+        "ranks": rows,
+        "metric": metric,
+        "best_rank": rows[best]["rank"],
+        "elbow_rank": rows[elbow_index(values)]["rank"],
+    }

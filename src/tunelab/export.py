@@ -1,0 +1,30 @@
+"""Export a finished run: a PEFT adapter, a method's own format, or a merged HF model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.quant import dequantize_model
+from tunelab.train import atomic_directory, load_run
+
+
+def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None) -> Path:
+    """Write `fmt` for the run in `run_dir` into `out` (atomically; an existing `out` is refused)."""
+    if out.exists() and any(out.iterdir()):
+        raise TunelabError(f"export target {out} exists and is not empty; choose another --out or remove it")
+    config, built = load_run(run_dir)
+    formats = built.method.export_formats()
+    if fmt not in formats:
+        raise TunelabError(f"method '{config.method.name}' exports as {' or '.join(formats)}, not '{fmt}'")
+    variant = {"rank": rank} if rank is not None else {}
+    built.method.set_variant(built.model, **variant)
+    with atomic_directory(out) as tmp:
+        if fmt == "merged":
+            # from a 4-bit base this merges into the dequantized weights: a full-precision model
+            merged = dequantize_model(built.method.merge(built.model, **variant))
+            merged.save_pretrained(tmp)
+            built.tokenizer.save_pretrained(tmp)
+        else:
+            built.method.export(built.model, fmt, tmp, base_model=built.model_path, **variant)
+    return out

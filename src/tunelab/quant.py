@@ -1,0 +1,102 @@
+"""NF4 (bitsandbytes, double quantization) base weights, and the guards they need."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tunelab.errors import TunelabError
+
+try:  # bitsandbytes is a dependency, but keep plain-LoRA use working where it fails to import
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    LINEAR_4BIT: tuple[type, ...] = (bnb.nn.Linear4bit,)
+except Exception:  # pragma: no cover - depends on the platform's bitsandbytes build
+    bnb = None
+    LINEAR_4BIT = ()
+
+NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit default, as in QLoRA
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, *LINEAR_4BIT))
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return bool(LINEAR_4BIT) and isinstance(module, LINEAR_4BIT)
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    """QLoRA's storage: NF4 with double quantization; embeddings, norms and LM head stay full."""
+    from transformers import BitsAndBytesConfig
+
+    if bnb is None:
+        raise TunelabError(
+            "quantization: nf4 needs a working bitsandbytes install (pip install bitsandbytes)"
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def guard_cpu_repack(model: nn.Module) -> int:
+    """Stop Linear4bit from repacking its weights for CPU inference.
+
+    On CPUs with avx512_bf16 an eval-mode no-grad forward repacks the weights into a layout whose
+    matmul has no autograd kernel; later training then gets wrong gradients with only a warning
+    (measured relative error 1.17). Returns the number of layers guarded.
+    """
+    guarded = 0
+    for module in model.modules():
+        if is_4bit(module):
+            module.support_avx512bf16_for_cpu = False
+            guarded += 1
+    return guarded
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """The full-precision weight of a linear layer, plain or 4-bit."""
+    if is_4bit(module):
+        weight = module.weight
+        return dequantize_4bit(weight.data, weight.quant_state).to(weight.quant_state.dtype)
+    return module.weight.data
+
+
+def dequantized_linear(module: nn.Module) -> nn.Linear:
+    """A plain nn.Linear equal to `module` (itself when it already is one)."""
+    if not is_4bit(module):
+        return module
+    weight = dequantize_weight(module)
+    linear = nn.Linear(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every remaining 4-bit linear with its full-precision equivalent and drop the
+    quantization markers, so save_pretrained writes a plain model."""
+    for name, module in list(model.named_modules()):
+        if is_4bit(module):
+            parent_name, _, child = name.rpartition(".")
+            setattr(
+                model.get_submodule(parent_name) if parent_name else model, child, dequantized_linear(module)
+            )
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for marker in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "_hf_peft_config_loaded"):
+        if marker in model.__dict__:
+            delattr(model, marker)
+    return model

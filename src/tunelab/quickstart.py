@@ -1,0 +1,81 @@
+"""`tunelab quickstart`: fine-tune the embedded model on GSM8K briefly, evaluate before and after."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from tunelab.config import load_config
+from tunelab.data import build_dataset
+from tunelab.evaluate import evaluate
+from tunelab.plots import loss_curve
+from tunelab.train import METRICS_FILE, build, load_run, train
+
+DEFAULT_CONFIG = Path(__file__).with_name("quickstart.yaml")
+DEFAULT_EVAL_EXAMPLES = 24
+console = Console()
+
+
+def _free_run_dir(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... : a quickstart never overwrites an earlier run."""
+    candidate, n = path, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def _evaluate(model, tokenizer, config, eval_examples: int, label: str) -> dict[str, float]:
+    dataset = build_dataset(
+        config.data.eval, tokenizer, config.data.format, config.data.max_length, limit=eval_examples
+    )
+    console.print(f"evaluating {label} on {eval_examples} examples of {config.data.eval} ...")
+    with Progress(console=console, transient=True) as progress:
+        return evaluate(
+            model, tokenizer, dataset, with_exact_match=dataset.task is not None, progress=progress
+        )
+
+
+def run_quickstart(
+    config_path: Path | None = None, steps: int | None = None, eval_examples: int | None = None
+) -> Path:
+    started = time.perf_counter()
+    overrides = [f"train.max_steps={steps}"] if steps else []
+    config = load_config(config_path or DEFAULT_CONFIG, overrides)
+    config.output_dir = str(_free_run_dir(config.resolved_output_dir()))
+    eval_examples = eval_examples or DEFAULT_EVAL_EXAMPLES
+
+    console.rule(f"tunelab quickstart: {config.method.name} on {config.model}, {config.data.train}")
+    # the method starts as the identity (LoRA's B = 0), so this is the base model's score
+    before_model = build(config)
+    before = _evaluate(before_model.model, before_model.tokenizer, config, eval_examples, "the base model")
+    del before_model
+
+    train_started = time.perf_counter()
+    run_dir = train(config)
+    train_time = time.perf_counter() - train_started
+
+    _, trained = load_run(run_dir)
+    after = _evaluate(trained.model, trained.tokenizer, config, eval_examples, "the fine-tuned model")
+    plot = loss_curve(run_dir / METRICS_FILE, run_dir / "loss_curve.png")
+
+    table = Table(title=f"{config.data.eval}, first {eval_examples} examples")
+    for column in ("metric", "before", "after"):
+        table.add_column(column, justify="right")
+    for metric in before:
+        table.add_row(metric, f"{before[metric]:.4f}", f"{after[metric]:.4f}")
+    table.add_row("train time (s)", "", f"{train_time:.0f}")
+    console.print(table)
+    console.print(
+        f"run directory: [bold]{run_dir}[/bold] (config.yaml, metrics.jsonl, final/"
+        f"{', loss_curve.png' if plot else ''})"
+    )
+    console.print(
+        f"next: tunelab eval {run_dir} | tunelab export {run_dir} --format peft --out {run_dir}/peft"
+    )
+    console.print(f"total time {time.perf_counter() - started:.0f} s")
+    return run_dir

@@ -1,0 +1,53 @@
+"""Built-in tasks: datasets addressed as `NAME:train` / `NAME:eval`, each with an exact-match rule.
+
+Rows are prompt/completion pairs. `extract_answer` pulls the comparable answer out of a completion
+(reference or generated); exact match = the two extracted answers are equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tunelab.errors import TunelabError
+
+SPLITS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    rows: Callable[[str], list[dict]]  # split -> [{"prompt": ..., "completion": ...}]
+    extract_answer: Callable[[str], str | None]
+    max_new_tokens: int = 32
+
+
+def first_line(text: str) -> str | None:
+    """The default answer: the completion's first non-empty line, stripped."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return None
+
+
+def _registry() -> dict[str, Task]:
+    from tunelab.tasks.gsm8k import GSM8K
+    from tunelab.tasks.synthetic import SYNTHETIC_TASKS
+
+    return {task.name: task for task in (GSM8K, *SYNTHETIC_TASKS)}
+
+
+def builtin_tasks() -> dict[str, Task]:
+    return _registry()
+
+
+def parse_builtin(spec: str) -> tuple[Task, str] | None:
+    """'gsm8k:train' -> (task, 'train'); None when `spec` does not name a built-in task."""
+    name, sep, split = spec.partition(":")
+    tasks = _registry()
+    if not sep or name not in tasks:
+        return None
+    if split not in SPLITS:
+        raise TunelabError(f"dataset '{spec}': unknown split '{split}'; use {name}:train or {name}:eval")
+    return tasks[name], split

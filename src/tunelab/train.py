@@ -1,0 +1,379 @@
+"""The training engine: transformers' Trainer, with methods plugged in through `methods.base.Method`.
+
+This module never asks which method it runs; it calls the method's hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from tunelab.config import RunConfig, dump_config
+from tunelab.data import TokenizedDataset, build_dataset, collator
+from tunelab.errors import TunelabError
+from tunelab.methods import Method, create_method
+from tunelab.models import compute_dtype, load_model, load_tokenizer, resolve_model
+from tunelab.quant import guard_cpu_repack, nf4_config
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+CHECKPOINTS_DIR = "checkpoints"
+console = Console(stderr=True)
+
+
+@dataclass
+class Built:
+    """A base model with a method attached, ready to train or evaluate."""
+
+    model: nn.Module
+    tokenizer: Any
+    method: Method
+    model_path: str
+
+
+def build(config: RunConfig) -> Built:
+    """Resolve and load the base model (quantized when asked), attach the method."""
+    if config.quantization == "nf4" and config.method.name == "full":
+        raise TunelabError(
+            "quantization: nf4 cannot be combined with method full (4-bit weights do not train); "
+            "use lora, dylora or spiel on a 4-bit base, or quantization: none"
+        )
+    model_path = resolve_model(config.model)
+    tokenizer = load_tokenizer(model_path)
+    dtype = compute_dtype(config.train.precision)
+    if config.quantization == "nf4":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(model_path, dtype, quantization_config=nf4_config(dtype), device_map=device)
+        guard_cpu_repack(model)
+        # transformers refuses to train a quantized model unless adapters are attached; ours are.
+        model._hf_peft_config_loaded = True
+    else:
+        model = load_model(model_path, dtype)
+    method = create_method(config.method, seed=config.train.seed)
+    method.attach(model)
+    return Built(model, tokenizer, method, model_path)
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU memory allocated when on a GPU, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+@contextmanager
+def atomic_directory(target: Path):
+    """Yield a temporary sibling of `target`; on success it replaces `target` in one rename, so a
+    crash never leaves a half-written directory under the final name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to metrics.jsonl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as out:
+            out.write(json.dumps(record) + "\n")
+
+
+class MethodHooks(TrainerCallback):
+    """Forwards the Trainer's optimizer-step events to the method."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.method.on_train_begin(model, state.max_steps)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.method.on_step_begin(model, state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.method.on_before_optimizer_step(model, state.global_step, optimizer)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.method.on_after_optimizer_step(model, state.global_step, optimizer)
+
+
+class Reporter(TrainerCallback):
+    """metrics.jsonl (one line per optimizer step, eval results, method events, a final summary)
+    and the progress display. Only the main process writes."""
+
+    def __init__(self, method: Method, metrics: MetricsWriter, log_steps: int) -> None:
+        self.method, self.metrics, self.log_steps = method, metrics, log_steps
+        self.step_started = 0.0
+        self.pending: dict[str, Any] = {}
+        self.progress: Progress | None = None
+        self.task = None
+        self.last_loss = math.nan
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, info=""
+        )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            self.method.pop_events()
+            return
+        self.pending = {
+            "step": state.global_step,
+            "step_time_s": round(time.perf_counter() - self.step_started, 4),
+            **self.method.step_metrics(),
+        }
+        for event in self.method.pop_events():
+            self.metrics.write(event)
+            console.print(f"[dim]step {event.get('step')}: {_describe(event)}[/dim]")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            self.last_loss = logs["loss"]
+            record = {
+                **self.pending,
+                "loss": logs["loss"],
+                "lr": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+            }
+            self.metrics.write(record)
+            extra = "".join(f" {k} {v}" for k, v in self.method.step_metrics().items())
+            self.progress.update(
+                self.task, completed=state.global_step, info=f"loss {logs['loss']:.4f}{extra}"
+            )
+            if not console.is_terminal and (
+                state.global_step % self.log_steps == 0 or state.global_step == 1
+            ):
+                console.print(
+                    f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"lr {logs.get('learning_rate', 0):.2e} {record['step_time_s']:.2f}s/step{extra}"
+                )
+        elif any(key.startswith("eval_") for key in logs):
+            record = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
+            self.metrics.write(record)
+            console.print(
+                f"step {state.global_step}: "
+                + " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
+            )
+        elif "train_runtime" in logs:
+            self.metrics.write(
+                {
+                    "event": "summary",
+                    "train_runtime_s": logs["train_runtime"],
+                    "train_loss": logs.get("train_loss"),
+                    "steps": state.global_step,
+                    "peak_memory_bytes": peak_memory_bytes(),
+                }
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _describe(event: dict[str, Any]) -> str:
+    return " ".join(f"{k} {v}" for k, v in event.items() if k != "step")
+
+
+class TunelabTrainer(Trainer):
+    """Trainer whose checkpoints hold only what the method trains (plus the method's state)."""
+
+    def __init__(self, *args, method: Method, **kwargs) -> None:
+        self.method = method
+        super().__init__(*args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            self.method.save(self.model, Path(output_dir or self.args.output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self.method.load(model or self.model, Path(resume_from_checkpoint))
+
+
+def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> TrainingArguments:
+    t = config.train
+    bf16 = compute_dtype(t.precision) == torch.bfloat16
+    on_gpu_4bit = config.quantization == "nf4" and torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS_DIR),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=1,  # every step goes to metrics.jsonl; the console shows every log_steps
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
+        eval_steps=t.eval_steps or None,
+        bf16=bf16,
+        optim="paged_adamw_32bit" if on_gpu_4bit else "adamw_torch",
+        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run unless asked to."""
+    if resume:
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise TunelabError(
+                f"--resume: {run_dir} holds no run to resume (no {CONFIG_FILE}); drop --resume"
+            )
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise TunelabError(
+                f"output directory {run_dir} already holds a run; use --resume to continue it, "
+                "--overwrite to replace it, or set output_dir=... to another directory"
+            )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted(
+        (run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+    )
+    return checkpoints[-1] if checkpoints else None
+
+
+def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train `config` end to end; returns the run directory."""
+    run_dir = config.resolved_output_dir()
+    prepare_run_dir(run_dir, resume, overwrite)
+    built = build(config)
+    train_set = build_dataset(
+        config.data.train,
+        built.tokenizer,
+        config.data.format,
+        config.data.max_length,
+        config.data.train_on_prompt,
+    )
+    eval_set: TokenizedDataset | None = None
+    if config.data.eval and config.train.eval_steps:
+        eval_set = build_dataset(
+            config.data.eval,
+            built.tokenizer,
+            config.data.format,
+            config.data.max_length,
+            config.data.train_on_prompt,
+            limit=config.data.eval_limit,
+        )
+
+    if overwrite and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # only now: everything above validated and loaded
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = training_arguments(config, run_dir, eval_set is not None)
+    if args.should_save:
+        (run_dir / CONFIG_FILE).write_text(dump_config(config))
+    metrics = MetricsWriter(run_dir / METRICS_FILE)
+    optimizer = built.method.create_optimizer(built.model, config.train.lr, config.train.weight_decay)
+    trainer = TunelabTrainer(
+        model=built.model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator(built.tokenizer),
+        optimizers=(optimizer, None),
+        callbacks=[MethodHooks(built.method), Reporter(built.method, metrics, config.train.log_steps)],
+        method=built.method,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        console.print(
+            f"[yellow]--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR}; starting over[/yellow]"
+        )
+    console.print(
+        f"training [bold]{config.method.name}[/bold] on {config.model} "
+        f"({len(train_set)} examples) -> {run_dir}"
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if args.should_save:
+        with atomic_directory(run_dir / FINAL_DIR) as tmp:
+            built.method.save(built.model, tmp)
+    return run_dir
+
+
+def load_run(run_dir: Path) -> tuple[RunConfig, Built]:
+    """The config and trained model of a finished run."""
+    from tunelab.config import read_yaml, validate
+
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise TunelabError(f"{run_dir} is not a tunelab run directory (no {CONFIG_FILE})")
+    if not (run_dir / FINAL_DIR).is_dir():
+        raise TunelabError(f"{run_dir} has no finished model ({FINAL_DIR}/); did the training finish?")
+    data, text = read_yaml(run_dir / CONFIG_FILE)
+    config = validate(data, str(run_dir / CONFIG_FILE), text)
+    built = build(config)
+    built.method.load(built.model, run_dir / FINAL_DIR)
+    built.model.eval()
+    return config, built

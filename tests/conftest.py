@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny random Llama with the SmolLM2 tokenizer, saved as a HF model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from tunelab.models import resolve_model
+
+    return resolve_model("smollm2-135m")  # converted once into the tunelab cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
+    """A random Llama (2 layers, hidden 64) built from a LlamaConfig, with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture()
+def qa_jsonl(tmp_path) -> Path:
+    """A small prompt/completion dataset the tiny model can learn quickly."""
+    rows = [{"prompt": f"Q: {a}+{b}=", "completion": f" {a + b}"} for a in range(8) for b in range(8)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def tiny_config(model_dir: str, data: Path, out: Path, **overrides):
+    """A RunConfig for a fast run on the tiny model."""
+    from tunelab.config import validate
+
+    data_dict = {
+        "model": model_dir,
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(data), "eval": str(data), "max_length": 64},
+        "train": {"lr": 5e-3, "max_steps": 12, "batch_size": 8, "log_steps": 4, "warmup_ratio": 0.0},
+        "output_dir": str(out),
+    }
+    for key, value in overrides.items():
+        node = data_dict
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return validate(data_dict)

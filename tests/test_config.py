@@ -1,0 +1,104 @@
+"""Config validation errors: one line naming the file, line and key, and how to fix it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tunelab.config import load_config, parse_overrides
+from tunelab.errors import TunelabError
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_typed_overrides(tmp_path):
+    config = load_config(
+        _write(tmp_path, "method: {name: lora, r: 4}\n"),
+        ["train.lr=1e-4", "method.r=16", "data.train_on_prompt=true"],
+    )
+    assert config.train.lr == 1e-4 and config.method.r == 16 and config.data.train_on_prompt is True
+    assert config.name == "run" and str(config.resolved_output_dir()) == "runs/run"
+    assert load_config(_write(tmp_path, "method: full\n")).method.name == "full"
+
+
+def test_unknown_key_names_line_and_suggests(tmp_path):
+    path = _write(tmp_path, "model: smollm2-135m\ntrain:\n  lr: 1e-4\n  batchsize: 8\n")
+    with pytest.raises(
+        TunelabError,
+        match=r"run\.yaml:4: unknown key 'train\.batchsize'; did you mean "
+        r"'train\.batch_size'\?",
+    ):
+        load_config(path)
+
+
+def test_unknown_method_key_and_method_name(tmp_path):
+    with pytest.raises(TunelabError, match=r"unknown key 'method\.alph'; did you mean 'method\.alpha'"):
+        load_config(_write(tmp_path, "method: {name: lora, alph: 8}\n"))
+    with pytest.raises(TunelabError, match=r"unknown key 'method\.rank'; valid keys here: name, r, alpha"):
+        load_config(_write(tmp_path, "method: {name: lora, rank: 8}\n"))
+    with pytest.raises(
+        TunelabError, match=r"unknown method 'lorax'; choose one of: lora, dylora, full, spiel"
+    ):
+        load_config(_write(tmp_path, "method: {name: lorax}\n"))
+
+
+def test_wrong_type_and_out_of_range(tmp_path):
+    with pytest.raises(TunelabError, match=r"run\.yaml:2: 'train\.lr' is 'fast'"):
+        load_config(_write(tmp_path, "train:\n  lr: fast\n"))
+    with pytest.raises(TunelabError, match=r"'method\.r': Input should be greater than 0"):
+        load_config(_write(tmp_path, "method: {name: lora, r: 0}\n"))
+    with pytest.raises(TunelabError, match=r"r_min \(9\) must be <= r \(8\)"):
+        load_config(_write(tmp_path, "method: {name: dylora, r: 8, r_min: 9}\n"))
+    with pytest.raises(TunelabError, match=r"'train\.lr': Input should be greater than 0"):
+        load_config(None, ["train.lr=-1"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    with pytest.raises(TunelabError, match=r"run\.yaml:4: YAML syntax error"):
+        load_config(_write(tmp_path, "model: x\ntrain:\n  lr: [1e-4\n  seed: 3\n"))
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(TunelabError, match="not of the form key.sub=value"):
+        parse_overrides(["train.lr"])
+    with pytest.raises(TunelabError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "tunelab", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path):
+    path = _write(tmp_path, "train:\n  lr: 0\n")
+    result = _cli("train", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}:2: 'train.lr': Input should be greater than 0 (got 0)"
+    ]
+
+
+def test_cli_never_overwrites_an_existing_run(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "runs" / "old"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("precious: true\n")
+    path = _write(tmp_path, f"model: {tiny_model_dir}\noutput_dir: {run_dir}\n")
+    result = _cli("train", str(path), cwd=tmp_path)
+    assert result.returncode == 2 and "already holds a run; use --resume" in result.stderr
+    assert (run_dir / "config.yaml").read_text() == "precious: true\n"

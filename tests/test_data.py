@@ -1,0 +1,133 @@
+"""Formats, response masking, and clear errors for bad data files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.data import IGNORE_INDEX, build_dataset, load_rows
+from tunelab.errors import TunelabError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from tunelab.models import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)
+
+
+def _write(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def _trained_text(tokenizer, feature) -> str:
+    return tokenizer.decode(
+        [t for t, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != IGNORE_INDEX]
+    )
+
+
+@pytest.mark.parametrize(
+    "rows, response",
+    [
+        ([{"instruction": "Add 2 and 3.", "input": "", "output": "5"}], "5<|im_end|>"),
+        ([{"instruction": "Add.", "input": "2 and 3", "output": "five"}], "five<|im_end|>"),
+        ([{"prompt": "2+3=", "completion": " 5"}], " 5<|im_end|>"),
+    ],
+)
+def test_loss_only_on_the_response(tmp_path, tokenizer, rows, response):
+    dataset = build_dataset(str(_write(tmp_path, "d.jsonl", rows)), tokenizer)
+    feature = dataset[0]
+    assert _trained_text(tokenizer, feature) == response
+    assert feature["labels"][0] == IGNORE_INDEX
+
+
+def test_messages_mask_all_but_assistant_turns(tmp_path, tokenizer):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello there"},
+                {"role": "user", "content": "sum 2 3"},
+                {"role": "assistant", "content": "5"},
+            ]
+        }
+    ]
+    dataset = build_dataset(str(_write(tmp_path, "m.jsonl", rows)), tokenizer)
+    assert dataset.format == "messages"
+    trained = _trained_text(tokenizer, dataset[0])
+    assert "hello there" in trained and "5" in trained
+    assert "hi" not in trained.replace("hello there", "") and "sum 2 3" not in trained
+    full = tokenizer.decode(dataset[0]["input_ids"])
+    assert "sum 2 3" in full
+
+
+def test_text_format_trains_every_token(tmp_path, tokenizer):
+    dataset = build_dataset(str(_write(tmp_path, "t.jsonl", [{"text": "plain words here"}])), tokenizer)
+    assert dataset[0]["labels"] == dataset[0]["input_ids"]
+
+
+def test_train_on_prompt(tmp_path, tokenizer):
+    path = _write(tmp_path, "p.jsonl", [{"prompt": "2+3=", "completion": " 5"}])
+    dataset = build_dataset(str(path), tokenizer, train_on_prompt=True)
+    assert dataset[0]["labels"] == dataset[0]["input_ids"]
+
+
+def test_csv_and_json_files(tmp_path, tokenizer):
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("prompt,completion\n1+1=, 2\n2+2=, 4\n")
+    assert len(build_dataset(str(csv_path), tokenizer)) == 2
+    json_path = tmp_path / "d.json"
+    json_path.write_text(json.dumps([{"text": "a"}, {"text": "b"}, {"text": "c"}]))
+    assert len(build_dataset(str(json_path), tokenizer)) == 3
+
+
+def test_truncation(tmp_path, tokenizer):
+    path = _write(tmp_path, "long.jsonl", [{"prompt": "x", "completion": " word" * 100}])
+    assert len(build_dataset(str(path), tokenizer, max_length=16)[0]["input_ids"]) == 16
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')
+    with pytest.raises(TunelabError, match=r"bad\.jsonl:2: invalid JSON"):
+        build_dataset(str(path), tokenizer)
+
+
+def test_missing_field_names_the_row(tmp_path, tokenizer):
+    path = _write(tmp_path, "miss.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
+    with pytest.raises(TunelabError, match=r"miss\.jsonl:2: row has no 'output' field"):
+        build_dataset(str(path), tokenizer)
+
+
+def test_unknown_columns_and_empty_files(tmp_path, tokenizer):
+    with pytest.raises(TunelabError, match="cannot tell the format from columns"):
+        build_dataset(str(_write(tmp_path, "odd.jsonl", [{"question": "a"}])), tokenizer)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(TunelabError, match="has no rows"):
+        build_dataset(str(empty), tokenizer)
+    with pytest.raises(TunelabError, match="dataset not found"):
+        build_dataset(str(tmp_path / "nope.jsonl"), tokenizer)
+    with pytest.raises(TunelabError, match="no example keeps a response token"):
+        build_dataset(
+            str(_write(tmp_path, "cut.jsonl", [{"prompt": "word " * 50, "completion": "x"}])),
+            tokenizer,
+            max_length=8,
+        )
+
+
+def test_gsm8k_builtin_split():
+    train_rows, task = load_rows("gsm8k:train")
+    eval_rows, _ = load_rows("gsm8k:eval")
+    assert (len(train_rows), len(eval_rows)) == (1119, 200)
+    assert not {r["prompt"] for _, r in train_rows} & {r["prompt"] for _, r in eval_rows}
+    _, first = eval_rows[0]
+    assert "<<" not in first["completion"] and "####" in first["completion"]
+    assert task.extract_answer(first["completion"]) is not None
+    assert task.extract_answer("so the total is 1,234.0 dollars") == "1234"
+    assert task.extract_answer("#### -7") == "-7"
+    with pytest.raises(TunelabError, match="unknown split"):
+        load_rows("gsm8k:test")

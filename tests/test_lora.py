@@ -1,0 +1,178 @@
+"""LoRA / DyLoRA layer against a dense float64 reference; rank sampling; frozen-mode updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tunelab.config import DyLoraConfig, LoraConfig
+from tunelab.errors import TunelabError
+from tunelab.methods.lora import (
+    DyLoraMethod,
+    LoRALinear,
+    LoraMethod,
+    lora_layers,
+    parse_ranks,
+    rank_probabilities,
+    sample_rank,
+)
+
+
+def _layer(r=8, alpha=16.0, in_features=12, out_features=10) -> LoRALinear:
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(in_features, out_features, dtype=torch.float64), r, alpha).double()
+    nn.init.normal_(layer.lora_B)  # B starts at zero; make the update visible
+    return layer
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_truncated_forward_equals_dense_reference(rank):
+    layer = _layer()
+    layer.rank = rank
+    x = torch.randn(5, 12, dtype=torch.float64)
+    W, bias = layer.base_layer.weight, layer.base_layer.bias
+    dense = W + (layer.alpha / rank) * layer.lora_B[:, :rank] @ layer.lora_A[:rank]
+    torch.testing.assert_close(layer(x), x @ dense.T + bias)
+
+
+def test_scale_is_alpha_over_active_rank():
+    layer = _layer(r=4, alpha=8.0)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    base = layer.base_layer(x)
+    layer.rank = 2
+    update_rank2 = layer(x) - base
+    manual = (x @ layer.lora_A[:2].T @ layer.lora_B[:, :2].T) * (8.0 / 2)
+    torch.testing.assert_close(update_rank2, manual)
+
+
+def test_gradients_match_dense_reference():
+    layer = _layer(r=6)
+    layer.rank = 4
+    x = torch.randn(7, 12, dtype=torch.float64)
+    layer(x).pow(2).sum().backward()
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    reference = layer.base_layer(x) + (layer.alpha / 4) * (x @ A[:4].T @ B[:, :4].T)
+    reference.pow(2).sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, A.grad)
+    torch.testing.assert_close(layer.lora_B.grad, B.grad)
+    assert layer.lora_A.grad[4:].abs().sum() == 0  # ranks above b get nothing
+
+
+def _tiny_model() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_attach_trains_only_lora_parameters():
+    model = _tiny_model()
+    LoraMethod(LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).attach(model)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
+    assert len(lora_layers(model)) == 4  # q and v in 2 layers
+
+
+def test_all_linear_skips_the_output_head():
+    model = _tiny_model()
+    LoraMethod(LoraConfig(r=2)).attach(model)
+    assert len(lora_layers(model)) == 2 * 7
+    assert isinstance(model.lm_head, nn.Linear)
+
+
+def test_unknown_target_module_is_a_clear_error():
+    with pytest.raises(TunelabError, match="matches no linear layer; available: .*q_proj"):
+        LoraMethod(LoraConfig(target_modules=["qproj"])).attach(_tiny_model())
+
+
+def test_rank_sampler_is_seeded_and_uniform():
+    probs = rank_probabilities(1, 8, "uniform")
+    draws = [sample_rank(step, 7, probs, 1) for step in range(4000)]
+    assert draws == [sample_rank(step, 7, probs, 1) for step in range(4000)]  # same seed, same sequence
+    assert draws != [sample_rank(step, 8, probs, 1) for step in range(4000)]
+    counts = np.bincount(draws, minlength=9)[1:]
+    assert set(draws) == set(range(1, 9))
+    assert counts.min() > 400 and counts.max() < 600  # 500 expected each (chance of failure ~1e-6)
+
+
+def test_geometric_distribution_formula():
+    probs = rank_probabilities(2, 5, "geometric", geometric_p=0.5)
+    np.testing.assert_allclose(probs, np.array([1, 0.5, 0.25, 0.125]) / 1.875)
+    draws = [sample_rank(step, 0, probs, 2) for step in range(3000)]
+    assert min(draws) == 2 and max(draws) <= 5
+    assert draws.count(2) > draws.count(3) > draws.count(4)
+
+
+def test_parse_ranks():
+    assert parse_ranks("all", 4) == [1, 2, 3, 4]
+    assert parse_ranks("1,2,4,8", 8) == [1, 2, 4, 8]
+    assert parse_ranks("1-3,8", 8) == [1, 2, 3, 8]
+    with pytest.raises(TunelabError, match="outside 1..8"):
+        parse_ranks("1-16", 8)
+    with pytest.raises(TunelabError, match="not a rank"):
+        parse_ranks("x", 8)
+
+
+def _frozen_step(update: str):
+    """One optimizer step of DyLoRA at a fixed rank after a step at a higher rank."""
+    model = _tiny_model()
+    method = DyLoraMethod(DyLoraConfig(r=6, r_min=1, update=update, dropout=0.0, target_modules=["q_proj"]))
+    method.attach(model)
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B, std=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    tokens = torch.randint(0, 64, (2, 10))
+    for rank in (6, 3):  # first step fills optimizer state everywhere, second is at rank 3
+        method.current_rank = rank
+        for layer in lora_layers(model).values():
+            layer.rank = rank
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        state = {
+            n: optimizer.state[p]["exp_avg"].clone()
+            for n, p in model.named_parameters()
+            if p.requires_grad and p in optimizer.state
+        }
+        method.on_before_optimizer_step(model, 0, optimizer)
+        optimizer.step()
+        method.on_after_optimizer_step(model, 0, optimizer)
+        optimizer.zero_grad()
+    after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    moments = {n: optimizer.state[p]["exp_avg"] for n, p in model.named_parameters() if p.requires_grad}
+    return before, after, grads, state, moments
+
+
+def test_frozen_mode_updates_only_row_b():
+    before, after, grads, state, moments = _frozen_step("frozen")
+    for name in before:
+        dim = 0 if name.endswith("lora_A") else 1
+        changed = (after[name] != before[name]).any(dim=1 - dim).nonzero().flatten().tolist()
+        assert changed == [2], (name, changed)  # only rank 3 (index 2) moved: no momentum/decay drift
+        grad_rows = (grads[name] != 0).any(dim=1 - dim).nonzero().flatten().tolist()
+        assert grad_rows == [2]
+        keep = [i for i in range(6) if i != 2]
+        torch.testing.assert_close(
+            moments[name].index_select(dim, torch.tensor(keep)),
+            state[name].index_select(dim, torch.tensor(keep)),
+        )
+
+
+def test_unfrozen_mode_updates_the_first_b():
+    before, after, grads, _, _ = _frozen_step("unfrozen")
+    for name in before:
+        dim = 0 if name.endswith("lora_A") else 1
+        grad_rows = (grads[name] != 0).any(dim=1 - dim).nonzero().flatten().tolist()
+        assert grad_rows == [0, 1, 2]

@@ -1,0 +1,165 @@
+"""Sweep spec loading, expansion (grid × zip × datasets), config ids and error messages."""
+
+import hashlib
+import json
+import textwrap
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.hpsearch.spec import config_id, expand, load_spec
+
+DATASETS = """
+datasets:
+  - {name: add, train: "addition:train", eval: "addition:eval", metric: exact_match}
+  - {name: rev, train: "reverse:train", eval: "reverse:eval", metric: loss}
+"""
+
+
+def write(tmp_path, text, name="sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_grid_times_zip_times_datasets(tmp_path):
+    write(tmp_path, "method: {name: lora, dropout: 0.0}\ntrain: {seed: 7}\n", "base.yaml")
+    path = write(
+        tmp_path,
+        textwrap.dedent("""
+        base: base.yaml
+        grid:
+          train.lr: [1.0e-4, 2.0e-4]
+          train.epochs: [1, 2]
+        zip:
+          - {method.r: [4, 8, 16], method.alpha: [8, 16, 32]}
+        """)
+        + DATASETS,
+    )
+    trials = expand(load_spec(path))
+    assert len(trials) == 2 * 2 * 3 * 2
+    # points in product order (last factor fastest), datasets innermost
+    first, second = trials[0], trials[1]
+    assert (first.dataset, first.metric, second.dataset, second.metric) == (
+        "add",
+        "exact_match",
+        "rev",
+        "loss",
+    )
+    assert first.config_id == second.config_id
+    assert first.config["train"]["lr"] == 1e-4 and first.config["train"]["epochs"] == 1
+    assert first.config["method"] == {
+        "name": "lora", "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "all-linear",
+    }  # fmt: skip
+    assert first.config["train"]["seed"] == 7  # from the base file
+    assert (first.config["data"]["train"], first.config["data"]["eval"]) == (
+        "addition:train",
+        "addition:eval",
+    )
+    assert (second.config["data"]["train"], second.config["data"]["eval"]) == (
+        "reverse:train",
+        "reverse:eval",
+    )
+    assert first.config["name"] == f"add-{first.config_id}"
+    # the zip group moves r and alpha together
+    assert [(t.config["method"]["r"], t.config["method"]["alpha"]) for t in trials[:6:2]] == [
+        (4, 8.0), (8, 16.0), (16, 32.0),
+    ]  # fmt: skip
+    last = trials[-1].config
+    assert (last["train"]["lr"], last["train"]["epochs"], last["method"]["r"]) == (2e-4, 2, 16)
+    assert len({trial.config_id for trial in trials}) == 12
+
+
+def test_inline_base_and_no_grid_gives_one_point(tmp_path):
+    path = write(tmp_path, "base: {method: full, train: {lr: 1.0e-5}}\n" + DATASETS)
+    trials = expand(load_spec(path))
+    assert len(trials) == 2
+    assert trials[0].config["method"] == {"name": "full"}
+    assert trials[0].config["train"]["lr"] == 1e-5
+
+
+def test_method_shorthand_in_base_keeps_its_name(tmp_path):
+    path = write(tmp_path, "base: {method: dylora}\ngrid: {method.r: [16]}\n" + DATASETS)
+    method = expand(load_spec(path))[0].config["method"]
+    assert (method["name"], method["r"]) == ("dylora", 16)
+
+
+def test_config_id_is_sha256_of_sorted_json_without_placement_keys():
+    config = {
+        "train": {"lr": 1e-4, "epochs": 1.0},
+        "method": {"name": "lora", "r": 8},
+        "data": {"max_length": 64},
+    }
+    expected = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
+        :12
+    ]
+    assert config_id(config) == expected
+    reordered = {
+        "method": {"r": 8, "name": "lora"},
+        "data": {"max_length": 64},
+        "train": {"epochs": 1.0, "lr": 1e-4},
+    }
+    assert config_id(reordered) == expected
+    placed = {
+        **config,
+        "name": "x",
+        "output_dir": "runs/x",
+        "data": {"max_length": 64, "train": "a", "eval": "b"},
+    }
+    assert config_id(placed) == expected
+    assert config_id({**config, "train": {"lr": 2e-4, "epochs": 1.0}}) != expected
+    assert config_id({**config, "data": {"max_length": 128}}) != expected
+
+
+def test_defaults_written_or_not_give_the_same_id(tmp_path):
+    implicit = write(tmp_path, "grid: {train.lr: [2.0e-4]}\n" + DATASETS, "a.yaml")
+    explicit = write(
+        tmp_path, "base: {train: {batch_size: 8, lr: 0.0002}, method: {name: lora}}\n" + DATASETS, "b.yaml"
+    )
+    assert expand(load_spec(implicit))[0].config_id == expand(load_spec(explicit))[0].config_id
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("grid: {train.lr: []}\n" + DATASETS, "'grid.train.lr' is an empty list"),
+        ("grdi: {train.lr: [1]}\n" + DATASETS, "unknown key 'grdi'; did you mean 'grid'?"),
+        ("grid: {train.lr: 0.001}\n" + DATASETS, "'grid.train.lr' must be a list"),
+        (
+            "zip: [{method.r: [4, 8], method.alpha: [8]}]\n" + DATASETS,
+            "'zip[0]' lists must have equal lengths",
+        ),
+        ("grid: {train.lr: [1]}\n", "'datasets' is required"),
+        ("datasets: []\n", "'datasets' is empty"),
+        (
+            "datasets:\n  - {name: a, train: x, eval: y}\n  - {name: a, train: z, eval: w}\n",
+            "dataset name 'a' appears twice",
+        ),
+        ("datasets:\n  - {name: a, train: x, eval: y, metrc: loss}\n", "unknown key 'datasets.0.metrc'"),
+        ("datasets:\n  - {name: a, train: x, eval: y, metric: bleu}\n", "datasets.0.metric"),
+        ("grid: {train.lr: [1]}\nzip: [{train.lr: [2]}]\n" + DATASETS, "'zip[0].train.lr' is swept twice"),
+        ("grid: {method: [lora], method.r: [4]}\n" + DATASETS, "'grid.method.r' overlaps 'method'"),
+        ("grid: {data.train: [a]}\n" + DATASETS, "'grid.data.train' is set per dataset"),
+        ("base: missing.yaml\n" + DATASETS, "'base' file not found"),
+    ],
+)
+def test_load_errors_name_the_file_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(TunelabError, match="sweep.yaml") as caught:
+        load_spec(path)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_config_key_is_reported_with_its_point(tmp_path):
+    path = write(tmp_path, "grid: {train.lrr: [1.0e-4]}\n" + DATASETS)
+    with pytest.raises(
+        TunelabError, match=r"sweep.yaml \(sweep point 0.*unknown key 'train.lrr'; did you mean"
+    ):
+        expand(load_spec(path))
+
+
+def test_repeated_point_is_an_error(tmp_path):
+    path = write(tmp_path, "grid: {train.lr: [1.0e-4, 0.0001]}\n" + DATASETS)
+    with pytest.raises(TunelabError, match="sweep points 0 and 1 are the same configuration"):
+        expand(load_spec(path))
