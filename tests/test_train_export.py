@@ -1,0 +1,124 @@
+"""End to end on a tiny random Llama: train, metrics, eval, PEFT and merged exports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from tunelab.errors import TunelabError
+from tunelab.export import export_run
+from tunelab.train import load_run, train
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("lora-run")
+    rows = [{"prompt": f"Q: {a}+{b}=", "completion": f" {a + b}"} for a in range(8) for b in range(8)]
+    data = tmp / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    config = tiny_config(tiny_model_dir, data, tmp / "run", **{"train.max_steps": 16, "train.lr": 3e-2})
+    return train(config)
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_goes_down_and_metrics_are_written(lora_run):
+    records = _records(lora_run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    assert all(r["step_time_s"] > 0 and r["lr"] is not None for r in steps)
+    first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    summary = records[-1]
+    assert (
+        summary["event"] == "summary" and summary["peak_memory_bytes"] > 0 and summary["train_runtime_s"] > 0
+    )
+    assert (lora_run / "config.yaml").is_file() and (lora_run / "final" / "trained.safetensors").is_file()
+
+
+def _tokens():
+    return torch.tensor([[1, 48, 34, 15, 29, 30, 31, 100, 200, 2]])
+
+
+def test_peft_loads_our_export_with_the_same_logits(lora_run, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, built = load_run(lora_run)
+    with torch.no_grad():
+        ours = built.model(input_ids=_tokens()).logits
+    out = export_run(lora_run, "peft", tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=_tokens()).logits
+    base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=_tokens()).logits
+    assert (ours - base_logits).abs().max() > 1e-3  # the adapter changed something
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_export_equals_the_adapter_forward(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, built = load_run(lora_run)
+    with torch.no_grad():
+        ours = built.model(input_ids=_tokens()).logits
+    out = export_run(lora_run, "merged", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=_tokens()).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_export_refuses_bad_requests(lora_run, tmp_path):
+    with pytest.raises(TunelabError, match="exports as peft or merged, not 'spiel'"):
+        export_run(lora_run, "spiel", tmp_path / "x")
+    with pytest.raises(TunelabError, match="needs a dylora run"):
+        export_run(lora_run, "peft", tmp_path / "y", rank=2)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("keep")
+    with pytest.raises(TunelabError, match="exists and is not empty"):
+        export_run(lora_run, "peft", tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "keep"
+    with pytest.raises(TunelabError, match="not a tunelab run directory"):
+        export_run(tmp_path, "peft", tmp_path / "z")
+
+
+def test_eval_command_writes_json(lora_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        app, ["eval", str(lora_run), "--limit", "8", "--exact-match", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert metrics["examples"] == 8 and 0 <= metrics["exact_match"] <= 1 and metrics["perplexity"] > 1
+
+
+def test_full_fine_tuning_trains_every_weight(tmp_path, tiny_model_dir, qa_jsonl):
+    config = tiny_config(
+        tiny_model_dir,
+        qa_jsonl,
+        tmp_path / "full",
+        **{"method": {"name": "full"}, "train.max_steps": 3, "train.lr": 1e-3},
+    )
+    run_dir = train(config)
+    _, built = load_run(run_dir)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [
+        name
+        for (name, p), (_, q) in zip(built.model.named_parameters(), base.named_parameters(), strict=True)
+        if not torch.equal(p, q)
+    ]
+    assert len(changed) == len(list(base.parameters()))
