@@ -208,10 +208,7 @@ class Reporter(TrainerCallback):
         elif any(key.startswith("eval_") for key in logs):
             record = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
             self.metrics.write(record)
-            console.print(
-                f"step {state.global_step}: "
-                + " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
-            )
+            console.print(f"step {state.global_step}: eval loss {logs.get('eval_loss', math.nan):.4f}")
         elif "train_runtime" in logs:
             self.metrics.write(
                 {

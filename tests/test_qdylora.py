@@ -1,0 +1,202 @@
+"""QLoRA / QDyLoRA on a bitsandbytes NF4 base: round trip, the CPU repack trap, rank eval/export."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from torch import nn
+
+from tunelab.export import export_run
+from tunelab.methods.lora import lora_layers, replace_module
+from tunelab.quant import dequantize_weight, dequantized_linear, guard_cpu_repack, is_4bit
+from tunelab.train import build, train
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _nf4_built(model_dir, data, tmp_path, method=None):
+    config = tiny_config(
+        model_dir,
+        data,
+        tmp_path / "run",
+        quantization="nf4",
+        method=method or {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+    )
+    built = build(config)
+    for layer in lora_layers(built.model).values():
+        nn.init.normal_(layer.lora_B, std=0.05)
+    return built
+
+
+def test_nf4_storage_and_round_trip_error(tiny_model_dir, qa_jsonl, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    built = _nf4_built(tiny_model_dir, qa_jsonl, tmp_path)
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layer = built.model.model.layers[0].self_attn.q_proj.base_layer
+    assert is_4bit(layer) and layer.weight.quant_type == "nf4"
+    assert layer.weight.quant_state.nested  # double quantization of the absmax constants
+    assert layer.weight.quant_state.blocksize == 64
+    assert isinstance(built.model.lm_head, nn.Linear) and not is_4bit(built.model.lm_head)
+    original = full.model.layers[0].self_attn.q_proj.weight
+    dequantized = dequantize_weight(layer)
+    relative = ((dequantized - original).norm() / original.norm()).item()
+    assert 0 < relative < 0.15, relative  # 4-bit NF4 on Gaussian weights: ~0.1
+
+
+def _lora_grads(model, tokens):
+    model.zero_grad()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def _dense_reference(model):
+    """The same model with every 4-bit linear replaced by its dequantized fp32 weights."""
+    reference = copy.deepcopy(model)
+    for name, module in list(reference.named_modules()):
+        if is_4bit(module):
+            replace_module(reference, name, dequantized_linear(module))
+    for name, param in reference.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return reference
+
+
+def _train_eval_train(model, tokens):
+    model.train()
+    _lora_grads(model, tokens)  # a first training step
+    model.eval()
+    with torch.no_grad():
+        prompt = tokens[:, :4]
+        model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False
+        )
+        model(input_ids=tokens)
+    model.train()
+    return _lora_grads(model, tokens)
+
+
+def test_gradients_stay_exact_after_an_eval_forward(tiny_model_dir, qa_jsonl, tmp_path):
+    built = _nf4_built(tiny_model_dir, qa_jsonl, tmp_path)
+    tokens = torch.randint(3, 1000, (2, 12))
+    reference = _dense_reference(built.model)
+    reference.train()
+    expected = _lora_grads(reference, tokens)
+    got = _train_eval_train(built.model, tokens)
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert relative < 1e-4, relative
+
+
+def test_the_trap_is_real_without_the_guard(tiny_model_dir, qa_jsonl, tmp_path):
+    """On CPUs with avx512_bf16 the unguarded layer gives wrong gradients after an eval forward:
+    this is what guard_cpu_repack prevents (and shows the test above can fail)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no avx512_bf16: bitsandbytes never repacks here")
+    built = _nf4_built(tiny_model_dir, qa_jsonl, tmp_path)
+    tokens = torch.randint(3, 1000, (2, 12))
+    reference = _dense_reference(built.model)
+    expected = _lora_grads(reference.train(), tokens)
+    for module in built.model.modules():
+        if is_4bit(module):
+            module.support_avx512bf16_for_cpu = True  # undo the guard
+    with pytest.warns(UserWarning):
+        got = _train_eval_train(built.model, tokens)
+    assert ((got - expected).norm() / expected.norm()).item() > 0.1
+    assert guard_cpu_repack(built.model) == 14
+
+
+@pytest.fixture(scope="module")
+def qdylora_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("qdylora")
+    rows = [{"prompt": f"Q: {a}+{b}=", "completion": f" {a + b}"} for a in range(8) for b in range(8)]
+    data = tmp / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    config = tiny_config(
+        tiny_model_dir,
+        data,
+        tmp / "run",
+        quantization="nf4",
+        method={"name": "dylora", "r": 6, "alpha": 12, "dropout": 0.0},
+        **{"train.max_steps": 10, "train.lr": 2e-2},
+    )
+    return train(config)
+
+
+def test_rank_sequence_is_logged_and_reproducible(qdylora_run):
+    from tunelab.methods.lora import rank_probabilities, sample_rank
+
+    records = [json.loads(line) for line in (qdylora_run / "metrics.jsonl").read_text().splitlines()]
+    ranks = [r["rank"] for r in records if "rank" in r]
+    probs = rank_probabilities(1, 6, "uniform")
+    assert ranks == [sample_rank(step, 42, probs, 1) for step in range(10)]
+    assert len(set(ranks)) > 1
+
+
+def test_eval_every_rank_writes_table_json_and_plot(qdylora_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    out = tmp_path / "ranks.json"
+    result = CliRunner().invoke(
+        app, ["eval", str(qdylora_run), "--ranks", "all", "--limit", "8", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert [row["rank"] for row in summary["ranks"]] == [1, 2, 3, 4, 5, 6]
+    losses = [row["loss"] for row in summary["ranks"]]
+    assert len(set(losses)) == 6  # each truncation is a different model
+    assert summary["best_rank"] == summary["ranks"][losses.index(min(losses))]["rank"]
+    assert 1 <= summary["elbow_rank"] <= 6
+    assert (qdylora_run / "rank_curve.png").stat().st_size > 1000
+    bad = CliRunner().invoke(app, ["eval", str(qdylora_run), "--ranks", "1-9"])
+    assert bad.exit_code != 0 and "outside 1..6" in str(bad.exception)
+
+
+@pytest.mark.parametrize("rank", [2, 6])
+def test_peft_on_an_nf4_base_matches_our_rank_b_forward(qdylora_run, tmp_path, tiny_model_dir, rank):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.quant import nf4_config
+    from tunelab.train import load_run
+
+    _, built = load_run(qdylora_run)
+    built.method.set_variant(built.model, rank=rank)
+    tokens = torch.randint(3, 1000, (1, 10))
+    with torch.no_grad():
+        ours = built.model(input_ids=tokens).logits
+    out = export_run(qdylora_run, "peft", tmp_path / f"peft-{rank}", rank=rank)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == rank and adapter["lora_alpha"] / adapter["r"] == 12 / rank
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=nf4_config(torch.float32), device_map="cpu"
+    )
+    guard_cpu_repack(base)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=tokens).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_export_from_nf4_is_a_plain_model(qdylora_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train import load_run
+
+    _, built = load_run(qdylora_run)
+    built.method.set_variant(built.model, rank=3)
+    tokens = torch.randint(3, 1000, (1, 10))
+    with torch.no_grad():
+        ours = built.model(input_ids=tokens).logits
+    out = export_run(qdylora_run, "merged", tmp_path / "merged", rank=3)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=tokens).logits, ours, atol=1e-4, rtol=1e-4)
