@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -16,10 +17,12 @@ from tunelab.methods.spiel.layer import SparseDeltaLinear
 from tunelab.methods.spiel.selection import index_dtype
 
 
-def time_pass(layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def time_pass(layer: nn.Module, x: torch.Tensor, repeats: int,
+              before: Callable[[], None] = lambda: None) -> float:
     """Median seconds of forward + backward (input gradient and the layer's trainable gradients)."""
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats + 1):  # the first pass warms up
+        before()
         start = time.perf_counter()
         layer(x).sum().backward()
         if x.is_cuda:
@@ -42,28 +45,31 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
 
-    numel = args.out * args.in_features
-    k = int(args.density * numel)
-    indices = torch.randperm(numel)[:k].sort().values.to(index_dtype(numel))
     def frozen_linear() -> nn.Linear:
         return nn.Linear(args.in_features, args.out, bias=False).requires_grad_(False)
 
-    frozen = frozen_linear().to(device)
-    lora = LoRALinear(frozen_linear(), args.rank, 16.0).to(device)
-    spiel = SparseDeltaLinear(frozen_linear(), indices).to(device)
-    spiel_ag_first = SparseDeltaLinear(frozen_linear(), indices).to(device)
+    numel = args.out * args.in_features
+    k = int(args.density * numel)
+    indices = torch.randperm(numel)[:k].sort().values.to(index_dtype(numel))
+    spiel_ag = SparseDeltaLinear(frozen_linear(), indices).to(device)
+    layers = {
+        "frozen nn.Linear": frozen_linear().to(device),
+        f"LoRA r={args.rank}": LoRALinear(frozen_linear(), args.rank, 16.0).to(device),
+        f"SpIEL k={k}": SparseDeltaLinear(frozen_linear(), indices).to(device),
+    }
     x = torch.randn(args.tokens, args.in_features, device=device, requires_grad=True)
 
     lora_params = args.rank * (args.out + args.in_features)
     print(f"{device}, {torch.get_num_threads()} threads, W {args.out}x{args.in_features}, "
-          f"{args.tokens} tokens, SpIEL k={k} ({args.density:.1%}), LoRA r={args.rank} ({lora_params})")
-    for name, layer in [("frozen nn.Linear", frozen), ("LoRA", lora), ("SpIEL", spiel)]:
+          f"{args.tokens} tokens, SpIEL density {args.density:.1%}, LoRA {lora_params} params")
+    for name, layer in layers.items():
         print(f"{name:>28}: {1e3 * time_pass(layer, x, args.repeats):7.1f} ms")
-    times = []
-    for _ in range(args.repeats):  # the first micro-batch of an AG phase computes the dense gradient
-        spiel_ag_first.accumulating, spiel_ag_first.candidates = True, None
-        times.append(time_pass(spiel_ag_first, x, 1))
-    print(f"{'SpIEL, AG phase 1st batch':>28}: {1e3 * sorted(times)[len(times) // 2]:7.1f} ms")
+
+    def start_phase() -> None:  # the first micro-batch of an AG phase computes the dense gradient
+        spiel_ag.accumulating, spiel_ag.candidates = True, None
+
+    milliseconds = 1e3 * time_pass(spiel_ag, x, args.repeats, start_phase)
+    print(f"{'SpIEL, AG phase 1st batch':>28}: {milliseconds:7.1f} ms")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
 from torch import nn
 
+from conftest import tiny_config
 from tunelab.export import export_run
 from tunelab.methods.lora import lora_layers, replace_module
 from tunelab.quant import dequantize_weight, dequantized_linear, guard_cpu_repack, is_4bit

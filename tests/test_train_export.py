@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from tunelab.errors import TunelabError
 from tunelab.export import export_run
 from tunelab.train import load_run, train
