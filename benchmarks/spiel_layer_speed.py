@@ -1,6 +1,6 @@
 """Forward + backward time of one SpIEL layer against a frozen nn.Linear and a LoRA layer (CPU or GPU).
 
-    .venv/bin/python benchmarks/spiel_layer_speed.py [--out 2048 --in 2048 --tokens 2048 --density 0.01]
+.venv/bin/python benchmarks/spiel_layer_speed.py [--out 2048 --in 2048 --tokens 2048 --density 0.01]
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from tunelab.methods.spiel.layer import SparseDeltaLinear
 from tunelab.methods.spiel.selection import index_dtype
 
 
-def time_pass(layer: nn.Module, x: torch.Tensor, repeats: int,
-              before: Callable[[], None] = lambda: None) -> float:
+def time_pass(
+    layer: nn.Module, x: torch.Tensor, repeats: int, before: Callable[[], None] = lambda: None
+) -> float:
     """Median seconds of forward + backward (input gradient and the layer's trainable gradients)."""
     times = []
     for _ in range(repeats + 1):  # the first pass warms up
@@ -60,8 +61,10 @@ def main() -> None:
     x = torch.randn(args.tokens, args.in_features, device=device, requires_grad=True)
 
     lora_params = args.rank * (args.out + args.in_features)
-    print(f"{device}, {torch.get_num_threads()} threads, W {args.out}x{args.in_features}, "
-          f"{args.tokens} tokens, SpIEL density {args.density:.1%}, LoRA {lora_params} params")
+    print(
+        f"{device}, {torch.get_num_threads()} threads, W {args.out}x{args.in_features}, "
+        f"{args.tokens} tokens, SpIEL density {args.density:.1%}, LoRA {lora_params} params"
+    )
     for name, layer in layers.items():
         print(f"{name:>28}: {1e3 * time_pass(layer, x, args.repeats):7.1f} ms")
 

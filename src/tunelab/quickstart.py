@@ -11,8 +11,8 @@ from rich.table import Table
 
 from tunelab.config import load_config
 from tunelab.data import build_dataset
-from tunelab.evaluate import evaluate
-from tunelab.plots import loss_curve
+from tunelab.evaluate import evaluate, loss_and_perplexity, summarize_ranks
+from tunelab.plots import loss_curve, rank_curve
 from tunelab.train import METRICS_FILE, build, load_run, train
 
 DEFAULT_CONFIG = Path(__file__).with_name("quickstart.yaml")
@@ -29,15 +29,45 @@ def _free_run_dir(path: Path) -> Path:
     return candidate
 
 
-def _evaluate(model, tokenizer, config, eval_examples: int, label: str) -> dict[str, float]:
-    dataset = build_dataset(
+def _eval_set(config, tokenizer, eval_examples: int):
+    return build_dataset(
         config.data.eval, tokenizer, config.data.format, config.data.max_length, limit=eval_examples
     )
+
+
+def _evaluate(model, tokenizer, config, eval_examples: int, label: str) -> dict[str, float]:
+    dataset = _eval_set(config, tokenizer, eval_examples)
     console.print(f"evaluating {label} on {eval_examples} examples of {config.data.eval} ...")
     with Progress(console=console, transient=True) as progress:
         return evaluate(
             model, tokenizer, dataset, with_exact_match=dataset.task is not None, progress=progress
         )
+
+
+def _rank_table(trained, config, eval_examples: int, run_dir: Path) -> None:
+    """Eval loss of the one adapter truncated to a few ranks: the point of DyLoRA."""
+    if config.method.name != "dylora":
+        return
+    ranks = ",".join(str(b) for b in (1, 2, 4, 8, 16, 32, 64) if b <= config.method.r)
+    dataset = _eval_set(config, trained.tokenizer, eval_examples)
+    rows = []
+    console.print(f"evaluating the one adapter at ranks {ranks} ...")
+    with Progress(console=console, transient=True) as progress:
+        for variant in trained.method.eval_variants(ranks):
+            trained.method.set_variant(trained.model, **variant)
+            metrics = loss_and_perplexity(trained.model, dataset, trained.tokenizer, progress=progress)
+            rows.append({**variant, **metrics})
+    summary = summarize_ranks(rows)
+    plot = rank_curve(summary, run_dir / "rank_curve.png", title="quickstart: one QDyLoRA run at each rank")
+    table = Table(
+        title=f"the same adapter truncated to rank b ({config.data.eval}, {eval_examples} examples)"
+    )
+    for column in ("rank", "loss", "perplexity"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["rank"]), f"{row['loss']:.4f}", f"{row['perplexity']:.3f}")
+    console.print(table)
+    console.print(f"best rank {summary['best_rank']}, elbow rank {summary['elbow_rank']}; plot: {plot}")
 
 
 def run_quickstart(
