@@ -172,7 +172,17 @@ def datasets() -> None:
     console.print("data.train / data.eval also take .jsonl, .json, .csv or .parquet files.")
 
 
+from tunelab.hpsearch.commands import recommend, sweep  # noqa: E402  (imports no torch)
+
+app.command()(sweep)
+app.command()(recommend)
+
+
 def main() -> None:
+    # transformers' per-tensor loading bars are noise next to our own progress display
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except TunelabError as exc:

@@ -121,6 +121,8 @@ class TrainConfig(Section):
     # auto: bf16 on a GPU that supports it, else fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    # the LM head only at labelled positions, a chunk of tokens at a time (see loss.py)
+    chunked_loss: bool = True
 
 
 class RunConfig(Section):

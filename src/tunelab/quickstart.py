@@ -100,12 +100,14 @@ def run_quickstart(
         table.add_row(metric, f"{before[metric]:.4f}", f"{after[metric]:.4f}")
     table.add_row("train time (s)", "", f"{train_time:.0f}")
     console.print(table)
+    _rank_table(trained, config, eval_examples, run_dir)
     console.print(
         f"run directory: [bold]{run_dir}[/bold] (config.yaml, metrics.jsonl, final/"
         f"{', loss_curve.png' if plot else ''})"
     )
     console.print(
-        f"next: tunelab eval {run_dir} | tunelab export {run_dir} --format peft --out {run_dir}/peft"
+        f"next: tunelab eval {run_dir} --ranks all | "
+        f"tunelab export {run_dir} --rank 8 --format peft --out {run_dir}/peft-r8"
     )
     console.print(f"total time {time.perf_counter() - started:.0f} s")
     return run_dir

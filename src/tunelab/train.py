@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -27,12 +28,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from tunelab.config import RunConfig, dump_config
 from tunelab.data import TokenizedDataset, build_dataset, collator
 from tunelab.errors import TunelabError
+from tunelab.loss import causal_lm_loss, supports_head_loss
 from tunelab.methods import Method, create_method
 from tunelab.models import compute_dtype, load_model, load_tokenizer, resolve_model
 from tunelab.quant import guard_cpu_repack, nf4_config
@@ -41,6 +43,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint directory
 console = Console(stderr=True)
 
 
@@ -73,6 +76,7 @@ def build(config: RunConfig) -> Built:
     else:
         model = load_model(model_path, dtype)
     method = create_method(config.method, seed=config.train.seed)
+    set_seed(config.train.seed)  # the method's initial weights (LoRA's A, SpIEL's indices) are seeded
     method.attach(model)
     return Built(model, tokenizer, method, model_path)
 
@@ -145,7 +149,6 @@ class Reporter(TrainerCallback):
         self.pending: dict[str, Any] = {}
         self.progress: Progress | None = None
         self.task = None
-        self.last_loss = math.nan
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -186,7 +189,6 @@ class Reporter(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "loss" in logs:
-            self.last_loss = logs["loss"]
             record = {
                 **self.pending,
                 "loss": logs["loss"],
@@ -225,6 +227,22 @@ class Reporter(TrainerCallback):
             self.progress.stop()
 
 
+class NonFiniteLossGuard(TrainerCallback):
+    """Stop at the first NaN/inf loss, before that step's checkpoint is written (on every process,
+    since the logged loss is the same everywhere)."""
+
+    def __init__(self) -> None:
+        self.bad: tuple[int, float] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.bad = (state.global_step, loss)
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+
+
 def _describe(event: dict[str, Any]) -> str:
     return " ".join(f"{k} {v}" for k, v in event.items() if k != "step")
 
@@ -232,13 +250,37 @@ def _describe(event: dict[str, Any]) -> str:
 class TunelabTrainer(Trainer):
     """Trainer whose checkpoints hold only what the method trains (plus the method's state)."""
 
-    def __init__(self, *args, method: Method, **kwargs) -> None:
+    def __init__(self, *args, method: Method, chunked_loss: bool = True, **kwargs) -> None:
         self.method = method
+        self.chunked_loss = chunked_loss
+        self.nonfinite_step: int | None = None
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # a wrapped model (DDP) must be called through its wrapper for gradient sync
+        if (
+            not self.chunked_loss
+            or return_outputs
+            or model is not self.model
+            or not supports_head_loss(model)
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return causal_lm_loss(model, inputs, num_items_in_batch)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:
             self.method.save(self.model, Path(output_dir or self.args.output_dir))
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        # an update can leave inf/NaN weights behind a finite loss: such a checkpoint is not "good"
+        if not all(torch.isfinite(t).all() for t in self.method.trained_state(model).values()):
+            self.nonfinite_step = self.state.global_step
+            self.control.should_training_stop = True
+            return
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            (checkpoint / COMPLETE_MARKER).touch()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         self.method.load(model or self.model, Path(resume_from_checkpoint))
@@ -263,6 +305,7 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=1,  # every step goes to metrics.jsonl; the console shows every log_steps
+        logging_nan_inf_filter=False,  # a NaN loss must reach NonFiniteLossGuard, not be averaged away
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
@@ -278,33 +321,57 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
     )
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless asked to."""
+def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run unless asked to; resume only with the run's own config."""
     if resume:
         if not (run_dir / CONFIG_FILE).is_file():
             raise TunelabError(
                 f"--resume: {run_dir} holds no run to resume (no {CONFIG_FILE}); drop --resume"
             )
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
+        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+        current = config.model_dump(mode="json")
+        changed = [key for key in current if current[key] != saved.get(key)]
+        if changed:
             raise TunelabError(
-                f"output directory {run_dir} already holds a run; use --resume to continue it, "
-                "--overwrite to replace it, or set output_dir=... to another directory"
+                f"--resume: '{changed[0]}' differs from {run_dir / CONFIG_FILE}; resume with the run's own "
+                f"config: tunelab train {run_dir / CONFIG_FILE} --resume"
             )
+        return
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise TunelabError(
+            f"output directory {run_dir} already holds a run; use --resume to continue it, "
+            "--overwrite to replace it, or set output_dir=... to another directory"
+        )
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = sorted(
-        (run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-    )
-    return checkpoints[-1] if checkpoints else None
+    """The newest checkpoint that was written completely (a kill mid-save leaves no marker)."""
+    complete = [
+        p for p in (run_dir / CHECKPOINTS_DIR).glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()
+    ]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop the lines of steps after the checkpoint: they are about to be redone."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    # step lines, eval lines and method events carry a step; the final summary does not
+    kept = [line for line in lines if json.loads(line).get("step", math.inf) <= last_step]
+    write_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train `config` end to end; returns the run directory."""
     run_dir = config.resolved_output_dir()
-    prepare_run_dir(run_dir, resume, overwrite)
+    prepare_run_dir(config, run_dir, resume, overwrite)
     built = build(config)
     train_set = build_dataset(
         config.data.train,
@@ -329,8 +396,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> P
     run_dir.mkdir(parents=True, exist_ok=True)
     args = training_arguments(config, run_dir, eval_set is not None)
     if args.should_save:
-        (run_dir / CONFIG_FILE).write_text(dump_config(config))
+        write_atomically(run_dir / CONFIG_FILE, dump_config(config))
     metrics = MetricsWriter(run_dir / METRICS_FILE)
+    guard = NonFiniteLossGuard()
     optimizer = built.method.create_optimizer(built.model, config.train.lr, config.train.weight_decay)
     trainer = TunelabTrainer(
         model=built.model,
@@ -339,21 +407,32 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> P
         eval_dataset=eval_set,
         data_collator=collator(built.tokenizer),
         optimizers=(optimizer, None),
-        callbacks=[MethodHooks(built.method), Reporter(built.method, metrics, config.train.log_steps)],
+        callbacks=[MethodHooks(built.method), Reporter(built.method, metrics, config.train.log_steps), guard],
         method=built.method,
+        chunked_loss=config.train.chunked_loss,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         console.print(
-            f"[yellow]--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR}; starting over[/yellow]"
+            f"[yellow]--resume: no complete checkpoint in {run_dir / CHECKPOINTS_DIR}; starting over[/yellow]"
         )
+    if resume and args.should_save:
+        truncate_metrics(run_dir / METRICS_FILE, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
     console.print(
         f"training [bold]{config.method.name}[/bold] on {config.model} "
         f"({len(train_set)} examples) -> {run_dir}"
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if guard.bad or trainer.nonfinite_step:
+        what = f"the loss became {guard.bad[1]}" if guard.bad else "the weights became inf/NaN"
+        step = guard.bad[0] if guard.bad else trainer.nonfinite_step
+        raise TunelabError(
+            f"training stopped: {what} at step {step}; nothing after the last good checkpoint "
+            f"({latest_checkpoint(run_dir) or 'none saved'}) was kept; lower train.lr, set "
+            "train.max_grad_norm, or check the data"
+        )
     if args.should_save:
         with atomic_directory(run_dir / FINAL_DIR) as tmp:
             built.method.save(built.model, tmp)

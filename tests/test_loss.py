@@ -1,0 +1,56 @@
+"""The chunked head loss equals transformers' own loss, with the same gradients (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab.data import IGNORE_INDEX
+from tunelab.loss import causal_lm_loss, linear_cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_linear_cross_entropy_matches_dense(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(17, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 17, (10,))
+    got = linear_cross_entropy(hidden, weight, targets, chunk_tokens=chunk) * 0.5
+    got.backward()
+    got_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    expected = F.cross_entropy(hidden @ weight.T, targets, reduction="sum") * 0.5
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grads[0], hidden.grad)
+    torch.testing.assert_close(got_grads[1], weight.grad)
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_causal_lm_loss_equals_the_models_loss(num_items):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).double()
+    input_ids = torch.randint(0, 50, (2, 9))
+    labels = input_ids.clone()
+    labels[0, :4] = IGNORE_INDEX  # a masked prompt
+    labels[1, :2] = IGNORE_INDEX
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -1] = 0
+    labels[1, -1] = IGNORE_INDEX
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    kwargs = {"num_items_in_batch": torch.tensor(num_items)} if num_items else {}
+    expected = model(**inputs, **kwargs).loss
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = causal_lm_loss(model, inputs, num_items)
+    got.backward()
+    # transformers upcasts the logits to fp32 even for an fp64 model: compare at fp32 precision
+    torch.testing.assert_close(got, expected, check_dtype=False, rtol=1e-6, atol=1e-6)
+    for got_grad, expected_grad in zip((p.grad for p in model.parameters()), expected_grads, strict=True):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6)

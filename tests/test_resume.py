@@ -1,0 +1,121 @@
+"""Crash safety: a run killed with SIGKILL and resumed ends with the same weights as an
+uninterrupted run; NaN losses stop the run; checkpoints are only used when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from tunelab.config import dump_config
+from tunelab.errors import TunelabError
+from tunelab.train import COMPLETE_MARKER, latest_checkpoint, train
+
+METHODS = {
+    "lora": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+    "dylora": {"name": "dylora", "r": 6, "alpha": 8, "dropout": 0.1},
+    "spiel": {"name": "spiel", "num_tunable": 3000, "reselection_steps": 6, "accumulation_steps": 2},
+}
+STEPS, SAVE_EVERY = 30, 5
+
+
+def _config_file(tmp_path, model_dir, data, name, method):
+    config = tiny_config(
+        model_dir,
+        data,
+        tmp_path / name,
+        method=method,
+        **{
+            "train.max_steps": STEPS,
+            "train.save_steps": SAVE_EVERY,
+            "train.batch_size": 16,
+            "train.lr": 1e-2,
+        },
+    )
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(dump_config(config))
+    return path, config
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return [sys.executable, "-m", "tunelab", *args], env
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, qa_jsonl, method):
+    _, reference_config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, "straight", METHODS[method])
+    reference = load_file(train(reference_config) / "final" / "trained.safetensors")
+
+    path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, "killed", METHODS[method])
+    run_dir = config.resolved_output_dir()
+    command, env = _cli("train", str(path), cwd=tmp_path)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while latest_checkpoint(run_dir) is None and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "final").exists(), "the run finished before it could be killed"
+    killed_at = latest_checkpoint(run_dir)
+    assert killed_at is not None
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = load_file(run_dir / "final" / "trained.safetensors")
+    assert got.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    steps = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
+    assert steps == list(range(1, STEPS + 1))  # no step logged twice after the resume
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    (tmp_path / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-5" / COMPLETE_MARKER).touch()
+    (tmp_path / "checkpoints" / "checkpoint-10").mkdir()  # killed while saving
+    assert latest_checkpoint(tmp_path).name == "checkpoint-5"
+
+
+def test_resume_refuses_a_different_config(tmp_path, tiny_model_dir, qa_jsonl):
+    path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, "run", METHODS["lora"])
+    run_dir = config.resolved_output_dir()
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    changed = config.model_copy(deep=True)
+    changed.train.lr = 0.5
+    with pytest.raises(TunelabError, match="'train' differs from"):
+        train(changed, resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_model_dir, qa_jsonl):
+    config = tiny_config(
+        tiny_model_dir,
+        qa_jsonl,
+        tmp_path / "nan",
+        method={"name": "full"},
+        **{"train.lr": 1e30, "train.max_steps": 20, "train.save_steps": 1, "train.max_grad_norm": 0.0},
+    )
+    with pytest.raises(
+        TunelabError, match=r"(the loss became (nan|inf)|the weights became inf/NaN) at step \d+"
+    ):
+        train(config)
+    run_dir = tmp_path / "nan"
+    assert not (run_dir / "final").exists()
+    last = latest_checkpoint(run_dir)
+    if last is not None:  # every kept checkpoint holds finite weights
+        assert all(torch.isfinite(t).all() for t in load_file(last / "trained.safetensors").values())
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == 1e30
