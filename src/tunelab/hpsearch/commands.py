@@ -1,0 +1,347 @@
+"""The `tunelab sweep` and `tunelab recommend` commands (registered in tunelab.cli).
+
+Nothing here imports torch: trials train in their own processes, and `recommend` only reads results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tunelab.config import dump_config, validate
+from tunelab.errors import TunelabError
+from tunelab.hpsearch.cbs import cbs_rank, orient, top_k_curve
+from tunelab.hpsearch.executors import TrialResult, record, run_local, run_ray
+from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
+from tunelab.hpsearch.spec import Trial, _nest, expand, load_spec
+from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
+from tunelab.hpsearch.trial import TRIAL_METRICS
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # log lines stay whole
+
+# config keys that place a trial rather than tune it (the same hyperparameters run on every dataset)
+_PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval")
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep
+
+
+class SweepProgress:
+    """done / failed / remaining with an ETA: a progress bar on a terminal, one line per trial otherwise."""
+
+    def __init__(self, total: int, already_done: int, to_run: int) -> None:
+        self.total, self.to_run = total, to_run
+        self.done, self.failed, self.finished_now = already_done, 0, 0
+        self.started = time.perf_counter()
+        self.bar = Progress(
+            TextColumn("[bold]sweep"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[counts]}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            disable=not err_console.is_terminal,
+        )
+        self.task = self.bar.add_task("sweep", total=total, completed=already_done, counts=self._counts())
+
+    def _counts(self) -> str:
+        remaining = self.to_run - self.finished_now
+        eta = "?"
+        if self.finished_now:  # the pace so far, parallelism included
+            seconds = (time.perf_counter() - self.started) / self.finished_now * remaining
+            eta = str(timedelta(seconds=round(seconds)))
+        return f"done {self.done}, failed {self.failed}, remaining {remaining}, eta {eta}"
+
+    def update(self, trial: Trial, result: TrialResult) -> None:
+        self.finished_now += 1
+        if result.failed:
+            self.failed += 1
+            line = f"[red]failed[/red] {trial.dataset} {trial.config_id}: {escape(result.error)}"
+        else:
+            self.done += 1
+            line = f"done {trial.dataset} {trial.config_id}: {trial.metric} {result.score:.4f}"
+        line += f" ({result.duration_s or 0:.1f} s)"
+        counts = self._counts()
+        self.bar.update(self.task, completed=self.done + self.failed, counts=counts)
+        if self.bar.disable:  # no bar to show the counts
+            line = f"[{self.done + self.failed}/{self.total}] {line} | {counts}"
+        err_console.print(line, highlight=False)
+
+    def __enter__(self) -> SweepProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
+def sweep(
+    spec_path: Path = typer.Argument(..., help="sweep spec YAML (base config, grid, zip, datasets)"),
+    db: Path = typer.Option(None, "--db", help="results database (default: SPEC.sqlite next to the spec)"),
+    executor: Literal["local", "ray"] = typer.Option(
+        "local",
+        "--executor",
+        help="local: subprocesses here; ray: Ray Tune trials (pip install 'tunelab\\[ray]')",
+    ),
+    address: str = typer.Option(
+        None, "--address", help="ray: an existing cluster, e.g. ray://head:10001 (default: a local Ray)"
+    ),
+    max_parallel: int = typer.Option(
+        None,
+        "--max-parallel",
+        min=1,
+        help="trials at once (local: default 1, each with cores // N torch threads unless OMP_NUM_THREADS "
+        "is set; ray: default what fits)",
+    ),
+    cpus_per_trial: float = typer.Option(1, "--cpus-per-trial", min=0, help="ray: CPUs each trial reserves"),
+    gpus_per_trial: float = typer.Option(0, "--gpus-per-trial", min=0, help="ray: GPUs each trial reserves"),
+) -> None:
+    """Train and evaluate every (config, dataset) trial of SPEC, each in its own process.
+
+    Run it again to resume: finished trials are skipped, failed and missing ones run again.
+    """
+    spec = load_spec(spec_path)
+    trials = expand(spec)
+    for dataset in spec.datasets:
+        if dataset.metric not in TRIAL_METRICS:
+            raise TunelabError(
+                f"{spec_path}: dataset '{dataset.name}' has metric {dataset.metric}, which sweep trials "
+                f"do not compute; use one of: {', '.join(TRIAL_METRICS)}"
+            )
+    if executor == "local" and address:
+        raise TunelabError("--address is for --executor ray; drop it or add --executor ray")
+    db = db or spec_path.with_suffix(".sqlite")
+    work_dir = db.parent / f"{db.stem}-runs"
+    with ResultsStore(db) as store:
+        pending = [trial for trial in trials if not store.finished(trial.config_id, trial.dataset)]
+        err_console.print(
+            f"sweep {spec_path}: {len(trials)} trials, {len(trials) - len(pending)} already done, "
+            f"{len(pending)} to run -> {db} (runs in {work_dir})",
+            highlight=False,
+        )
+        with SweepProgress(len(trials), len(trials) - len(pending), len(pending)) as progress:
+
+            def on_result(trial: Trial, result: TrialResult) -> None:
+                record(store, trial, result)
+                progress.update(trial, result)
+
+            if executor == "local":
+                run_local(pending, work_dir, on_result, max_parallel or 1)
+            else:
+                run_ray(pending, work_dir, on_result, address, max_parallel, cpus_per_trial, gpus_per_trial)
+    if progress.failed:
+        err_console.print(
+            f"[red]{progress.failed} of {len(pending)} trials failed[/red] (errors in {db}, logs in "
+            f"{work_dir}); run the same command again to retry them"
+        )
+        raise typer.Exit(1)
+    err_console.print(
+        f"[green]sweep finished[/green]: {len(trials)} trials done; rank them with "
+        f"tunelab recommend --db {db}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# recommend
+
+
+def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4}"""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as flat dotted keys, without the keys that only place a trial."""
+    return {key: value for key, value in _flatten(config).items() if key not in _PLACEMENT_KEYS}
+
+
+def _varying_keys(hyperparameters: list[dict[str, Any]]) -> list[str]:
+    """The dotted keys whose values differ between configs: what the table shows for each."""
+    keys = list(dict.fromkeys(key for config in hyperparameters for key in config))
+    return [key for key in keys if len({json.dumps(config.get(key)) for config in hyperparameters}) > 1]
+
+
+def _train_config(config: dict[str, Any], source: str, comment: str) -> str:
+    """A validated train config as YAML, under a comment saying where it comes from."""
+    return f"# {comment}; set data.train / data.eval to your data\n" + dump_config(validate(config, source))
+
+
+def _recommend_published(model: str, method: str, json_path: Path | None, write_config: Path | None) -> None:
+    configs = published_configs(model, method)
+    table = Table(title=f"published CBS starting configs: {model} {method}")
+    columns = [key for key in configs[0] if key not in ("model", "method", "source")]
+    for column in ["#", *columns]:
+        table.add_column(column, justify="right")
+    for rank, config in enumerate(configs, start=1):
+        table.add_row(str(rank), *(str(config[column]) for column in columns))
+    console.print(table)
+    console.print(
+        f"batch_size is the effective batch (per device x grad_accum x devices); base model "
+        f"{HUB_IDS[model.lower()]}",
+        highlight=False,
+    )
+    console.print(f"source: {configs[0]['source']}", highlight=False)
+    if json_path:
+        json_path.write_text(json.dumps({"published": configs}, indent=2))
+        err_console.print(f"wrote {json_path}")
+    if write_config:
+        write_config.mkdir(parents=True, exist_ok=True)
+        for rank, config in enumerate(configs, start=1):
+            train_config = {"model": HUB_IDS[config["model"]], **to_train_config(config)}
+            path = write_config / f"{config['model']}-{config['method']}-{rank}.yaml"
+            path.write_text(_train_config(train_config, str(path), config["source"]))
+            err_console.print(f"wrote {path}")
+
+
+def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, title: str) -> Table:
+    keys = _varying_keys([entry["hyperparameters"] for entry in ranking])
+    table = Table(title=title)
+    for column in ("#", "config", "hyperparameters", "newly covers", "covered", "mean s/best", "top-K score"):
+        left = column in ("hyperparameters", "newly covers")
+        # ids are copied from here: never cut one short; long values wrap instead of ending in "…"
+        table.add_column(
+            column, justify="left" if left else "right", no_wrap=column == "config", overflow="fold"
+        )
+    for entry in ranking[:top]:
+        table.add_row(
+            str(entry["rank"]),
+            entry["config"],
+            " ".join(f"{key}={entry['hyperparameters'].get(key)}" for key in keys),
+            ", ".join(entry["covers"]) or "-",
+            f"{entry['covered_total']}/{n_datasets}",
+            f"{entry['mean_normalized']:.3f}",
+            f"{entry['top_k']:.3f}",
+        )
+    return table
+
+
+def _recommend_cbs(
+    matrix: ScoreMatrix,
+    source: Path,
+    tau: float,
+    top: int,
+    json_path: Path | None,
+    write_config: Path | None,
+    out: Path | None,
+) -> None:
+    oriented = orient(matrix.scores, matrix.higher_is_better)
+    ranked = cbs_rank(oriented, tau)
+    curve = top_k_curve(oriented, [entry.config for entry in ranked])
+    ranking = [
+        {
+            "rank": rank,
+            "config": matrix.config_ids[entry.config],
+            "covers": [matrix.datasets[d] for d in entry.newly_covered],
+            "covered_total": entry.covered_total,
+            "coverage": entry.covered_total / len(matrix.datasets),
+            "mean_normalized": entry.mean_normalized,
+            "top_k": float(curve[rank - 1]),
+            "hyperparameters": _hyperparameters(matrix.configs[matrix.config_ids[entry.config]]),
+        }
+        for rank, entry in enumerate(ranked, start=1)
+    ]
+
+    from tunelab.plots import coverage_curve  # matplotlib: only when there is a curve to draw
+
+    plot = coverage_curve(
+        curve.tolist(),
+        (out or source.parent) / f"{source.stem}-coverage.png",
+        title=f"{source.name}: top-K coverage (tau={tau})",
+    )
+    shape = f"{len(matrix.config_ids)} configs x {len(matrix.datasets)} datasets"
+    console.print(
+        _ranking_table(ranking, len(matrix.datasets), top, f"CBS ranking of {source.name} ({shape})")
+    )
+    uncovered = [name for j, name in enumerate(matrix.datasets) if not np.any(oriented[:, j] > 0)]
+    if uncovered:
+        console.print(
+            f"no config covers: {', '.join(uncovered)} (no positive score recorded)", highlight=False
+        )
+    missing = int(np.isnan(matrix.scores).sum())
+    if missing:
+        console.print(f"{missing} missing or failed trials count as covering nothing", highlight=False)
+    console.print(f"coverage curve: {plot}", highlight=False)
+    if json_path:
+        result = {"tau": tau, "datasets": matrix.datasets, "ranking": ranking, "top_k_curve": curve.tolist()}
+        json_path.write_text(json.dumps(result, indent=2))
+        err_console.print(f"wrote {json_path}")
+    if write_config:
+        write_config.mkdir(parents=True, exist_ok=True)
+        for entry in ranking[:top]:
+            path = write_config / f"cbs-{entry['rank']}-{entry['config']}.yaml"
+            covers = ", ".join(entry["covers"]) or "nothing new"
+            comment = f"CBS rank {entry['rank']} of {source.name} (covers {covers})"
+            where = f"{source}: config {entry['config']} (hyperparameters must be config keys, e.g. train.lr)"
+            path.write_text(_train_config(_nest(entry["hyperparameters"]), where, comment))
+            err_console.print(f"wrote {path}")
+
+
+def recommend(
+    model: str = typer.Option(None, "--model", help="published configs for: llama-3-8b | mistral-7b"),
+    method: str = typer.Option(None, "--method", help="published configs for: lora | full"),
+    db: Path = typer.Option(None, "--db", help="rank the trials of a `tunelab sweep` database"),
+    results: Path = typer.Option(
+        None,
+        "--results",
+        help="rank a long-format table (.csv/.parquet): config, dataset, score, optional metric or "
+        "higher_is_better; other columns are the config's hyperparameters",
+    ),
+    tau: float = typer.Option(
+        0.05, "--tau", help="a config covers a dataset within this fraction of its best"
+    ),
+    top: int = typer.Option(5, "--top", min=1, help="configs to show and to write with --write-config"),
+    json_path: Path = typer.Option(None, "--json", help="write the full ranking and top-K curve as JSON"),
+    write_config: Path = typer.Option(
+        None, "--write-config", help="write the top configs as train YAMLs here"
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="folder for the coverage-curve PNG (default: next to the input)"
+    ),
+) -> None:
+    """Hyperparameters to start from: published configs, or the CBS ranking of a sweep or results table.
+
+    --model M --method M: the CBS paper's configs. --db / --results: coverage-based ranking of your grid.
+    """
+    given = {"--model/--method": model or method, "--db": db, "--results": results}
+    sources = [name for name, value in given.items() if value]
+    if len(sources) != 1:
+        raise TunelabError(
+            "give one of: --model M --method M (published configs), --db RESULTS.sqlite, --results TABLE.csv"
+            + (f"; got {' and '.join(sources)}" if sources else "")
+        )
+    if model or method:
+        if not (model and method):
+            raise TunelabError(
+                "published configs need both --model (llama-3-8b, mistral-7b) and --method (lora, full)"
+            )
+        _recommend_published(model, method, json_path, write_config)
+        return
+    source = db or results
+    if not source.is_file():
+        raise TunelabError(f"{sources[0]}: file not found: {source}")
+    if db:
+        with ResultsStore(db) as store:
+            matrix = store.score_matrix()
+        if not matrix.config_ids:
+            raise TunelabError(f"{db} holds no trials yet; run `tunelab sweep` first")
+    else:
+        matrix = load_results_table(results)
+    _recommend_cbs(matrix, source, tau, top, json_path, write_config, out)

@@ -1,0 +1,201 @@
+"""Sweep executors: run trials, each in its own `python -m tunelab.hpsearch.trial` process, and hand each
+result to a callback in this process as soon as that trial finishes (so only this process writes the db).
+
+- local: up to `max_parallel` trial processes on this machine. Each one's torch gets
+  cores // max_parallel threads (OMP_NUM_THREADS, unless already set): threads that outnumber the
+  cores (other work on the machine included) slow training down many times over, not by a fraction.
+- ray: Ray Tune trials (`pip install 'tunelab[ray]'`) on a local Ray or an existing cluster (`address`),
+  each reserving `cpus_per_trial` / `gpus_per_trial`; the Tune trial runs the same trial process with as
+  many threads as CPUs it reserved (and the GPUs Ray gave it). On a multi-node cluster a trial's run
+  directory is written on the node that ran it, at the same path, and relative paths in the spec are read
+  from the sweep's working directory there too (use a shared filesystem, or absolute paths present on
+  every node).
+
+A trial's files, under the sweep's work dir: <dataset>/<config_id>/ (the run), <config_id>.yaml (its
+train config, `tunelab train` can run it again), <config_id>.log (its output), <config_id>.result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.errors import TunelabError
+from tunelab.hpsearch.spec import Trial
+from tunelab.hpsearch.store import ResultsStore
+
+
+@dataclass
+class TrialResult:
+    score: float | None = None  # the dataset's metric; None when the trial failed
+    error: str | None = None
+    metrics: dict[str, float] | None = None  # everything the evaluation measured
+    peak_memory_bytes: int | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None  # wall time of the trial process, imports and model loading included
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+OnResult = Callable[[Trial, TrialResult], None]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the container's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def trial_dir(work_dir: Path, trial: Trial) -> Path:
+    return work_dir / trial.dataset / trial.config_id
+
+
+def run_trial_process(trial: Trial, run_dir: Path, threads: int, cwd: str | None = None) -> TrialResult:
+    """Train and evaluate `trial` in a child process writing into `run_dir`; a failed trial does not raise.
+
+    Relative paths in the trial's config are read from `cwd` (default: this process's).
+    """
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir.with_name(f"{run_dir.name}.yaml")
+    result_path = run_dir.with_name(f"{run_dir.name}.result.json")
+    log_path = run_dir.with_name(f"{run_dir.name}.log")
+    result_path.unlink(missing_ok=True)  # from an earlier attempt
+    config_path.write_text(yaml.safe_dump({**trial.config, "output_dir": str(run_dir)}, sort_keys=False))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "tunelab.hpsearch.trial",
+        str(config_path),
+        trial.metric,
+        str(result_path),
+    ]
+    started_at, start = _now(), time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, check=False)
+    timing = {"started_at": started_at, "finished_at": _now(), "duration_s": time.perf_counter() - start}
+    if not result_path.is_file():  # killed (e.g. out of memory) or crashed before writing its result
+        error = f"trial process exited with code {process.returncode} without a result; see {log_path}"
+        return TrialResult(error=error, **timing)
+    result = TrialResult(**json.loads(result_path.read_text()), **timing)
+    if result.error is None and not math.isfinite(result.score):
+        result.error, result.score = f"{trial.metric} is {result.score} (did training diverge?)", None
+    return result
+
+
+def record(store: ResultsStore, trial: Trial, result: TrialResult) -> None:
+    """One trial's result into the store, in one transaction."""
+    store.record(
+        trial.config_id,
+        trial.config,
+        trial.dataset,
+        trial.metric,
+        result.score,
+        status="failed" if result.failed else "done",
+        error=result.error,
+        duration_s=result.duration_s,
+        peak_memory_bytes=result.peak_memory_bytes,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+    )
+
+
+def run_local(trials: list[Trial], work_dir: Path, on_result: OnResult, max_parallel: int = 1) -> None:
+    """Run `trials`, at most `max_parallel` at once; `on_result` runs in this thread as each one finishes."""
+    # OMP_NUM_THREADS set by the user (e.g. on a machine shared with other work) wins
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, available_cores() // max_parallel))
+    pool = ThreadPoolExecutor(max_parallel)
+    futures = {
+        pool.submit(run_trial_process, trial, trial_dir(work_dir, trial), threads): trial for trial in trials
+    }
+    try:
+        for future in as_completed(futures):
+            on_result(futures[future], future.result())
+    finally:
+        # on Ctrl-C the running trial processes get the signal too; start no queued one
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_ray(
+    trials: list[Trial],
+    work_dir: Path,
+    on_result: OnResult,
+    address: str | None = None,
+    max_parallel: int | None = None,
+    cpus_per_trial: float = 1,
+    gpus_per_trial: float = 0,
+) -> None:
+    """Run `trials` as Ray Tune trials; `on_result` runs in this process as each one completes."""
+    try:
+        import ray
+        from ray import tune
+    except ImportError:
+        raise TunelabError("--executor ray needs Ray: pip install 'tunelab[ray]'") from None
+
+    # Ray runs each trial function in a directory of its own: paths must not depend on it
+    work_dir, cwd = work_dir.resolve(), os.getcwd()
+    threads = max(1, int(cpus_per_trial))
+
+    def trainable(params: dict[str, Any]) -> dict[str, Any]:
+        trial = trials[params["index"]]
+        return asdict(run_trial_process(trial, trial_dir(work_dir, trial), threads, cwd))
+
+    result_keys = [field.name for field in fields(TrialResult)]
+
+    class RecordResults(tune.Callback):
+        """Hands each completed Tune trial's result to `on_result`, in this (the driver's) process."""
+
+        def __init__(self, on_result: OnResult, trials: list[Trial]) -> None:
+            self.on_result, self.trials = on_result, trials
+
+        def __getstate__(self) -> dict:
+            # Tune pickles its run config for Tuner.restore, which tunelab does not use (the db is what
+            # resumes a sweep); the store and display behind on_result cannot be pickled.
+            return {}
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = TrialResult(**{key: trial.last_result.get(key) for key in result_keys})
+            self.on_result(self.trials[trial.config["index"]], result)
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # the Ray worker itself died
+            error = TrialResult(error=f"Ray trial failed: {trial.get_error()}")
+            self.on_result(self.trials[trial.config["index"]], error)
+
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
+            param_space={"index": tune.grid_search(list(range(len(trials))))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_parallel),
+            run_config=tune.RunConfig(
+                storage_path=str(work_dir / "ray"),
+                verbose=0,
+                callbacks=[RecordResults(on_result, trials)],
+            ),
+        )
+        tuner.fit()
+    finally:
+        ray.shutdown()

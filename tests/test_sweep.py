@@ -1,0 +1,245 @@
+"""`tunelab sweep` and `tunelab recommend` end to end on the tiny model: a sweep killed and resumed,
+failed trials, the Ray executor on 2 local workers, recommend without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tunelab.cli import app
+from tunelab.config import load_config
+from tunelab.errors import TunelabError
+from tunelab.hpsearch.store import ResultsStore
+
+ADD = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in range(4) for b in range(2)]
+REVERSE = [{"prompt": f"reverse {word}:", "completion": word[::-1]} for word in ("abc", "tune", "lab", "xyz")]
+BAD = [*ADD[:3], {"prompt": "a row without its completion"}]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def _spec(tmp: Path, model_dir: str, datasets: dict[str, tuple[list[dict], str]]) -> Path:
+    """Two LoRA configs (lr) × `datasets` {name: (rows, metric)}, 2 optimizer steps each."""
+    spec = {
+        "base": {
+            "model": model_dir,
+            "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
+            "data": {"max_length": 32},
+            "train": {"max_steps": 2, "batch_size": 4, "warmup_ratio": 0.0, "log_steps": 1},
+        },
+        "grid": {"train.lr": [1.0e-3, 1.0e-2]},
+        "datasets": [
+            {"name": name, "train": _jsonl(tmp / f"{name}.jsonl", rows), "eval": str(tmp / f"{name}.jsonl"),
+             "metric": metric}
+            for name, (rows, metric) in datasets.items()
+        ],
+    }  # fmt: skip
+    path = tmp / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _rows(db: Path) -> dict[tuple[str, str], dict]:
+    with ResultsStore(db) as store:
+        return {(row["dataset"], row["config_id"]): row for row in store.rows()}
+
+
+def _process_list() -> str:
+    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def _wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+# one torch thread per trial: other work may share the cores, and oversubscribed torch threads run
+# many times slower
+TRIAL_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _sweep_command(spec: Path, db: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "tunelab", "sweep", str(spec), "--db", str(db), *options]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, tiny_model_dir):
+    """A sweep of 2 configs × (add, rev, bad) killed with SIGKILL once 3 trials are recorded, then re-run."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    spec = _spec(
+        tmp, tiny_model_dir, {"add": (ADD, "exact_match"), "rev": (REVERSE, "loss"), "bad": (BAD, "loss")}
+    )
+    db = tmp / "results.sqlite"
+    sweep = subprocess.Popen(
+        _sweep_command(spec, db), env=TRIAL_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not (db.is_file() and len(_rows(db)) >= 3):
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before 3 trials"
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGKILL)  # mid-way through the 4th trial
+    sweep.wait()
+    orphan_ended = _wait_until(lambda: str(tmp) not in _process_list(), seconds=5)
+    before = _rows(db)
+    logs = {key: (tmp / "results-runs" / key[0] / f"{key[1]}.log").stat().st_mtime_ns for key in before}
+    resumed = subprocess.run(
+        _sweep_command(spec, db), env=TRIAL_ENV, capture_output=True, text=True, timeout=300
+    )
+    after = _rows(db)
+    return {"tmp": tmp, "db": db, "before": before, "logs": logs, "after": after, "resumed": resumed,
+            "orphan_ended": orphan_ended}  # fmt: skip
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(killed_and_resumed):
+    before, after = killed_and_resumed["before"], killed_and_resumed["after"]
+    assert len(before) == 3 and len(after) == 6
+    finished = [key for key, row in before.items() if row["status"] == "done"]
+    assert len(finished) == 2
+    for key in finished:  # the same row, the same run: not trained again
+        assert after[key] == before[key]
+        log = killed_and_resumed["tmp"] / "results-runs" / key[0] / f"{key[1]}.log"
+        assert log.stat().st_mtime_ns == killed_and_resumed["logs"][key]
+    (failed_before,) = [key for key, row in before.items() if row["status"] == "failed"]
+    assert after[failed_before]["duration_s"] != before[failed_before]["duration_s"]  # failed: tried again
+    resumed = killed_and_resumed["resumed"]
+    assert "6 trials, 2 already done, 4 to run" in resumed.stderr
+    assert "done 4, failed 2, remaining 0" in resumed.stderr
+
+
+def test_killed_sweep_leaves_no_orphan_trial(killed_and_resumed):
+    """The trial in flight when the sweep was killed ends with it (the trial process watches its parent)."""
+    assert killed_and_resumed["orphan_ended"]
+
+
+def test_failed_trials_are_recorded_and_the_others_finish(killed_and_resumed):
+    after, resumed = killed_and_resumed["after"], killed_and_resumed["resumed"]
+    assert resumed.returncode == 1 and "2 of 4 trials failed" in resumed.stderr
+    for (dataset, _), row in after.items():
+        if dataset == "bad":
+            assert row["status"] == "failed" and row["score"] is None
+            assert "has no 'completion' field" in row["error"]
+        else:
+            assert row["status"] == "done" and row["score"] is not None
+            assert row["duration_s"] > 0 and row["peak_memory_bytes"] > 0 and row["finished_at"]
+    # each trial's run and its ready-to-train config are kept under the sweep's work dir
+    _, config_id = next(key for key in after if key[0] == "add")
+    run_config = load_config(killed_and_resumed["tmp"] / "results-runs" / "add" / f"{config_id}.yaml")
+    assert run_config.output_dir.endswith(f"results-runs/add/{config_id}")
+    assert (Path(run_config.output_dir) / "final").is_dir()
+
+
+def test_recommend_from_db_imports_no_torch(killed_and_resumed):
+    tmp, db = killed_and_resumed["tmp"], killed_and_resumed["db"]
+    script = textwrap.dedent(f"""
+        import sys
+        from tunelab.cli import app
+        for args in (["--db", {str(db)!r}, "--json", {str(tmp / "ranking.json")!r},
+                      "--write-config", {str(tmp / "configs")!r}],
+                     ["--model", "llama-3-8b", "--method", "lora"]):
+            try:
+                app(["recommend", *args])
+            except SystemExit as exit:
+                assert not exit.code, exit.code
+        assert "torch" not in sys.modules, "recommend imported torch"
+    """)
+    wide = {**os.environ, "COLUMNS": "200"}  # no wrapped table cells
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=wide, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "CBS ranking of results.sqlite (2 configs x 3 datasets)" in done.stdout
+    assert "train.lr" in done.stdout  # the swept key, shown for each config
+    assert "no config covers:" in done.stdout and "bad" in done.stdout.split("no config covers:")[1]
+    assert "5e-05" in done.stdout and "arXiv 2407.18990" in done.stdout  # the published Llama-3-8B LoRA
+    ranking = json.loads((tmp / "ranking.json").read_text())
+    assert set(ranking) == {"tau", "datasets", "ranking", "top_k_curve"}
+    assert [entry["rank"] for entry in ranking["ranking"]] == [1, 2]
+    first = ranking["ranking"][0]
+    expected_keys = {"config", "covers", "mean_normalized", "covered_total", "coverage", "hyperparameters"}
+    assert expected_keys <= set(first)
+    covered = sorted(name for entry in ranking["ranking"] for name in entry["covers"])
+    assert covered in (["add", "rev"], ["rev"])  # on add, exact match may be 0 for both configs
+    assert len(ranking["top_k_curve"]) == 2 and ranking["top_k_curve"][1] >= ranking["top_k_curve"][0]
+    assert (tmp / "results-coverage.png").stat().st_size > 0
+    written = load_config(tmp / "configs" / f"cbs-1-{first['config']}.yaml")
+    assert written.train.lr == first["hyperparameters"]["train.lr"]
+    assert written.model == load_config(tmp / "results-runs" / "add" / f"{first['config']}.yaml").model
+
+
+def test_ray_executor_on_two_local_workers(tmp_path, tiny_model_dir):
+    pytest.importorskip("ray")
+    spec = _spec(tmp_path, tiny_model_dir, {"add": (ADD, "exact_match")})
+    # data paths relative to the sweep's working directory, though Ray runs trials elsewhere
+    spec.write_text(spec.read_text().replace(f"{tmp_path}/add.jsonl", "add.jsonl"))
+    done = subprocess.run(
+        _sweep_command(
+            spec, Path("ray.sqlite"), "--executor", "ray", "--max-parallel", "2", "--cpus-per-trial", "1"
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = list(_rows(tmp_path / "ray.sqlite").values())
+    assert [row["status"] for row in rows] == ["done", "done"], [row["error"] for row in rows]
+    first, second = sorted(rows, key=lambda row: row["started_at"])
+    assert second["started_at"] < first["finished_at"]  # both workers ran at once
+    for row in rows:  # Ray runs a trial in a directory of its own; its run still lands in the sweep's
+        assert (tmp_path / "ray-runs" / "add" / row["config_id"] / "final").is_dir()
+
+
+def test_recommend_results_table(tmp_path):
+    table = tmp_path / "grid.csv"
+    table.write_text(
+        "config,dataset,score,metric,train.lr,method.name,method.r\n"
+        "c1,a,0.90,exact_match,1e-4,lora,8\nc1,b,2.0,loss,1e-4,lora,8\n"
+        "c2,a,0.50,exact_match,5e-4,lora,16\nc2,b,1.0,loss,5e-4,lora,16\n"
+    )
+    result = CliRunner().invoke(
+        app, ["recommend", "--results", str(table), "--top", "1", "--write-config", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    # each covers one dataset; c2 is first by mean s/best: (0.5 / 0.9 + 1) / 2 > (1 + 1.0 / 2.0) / 2
+    assert "covered" in result.output and "1/2" in result.output  # --top 1: the first row only
+    written = load_config(tmp_path / "out" / "cbs-1-c2.yaml")
+    assert (written.train.lr, written.method.r) == (5e-4, 16)
+    assert not (tmp_path / "out" / "cbs-2-c1.yaml").exists()  # --top 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["recommend"], "give one of"),
+        (["recommend", "--model", "llama-3-8b"], "need both --model"),
+        (["recommend", "--db", "nowhere.sqlite"], "file not found"),
+        (["sweep", "SPEC", "--address", "ray://head:10001"], "--address is for --executor ray"),
+        (["sweep", "SPEC_ACCURACY"], "metric accuracy, which sweep trials do not compute"),
+    ],
+)
+def test_errors(tmp_path, args, message):
+    datasets = "datasets: [{name: a, train: a.jsonl, eval: a.jsonl, metric: METRIC}]\n"
+    (tmp_path / "spec.yaml").write_text(datasets.replace("METRIC", "loss"))
+    (tmp_path / "accuracy.yaml").write_text(datasets.replace("METRIC", "accuracy"))
+    paths = {"SPEC": str(tmp_path / "spec.yaml"), "SPEC_ACCURACY": str(tmp_path / "accuracy.yaml")}
+    result = CliRunner().invoke(app, [paths.get(arg, arg) for arg in args])
+    assert isinstance(result.exception, TunelabError), result.output
+    assert message in str(result.exception)
+    assert not (tmp_path / "spec.sqlite").exists()  # nothing ran
