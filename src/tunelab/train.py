@@ -391,12 +391,15 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> P
             limit=config.data.eval_limit,
         )
 
-    if overwrite and not resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # only now: everything above validated and loaded
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Creating the arguments joins the other processes of a distributed run, each of which has
+    # already checked the run directory above; only the main process writes to it, from here on.
     args = training_arguments(config, run_dir, eval_set is not None)
-    if args.should_save:
-        write_atomically(run_dir / CONFIG_FILE, dump_config(config))
+    with args.main_process_first(desc="run directory"):
+        if args.should_save:
+            if overwrite and not resume and run_dir.exists():
+                shutil.rmtree(run_dir)  # only now: everything above validated and loaded
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(run_dir / CONFIG_FILE, dump_config(config))
     metrics = MetricsWriter(run_dir / METRICS_FILE)
     guard = NonFiniteLossGuard()
     optimizer = built.method.create_optimizer(built.model, config.train.lr, config.train.weight_decay)
@@ -433,10 +436,30 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> P
             f"({latest_checkpoint(run_dir) or 'none saved'}) was kept; lower train.lr, set "
             "train.max_grad_norm, or check the data"
         )
+    if args.world_size > 1:
+        check_replicas(built.method.trained_state(built.model))
     if args.should_save:
         with atomic_directory(run_dir / FINAL_DIR) as tmp:
             built.method.save(built.model, tmp)
     return run_dir
+
+
+def check_replicas(tensors: dict[str, torch.Tensor]) -> None:
+    """Every process of a distributed run must end with the same trained tensors (same DyLoRA ranks,
+    same SpIEL selections): compare one checksum per tensor across processes."""
+    import torch.distributed as dist
+
+    checksums = torch.tensor(
+        [t.detach().double().sum().item() for t in tensors.values()], dtype=torch.float64
+    )
+    gathered = [torch.zeros_like(checksums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksums)
+    if any(not torch.equal(other, gathered[0]) for other in gathered[1:]):
+        raise TunelabError(
+            "the processes of this distributed run ended with different weights; please report it"
+        )
+    if dist.get_rank() == 0:
+        console.print(f"replicas agree: {dist.get_world_size()} processes hold the same trained tensors")
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, Built]:
