@@ -29,7 +29,7 @@ bench: setup
 	$(VENV)/bin/python -m benchmarks.run
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:

@@ -36,7 +36,7 @@ def test_two_processes(tmp_path, tiny_model_dir, qa_jsonl, method):
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--cpu",
+        "--multi_gpu",  # with no GPU present this starts CPU processes (torchrun, gloo)
         "--num_processes",
         "2",
         "--num_machines",

@@ -16,7 +16,7 @@ from tunelab.plots import loss_curve, rank_curve
 from tunelab.train import METRICS_FILE, build, load_run, train
 
 DEFAULT_CONFIG = Path(__file__).with_name("quickstart.yaml")
-DEFAULT_EVAL_EXAMPLES = 24
+DEFAULT_EVAL_EXAMPLES = 16  # one generation batch
 console = Console()
 
 

@@ -314,6 +314,8 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
         optim="paged_adamw_32bit" if on_gpu_4bit else "adamw_torch",
         **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
         dataloader_pin_memory=torch.cuda.is_available(),
+        # on a machine without a GPU this is also what lets a distributed launch use gloo on CPU
+        use_cpu=not torch.cuda.is_available(),
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
