@@ -73,7 +73,7 @@ def test_merged_export_equals_the_adapter_forward(lora_run, tmp_path):
     out = export_run(lora_run, "merged", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=_tokens()).logits, ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(input_ids=_tokens()).logits, ours, atol=1e-4, rtol=1e-4)
 
 
 def test_export_refuses_bad_requests(lora_run, tmp_path):
