@@ -28,6 +28,15 @@ from benchmarks.worker import CASES
 console = Console(stderr=True)
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_NAMES = {"peft": "PEFT LoRA + Trainer", "full": "Trainer full FT", "tunelab-lora": "tunelab LoRA"}
+
+
+def reference_name(reference: tuple) -> str:
+    kind, rank, quantized = reference
+    if quantized:
+        return f"PEFT QLoRA r{rank} (bnb nf4) + Trainer"
+    return f"{REFERENCE_NAMES[kind]}" + (f" r{rank}" if rank else "")
+
+
 # The random Llama of realistic proportions for quick runs (SmolLM2-like, fewer layers).
 TINY_LLAMA = dict(
     hidden_size=384,
@@ -39,55 +48,88 @@ TINY_LLAMA = dict(
     max_position_embeddings=2048,
     tie_word_embeddings=True,
 )
+# Llama-3-8B layer shapes (hidden 4096, MLP 14336, 32/8 heads, 128k vocabulary) with fewer layers,
+# random weights: GPU runs need no hub.
+LLAMA3_8B_SHAPES = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
 MODEL_CASES = {
     "tiny": list(CASES),
     "smollm2": ["lora-r8", "full", "qlora-r64", "qdylora-r64", "spiel-ag"],
+    "llama3-8b-shapes": ["lora-r8", "lora-r64", "qlora-r64", "qdylora-r64", "spiel-ag", "spiel-ma"],
 }
+# bf16 dense peak of the GPU, for MFU (H100/H200 SXM datasheet figure)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def tiny_model_dir(cache: Path) -> str:
-    path = cache / "random-llama-h384-l8"
+def random_llama_dir(cache: Path, name: str, shapes: dict) -> str:
+    """A random Llama with SmolLM2's tokenizer (its vocabulary fits any larger one), saved once."""
+    path = cache / name
     if not (path / "config.json").is_file():
         import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        from tunelab.models import resolve_model
 
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(path)
+        AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(path)
+        LlamaForCausalLM(LlamaConfig(**shapes)).save_pretrained(path)
     return str(path)
 
 
-def model_dirs(names: list[str], cache: Path) -> dict[str, str]:
+def model_dirs(names: list[str], cache: Path, layers: int) -> dict[str, str]:
     from tunelab.models import resolve_model
 
-    dirs = {}
-    for name in names:
-        dirs[name] = tiny_model_dir(cache) if name == "tiny" else resolve_model("smollm2-135m")
-    return dirs
+    builders = {
+        "tiny": lambda: random_llama_dir(cache, "random-llama-h384-l8", TINY_LLAMA),
+        "smollm2": lambda: resolve_model("smollm2-135m"),
+        "llama3-8b-shapes": lambda: random_llama_dir(
+            cache, f"random-llama3-8b-shapes-l{layers}", {**LLAMA3_8B_SHAPES, "num_hidden_layers": layers}
+        ),
+    }
+    return {name: builders[name]() for name in names}
 
 
-def run_worker(case: str, side: str, model_dir: str, steps: int, warmup: int) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.worker",
-        "--case",
-        case,
-        "--side",
-        side,
-        "--model-dir",
-        model_dir,
-        "--steps",
-        str(steps),
-        "--warmup",
-        str(warmup),
-    ]
-    result = subprocess.run(
-        command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-    )
+def run_worker(case: str, side: str, model_dir: str, args: argparse.Namespace) -> dict:
+    options = {
+        "--case": case,
+        "--side": side,
+        "--model-dir": model_dir,
+        "--steps": args.steps,
+        "--warmup": args.warmup,
+        "--batch": args.batch,
+        "--length": args.length,
+    }
+    command = [sys.executable, "-m", "benchmarks.worker", *(str(x) for pair in options.items() for x in pair)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"{case}/{side} failed:\n{tail}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def mfu(run: dict) -> float | None:
+    """Model FLOPs utilization on a GPU: tokens/s × FLOPs per token / peak bf16 FLOP/s, with FLOPs per
+    token = 6N when every weight trains and 4N for adapters (no weight gradients of the frozen base)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    peak = next(
+        (flops for key, flops in PEAK_BF16_FLOPS.items() if key in torch.cuda.get_device_name()), None
+    )
+    if peak is None:
+        return None
+    per_token = (6 if run["trainable"] >= run["parameters"] else 4) * run["parameters"]
+    return run["tokens_per_s"] * per_token / peak
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -96,6 +138,7 @@ def summarize(runs: list[dict]) -> dict:
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
         "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in runs),
         "trainable": runs[0]["trainable"],
+        "parameters": runs[0]["parameters"],
         "rounds": len(runs),
     }
 
@@ -126,6 +169,10 @@ def markdown(results: list[dict], command: str) -> str:
         "peak mem ours (GiB) | peak mem ref (GiB) | mem ours/ref | trainable ours / ref |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    gpu = any(r["ours"].get("mfu") is not None for r in results)
+    if gpu:
+        lines[0] += " MFU ours / ref |"
+        lines[1] += "---|"
     for r in results:
         ours, ref = r["ours"], r["ref"]
         lines.append(
@@ -135,6 +182,7 @@ def markdown(results: list[dict], command: str) -> str:
             f"{ref['peak_memory_bytes'] / 2**30:.2f} | "
             f"**{ours['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}×** | "
             f"{ours['trainable']:,} / {ref['trainable']:,} |"
+            + (f" {ours['mfu']:.1%} / {ref['mfu']:.1%} |" if gpu else "")
         )
     return "\n".join(lines) + f"\n\nMachine: {machine()}. Versions: {versions()}.\nCommand: `{command}`\n"
 
@@ -146,11 +194,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per run (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128, help="tokens per sequence (half a masked prompt)")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the llama3-8b-shapes model")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "results.md")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench-out")
     args = parser.parse_args()
     names = args.models.split(",")
-    dirs = model_dirs(names, args.cache)
+    dirs = model_dirs(names, args.cache, args.layers)
     wanted = set(args.cases.split(",")) if args.cases else None
     results = []
     started = time.perf_counter()
@@ -162,7 +213,7 @@ def main() -> None:
             for round_index in range(args.rounds):
                 order = ("ours", "ref") if round_index % 2 == 0 else ("ref", "ours")
                 for side in order:
-                    runs[side].append(run_worker(case, side, dirs[name], args.steps, args.warmup))
+                    runs[side].append(run_worker(case, side, dirs[name], args))
                 console.print(
                     f"{name} {case} round {round_index + 1}/{args.rounds}: "
                     f"ours {runs['ours'][-1]['median_step_s']:.3f} s/step, "
@@ -173,11 +224,13 @@ def main() -> None:
                 {
                     "model": name,
                     "case": case,
-                    "ref_name": REFERENCE_NAMES[CASES[case]["ref"][0]],
+                    "ref_name": reference_name(CASES[case]["ref"]),
                     "ours": summarize(runs["ours"]),
                     "ref": summarize(runs["ref"]),
                 }
             )
+            for side in ("ours", "ref"):
+                results[-1][side]["mfu"] = mfu(results[-1][side])
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:])
     table = markdown(results, command.strip())
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 from tunelab.config import validate
 from tunelab.data import IGNORE_INDEX
-from tunelab.quant import guard_cpu_repack, nf4_config
+from tunelab.quant import guard_cpu_repack, nf4_config, parameter_count
 from tunelab.train import TunelabTrainer, build, peak_memory_bytes, training_arguments
 
 # case -> (our method config + quantization, the reference a user would pick instead)
@@ -141,6 +141,7 @@ def measure(case: str, side: str, model_dir: str, steps: int, warmup: int, batch
                 callbacks=[timer],
             )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        parameters = parameter_count(model)
         trainer.train()
     timed = timer.times[warmup:]
     median = statistics.median(timed)
@@ -151,6 +152,7 @@ def measure(case: str, side: str, model_dir: str, steps: int, warmup: int, batch
         "tokens_per_s": batch * length / median,
         "peak_memory_bytes": peak_memory_bytes(),
         "trainable": trainable,
+        "parameters": parameters,
         "steps": len(timed),
     }
 

@@ -73,3 +73,8 @@ def tiny_config(model_dir: str, data: Path, out: Path, **overrides):
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return validate(data_dict)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(smollm2_dir) -> str:
+    return smollm2_dir

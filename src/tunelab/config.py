@@ -16,7 +16,7 @@ from tunelab.errors import TunelabError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 TargetModules = Literal["all-linear"] | list[str]

@@ -100,3 +100,12 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         if marker in model.__dict__:
             delattr(model, marker)
     return model
+
+
+def parameter_count(model: nn.Module) -> int:
+    """All parameters of `model`, 4-bit weights counted at their full (unpacked) size."""
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if is_4bit(module):
+            total += module.in_features * module.out_features - module.weight.numel()
+    return total

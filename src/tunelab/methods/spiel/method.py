@@ -33,19 +33,10 @@ from tunelab.methods.spiel.selection import (
     replace_fraction,
     split_budget,
 )
-from tunelab.quant import is_4bit
+from tunelab.quant import parameter_count
 
 EXPORT_WEIGHTS_FILE = "spiel_deltas.safetensors"
 EXPORT_CONFIG_FILE = "spiel_config.json"
-
-
-def parameter_count(model: nn.Module) -> int:
-    """All parameters of `model`, 4-bit weights counted at their full (unpacked) size."""
-    total = sum(p.numel() for p in model.parameters())
-    for module in model.modules():
-        if is_4bit(module):
-            total += module.in_features * module.out_features - module.weight.numel()
-    return total
 
 
 def spiel_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:
