@@ -12,10 +12,27 @@ from tunelab.config import load_config
 from tunelab.data import IGNORE_INDEX, build_dataset
 from tunelab.errors import TunelabError
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
-KEYS = ["train.lr", "train.batch_size", "train.epochs", "train.warmup_ratio", "method.r", "method.alpha",
-        "method.dropout", "data.max_length", "quantization", "method.name", "train.scheduler", "train.seed"]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+)
+KEYS = [
+    "train.lr",
+    "train.batch_size",
+    "train.epochs",
+    "train.warmup_ratio",
+    "method.r",
+    "method.alpha",
+    "method.dropout",
+    "data.max_length",
+    "quantization",
+    "method.name",
+    "train.scheduler",
+    "train.seed",
+]
 
 
 @settings(max_examples=300, deadline=None)
@@ -31,8 +48,13 @@ def test_any_config_value_is_accepted_or_rejected_cleanly(key, value):
         assert config.method.r > 0 and 0 <= config.method.dropout < 1
 
 
-rows = st.lists(st.dictionaries(st.sampled_from(["prompt", "completion", "text", "instruction", "output", "x"]),
-                                scalars, max_size=4), min_size=1, max_size=5)
+rows = st.lists(
+    st.dictionaries(
+        st.sampled_from(["prompt", "completion", "text", "instruction", "output", "x"]), scalars, max_size=4
+    ),
+    min_size=1,
+    max_size=5,
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
