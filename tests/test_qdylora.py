@@ -200,3 +200,21 @@ def test_merged_export_from_nf4_is_a_plain_model(qdylora_run, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=tokens).logits, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_on_an_nf4_base_trains(tmp_path, tiny_model_dir, qa_jsonl):
+    """The QLoRA memory recipe: activations recomputed in backward, adapter gradients still flow."""
+    config = tiny_config(
+        tiny_model_dir,
+        qa_jsonl,
+        tmp_path / "gc",
+        quantization="nf4",
+        **{"train.gradient_checkpointing": True, "train.max_steps": 6, "train.lr": 2e-2},
+    )
+    run_dir = train(config)
+    losses = [
+        json.loads(line)["loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
+    assert losses[-1] < losses[0] - 0.3
