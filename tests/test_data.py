@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tunelab.config import DataConfig
 from tunelab.data import IGNORE_INDEX, build_dataset, load_rows
 from tunelab.errors import TunelabError
 
@@ -71,7 +72,7 @@ def test_text_format_trains_every_token(tmp_path, tokenizer):
 
 def test_train_on_prompt(tmp_path, tokenizer):
     path = _write(tmp_path, "p.jsonl", [{"prompt": "2+3=", "completion": " 5"}])
-    dataset = build_dataset(str(path), tokenizer, train_on_prompt=True)
+    dataset = build_dataset(str(path), tokenizer, DataConfig(train_on_prompt=True))
     assert dataset[0]["labels"] == dataset[0]["input_ids"]
 
 
@@ -86,7 +87,7 @@ def test_csv_and_json_files(tmp_path, tokenizer):
 
 def test_truncation(tmp_path, tokenizer):
     path = _write(tmp_path, "long.jsonl", [{"prompt": "x", "completion": " word" * 100}])
-    assert len(build_dataset(str(path), tokenizer, max_length=16)[0]["input_ids"]) == 16
+    assert len(build_dataset(str(path), tokenizer, DataConfig(max_length=16))[0]["input_ids"]) == 16
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path, tokenizer):
@@ -115,7 +116,7 @@ def test_unknown_columns_and_empty_files(tmp_path, tokenizer):
         build_dataset(
             str(_write(tmp_path, "cut.jsonl", [{"prompt": "word " * 50, "completion": "x"}])),
             tokenizer,
-            max_length=8,
+            DataConfig(max_length=8),
         )
 
 

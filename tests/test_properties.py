@@ -8,7 +8,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunelab.config import load_config
+from tunelab.config import DataConfig, load_config
 from tunelab.data import IGNORE_INDEX, build_dataset
 from tunelab.errors import TunelabError
 
@@ -65,7 +65,7 @@ def test_any_data_rows_load_or_fail_cleanly(tmp_path_factory, tokenizer_dir, dat
     path = tmp_path_factory.mktemp("rows") / "d.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in data_rows) + "\n")
     try:
-        dataset = build_dataset(str(path), load_tokenizer(tokenizer_dir), max_length=32)
+        dataset = build_dataset(str(path), load_tokenizer(tokenizer_dir), DataConfig(max_length=32))
     except TunelabError as exc:
         assert "\n" not in str(exc)
         return

@@ -80,9 +80,7 @@ def eval_command(
     dataset = build_dataset(
         spec,
         built.tokenizer,
-        config.data.format if not data else "auto",
-        config.data.max_length,
-        config.data.train_on_prompt,
+        config.data.model_copy(update={"format": "auto"}) if data else config.data,  # another file: detect
         limit=limit,
     )
     with_exact_match = dataset.task is not None if exact_match is None else exact_match

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.config import DataConfig
 from tunelab.errors import TunelabError
 from tunelab.tasks import Task, parse_builtin
 
@@ -222,19 +223,16 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(
-    spec: str,
-    tokenizer,
-    fmt: str = "auto",
-    max_length: int = 512,
-    train_on_prompt: bool = False,
-    limit: int | None = None,
+    spec: str, tokenizer, options: DataConfig | None = None, limit: int | None = None
 ) -> TokenizedDataset:
-    """Load, render and tokenize `spec`; examples with no response token left after truncation are
-    dropped (an error when that leaves none)."""
+    """Load, render and tokenize `spec` as `options` (format, max_length, train_on_prompt) say;
+    examples with no response token left after truncation are dropped (an error when none is left)."""
+    options = options or DataConfig()
+    max_length, train_on_prompt = options.max_length, options.train_on_prompt
     rows, task = load_rows(spec)
     if limit is not None:
         rows = rows[:limit]
-    fmt = detect_format(rows, fmt)
+    fmt = detect_format(rows, options.format)
     features, examples = [], []
     for where, row in rows:
         segments = render(where, row, fmt, tokenizer)

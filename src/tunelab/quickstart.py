@@ -30,9 +30,7 @@ def _free_run_dir(path: Path) -> Path:
 
 
 def _eval_set(config, tokenizer, eval_examples: int):
-    return build_dataset(
-        config.data.eval, tokenizer, config.data.format, config.data.max_length, limit=eval_examples
-    )
+    return build_dataset(config.data.eval, tokenizer, config.data, limit=eval_examples)
 
 
 def _evaluate(model, tokenizer, config, eval_examples: int, label: str) -> dict[str, float]:

@@ -375,23 +375,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> P
     run_dir = config.resolved_output_dir()
     prepare_run_dir(config, run_dir, resume, overwrite)
     built = build(config)
-    train_set = build_dataset(
-        config.data.train,
-        built.tokenizer,
-        config.data.format,
-        config.data.max_length,
-        config.data.train_on_prompt,
-    )
+    train_set = build_dataset(config.data.train, built.tokenizer, config.data)
     eval_set: TokenizedDataset | None = None
     if config.data.eval and config.train.eval_steps:
-        eval_set = build_dataset(
-            config.data.eval,
-            built.tokenizer,
-            config.data.format,
-            config.data.max_length,
-            config.data.train_on_prompt,
-            limit=config.data.eval_limit,
-        )
+        eval_set = build_dataset(config.data.eval, built.tokenizer, config.data, limit=config.data.eval_limit)
 
     # Creating the arguments joins the other processes of a distributed run, each of which has
     # already checked the run directory above; only the main process writes to it, from here on.

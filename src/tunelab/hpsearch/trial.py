@@ -35,14 +35,7 @@ def run_trial(config_path: Path, metric: str) -> dict[str, Any]:
     config = load_config(config_path)
     run_dir = train(config, overwrite=True)
     _, built = load_run(run_dir)
-    dataset = build_dataset(
-        config.data.eval,
-        built.tokenizer,
-        config.data.format,
-        config.data.max_length,
-        config.data.train_on_prompt,
-        limit=config.data.eval_limit,
-    )
+    dataset = build_dataset(config.data.eval, built.tokenizer, config.data, limit=config.data.eval_limit)
     metrics = evaluate(built.model, built.tokenizer, dataset, with_exact_match=metric == "exact_match")
     return {"score": metrics[metric], "metrics": metrics, "peak_memory_bytes": peak_memory_bytes()}
 
