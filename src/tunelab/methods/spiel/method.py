@@ -164,7 +164,7 @@ class SpielMethod(Method):
             layer.accumulating, layer.candidates = False, None
         self.phase_start = None
         self.events.append(
-            {"event": "spiel_selection", "step": t, "replaced": replaced, "fraction": fraction}
+            {"event": "spiel_selection", "step": t, "replaced": replaced, "fraction": round(fraction, 6)}
         )
 
     @staticmethod
