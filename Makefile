@@ -26,7 +26,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup
-	$(VENV)/bin/python -m benchmarks.run
+	$(VENV)/bin/python -m benchmarks.run --models tiny,smollm2
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
