@@ -49,8 +49,12 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
 @pytest.fixture()
 def qa_jsonl(tmp_path) -> Path:
     """A small prompt/completion dataset the tiny model can learn quickly."""
+    return write_qa_jsonl(tmp_path / "qa.jsonl")
+
+
+def write_qa_jsonl(path: Path) -> Path:
+    """64 rows of one-digit additions as prompt/completion JSONL."""
     rows = [{"prompt": f"Q: {a}+{b}=", "completion": f" {a + b}"} for a in range(8) for b in range(8)]
-    path = tmp_path / "qa.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     return path
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config
+from conftest import tiny_config, write_qa_jsonl
 from tunelab.export import export_run
 from tunelab.methods.lora import lora_layers, replace_module
 from tunelab.quant import dequantize_weight, dequantized_linear, guard_cpu_repack, is_4bit
@@ -113,9 +113,7 @@ def test_the_trap_is_real_without_the_guard(tiny_model_dir, qa_jsonl, tmp_path):
 @pytest.fixture(scope="module")
 def qdylora_run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("qdylora")
-    rows = [{"prompt": f"Q: {a}+{b}=", "completion": f" {a + b}"} for a in range(8) for b in range(8)]
-    data = tmp / "qa.jsonl"
-    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    data = write_qa_jsonl(tmp / "qa.jsonl")
     config = tiny_config(
         tiny_model_dir,
         data,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, write_qa_jsonl
 from tunelab.errors import TunelabError
 from tunelab.export import export_run
 from tunelab.train import load_run, train
@@ -16,9 +16,7 @@ from tunelab.train import load_run, train
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("lora-run")
-    rows = [{"prompt": f"Q: {a}+{b}=", "completion": f" {a + b}"} for a in range(8) for b in range(8)]
-    data = tmp / "qa.jsonl"
-    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    data = write_qa_jsonl(tmp / "qa.jsonl")
     config = tiny_config(tiny_model_dir, data, tmp / "run", **{"train.max_steps": 16, "train.lr": 3e-2})
     return train(config)
 
