@@ -224,7 +224,10 @@ def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, tit
         table.add_row(
             str(entry["rank"]),
             entry["config"],
-            " ".join(f"{key}={entry['hyperparameters'].get(key)}" for key in keys),
+            # a key another method has and this one lacks reads None: leave it out
+            " ".join(
+                f"{key}={value}" for key in keys if (value := entry["hyperparameters"].get(key)) is not None
+            ),
             ", ".join(entry["covers"]) or "-",
             f"{entry['covered_total']}/{n_datasets}",
             f"{entry['mean_normalized']:.3f}",
