@@ -21,6 +21,22 @@ class SlotOptimizer(torch.optim.Optimizer):
         """The state of `param`, created on first use."""
         raise NotImplementedError
 
+    def update(self, param: nn.Parameter, group: dict) -> None:
+        """Apply one step to `param` (which has a gradient) with its group's hyperparameters."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self.update(param, group)
+        return loss
+
     @torch.no_grad()
     def remap_slots(
         self, param: nn.Parameter, source_slot: torch.Tensor, seeds: dict[str, torch.Tensor] | None = None
@@ -63,30 +79,20 @@ class SparseAdamW(SlotOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(param)
         return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.param_state(param)
-                age, exp_avg, exp_avg_sq = state["age"], state["exp_avg"], state["exp_avg_sq"]
-                grad = param.grad.to(exp_avg.dtype)
-                age += 1
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias_correction1 = 1 - torch.pow(beta1, age)
-                bias_correction2 = 1 - torch.pow(beta2, age)
-                denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
-                param.mul_(1 - lr * weight_decay)
-                param.sub_((lr * (exp_avg / bias_correction1) / denom).to(param.dtype))
-        return loss
+    def update(self, param: nn.Parameter, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        state = self.param_state(param)
+        age, exp_avg, exp_avg_sq = state["age"], state["exp_avg"], state["exp_avg_sq"]
+        grad = param.grad.to(exp_avg.dtype)
+        age += 1
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - torch.pow(beta1, age)
+        bias_correction2 = 1 - torch.pow(beta2, age)
+        denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
+        param.mul_(1 - lr * weight_decay)
+        param.sub_((lr * (exp_avg / bias_correction1) / denom).to(param.dtype))
 
 
 def adamw_seed_state(
@@ -145,29 +151,19 @@ class SparseSM3(SlotOptimizer):
             state["col"] = torch.zeros(num_cols, dtype=torch.float32, device=param.device)
         return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, beta, eps, weight_decay = group["lr"], group["beta"], group["eps"], group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.param_state(param)
-                layer = self.layer_of[param]
-                rows = (layer.indices // layer.weight_shape[1]).long()
-                cols = (layer.indices % layer.weight_shape[1]).long()
-                grad = param.grad.float()
-                nu = torch.minimum(state["row"][rows], state["col"][cols]).addcmul_(grad, grad)
-                state["row"].scatter_reduce_(0, rows, nu, "amax", include_self=False)
-                state["col"].scatter_reduce_(0, cols, nu, "amax", include_self=False)
-                update = grad / (nu + eps).sqrt_()
-                if beta > 0:
-                    momentum = state.setdefault("momentum", torch.zeros_like(update))
-                    update = momentum.mul_(beta).add_(update, alpha=1 - beta)
-                param.mul_(1 - lr * weight_decay)
-                param.sub_((lr * update).to(param.dtype))
-        return loss
+    def update(self, param: nn.Parameter, group: dict) -> None:
+        lr, beta, eps, weight_decay = group["lr"], group["beta"], group["eps"], group["weight_decay"]
+        state = self.param_state(param)
+        layer = self.layer_of[param]
+        rows = (layer.indices // layer.weight_shape[1]).long()
+        cols = (layer.indices % layer.weight_shape[1]).long()
+        grad = param.grad.float()
+        nu = torch.minimum(state["row"][rows], state["col"][cols]).addcmul_(grad, grad)
+        state["row"].scatter_reduce_(0, rows, nu, "amax", include_self=False)
+        state["col"].scatter_reduce_(0, cols, nu, "amax", include_self=False)
+        direction = grad / (nu + eps).sqrt_()
+        if beta > 0:
+            momentum = state.setdefault("momentum", torch.zeros_like(direction))
+            direction = momentum.mul_(beta).add_(direction, alpha=1 - beta)
+        param.mul_(1 - lr * weight_decay)
+        param.sub_((lr * direction).to(param.dtype))
