@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tunelab.config import DataConfig, load_config
@@ -37,6 +37,7 @@ KEYS = [
 
 @settings(max_examples=300, deadline=None)
 @given(key=st.sampled_from(KEYS), value=scalars)
+@example(key="method.name", value="\n")  # a line break in a quoted value once split the error
 def test_any_config_value_is_accepted_or_rejected_cleanly(key, value):
     try:
         config = load_config(None, [f"{key}={json.dumps(value)}"])

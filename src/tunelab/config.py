@@ -196,7 +196,7 @@ def _format_error(err: dict, data: Any, source: str, key_lines: dict[str, int]) 
         valid = f"valid keys here: {', '.join(allowed)}" if allowed else ""
         return f"{where}: unknown key '{key}'; " + (hint or valid)
     if kind == "union_tag_invalid":
-        return f"{where}: unknown method '{err['ctx']['tag']}'; choose one of: {', '.join(METHOD_NAMES)}"
+        return f"{where}: unknown method {err['ctx']['tag']!r}; choose one of: {', '.join(METHOD_NAMES)}"
     if kind == "union_tag_not_found":
         return f"{where}: 'method' needs a 'name' (one of: {', '.join(METHOD_NAMES)})"
     if kind == "literal_error":

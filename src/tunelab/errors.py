@@ -2,4 +2,11 @@
 
 
 class TunelabError(Exception):
-    """A user-facing error: the message says what is wrong, where, and how to fix it."""
+    """A user-facing error: the message says what is wrong, where, and how to fix it.
+
+    Messages quote user input (keys, values, file contents); line breaks in that input are escaped
+    here so that every error stays on one line, whatever the input was.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
