@@ -23,6 +23,14 @@ def high_water_mark_bytes() -> int:
     return int(status["VmHWM"].split()[0]) * 1024
 
 
+def masked_prompt_batch(batch: int = 8, length: int = 128) -> dict[str, torch.Tensor]:
+    """Fixed random tokens; the first half of each sequence is a prompt without labels."""
+    input_ids = torch.randint(3, 40000, (batch, length), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, : length // 2] = -100
+    return {"input_ids": input_ids, "labels": labels}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -41,13 +49,11 @@ def main() -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    input_ids = torch.randint(3, 40000, (8, 128), generator=torch.Generator().manual_seed(0))
-    labels = input_ids.clone()
-    labels[:, :64] = -100
+    batch = masked_prompt_batch()
     times = []
     for _ in range(args.steps):
         started = time.perf_counter()
-        causal_lm_loss(model, {"input_ids": input_ids, "labels": labels}).backward()
+        causal_lm_loss(model, batch).backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - started)

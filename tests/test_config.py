@@ -102,3 +102,15 @@ def test_cli_never_overwrites_an_existing_run(tmp_path, tiny_model_dir):
     result = _cli("train", str(path), cwd=tmp_path)
     assert result.returncode == 2 and "already holds a run; use --resume" in result.stderr
     assert (run_dir / "config.yaml").read_text() == "precious: true\n"
+
+
+@pytest.mark.parametrize(
+    ("quantization", "setting", "expected"),
+    [("nf4", "auto", True), ("none", "auto", False), ("nf4", "false", False), ("none", "true", True)],
+)
+def test_gradient_checkpointing_auto_follows_the_qlora_recipe(tmp_path, quantization, setting, expected):
+    from tunelab.train import training_arguments
+
+    config = load_config(None, [f"quantization={quantization}", f"train.gradient_checkpointing={setting}"])
+    args = training_arguments(config, tmp_path, has_eval=False)
+    assert bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing) is expected

@@ -47,18 +47,28 @@ def test_scale_is_alpha_over_active_rank():
     torch.testing.assert_close(update_rank2, manual)
 
 
-def test_gradients_match_dense_reference():
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradients_match_dense_reference(dropout):
     layer = _layer(r=6)
-    layer.rank = 4
-    x = torch.randn(7, 12, dtype=torch.float64)
+    layer.rank, layer.dropout = 4, dropout
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
     layer(x).pow(2).sum().backward()
+    # the reference: nn.functional ops in float64 on the same dropout mask (drawn from the same seed)
+    torch.manual_seed(1)
+    keep = ~torch.empty(x.shape, dtype=torch.bool).bernoulli_(dropout)
+    x_ref = x.detach().clone().requires_grad_(True)
     A = layer.lora_A.detach().clone().requires_grad_(True)
     B = layer.lora_B.detach().clone().requires_grad_(True)
-    reference = layer.base_layer(x) + (layer.alpha / 4) * (x @ A[:4].T @ B[:, :4].T)
+    dropped = x_ref * keep / (1 - dropout) if dropout else x_ref
+    reference = layer.base_layer(x_ref) + (layer.alpha / 4) * (dropped @ A[:4].T @ B[:, :4].T)
     reference.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(layer.lora_A.grad, A.grad)
     torch.testing.assert_close(layer.lora_B.grad, B.grad)
     assert layer.lora_A.grad[4:].abs().sum() == 0  # ranks above b get nothing
+    if dropout:
+        assert not keep.all()  # the mask did drop something
 
 
 def _tiny_model() -> nn.Module:
@@ -176,3 +186,22 @@ def test_unfrozen_mode_updates_the_first_b():
         dim = 0 if name.endswith("lora_A") else 1
         grad_rows = (grads[name] != 0).any(dim=1 - dim).nonzero().flatten().tolist()
         assert grad_rows == [0, 1, 2]
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    """Under bf16 autocast (the GPU training path) the adapter computes in bf16, like the plain ops
+    would, and its gradients stay close to the float32 ones."""
+    layer = LoRALinear(nn.Linear(32, 16), r=4, alpha=8.0)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = layer(x)
+    assert output.dtype == torch.bfloat16
+    output.float().pow(2).sum().backward()
+    for grad, t in zip(grads, (x, layer.lora_A, layer.lora_B), strict=True):
+        assert t.grad.dtype == torch.float32
+        torch.testing.assert_close(t.grad, grad, rtol=0.05, atol=0.05 * grad.abs().max().item())

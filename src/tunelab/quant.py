@@ -43,6 +43,19 @@ def nf4_config(compute_dtype: torch.dtype):
     )
 
 
+def release_checkpoint_pages(model: nn.Module) -> None:
+    """Copy the CPU tensors that still view the memory-mapped checkpoint into process memory.
+
+    Quantizing at load reads every page of the checkpoint, and the unquantized tensors (embeddings,
+    norms) keep the whole mapping alive, so those pages stay resident: measured 0.40 GiB of
+    SmolLM2's 0.54 GiB file after an NF4 load. Once nothing views the file, the mapping goes.
+    """
+    quantized = {id(module.weight) for module in model.modules() if is_4bit(module)}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and id(tensor) not in quantized:
+            tensor.data = tensor.data.clone()
+
+
 def guard_cpu_repack(model: nn.Module) -> int:
     """Stop Linear4bit from repacking its weights for CPU inference.
 

@@ -37,7 +37,7 @@ from tunelab.errors import TunelabError
 from tunelab.loss import causal_lm_loss, supports_head_loss
 from tunelab.methods import Method, create_method
 from tunelab.models import compute_dtype, load_model, load_tokenizer, resolve_model
-from tunelab.quant import guard_cpu_repack, nf4_config
+from tunelab.quant import guard_cpu_repack, nf4_config, release_checkpoint_pages
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -71,6 +71,7 @@ def build(config: RunConfig) -> Built:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(model_path, dtype, quantization_config=nf4_config(dtype), device_map=device)
         guard_cpu_repack(model)
+        release_checkpoint_pages(model)
         # transformers refuses to train a quantized model unless adapters are attached; ours are.
         model._hf_peft_config_loaded = True
     else:
@@ -290,6 +291,14 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
     t = config.train
     bf16 = compute_dtype(t.precision) == torch.bfloat16
     on_gpu_4bit = config.quantization == "nf4" and torch.cuda.is_available()
+    checkpointing = t.gradient_checkpointing
+    if checkpointing == "auto":
+        checkpointing = config.quantization == "nf4"
+    # transformers 5 renamed the argument (the old name warns); older versions only know the old one
+    fields = TrainingArguments.__dataclass_fields__
+    checkpointing_arg = (
+        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    )
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS_DIR),
         per_device_train_batch_size=t.batch_size,
@@ -312,7 +321,7 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
         eval_steps=t.eval_steps or None,
         bf16=bf16,
         optim="paged_adamw_32bit" if on_gpu_4bit else "adamw_torch",
-        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
+        **{checkpointing_arg: checkpointing},
         dataloader_pin_memory=torch.cuda.is_available(),
         # on a machine without a GPU this is also what lets a distributed launch use gloo on CPU
         use_cpu=not torch.cuda.is_available(),

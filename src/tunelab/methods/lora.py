@@ -23,6 +23,47 @@ from tunelab.methods.base import Method
 from tunelab.quant import dequantized_linear, is_linear
 
 
+class LoRAUpdate(torch.autograd.Function):
+    """scale · B A x', where x' is x with the dropped entries zeroed: the adapter's contribution.
+
+    Autograd through nn.Dropout + two linears keeps, per adapter, a float dropout mask and a float
+    dropped copy of x; the profile (benchmarks/profile.py) showed those two were over half of all
+    saved activations. This keeps x itself (one tensor shared by sibling adapters such as q/k/v),
+    the mask as bytes and the small A x', and zeroes x again in the backward pass. Dropout's
+    1 / keep_prob is folded into `scale` (the update is linear in x). Under autocast it computes in
+    the autocast dtype, as the plain ops would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, scale: float, drop: torch.Tensor | None):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            dropped = x.to(dtype) if drop is None else x.to(dtype).masked_fill(drop, 0)
+            down = F.linear(dropped, lora_A.to(dtype))
+            update = F.linear(down, lora_B.to(dtype)) * scale
+        ctx.save_for_backward(x, drop, lora_A, lora_B, down)
+        ctx.scale, ctx.dtype = scale, dtype
+        return update
+
+    @staticmethod
+    def backward(ctx, grad_update):
+        x, drop, lora_A, lora_B, down = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            grad_update = grad_update.to(ctx.dtype) * ctx.scale
+            grad_down = grad_update @ lora_B.to(ctx.dtype)
+            grad_B = grad_update.flatten(0, -2).T @ down.flatten(0, -2)
+            dropped = x.to(ctx.dtype) if drop is None else x.to(ctx.dtype).masked_fill(drop, 0)
+            grad_A = grad_down.flatten(0, -2).T @ dropped.flatten(0, -2)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_down @ lora_A.to(ctx.dtype)
+                if drop is not None:
+                    grad_x.masked_fill_(drop, 0)
+                grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer (plain or 4-bit) plus a low-rank update whose active rank can change."""
 
@@ -30,11 +71,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.r, self.alpha = r, alpha
+        self.r, self.alpha, self.dropout = r, alpha, dropout
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank = r  # active rank b
         self.train_last_rank_only = False  # DyLoRA "frozen" mode
 
@@ -45,8 +85,11 @@ class LoRALinear(nn.Module):
             # rows 1..b-1 take part in the forward pass but get no gradient
             lora_A = torch.cat([lora_A[:-1].detach(), lora_A[-1:]])
             lora_B = torch.cat([lora_B[:, :-1].detach(), lora_B[:, -1:]], dim=1)
-        update = F.linear(F.linear(self.dropout(x).to(lora_A.dtype), lora_A), lora_B)
-        return self.base_layer(x) + (update * (self.alpha / b)).to(x.dtype)
+        scale, drop = self.alpha / b, None
+        if self.training and self.dropout > 0:
+            drop = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(self.dropout)
+            scale /= 1 - self.dropout
+        return self.base_layer(x) + LoRAUpdate.apply(x, lora_A, lora_B, scale, drop)
 
     def delta_weight(self, rank: int | None = None) -> torch.Tensor:
         b = rank or self.rank
