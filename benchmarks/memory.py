@@ -1,5 +1,6 @@
-"""Where the memory of a training step goes on CPU: peak RSS after loading, and the peak during a
-few training steps (the kernel's high-water mark is reset after loading, /proc/self/clear_refs).
+"""Where the memory of a training step goes on CPU: peak RSS while loading, what stays resident after
+loading (and how much of it is the checkpoint file's pages, from /proc/self/smaps), and the peak
+during a few training steps (the kernel's high-water mark is reset after loading, /proc/self/clear_refs).
 
     python -m benchmarks.memory --quantization nf4 [--gradient-checkpointing] [--model smollm2-135m]
 
@@ -18,9 +19,22 @@ from tunelab.loss import causal_lm_loss
 from tunelab.train import build
 
 
-def high_water_mark_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """VmHWM (peak resident) or VmRSS (resident now) of this process."""
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return int(status["VmHWM"].split()[0]) * 1024
+    return int(status[field].split()[0]) * 1024
+
+
+def resident_file_bytes(suffix: str) -> int:
+    """Resident bytes of this process's memory mappings of files whose path ends with `suffix`."""
+    total, mapped = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            mapped = fields[-1].endswith(suffix)
+        elif mapped and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
 
 
 def masked_prompt_batch(batch: int = 8, length: int = 128) -> dict[str, torch.Tensor]:
@@ -42,7 +56,8 @@ def main() -> None:
         {"model": args.model, "quantization": args.quantization, "method": {"name": "lora", "r": 8}}
     )
     model = build(config).model
-    loaded = high_water_mark_bytes()
+    loaded_peak, resident = status_bytes("VmHWM"), status_bytes("VmRSS")
+    checkpoint_pages = resident_file_bytes(".safetensors")
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset the peak: what follows is the training steps alone
     if args.gradient_checkpointing:
@@ -59,8 +74,10 @@ def main() -> None:
         times.append(time.perf_counter() - started)
     print(
         f"quantization={args.quantization} gradient_checkpointing={args.gradient_checkpointing}: "
-        f"peak after loading {loaded / 2**30:.2f} GiB, "
-        f"peak while training {high_water_mark_bytes() / 2**30:.2f} GiB, "
+        f"peak while loading {loaded_peak / 2**30:.2f} GiB, "
+        f"resident after loading {resident / 2**30:.2f} GiB "
+        f"(checkpoint file pages {checkpoint_pages / 2**30:.2f} GiB), "
+        f"peak while training {status_bytes('VmHWM') / 2**30:.2f} GiB, "
         f"last step {times[-1]:.2f} s"
     )
 

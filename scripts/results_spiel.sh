@@ -2,6 +2,7 @@
 # RESULTS.md, SpIEL vs LoRA: SpIEL-AG and SpIEL-MA with the trainable count of an all-linear LoRA r=16
 # (4,884,480 on SmolLM2-135M), LoRA r=16, and full fine-tuning as a reference; same data and steps.
 #   bash scripts/results_spiel.sh && .venv/bin/python scripts/results_plot.py spiel
+#   ONLY="lora-r16" bash scripts/results_spiel.sh   re-runs only the named runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.venv/bin/tunelab
@@ -9,8 +10,10 @@ OUT=${OUT:-results}
 STEPS=${STEPS:-60}
 EVAL=${EVAL:-100}
 mkdir -p "$OUT"
+ONLY=${ONLY:-spiel-ag spiel-ma lora-r16 full}
 run() {  # name, config, overrides...
   local name=$1 config=$2; shift 2
+  [[ " $ONLY " == *" $name "* ]] || return 0
   $T train "$config" output_dir="$OUT/$name" train.max_steps="$STEPS" "$@" --overwrite
   $T eval "$OUT/$name" --limit "$EVAL" --no-exact-match --json "$OUT/$name.json"
 }
