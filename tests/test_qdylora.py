@@ -216,3 +216,25 @@ def test_gradient_checkpointing_on_an_nf4_base_trains(tmp_path, tiny_model_dir, 
         if "loss" in json.loads(line)
     ]
     assert losses[-1] < losses[0] - 0.3
+
+
+def test_releasing_checkpoint_pages_keeps_every_value(tiny_model_dir):
+    """The pages advised away are those only the 4-bit weights were read from: afterwards the
+    unquantized tensors (views into the same mapping) and the logits are unchanged."""
+    from tunelab.models import load_model
+    from tunelab.quant import nf4_config, release_loading_memory
+
+    model = load_model(tiny_model_dir, quantization_config=nf4_config(torch.float32), device_map="cpu").eval()
+    guard_cpu_repack(model)
+    tokens = torch.arange(3, 40).unsqueeze(0)
+    unquantized = {
+        name: t.detach().clone() for name, t in model.state_dict().items() if t.dtype == torch.float32
+    }
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+    assert release_loading_memory(model) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, before, rtol=0, atol=0)
+    for name, value in model.state_dict().items():
+        if name in unquantized:
+            torch.testing.assert_close(value, unquantized[name], rtol=0, atol=0)

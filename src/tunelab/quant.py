@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
+
 import torch
 from torch import nn
 
@@ -43,17 +47,58 @@ def nf4_config(compute_dtype: torch.dtype):
     )
 
 
-def release_checkpoint_pages(model: nn.Module) -> None:
-    """Copy the CPU tensors that still view the memory-mapped checkpoint into process memory.
+def release_loading_memory(model: nn.Module) -> int:
+    """Give back the memory an NF4 load leaves behind: checkpoint pages no tensor uses, and freed heap.
 
     Quantizing at load reads every page of the checkpoint, and the unquantized tensors (embeddings,
-    norms) keep the whole mapping alive, so those pages stay resident: measured 0.40 GiB of
-    SmolLM2's 0.54 GiB file after an NF4 load. Once nothing views the file, the mapping goes.
+    norms) are views into the same mapping, which keeps it alive: the pages the 4-bit weights were
+    read from stay resident (measured 0.40 GiB of SmolLM2's 0.54 GiB file). madvise(MADV_DONTNEED)
+    on the ranges outside the live tensors lets the kernel drop them; the mapping is a clean private
+    file mapping, so a later read of a dropped page would reload it from the file. Copying the
+    unquantized tensors out instead would release the mapping too, but holds both copies at once:
+    1.8x the peak on a Llama-3-8B-shaped model, whose embeddings are most of what stays unquantized.
+    Then malloc_trim: glibc keeps the freed fp32 transients of quantization in its heap (0 to 0.4 GiB
+    resident after a SmolLM2 load, varying run to run). Linux only (elsewhere a no-op). Returns the
+    checkpoint bytes advised away.
     """
-    quantized = {id(module.weight) for module in model.modules() if is_4bit(module)}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.device.type == "cpu" and id(tensor) not in quantized:
-            tensor.data = tensor.data.clone()
+    if not sys.platform.startswith("linux"):
+        return 0
+    live = sorted(
+        (storage.data_ptr(), storage.data_ptr() + storage.nbytes())
+        for tensor in [*model.parameters(), *model.buffers()]
+        if tensor.device.type == "cpu" and (storage := tensor.untyped_storage()).nbytes()
+    )
+    page = mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    released = 0
+    for start, end in checkpoint_mappings():
+        cursor = start
+        for live_start, live_end in [*live, (end, end)]:
+            if live_end <= cursor or live_start > end:
+                continue
+            gap_start = -(-cursor // page) * page  # round in: never touch a page a tensor uses
+            gap_end = min(live_start, end) // page * page
+            if gap_end > gap_start and libc.madvise(gap_start, gap_end - gap_start, mmap.MADV_DONTNEED) == 0:
+                released += gap_end - gap_start
+            cursor = max(cursor, live_end)
+            if cursor >= end:
+                break
+    if hasattr(libc, "malloc_trim"):  # glibc; musl has none
+        libc.malloc_trim(0)
+    return released
+
+
+def checkpoint_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of .safetensors files."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+                start, end = (int(part, 16) for part in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
 
 
 def guard_cpu_repack(model: nn.Module) -> int:

@@ -37,7 +37,7 @@ from tunelab.errors import TunelabError
 from tunelab.loss import causal_lm_loss, supports_head_loss
 from tunelab.methods import Method, create_method
 from tunelab.models import compute_dtype, load_model, load_tokenizer, resolve_model
-from tunelab.quant import guard_cpu_repack, nf4_config, release_checkpoint_pages
+from tunelab.quant import guard_cpu_repack, nf4_config, release_loading_memory
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -71,7 +71,7 @@ def build(config: RunConfig) -> Built:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(model_path, dtype, quantization_config=nf4_config(dtype), device_map=device)
         guard_cpu_repack(model)
-        release_checkpoint_pages(model)
+        release_loading_memory(model)
         # transformers refuses to train a quantized model unless adapters are attached; ours are.
         model._hf_peft_config_loaded = True
     else:
