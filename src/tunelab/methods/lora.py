@@ -23,6 +23,11 @@ from tunelab.methods.base import Method
 from tunelab.quant import dequantized_linear, is_linear
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (tokens, n): every leading dimension is a token."""
+    return t.reshape(-1, t.shape[-1])
+
+
 class LoRAUpdate(torch.autograd.Function):
     """scale · B A x', where x' is x with the dropped entries zeroed: the adapter's contribution.
 
@@ -52,9 +57,9 @@ class LoRAUpdate(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             grad_update = grad_update.to(ctx.dtype) * ctx.scale
             grad_down = grad_update @ lora_B.to(ctx.dtype)
-            grad_B = grad_update.flatten(0, -2).T @ down.flatten(0, -2)
+            grad_B = rows(grad_update).T @ rows(down)
             dropped = x.to(ctx.dtype) if drop is None else x.to(ctx.dtype).masked_fill(drop, 0)
-            grad_A = grad_down.flatten(0, -2).T @ dropped.flatten(0, -2)
+            grad_A = rows(grad_down).T @ rows(dropped)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = grad_down @ lora_A.to(ctx.dtype)
