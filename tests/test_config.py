@@ -114,3 +114,10 @@ def test_gradient_checkpointing_auto_follows_the_qlora_recipe(tmp_path, quantiza
     config = load_config(None, [f"quantization={quantization}", f"train.gradient_checkpointing={setting}"])
     args = training_arguments(config, tmp_path, has_eval=False)
     assert bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing) is expected
+
+
+def test_gradient_checkpointing_rejects_other_values_naming_the_choices():
+    with pytest.raises(
+        TunelabError, match=r"'train.gradient_checkpointing' is 'Auto'; expected 'auto', True or"
+    ):
+        load_config(None, ["train.gradient_checkpointing=Auto"])

@@ -238,3 +238,19 @@ def test_releasing_checkpoint_pages_keeps_every_value(tiny_model_dir):
     for name, value in model.state_dict().items():
         if name in unquantized:
             torch.testing.assert_close(value, unquantized[name], rtol=0, atol=0)
+
+
+def test_releasing_pages_leaves_other_models_alone(tiny_model_dir):
+    """Another model loaded from the same kind of file and changed in place (as full fine-tuning
+    does) keeps its changes: only the NF4 model's own mapping is advised."""
+    from tunelab.models import load_model
+    from tunelab.quant import nf4_config, release_loading_memory
+
+    trained = load_model(tiny_model_dir)
+    weight = trained.get_input_embeddings().weight
+    with torch.no_grad():
+        weight += 1.0  # written into its copy-on-write pages of the memory map
+    expected = weight.detach().clone()
+    quantized = load_model(tiny_model_dir, quantization_config=nf4_config(torch.float32), device_map="cpu")
+    release_loading_memory(quantized)
+    torch.testing.assert_close(weight.detach(), expected, rtol=0, atol=0)

@@ -122,7 +122,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # recompute activations in the backward pass (less memory, more time); auto: on with an nf4
     # base, as in the QLoRA recipe (benchmarks.memory: NF4 0.93x of fp32 LoRA without, ~0.5x with)
-    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    gradient_checkpointing: Literal["auto", True, False] = "auto"
     # the LM head only at labelled positions, a chunk of tokens at a time (see loss.py)
     chunked_loss: bool = True
 

@@ -73,6 +73,10 @@ def release_loading_memory(model: nn.Module) -> int:
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     released = 0
     for start, end in checkpoint_mappings():
+        # only a mapping this model was loaded from: another model's mapping may hold pages it
+        # changed in place (copy-on-write), which MADV_DONTNEED would revert to the file's contents
+        if not any(start <= live_start < end for live_start, _ in live):
+            continue
         cursor = start
         for live_start, live_end in [*live, (end, end)]:
             if live_end <= cursor or live_start > end:
@@ -85,6 +89,7 @@ def release_loading_memory(model: nn.Module) -> int:
             if cursor >= end:
                 break
     if hasattr(libc, "malloc_trim"):  # glibc; musl has none
+        libc.malloc_trim.argtypes = (ctypes.c_size_t,)
         libc.malloc_trim(0)
     return released
 
