@@ -2,13 +2,7 @@
 # RESULTS.md, QDyLoRA vs QLoRA: one QDyLoRA run (ranks 1..16) against QLoRA trained separately at
 # ranks 2, 8 and 16, same data, steps, batch, learning rate and alpha. About 20 minutes on 2 CPU cores.
 #   bash scripts/results_qdylora.sh && .venv/bin/python scripts/results_plot.py qdylora
-set -euo pipefail
-cd "$(dirname "$0")/.."
-T=.venv/bin/tunelab
-OUT=${OUT:-results}
-STEPS=${STEPS:-60}
-EVAL=${EVAL:-100}
-mkdir -p "$OUT"
+source "$(dirname "$0")/results_common.sh"
 $T train examples/qdylora.yaml output_dir="$OUT/qdylora-r16" train.max_steps="$STEPS" --overwrite
 $T eval "$OUT/qdylora-r16" --ranks 1,2,3,4,6,8,12,16 --limit "$EVAL" --no-exact-match --json "$OUT/qdylora-r16.json"
 for r in 2 8 16; do

@@ -3,13 +3,7 @@
 # (4,884,480 on SmolLM2-135M), LoRA r=16, and full fine-tuning as a reference; same data and steps.
 #   bash scripts/results_spiel.sh && .venv/bin/python scripts/results_plot.py spiel
 #   ONLY="lora-r16" bash scripts/results_spiel.sh   re-runs only the named runs
-set -euo pipefail
-cd "$(dirname "$0")/.."
-T=.venv/bin/tunelab
-OUT=${OUT:-results}
-STEPS=${STEPS:-60}
-EVAL=${EVAL:-100}
-mkdir -p "$OUT"
+source "$(dirname "$0")/results_common.sh"
 ONLY=${ONLY:-spiel-ag spiel-ma lora-r16 full}
 run() {  # name, config, overrides...
   local name=$1 config=$2; shift 2

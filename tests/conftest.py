@@ -17,6 +17,22 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def random_llama(**overrides):
+    """A tiny random LlamaForCausalLM (2 layers, 4/2 heads), seeded; `overrides` go to LlamaConfig."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**(shape | overrides)))
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     from tunelab.models import resolve_model
@@ -27,16 +43,13 @@ def smollm2_dir() -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
     """A random Llama (2 layers, hidden 64) built from a LlamaConfig, with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    config = LlamaConfig(
+    model = random_llama(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         # logits of a random model with the default 0.02 init are nearly flat and a frozen,
@@ -46,8 +59,6 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

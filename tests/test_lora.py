@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import random_llama
 from tunelab.config import DyLoraConfig, LoraConfig
 from tunelab.errors import TunelabError
 from tunelab.methods.lora import (
@@ -71,23 +72,8 @@ def test_gradients_match_dense_reference(dropout):
         assert not keep.all()  # the mask did drop something
 
 
-def _tiny_model() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
-
-
 def test_attach_trains_only_lora_parameters():
-    model = _tiny_model()
+    model = random_llama()
     LoraMethod(LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).attach(model)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
@@ -95,7 +81,7 @@ def test_attach_trains_only_lora_parameters():
 
 
 def test_all_linear_skips_the_output_head():
-    model = _tiny_model()
+    model = random_llama()
     LoraMethod(LoraConfig(r=2)).attach(model)
     assert len(lora_layers(model)) == 2 * 7
     assert isinstance(model.lm_head, nn.Linear)
@@ -103,7 +89,7 @@ def test_all_linear_skips_the_output_head():
 
 def test_unknown_target_module_is_a_clear_error():
     with pytest.raises(TunelabError, match="matches no linear layer; available: .*q_proj"):
-        LoraMethod(LoraConfig(target_modules=["qproj"])).attach(_tiny_model())
+        LoraMethod(LoraConfig(target_modules=["qproj"])).attach(random_llama())
 
 
 def test_rank_sampler_is_seeded_and_uniform():
@@ -136,7 +122,7 @@ def test_parse_ranks():
 
 def _frozen_step(update: str):
     """One optimizer step of DyLoRA at a fixed rank after a step at a higher rank."""
-    model = _tiny_model()
+    model = random_llama()
     method = DyLoraMethod(DyLoraConfig(r=6, r_min=1, update=update, dropout=0.0, target_modules=["q_proj"]))
     method.attach(model)
     for layer in lora_layers(model).values():

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_llama
 from tunelab.data import IGNORE_INDEX
 from tunelab.loss import causal_lm_loss, linear_cross_entropy
 
@@ -29,19 +30,7 @@ def test_linear_cross_entropy_matches_dense(chunk):
 
 @pytest.mark.parametrize("num_items", [None, 7])
 def test_causal_lm_loss_equals_the_models_loss(num_items):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).double()
+    model = random_llama(vocab_size=50, tie_word_embeddings=True).double()
     input_ids = torch.randint(0, 50, (2, 9))
     labels = input_ids.clone()
     labels[0, :4] = IGNORE_INDEX  # a masked prompt

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import random_llama
 from tunelab.config import SpielConfig
 from tunelab.methods import create_method
 from tunelab.methods.spiel import selection
@@ -210,12 +211,19 @@ def random_layer(base: nn.Module, k: int, seed: int = 0) -> SparseDeltaLinear:
     return layer
 
 
-def reference_grads(weight64: torch.Tensor, x: torch.Tensor, probe: torch.Tensor):
-    """float64 d(sum(probe * y))/dx and the dense d/dW of y = x W^T."""
+def assert_matches_dense_reference(layer, effective: torch.Tensor, bias: torch.Tensor, x, probe) -> None:
+    """The layer's output, input gradient and delta gradients (at its k indices) equal float64
+    dense ones of y = x W^T + bias with W = `effective`."""
+    y = layer(x)
     x64 = x.detach().double().requires_grad_()
-    w64 = weight64.clone().requires_grad_()
-    (torch.nn.functional.linear(x64, w64) * probe.double()).sum().backward()
-    return x64.grad, w64.grad
+    w64 = effective.clone().requires_grad_()
+    y64 = torch.nn.functional.linear(x64, w64, bias.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    (y * probe).sum().backward()
+    (y64 * probe.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    delta_grad = w64.grad.flatten()[layer.indices.long()]
+    torch.testing.assert_close(layer.values.grad.double(), delta_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_delta_gradient_matches_dense_reference():
@@ -224,31 +232,21 @@ def test_delta_gradient_matches_dense_reference():
     pretrained = base.weight.detach().double().clone()
     layer = random_layer(base, k=25)
     x, probe = torch.randn(2, 5, 12, requires_grad=True), torch.randn(2, 5, 10)
-    y = layer(x)
     effective = pretrained + layer.delta_weight().double()
-    torch.testing.assert_close(
-        y.double(), x.double() @ effective.T + base.bias.double(), rtol=1e-5, atol=1e-5
-    )
-    (y * probe).sum().backward()
-    grad_x, grad_w = reference_grads(effective, x, probe)
-    torch.testing.assert_close(x.grad.double(), grad_x, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        layer.values.grad.double(), grad_w.flatten()[layer.indices.long()], rtol=1e-5, atol=1e-5
-    )
+    assert_matches_dense_reference(layer, effective, base.bias, x, probe)
     assert base.weight.grad is None  # no dense weight gradient
 
 
 def test_ag_window_accumulates_candidate_statistics():
     torch.manual_seed(1)
     layer = random_layer(nn.Linear(8, 6, bias=False), k=10)
-    effective = layer.base_layer.weight.detach().double() + layer.delta_weight().double()
     layer.accumulating = True
     dense_grads = []
     for _ in range(2):
         x, probe = torch.randn(4, 8), torch.randn(4, 6)
         layer.values.grad = None
         (layer(x) * probe).sum().backward()
-        _, grad_w = reference_grads(effective, x, probe)
+        grad_w = probe.double().T @ x.double()  # d sum(probe * x W^T) / dW
         dense_grads.append(grad_w.flatten())
         torch.testing.assert_close(layer.values.grad.double(), grad_w.flatten()[layer.indices.long()])
     stats = layer.candidates
@@ -296,16 +294,7 @@ def test_4bit_base_delta_gradient_and_merge():
     layer = random_layer(quantized, k=100)
     effective = dequantize_weight(quantized).double() + layer.delta_weight().double()
     x, probe = torch.randn(3, 64, requires_grad=True), torch.randn(3, 32)
-    y = layer(x)
-    torch.testing.assert_close(
-        y.double(), x.double() @ effective.T + quantized.bias.double(), rtol=1e-5, atol=1e-5
-    )
-    (y * probe).sum().backward()
-    grad_x, grad_w = reference_grads(effective, x, probe)
-    torch.testing.assert_close(x.grad.double(), grad_x, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        layer.values.grad.double(), grad_w.flatten()[layer.indices.long()], rtol=1e-5, atol=1e-5
-    )
+    assert_matches_dense_reference(layer, effective, quantized.bias, x, probe)
     merged = layer.merged_linear()
     assert type(merged) is nn.Linear
     torch.testing.assert_close(merged.weight.double(), effective)
@@ -315,18 +304,7 @@ def test_4bit_base_delta_gradient_and_merge():
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return random_llama(hidden_size=64, intermediate_size=128, vocab_size=256)
 
 
 def spiel(model, total_steps: int, lr: float = 1e-2, **config):
