@@ -254,3 +254,37 @@ def test_releasing_pages_leaves_other_models_alone(tiny_model_dir):
     quantized = load_model(tiny_model_dir, quantization_config=nf4_config(torch.float32), device_map="cpu")
     release_loading_memory(quantized)
     torch.testing.assert_close(weight.detach(), expected, rtol=0, atol=0)
+
+
+def test_any_tunelab_trainer_drives_the_method(tmp_path, tiny_model_dir, qa_jsonl):
+    """A TunelabTrainer built outside train() (as the benchmarks build theirs) still runs the
+    method's hooks: DyLoRA draws a rank per step."""
+    from transformers import TrainerCallback
+
+    from tunelab.data import build_dataset, collator
+    from tunelab.train import TunelabTrainer, training_arguments
+
+    config = tiny_config(
+        tiny_model_dir,
+        qa_jsonl,
+        tmp_path / "run",
+        **{"method.name": "dylora", "method.r": 8, "train.max_steps": 6},
+    )
+    built = build(config)
+    ranks = []
+
+    class RankSeen(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            ranks.append({layer.rank for layer in lora_layers(model).values()})
+
+    trainer = TunelabTrainer(
+        model=built.model,
+        args=training_arguments(config, tmp_path / "run", has_eval=False),
+        train_dataset=build_dataset(str(qa_jsonl), built.tokenizer, config.data),
+        data_collator=collator(built.tokenizer),
+        callbacks=[RankSeen()],
+        method=built.method,
+    )
+    trainer.train()
+    assert all(len(seen) == 1 for seen in ranks)  # one rank for every layer at each step
+    assert len({next(iter(seen)) for seen in ranks}) > 1  # and it changes from step to step

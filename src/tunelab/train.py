@@ -249,12 +249,15 @@ def _describe(event: dict[str, Any]) -> str:
 
 
 class TunelabTrainer(Trainer):
-    """Trainer whose checkpoints hold only what the method trains (plus the method's state)."""
+    """Trainer that drives its method's hooks, and whose checkpoints hold only what the method
+    trains (plus the method's state)."""
 
     def __init__(self, *args, method: Method, chunked_loss: bool = True, **kwargs) -> None:
         self.method = method
         self.chunked_loss = chunked_loss
         self.nonfinite_step: int | None = None
+        # not optional: without them DyLoRA draws no rank and SpIEL never reselects
+        kwargs["callbacks"] = [MethodHooks(method), *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -408,7 +411,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> P
         eval_dataset=eval_set,
         data_collator=collator(built.tokenizer),
         optimizers=(optimizer, None),
-        callbacks=[MethodHooks(built.method), Reporter(built.method, metrics, config.train.log_steps), guard],
+        callbacks=[Reporter(built.method, metrics, config.train.log_steps), guard],
         method=built.method,
         chunked_loss=config.train.chunked_loss,
     )
