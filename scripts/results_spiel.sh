@@ -11,8 +11,10 @@ run() {  # name, config, overrides...
   $T train "$config" output_dir="$OUT/$name" train.max_steps="$STEPS" "$@" --overwrite
   $T eval "$OUT/$name" --limit "$EVAL" --no-exact-match --json "$OUT/$name.json"
 }
-run spiel-ag examples/spiel.yaml method.regrowth=ag
-run spiel-ma examples/spiel.yaml method.regrowth=ma train.lr=1e-3
+# RESULTS.md §2 predates the reference-recipe example: pin its budget, lr, decay and clipping
+OLD_RECIPE="method.num_tunable=4884480 train.lr=2e-4 train.weight_decay=0 train.max_grad_norm=1.0"
+run spiel-ag examples/spiel.yaml $OLD_RECIPE method.regrowth=ag
+run spiel-ma examples/spiel.yaml $OLD_RECIPE method.regrowth=ma train.lr=1e-3
 run lora-r16 examples/lora.yaml method.r=16 train.lr=1e-3 data.max_length=256 train.batch_size=4 \
   train.scheduler=linear train.save_steps=0 train.eval_steps=0 train.epochs=1
 run full examples/full.yaml data.max_length=256 train.batch_size=4

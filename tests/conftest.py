@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the CLI sets it: tests read its stderr
 from hypothesis import settings
 
 # CI must give the same verdict on the same code: property tests run a fixed (derandomized) sample by
@@ -101,3 +103,41 @@ def tiny_config(model_dir: str, data: Path, out: Path, **overrides):
 @pytest.fixture(scope="session")
 def tokenizer_dir(smollm2_dir) -> str:
     return smollm2_dir
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    """Run `tunelab ARGS` in this process; returns (exit code, stderr)."""
+    import sys
+
+    from tunelab.cli import main
+
+    capsys.readouterr()
+    argv, sys.argv = sys.argv, ["tunelab", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """The README's promise for bad input: exit 2, one `error:` line, no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file below `folder` (relative path -> sha256): equal digests mean no byte changed."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

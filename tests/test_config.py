@@ -98,6 +98,7 @@ def test_cli_never_overwrites_an_existing_run(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "runs" / "old"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text("precious: true\n")
+    (run_dir / "metrics.jsonl").write_text("")
     path = _write(tmp_path, f"model: {tiny_model_dir}\noutput_dir: {run_dir}\n")
     result = _cli("train", str(path), cwd=tmp_path)
     assert result.returncode == 2 and "already holds a run; use --resume" in result.stderr

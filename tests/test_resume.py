@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from tunelab.config import dump_config
 from tunelab.errors import TunelabError
-from tunelab.train import COMPLETE_MARKER, latest_checkpoint, train
+from tunelab.rundir import COMPLETE_MARKER, RunDir
+from tunelab.train import train
 
 METHODS = {
     "lora": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
@@ -61,12 +62,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, qa_j
     command, env = _cli("train", str(path), cwd=tmp_path)
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while latest_checkpoint(run_dir) is None and process.poll() is None and time.time() < deadline:
+    while RunDir(run_dir).latest_checkpoint() is None and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (run_dir / "final").exists(), "the run finished before it could be killed"
-    killed_at = latest_checkpoint(run_dir)
+    killed_at = RunDir(run_dir).latest_checkpoint()
     assert killed_at is not None
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
@@ -87,7 +88,7 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     (tmp_path / "checkpoints" / "checkpoint-5").mkdir(parents=True)
     (tmp_path / "checkpoints" / "checkpoint-5" / COMPLETE_MARKER).touch()
     (tmp_path / "checkpoints" / "checkpoint-10").mkdir()  # killed while saving
-    assert latest_checkpoint(tmp_path).name == "checkpoint-5"
+    assert RunDir(tmp_path).latest_checkpoint().name == "checkpoint-5"
 
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_model_dir, qa_jsonl):
@@ -115,7 +116,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_model_dir, qa_jsonl):
         train(config)
     run_dir = tmp_path / "nan"
     assert not (run_dir / "final").exists()
-    last = latest_checkpoint(run_dir)
+    last = RunDir(run_dir).latest_checkpoint()
     if last is not None:  # every kept checkpoint holds finite weights
         assert all(torch.isfinite(t).all() for t in load_file(last / "trained.safetensors").values())
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == 1e30

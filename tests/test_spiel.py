@@ -117,15 +117,15 @@ def test_sm3_step_matches_hand_computation():
     optimizer.step()
     state = optimizer.state[layer.values]
     # nu = [min(7, 0), min(0, 0), min(0, 0)] + g^2 = [1, 4, 9]; update = g / sqrt(nu) = 1 everywhere
-    # row 0 becomes the max over its entries (1), not max(7, 1); row 2 has no active entry: unchanged
-    assert state["row"].tolist() == [1.0, 9.0, 7.0]
+    # row 0 stays max(7, 1) = 7 (accumulators never decrease); row 2 has no active entry: unchanged
+    assert state["row"].tolist() == [7.0, 9.0, 7.0]
     assert state["col"].tolist() == [1.0, 4.0, 9.0]
     torch.testing.assert_close(layer.values.detach(), torch.full((3,), -0.1))
 
     layer.values.grad = torch.ones(3)
     optimizer.step()
-    # nu = [min(1, 1) + 1, min(9, 4) + 1, min(9, 9) + 1] = [2, 5, 10]
-    assert state["row"].tolist() == [2.0, 10.0, 7.0]
+    # nu = [min(7, 1) + 1, min(9, 4) + 1, min(9, 9) + 1] = [2, 5, 10]
+    assert state["row"].tolist() == [7.0, 10.0, 7.0]
     assert state["col"].tolist() == [2.0, 5.0, 10.0]
     expected = -0.1 - 0.1 / torch.tensor([2.0, 5.0, 10.0]).sqrt()
     torch.testing.assert_close(layer.values.detach(), expected)

@@ -163,3 +163,13 @@ def test_repeated_point_is_an_error(tmp_path):
     path = write(tmp_path, "grid: {train.lr: [1.0e-4, 0.0001]}\n" + DATASETS)
     with pytest.raises(TunelabError, match="sweep points 0 and 1 are the same configuration"):
         expand(load_spec(path))
+
+
+def test_dataset_files_become_absolute_paths_from_the_working_directory(tmp_path, monkeypatch):
+    """A trial's config is saved under the runs folder and loaded from there: its data paths must not
+    depend on where that config lies."""
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "datasets: [{name: a, train: data/a.jsonl, eval: addition:eval, metric: loss}]\n")
+    (trial,) = expand(load_spec(path))
+    assert trial.config["data"] == {**trial.config["data"], "train": str(tmp_path / "data" / "a.jsonl"),
+                                    "eval": "addition:eval"}  # fmt: skip

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tunelab.errors import TunelabError
+from tunelab.errors import RunInterrupted, TunelabError
 
 app = typer.Typer(
     add_completion=False,
@@ -26,16 +26,29 @@ err_console = Console(stderr=True)
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="run config YAML"),
+    config: Path = typer.Argument(..., help="run config YAML (or a run directory, with --resume)"),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-4 method.r=16"),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in output_dir"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in output_dir"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace the tunelab run in output_dir (never other files)"
+    ),
 ) -> None:
     """Fine-tune a model as CONFIG says."""
     from tunelab.config import load_config
+    from tunelab.rundir import CONFIG_FILE, RunDir
     from tunelab.train import train as run_training
 
+    if config.is_dir():
+        config = config / CONFIG_FILE
     run_config = load_config(config, overrides or [])
+    run = RunDir(config.parent)
+    if (
+        config.name == CONFIG_FILE
+        and run.is_run()
+        and not any(o.startswith("output_dir=") for o in overrides or [])
+    ):
+        # a run's own config trains that folder, wherever it was moved or copied to
+        run_config.output_dir = str(run.path.resolve())
     run_dir = run_training(run_config, resume=resume, overwrite=overwrite)
     err_console.print(f"[green]done[/green]: run directory {run_dir}")
 
@@ -70,8 +83,13 @@ def eval_command(
     from tunelab.data import build_dataset
     from tunelab.evaluate import evaluate, summarize_ranks
     from tunelab.plots import rank_curve
+    from tunelab.rundir import check_writable
     from tunelab.train import load_run
 
+    if json_path:  # before the evaluation, not after it
+        if json_path.is_dir():
+            raise TunelabError(f"--json {json_path} is a directory; name a file, e.g. {json_path}/eval.json")
+        check_writable(json_path.parent)
     config, built = load_run(run_dir)
     variants = built.method.eval_variants(ranks)
     spec = data or config.data.eval
@@ -184,6 +202,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
+    except RunInterrupted as exc:
+        err_console.print(escape(str(exc)), highlight=False, soft_wrap=True)
+        sys.exit(130)
     except TunelabError as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -10,16 +10,32 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tunelab.errors import TunelabError
+from tunelab.tasks import builtin_task_names
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-TargetModules = Literal["all-linear"] | list[str]
+def _split_names(value: Any) -> Any:
+    """`q_proj,v_proj` (as typed on the command line) is the list [q_proj, v_proj]."""
+    if isinstance(value, str) and value != "all-linear":
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
+TargetModules = Annotated[Literal["all-linear"] | list[str], BeforeValidator(_split_names)]
 
 
 class LoraConfig(Section):
@@ -74,8 +90,14 @@ class SpielConfig(Section):
     accumulation_steps: int = Field(5, gt=0)
     initial_reselection_rate: float = Field(0.2, ge=0, le=1)
     reselection_policy: Literal["linear", "cosine"] = "linear"
-    sm3_beta: float = Field(0.0, ge=0, lt=1)  # SM3 momentum (0: none)
-    eps: float = Field(1e-8, gt=0)
+    sm3_beta: float = Field(0.0, ge=0, lt=1)  # SM3 momentum; 0 (none) as the reference, which drops it
+    # SpIEL-AG's AdamW epsilon, added to sqrt(v) before bias correction: 1e-6 as the reference (its
+    # scripts keep SftAdamW's default). It matters: per-weight gradients of a 7B model are 1e-5..1e-4.
+    adam_epsilon: float = Field(1e-6, gt=0)
+    # SpIEL-MA's SM3 epsilon, under the square root, update = g / sqrt(nu + eps): 1e-8 as the
+    # reference. Separate from adam_epsilon because it enters differently (1e-8 under the root is
+    # about 1e-4 next to sqrt(nu)).
+    sm3_eps: float = Field(1e-8, gt=0)
 
     @model_validator(mode="after")
     def _schedule(self) -> SpielConfig:
@@ -96,12 +118,25 @@ METHOD_NAMES = tuple(METHOD_CONFIGS)
 
 class DataConfig(Section):
     train: str = "gsm8k:train"
-    eval: str | None = "gsm8k:eval"
+    # unset: the built-in task's own eval split when train is one (gsm8k:train -> gsm8k:eval), else
+    # no eval set; never another dataset than the user named
+    eval: str | None = None
     format: Literal["auto", "alpaca", "prompt-completion", "messages", "text"] = "auto"
     max_length: int = Field(512, gt=0)
     train_on_prompt: bool = False
     # cap on rows taken from the eval set during training (None: all of it)
     eval_limit: int | None = Field(None, gt=0)
+    # malformed rows (missing fields, unknown roles, ...) are errors naming file:line; true skips
+    # them instead, counted in the data summary line
+    skip_bad_rows: bool = False
+
+    @model_validator(mode="after")
+    def _default_eval(self) -> DataConfig:
+        if self.eval is None and "eval" not in self.model_fields_set:
+            name, _, split = self.train.partition(":")
+            if split == "train" and name in builtin_task_names():
+                self.__dict__["eval"] = f"{name}:eval"  # bypasses re-validation of the assignment
+        return self
 
 
 class TrainConfig(Section):
@@ -125,6 +160,13 @@ class TrainConfig(Section):
     gradient_checkpointing: Literal["auto", True, False] = "auto"
     # the LM head only at labelled positions, a chunk of tokens at a time (see loss.py)
     chunked_loss: bool = True
+
+    @field_validator("max_steps")
+    @classmethod
+    def _some_steps(cls, max_steps: int) -> int:
+        if max_steps == 0:
+            raise ValueError("0 trains nothing; use a positive number, or -1 to let train.epochs decide")
+        return max_steps
 
 
 class RunConfig(Section):
@@ -183,12 +225,24 @@ def _allowed_keys(model: type[BaseModel], data: Any, loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_error(err: dict, data: Any, source: str, key_lines: dict[str, int]) -> str:
+def _format_error(
+    err: dict, data: Any, source: str, key_lines: dict[str, int], overridden: dict[str, str] | None = None
+) -> str:
     loc = tuple(p for p in err["loc"] if p not in METHOD_NAMES or err["loc"][0] != "method")
     key = ".".join(str(p) for p in loc) or "<root>"
     where = source
     line = key_lines.get(key)
-    if line:
+    blamed = next(
+        (
+            item
+            for o, item in (overridden or {}).items()
+            if f"{o}.".startswith(f"{key}.") or key.startswith(f"{o}.")
+        ),
+        None,
+    )
+    if blamed:  # the value came from the command line, not from the file's line
+        where = f"override {blamed}"
+    elif line:
         where = f"{source}:{line}"
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -246,13 +300,28 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text as UTF-8 (a BOM, as Excel writes it, is accepted); invalid bytes are an error
+    naming the line, column and byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise TunelabError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); save the "
+            f"file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}"
+        ) from None
+
+
 def read_yaml(path: str | Path) -> tuple[dict, str]:
     """Read a YAML mapping; returns (data, text). Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise TunelabError(f"config file not found: {path}")
     try:
-        text = path.read_text()
+        text = read_utf8(path)
     except OSError as exc:
         raise TunelabError(f"cannot read {path}: {exc.strerror}") from None
     try:
@@ -269,7 +338,11 @@ def read_yaml(path: str | Path) -> tuple[dict, str]:
     return data, text
 
 
-def validate(data: dict, source: str = "config", text: str = "") -> RunConfig:
+def validate(
+    data: dict, source: str = "config", text: str = "", overridden: dict[str, str] | None = None
+) -> RunConfig:
+    """A RunConfig from nested data; errors name the YAML line of the key in `text`, or the override
+    (`overridden`: dotted key -> `key=value` as given on the command line)."""
     method = data.get("method")
     if isinstance(method, str):  # `method: full` is shorthand for `method: {name: full}`
         data = {**data, "method": {"name": method}}
@@ -277,20 +350,51 @@ def validate(data: dict, source: str = "config", text: str = "") -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         key_lines = _key_lines(text)
-        raise TunelabError(_format_error(exc.errors()[0], data, source, key_lines)) from None
+        raise TunelabError(_format_error(exc.errors()[0], data, source, key_lines, overridden)) from None
+
+
+def _absolute_paths(data: dict, base: Path) -> dict:
+    """Model and data paths relative to `base` (the config file's folder, or the working directory for
+    command-line overrides) made absolute, so a run's saved config works from anywhere. Built-in
+    names and hub ids are left alone."""
+    from tunelab.tasks import parse_builtin
+
+    data = dict(data)
+    model = data.get("model")
+    if isinstance(model, str) and (base / model).expanduser().exists():
+        data["model"] = str((base / model).expanduser().resolve())
+    if isinstance(data.get("data"), dict):
+        section = dict(data["data"])
+        for key in ("train", "eval"):
+            value = section.get(key)
+            if not isinstance(value, str) or not value:
+                continue
+            try:
+                builtin = parse_builtin(value)
+            except TunelabError:
+                builtin = True  # a built-in name with a bad split: data.py says so later
+            if builtin is None:
+                section[key] = str((base / Path(value).expanduser()).resolve())
+        data["data"] = section
+    return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a run config from YAML (or defaults when path is None) and apply dotted overrides."""
+    """Load a run config from YAML (or defaults when path is None) and apply dotted overrides.
+
+    Relative model/data paths in the file are relative to the file's folder; in overrides, to the
+    working directory."""
     data, text, source = {}, "", "overrides"
     if path is not None:
         data, text = read_yaml(path)
+        data = _absolute_paths(data, Path(path).parent)
         source = str(path)
+    overridden: dict[str, str] = {}
     if overrides:
-        data = deep_merge(data, parse_overrides(overrides))
-        if path is not None:
-            source = f"{path} (with overrides)"
-    config = validate(data, source, text)
+        nested = parse_overrides(overrides)
+        data = deep_merge(data, _absolute_paths(nested, Path.cwd()))
+        overridden = {item.split("=", 1)[0]: item for item in overrides}
+    config = validate(data, source, text, overridden)
     if config.name is None and path is not None:
         config.name = Path(path).stem
     return config

@@ -11,13 +11,15 @@ Formats (`data.format`, `auto` detects from the columns):
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
-from tunelab.config import DataConfig
+from tunelab.config import DataConfig, read_utf8
 from tunelab.errors import TunelabError
 from tunelab.tasks import Task, parse_builtin
 
@@ -36,44 +38,66 @@ Row = tuple[str, dict]  # (where it came from: "file:line", the row)
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+class BadRow(TunelabError):
+    """A malformed row; `reason` groups rows in the summary when `data.skip_bad_rows` skips them."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _read_jsonl(path: Path, text: str) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TunelabError(
-                    f"{path}:{number}: invalid JSON ({exc.msg}); each line must be one JSON object"
-                ) from None
-            if not isinstance(row, dict):
-                raise TunelabError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((f"{path}:{number}", row))
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TunelabError(
+                f"{path}:{number}: invalid JSON ({exc.msg}); each line must be one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise TunelabError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((f"{path}:{number}", row))
     return rows
 
 
-def _read_table(path: Path) -> list[Row]:
-    """JSON as a list of objects (or JSON lines); CSV as strings (no type guessing, so ' 5' stays
-    ' 5'); Parquet through `datasets`."""
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return _read_jsonl(path)  # a .json file holding JSON lines
-        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-            data = next(iter(data.values()))  # {"data": [...]}
-        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-            raise TunelabError(f"{path}: expected a JSON list of objects (or one object per line)")
-        return [(f"{path} row {i + 1}", row) for i, row in enumerate(data)]
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            try:
-                return [(f"{path}:{reader.line_num}", row) for row in reader]
-            except csv.Error as exc:
-                raise TunelabError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
+def _read_csv(path: Path, text: str) -> list[Row]:
+    """Strings only (no type guessing, so ' 5' stays ' 5'); the delimiter (, ; tab) is read off the
+    header line, so a semicolon CSV from a European spreadsheet works as is."""
+    header = text.split("\n", 1)[0]
+    delimiter = max(",;\t", key=header.count)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = []
+    try:
+        for row in reader:
+            if None in row or None in row.values():
+                fields = len(row) - (None in row) + len(row.get(None) or [])
+                raise TunelabError(
+                    f"{path}:{reader.line_num}: row has {fields} fields, the header has "
+                    f"{len(reader.fieldnames)}; quote fields that contain '{delimiter}'"
+                )
+            rows.append((f"{path}:{reader.line_num}", row))
+    except csv.Error as exc:
+        raise TunelabError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
+    return rows
+
+
+def _read_json(path: Path, text: str) -> list[Row]:
+    """A JSON list of objects, {"data": [...]}, or JSON lines in a .json file."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path, text)
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise TunelabError(f"{path}: expected a JSON list of objects (or one object per line)")
+    return [(f"{path} row {i + 1}", row) for i, row in enumerate(data)]
+
+
+def _read_parquet(path: Path) -> list[Row]:
     from datasets import load_dataset
 
     try:
@@ -81,6 +105,13 @@ def _read_table(path: Path) -> list[Row]:
     except Exception as exc:  # datasets raises many types for unreadable files
         raise TunelabError(f"{path}: cannot read as parquet: {str(exc).splitlines()[0]}") from None
     return [(f"{path} row {i + 1}", dict(row)) for i, row in enumerate(table)]
+
+
+def _read_file(path: Path) -> list[Row]:
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+    return readers[path.suffix](path, read_utf8(path))
 
 
 def load_rows(spec: str) -> tuple[list[Row], Task | None]:
@@ -101,7 +132,7 @@ def load_rows(spec: str) -> tuple[list[Row], Task | None]:
         raise TunelabError(
             f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}"
         )
-    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_table(path)
+    rows = _read_file(path)
     if not rows:
         raise TunelabError(f"{path}: the dataset has no rows")
     return rows, None
@@ -120,16 +151,31 @@ def detect_format(rows: list[Row], requested: str) -> str:
 
 # -- rendering -------------------------------------------------------------------------------------
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+SKIP_HINT = "; fix the row, or set data.skip_bad_rows=true to skip such rows"
+
+
+def _as_text(where: str, value: object, field: str) -> str:
+    """A text field's value: strings as they are, numbers as written (`output: 42`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if value is None:
+        raise BadRow(f"{where}: field '{field}' is null; give it a text value{SKIP_HINT}", "null field")
+    raise BadRow(
+        f"{where}: field '{field}' must be text, got {type(value).__name__}{SKIP_HINT}", "non-text field"
+    )
+
 
 def _text(where: str, row: dict, field: str, fmt: str) -> str:
-    value = row.get(field)
-    if value is None:
-        raise TunelabError(
+    if field not in row:
+        raise BadRow(
             f"{where}: row has no '{field}' field (format {fmt} needs {', '.join(FORMAT_FIELDS[fmt])})"
+            f"{SKIP_HINT}",
+            "missing field",
         )
-    if not isinstance(value, str):
-        raise TunelabError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
-    return value
+    return _as_text(where, row[field], field)
 
 
 def _alpaca_prompt(instruction: str, context: str) -> str:
@@ -138,57 +184,128 @@ def _alpaca_prompt(instruction: str, context: str) -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def _message_segments(where: str, messages: object, tokenizer) -> list[tuple[str, bool]]:
-    """Render a conversation with the chat template; assistant turns are the responses.
+def _message_content(where: str, turn: int, message: dict) -> str | None:
+    """A message's text: a string, or OpenAI's list of parts (text parts joined). None only for an
+    assistant message that carries tool calls instead."""
+    content = message.get("content")
+    if content is None:
+        if message.get("tool_calls"):
+            return None
+        raise BadRow(f"{where}: message {turn + 1} has no content{SKIP_HINT}", "message without content")
+    if isinstance(content, list):
+        if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+            raise BadRow(
+                f"{where}: message {turn + 1}: only text content parts can be trained (found "
+                f"{sorted({str(p.get('type')) for p in content if isinstance(p, dict)})}){SKIP_HINT}",
+                "non-text content",
+            )
+        return "".join(_as_text(where, part.get("text"), "text") for part in content)
+    return _as_text(where, content, f"messages[{turn}].content")
+
+
+def _clean_messages(where: str, messages: object, tokenizer) -> tuple[list[dict], list[bool]]:
+    """Messages as the chat template takes them, and for each whether it is a trained response
+    (an assistant turn whose OpenAI-style `weight` is not 0)."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise BadRow(
+            f"{where}: 'messages' must be a non-empty list of {{role, content}} objects{SKIP_HINT}",
+            "malformed messages",
+        )
+    cleaned, trained = [], []
+    for turn, message in enumerate(messages):
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise BadRow(
+                f"{where}: message {turn + 1} has role {role!r}; roles are "
+                f"{', '.join(CHAT_ROLES)}{SKIP_HINT}",
+                "unknown role",
+            )
+        weight = message.get("weight", 1)
+        if weight not in (0, 1) or isinstance(weight, bool):
+            raise BadRow(
+                f"{where}: message {turn + 1}: weight must be 0 or 1, got {weight!r}{SKIP_HINT}", "bad weight"
+            )
+        clean = {key: value for key, value in message.items() if key != "weight"}
+        clean["content"] = _message_content(where, turn, message)
+        if clean.get("tool_calls") and "tool_calls" not in (tokenizer.chat_template or ""):
+            raise BadRow(
+                f"{where}: message {turn + 1} has tool_calls, which this model's chat template cannot "
+                f"render; drop the tool turns or use a model whose template supports tools{SKIP_HINT}",
+                "tool calls unsupported",
+            )
+        cleaned.append(clean)
+        trained.append(role == "assistant" and weight == 1)
+    if not any(trained):
+        raise BadRow(
+            f"{where}: the conversation has no assistant turn to train on{SKIP_HINT}", "no assistant turn"
+        )
+    return cleaned, trained
+
+
+def _chat(where: str, tokenizer, messages: list[dict], **options) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except Exception as exc:  # jinja raises TemplateError and friends for what a template refuses
+        raise BadRow(
+            f"{where}: the chat template cannot render this conversation ({str(exc).splitlines()[0]})"
+            f"{SKIP_HINT}",
+            "template error",
+        ) from None
+
+
+def _message_segments(where: str, messages: object, tokenizer) -> tuple[list[tuple[str, bool]], str]:
+    """Render a conversation with the chat template; trained assistant turns are the responses.
+    Returns the segments and the first response's own text (the exact-match reference).
 
     Each assistant turn's text is what the template adds between the generation prompt of the
     turns before it and the conversation including it, so no template-specific markers are needed.
     """
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in messages
-    ):
-        raise TunelabError(f"{where}: 'messages' must be a list of {{role, content}} objects")
     if tokenizer.chat_template is None:
         raise TunelabError(
             f"{where}: format messages needs a tokenizer with a chat template; this one has none"
         )
+    messages, trained = _clean_messages(where, messages, tokenizer)
     segments, rendered = [], ""
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False)
+        prompt = _chat(where, tokenizer, messages[:turn], add_generation_prompt=True)
+        full = _chat(where, tokenizer, messages[: turn + 1])
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise TunelabError(
                 f"{where}: the chat template does not render turns as prefixes; use format text"
             )
-        segments += [(prompt[len(rendered) :], False), (full[len(prompt) :], True)]
+        segments += [(prompt[len(rendered) :], False), (full[len(prompt) :], trained[turn])]
         rendered = full
-    final = tokenizer.apply_chat_template(messages, tokenize=False)
+    final = _chat(where, tokenizer, messages)
     if final[len(rendered) :]:
         segments.append((final[len(rendered) :], False))
-    return segments
+    reference = next(m["content"] or "" for m, t in zip(messages, trained, strict=True) if t)
+    return segments, reference
 
 
-def render(where: str, row: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
-    """A row as (text, is_response) segments, in order."""
+def render(where: str, row: dict, fmt: str, tokenizer) -> tuple[list[tuple[str, bool]], str]:
+    """A row as (text, is_response) segments, in order, and the first response's own text (what
+    exact match compares a generation with: no template markers, no end-of-sequence token)."""
     eos = tokenizer.eos_token or ""
     if fmt == "alpaca":
-        context = row.get("input") or ""
-        prompt = _alpaca_prompt(
-            _text(where, row, "instruction", fmt), context if isinstance(context, str) else ""
-        )
-        return [(prompt, False), (_text(where, row, "output", fmt) + eos, True)]
+        context = _as_text(where, row["input"], "input") if row.get("input") is not None else ""
+        prompt = _alpaca_prompt(_text(where, row, "instruction", fmt), context)
+        output = _text(where, row, "output", fmt)
+        return [(prompt, False), (output + eos, True)], output
     if fmt == "prompt-completion":
-        return [(_text(where, row, "prompt", fmt), False), (_text(where, row, "completion", fmt) + eos, True)]
+        completion = _text(where, row, "completion", fmt)
+        return [(_text(where, row, "prompt", fmt), False), (completion + eos, True)], completion
     if fmt == "messages":
         return _message_segments(where, row.get("messages"), tokenizer)
-    return [(_text(where, row, "text", fmt) + eos, True)]
+    text = _text(where, row, "text", fmt)
+    return [(text + eos, True)], text
 
 
 def tokenize_segments(
     segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool
-) -> dict[str, list[int]]:
+) -> tuple[dict[str, list[int]], bool]:
+    """input_ids and labels (-100 where no loss is taken), cut to max_length; and whether it was cut."""
     input_ids: list[int] = []
     labels: list[int] = []
     for position, (text, is_response) in enumerate(segments):
@@ -196,7 +313,8 @@ def tokenize_segments(
         ids = tokenizer(text, add_special_tokens=position == 0)["input_ids"]
         input_ids += ids
         labels += ids if (is_response or train_on_prompt) else [IGNORE_INDEX] * len(ids)
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+    cut = len(input_ids) > max_length
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}, cut
 
 
 # -- datasets --------------------------------------------------------------------------------------
@@ -206,7 +324,25 @@ def tokenize_segments(
 class Example:
     where: str
     prompt: str  # the text before the first response (what generation starts from)
-    reference: str  # the first response (what exact match compares against)
+    reference: str  # the first response's own text (what exact match compares against)
+
+
+class RowReport:
+    """Rows skipped or shortened while building a dataset, by reason, with the first place of each."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.first.setdefault(reason, where)
+
+    def summary(self, spec: str, total: int, used: int) -> str | None:
+        if not self.counts:
+            return None
+        parts = [f"{count} {reason} (first: {self.first[reason]})" for reason, count in self.counts.items()]
+        return f"data {spec}: {used} of {total} rows used; " + "; ".join(parts)
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -225,29 +361,42 @@ class TokenizedDataset(torch.utils.data.Dataset):
 def build_dataset(
     spec: str, tokenizer, options: DataConfig | None = None, limit: int | None = None
 ) -> TokenizedDataset:
-    """Load, render and tokenize `spec` as `options` (format, max_length, train_on_prompt) say;
-    examples with no response token left after truncation are dropped (an error when none is left)."""
+    """Load, render and tokenize `spec` as `options` say (format, max_length, train_on_prompt,
+    skip_bad_rows). Examples with no response token left after truncation are dropped; every dropped,
+    skipped or truncated row is counted in one summary line on stderr."""
     options = options or DataConfig()
     max_length, train_on_prompt = options.max_length, options.train_on_prompt
     rows, task = load_rows(spec)
     if limit is not None:
         rows = rows[:limit]
     fmt = detect_format(rows, options.format)
-    features, examples = [], []
+    features, examples, report = [], [], RowReport()
     for where, row in rows:
-        segments = render(where, row, fmt, tokenizer)
-        feature = tokenize_segments(segments, tokenizer, max_length, train_on_prompt)
-        if all(label == IGNORE_INDEX for label in feature["labels"]):
+        try:
+            segments, reference = render(where, row, fmt, tokenizer)
+        except BadRow as bad:
+            if not options.skip_bad_rows:
+                raise
+            report.add(f"skipped: {bad.reason}", where)
             continue
+        feature, cut = tokenize_segments(segments, tokenizer, max_length, train_on_prompt)
+        if all(label == IGNORE_INDEX for label in feature["labels"]):
+            report.add(f"dropped: response beyond data.max_length={max_length}", where)
+            continue
+        if cut:
+            report.add(f"truncated to data.max_length={max_length}", where)
         features.append(feature)
         prompt = next((text for text, is_response in segments if not is_response), "")
-        reference = next((text for text, is_response in segments if is_response), "")
-        examples.append(Example(where, prompt, reference.removesuffix(tokenizer.eos_token or "")))
+        examples.append(Example(where, prompt, reference))
     if not features:
         raise TunelabError(
             f"dataset '{spec}': no example keeps a response token within data.max_length="
             f"{max_length}; raise data.max_length"
+            + (f" ({report.summary(spec, len(rows), 0)})" if report.counts else "")
         )
+    summary = report.summary(spec, len(rows), len(features))
+    if summary:
+        Console(stderr=True).print(f"[yellow]{summary}[/yellow]", highlight=False, soft_wrap=True)
     return TokenizedDataset(features, examples, task, fmt)
 
 

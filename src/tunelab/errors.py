@@ -10,3 +10,7 @@ class TunelabError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+
+class RunInterrupted(TunelabError):
+    """Training stopped on Ctrl-C/SIGTERM after saving a resumable checkpoint (exit code 130)."""

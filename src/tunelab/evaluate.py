@@ -91,10 +91,15 @@ def exact_match(
 ) -> float:
     """Share of examples whose generated answer equals the reference answer (by the task's rule;
     for user data: the first line of the completion)."""
-    extract = dataset.task.extract_answer if dataset.task else first_line
     max_new_tokens = dataset.task.max_new_tokens if dataset.task else 64
     prompts = [example.prompt for example in dataset.examples]
     generated = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    return score_exact_match(dataset, generated)
+
+
+def score_exact_match(dataset: TokenizedDataset, generated: list[str]) -> float:
+    """Share of `generated` texts (one per example) whose answer equals the example's reference."""
+    extract = dataset.task.extract_answer if dataset.task else first_line
     hits = 0
     for example, text in zip(dataset.examples, generated, strict=True):
         expected = extract(example.reference)

@@ -6,13 +6,17 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.quant import dequantize_model
-from tunelab.train import atomic_directory, load_run
+from tunelab.rundir import atomic_directory, check_writable
+from tunelab.train import load_run
 
 
 def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None) -> Path:
     """Write `fmt` for the run in `run_dir` into `out` (atomically; an existing `out` is refused)."""
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"export target {out} is a file; --out names a directory to create")
     if out.exists() and any(out.iterdir()):
         raise TunelabError(f"export target {out} exists and is not empty; choose another --out or remove it")
+    check_writable(out.parent)
     config, built = load_run(run_dir)
     formats = built.method.export_formats()
     if fmt not in formats:

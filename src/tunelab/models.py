@@ -100,7 +100,7 @@ def load_tokenizer(path: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise TunelabError(f"cannot load tokenizer from '{path}': {str(exc).splitlines()[0]}") from None
     fix_tokenizer(tokenizer)
     return tokenizer
@@ -124,6 +124,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, **kwargs):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except OSError as exc:
-        raise TunelabError(f"cannot load model from '{path}': {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a truncated or corrupt checkpoint raises safetensors', torch's or OS errors
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TunelabError(
+            f"cannot load model from '{path}': {reason}; if it is a folder, its weight files may be "
+            "incomplete or corrupt: copy or save them again"
+        ) from None
     return model

@@ -13,7 +13,8 @@ from tunelab.config import load_config
 from tunelab.data import build_dataset
 from tunelab.evaluate import evaluate, loss_and_perplexity, summarize_ranks
 from tunelab.plots import loss_curve, rank_curve
-from tunelab.train import METRICS_FILE, build, load_run, train
+from tunelab.rundir import METRICS_FILE
+from tunelab.train import build, load_run, train
 
 DEFAULT_CONFIG = Path(__file__).with_name("quickstart.yaml")
 DEFAULT_EVAL_EXAMPLES = 16  # one generation batch
@@ -105,7 +106,7 @@ def run_quickstart(
     )
     console.print(
         f"next: tunelab eval {run_dir} --ranks all | "
-        f"tunelab export {run_dir} --rank 8 --format peft --out {run_dir}/peft-r8"
+        f"tunelab export {run_dir} --rank 8 --format peft --out {run_dir}-peft-r8"
     )
     console.print(f"total time {time.perf_counter() - started:.0f} s")
     return run_dir

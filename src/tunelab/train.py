@@ -9,9 +9,10 @@ import json
 import math
 import os
 import resource
-import shutil
+import signal
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,18 +34,23 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from tunelab.config import RunConfig, dump_config
 from tunelab.data import TokenizedDataset, build_dataset, collator
-from tunelab.errors import TunelabError
+from tunelab.errors import RunInterrupted, TunelabError
 from tunelab.loss import causal_lm_loss, supports_head_loss
 from tunelab.methods import Method, create_method
 from tunelab.models import compute_dtype, load_model, load_tokenizer, resolve_model
 from tunelab.quant import guard_cpu_repack, nf4_config, release_loading_memory
+from tunelab.rundir import (
+    COMPLETE_MARKER,
+    CONFIG_FILE,
+    RunDir,
+    atomic_directory,
+    checkpoint_step,
+    write_atomically,
+)
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-FINAL_DIR = "final"
-CHECKPOINTS_DIR = "checkpoints"
-COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint directory
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
+# config keys that may differ when a run is resumed: where its folder lives and what it is called
+RELOCATABLE_KEYS = ("output_dir", "name")
 
 
 @dataclass
@@ -57,15 +63,16 @@ class Built:
     model_path: str
 
 
-def build(config: RunConfig) -> Built:
-    """Resolve and load the base model (quantized when asked), attach the method."""
+def build(config: RunConfig, tokenizer: Any = None) -> Built:
+    """Resolve and load the base model (quantized when asked), attach the method; `tokenizer` is the
+    model's, when the caller loaded it already."""
     if config.quantization == "nf4" and config.method.name == "full":
         raise TunelabError(
             "quantization: nf4 cannot be combined with method full (4-bit weights do not train); "
             "use lora, dylora or spiel on a 4-bit base, or quantization: none"
         )
     model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = tokenizer or load_tokenizer(model_path)
     dtype = compute_dtype(config.train.precision)
     if config.quantization == "nf4":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,6 +83,12 @@ def build(config: RunConfig) -> Built:
         model._hf_peft_config_loaded = True
     else:
         model = load_model(model_path, dtype)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and config.data.max_length > positions:
+        raise TunelabError(
+            f"data.max_length={config.data.max_length} is beyond the model's {positions} positions "
+            f"(max_position_embeddings); set data.max_length={positions} or less"
+        )
     method = create_method(config.method, seed=config.train.seed)
     set_seed(config.train.seed)  # the method's initial weights (LoRA's A, SpIEL's indices) are seeded
     method.attach(model)
@@ -87,27 +100,6 @@ def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-@contextmanager
-def atomic_directory(target: Path):
-    """Yield a temporary sibling of `target`; on success it replaces `target` in one rename, so a
-    crash never leaves a half-written directory under the final name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class MetricsWriter:
@@ -224,6 +216,10 @@ class Reporter(TrainerCallback):
             )
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Stop the progress display (also when training ends by an exception: no frozen bar)."""
         if self.progress is not None:
             self.progress.stop()
 
@@ -242,6 +238,44 @@ class NonFiniteLossGuard(TrainerCallback):
             control.should_training_stop = True
             control.should_save = False
             control.should_evaluate = False
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C / SIGTERM: finish the current optimizer step, save a resumable checkpoint, stop.
+
+    A second signal stops at once (nothing more is saved; resume starts from the last checkpoint)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped_at: int | None = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print(
+            "[yellow]stopping after this step (saving a checkpoint); press Ctrl-C again to abort[/yellow]"
+        )
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # only there can Python handle signals
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
 
 
 def _describe(event: dict[str, Any]) -> str:
@@ -303,7 +337,7 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
         "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     )
     return TrainingArguments(
-        output_dir=str(run_dir / CHECKPOINTS_DIR),
+        output_dir=str(RunDir(run_dir).checkpoints_dir),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -335,74 +369,68 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
     )
 
 
-def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless asked to; resume only with the run's own config."""
-    if resume:
-        if not (run_dir / CONFIG_FILE).is_file():
-            raise TunelabError(
-                f"--resume: {run_dir} holds no run to resume (no {CONFIG_FILE}); drop --resume"
-            )
-        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-        current = config.model_dump(mode="json")
-        changed = [key for key in current if current[key] != saved.get(key)]
-        if changed:
-            raise TunelabError(
-                f"--resume: '{changed[0]}' differs from {run_dir / CONFIG_FILE}; resume with the run's own "
-                f"config: tunelab train {run_dir / CONFIG_FILE} --resume"
-            )
-        return
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+def _check_resumable(config: RunConfig, run: RunDir) -> None:
+    """Resume only a run that exists, with the run's own config (wherever the folder now lives)."""
+    if not run.config_file.is_file():
+        raise TunelabError(f"--resume: {run} holds no run to resume (no {CONFIG_FILE}); drop --resume")
+    saved = yaml.safe_load(run.config_file.read_text()) or {}
+    current = config.model_dump(mode="json")
+    # where the run lives and what it is called may change when its folder is moved
+    changed = [key for key in current if key not in RELOCATABLE_KEYS and current[key] != saved.get(key)]
+    if changed:
         raise TunelabError(
-            f"output directory {run_dir} already holds a run; use --resume to continue it, "
-            "--overwrite to replace it, or set output_dir=... to another directory"
+            f"--resume: '{changed[0]}' differs from {run.config_file}; resume with the run's own "
+            f"config: tunelab train {run.config_file} --resume"
         )
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that was written completely (a kill mid-save leaves no marker)."""
-    complete = [
-        p for p in (run_dir / CHECKPOINTS_DIR).glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()
-    ]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop the lines of steps after the checkpoint: they are about to be redone."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    # step lines, eval lines and method events carry a step; the final summary does not
-    kept = [line for line in lines if json.loads(line).get("step", math.inf) <= last_step]
-    write_atomically(path, "".join(line + "\n" for line in kept))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _is_main_process() -> bool:
+    """Before the Trainer starts, the launcher's environment says which process this is."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train `config` end to end; returns the run directory."""
-    run_dir = config.resolved_output_dir()
-    prepare_run_dir(config, run_dir, resume, overwrite)
-    built = build(config)
-    train_set = build_dataset(config.data.train, built.tokenizer, config.data)
+    """Train `config` end to end; returns the run directory.
+
+    The run folder is locked for the whole training (main process), so a second `tunelab train` into
+    it fails at once; a finished run resumed is left as it is."""
+    run = RunDir(config.resolved_output_dir())
+    if resume:
+        _check_resumable(config, run)
+        if run.is_finished():
+            console.print(
+                f"{run} is finished ({run.final_dir} exists); nothing to resume, nothing changed. "
+                "To train longer, start a new run with a higher train.max_steps or train.epochs."
+            )
+            return run.path
+    lock = run.lock() if _is_main_process() else nullcontext()
+    with lock:
+        if not resume:
+            run.check_can_start(overwrite)
+        return _train_locked(config, run, resume, overwrite)
+
+
+def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool) -> Path:
+    # the data first: a bad row is found in seconds, not after the model has loaded
+    tokenizer = load_tokenizer(resolve_model(config.model))
+    train_set = build_dataset(config.data.train, tokenizer, config.data)
     eval_set: TokenizedDataset | None = None
     if config.data.eval and config.train.eval_steps:
-        eval_set = build_dataset(config.data.eval, built.tokenizer, config.data, limit=config.data.eval_limit)
+        eval_set = build_dataset(config.data.eval, tokenizer, config.data, limit=config.data.eval_limit)
+    built = build(config, tokenizer)
 
     # Creating the arguments joins the other processes of a distributed run, each of which has
     # already checked the run directory above; only the main process writes to it, from here on.
-    args = training_arguments(config, run_dir, eval_set is not None)
+    args = training_arguments(config, run.path, eval_set is not None)
     with args.main_process_first(desc="run directory"):
         if args.should_save:
-            if overwrite and not resume and run_dir.exists():
-                shutil.rmtree(run_dir)  # only now: everything above validated and loaded
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(run_dir / CONFIG_FILE, dump_config(config))
-    metrics = MetricsWriter(run_dir / METRICS_FILE)
+            if overwrite and not resume:
+                run.clear()  # only now: everything above validated and loaded
+            write_atomically(run.config_file, dump_config(config))
+    metrics = MetricsWriter(run.metrics_file)
     guard = NonFiniteLossGuard()
+    stop_request = StopOnSignal()
+    reporter = Reporter(built.method, metrics, config.train.log_steps)
     optimizer = built.method.create_optimizer(built.model, config.train.lr, config.train.weight_decay)
     trainer = TunelabTrainer(
         model=built.model,
@@ -411,38 +439,46 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> P
         eval_dataset=eval_set,
         data_collator=collator(built.tokenizer),
         optimizers=(optimizer, None),
-        callbacks=[Reporter(built.method, metrics, config.train.log_steps), guard],
+        callbacks=[reporter, guard, stop_request],
         method=built.method,
         chunked_loss=config.train.chunked_loss,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         console.print(
-            f"[yellow]--resume: no complete checkpoint in {run_dir / CHECKPOINTS_DIR}; starting over[/yellow]"
+            f"[yellow]--resume: no complete checkpoint in {run.checkpoints_dir}; starting over[/yellow]"
         )
     if resume and args.should_save:
-        truncate_metrics(run_dir / METRICS_FILE, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
+        run.truncate_metrics(checkpoint_step(checkpoint) if checkpoint else 0)
     console.print(
-        f"training [bold]{config.method.name}[/bold] on {config.model} "
-        f"({len(train_set)} examples) -> {run_dir}"
+        f"training [bold]{config.method.name}[/bold] on {config.model} ({len(train_set)} examples) -> {run}"
     )
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with stop_request.installed():
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            reporter.close()
     if guard.bad or trainer.nonfinite_step:
         what = f"the loss became {guard.bad[1]}" if guard.bad else "the weights became inf/NaN"
         step = guard.bad[0] if guard.bad else trainer.nonfinite_step
         raise TunelabError(
             f"training stopped: {what} at step {step}; nothing after the last good checkpoint "
-            f"({latest_checkpoint(run_dir) or 'none saved'}) was kept; lower train.lr, set "
+            f"({run.latest_checkpoint() or 'none saved'}) was kept; lower train.lr, set "
             "train.max_grad_norm, or check the data"
+        )
+    if stop_request.stopped_at is not None:
+        raise RunInterrupted(
+            f"interrupted at step {stop_request.stopped_at}; resume with: "
+            f"tunelab train {run.config_file} --resume"
         )
     if args.world_size > 1:
         check_replicas(built.method.trained_state(built.model))
     if args.should_save:
-        with atomic_directory(run_dir / FINAL_DIR) as tmp:
+        with atomic_directory(run.final_dir) as tmp:
             built.method.save(built.model, tmp)
-    return run_dir
+    return run.path
 
 
 def check_replicas(tensors: dict[str, torch.Tensor]) -> None:
@@ -464,16 +500,14 @@ def check_replicas(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, Built]:
-    """The config and trained model of a finished run."""
+    """The config and trained model of a finished run (the folder it is in now, wherever it moved)."""
     from tunelab.config import read_yaml, validate
 
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise TunelabError(f"{run_dir} is not a tunelab run directory (no {CONFIG_FILE})")
-    if not (run_dir / FINAL_DIR).is_dir():
-        raise TunelabError(f"{run_dir} has no finished model ({FINAL_DIR}/); did the training finish?")
-    data, text = read_yaml(run_dir / CONFIG_FILE)
-    config = validate(data, str(run_dir / CONFIG_FILE), text)
+    run = RunDir(run_dir)
+    run.require_finished()
+    data, text = read_yaml(run.config_file)
+    config = validate(data, str(run.config_file), text)
     built = build(config)
-    built.method.load(built.model, run_dir / FINAL_DIR)
+    built.method.load(built.model, run.final_dir)
     built.model.eval()
     return config, built

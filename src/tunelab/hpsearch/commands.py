@@ -1,11 +1,16 @@
 """The `tunelab sweep` and `tunelab recommend` commands (registered in tunelab.cli).
 
-Nothing here imports torch: trials train in their own processes, and `recommend` only reads results.
+Trials train in their own processes and `recommend` only reads results, so neither imports torch for
+itself (sweep's data check reads the supported file types from tunelab.data, which does).
+
+Both check every input and output path before doing any work: a bad one ends the command with one
+line and nothing written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,9 +26,9 @@ from rich.table import Table
 from tunelab.config import dump_config, validate
 from tunelab.errors import TunelabError
 from tunelab.hpsearch.cbs import cbs_rank, orient, top_k_curve
-from tunelab.hpsearch.executors import TrialResult, record, run_local, run_ray
+from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
-from tunelab.hpsearch.spec import Trial, _nest, expand, load_spec
+from tunelab.hpsearch.spec import SweepSpec, Trial, _nest, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
 from tunelab.hpsearch.trial import TRIAL_METRICS
 
@@ -35,7 +40,85 @@ _PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval")
 
 
 # ---------------------------------------------------------------------------------------------
+# output paths, checked before any work
+
+
+def _check_writable(path: Path, option: str, *, folder: bool) -> None:
+    """Fail now when `path` (a file, or a folder when `folder`) cannot be written later.
+
+    Missing parent folders are fine (the writer creates them) as long as the nearest existing one is a
+    writable folder.
+    """
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if existing == path and folder and not path.is_dir():
+        raise TunelabError(f"{option} {path} is a file, not a folder; give a folder (created if missing)")
+    if existing == path and not folder and path.is_dir():
+        raise TunelabError(f"{option} {path} is a folder; give a file path")
+    if existing != path and not existing.is_dir():
+        raise TunelabError(f"{option} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise TunelabError(f"{option} {path}: no permission to write in {existing}; choose another path")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `path`, creating its folder (checked by _check_writable before any work)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    err_console.print(f"wrote {path}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
 # sweep
+
+
+class LazyStore:
+    """The sweep's results database, created only when the first trial result arrives, so a sweep that
+    stops before any trial finished (Ray unreachable, Ctrl-C) leaves no empty database behind.
+    An existing database is opened (and checked to be tunelab's) at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.store = ResultsStore(path) if path.is_file() else None
+
+    def finished(self, trial: Trial) -> bool:
+        return self.store is not None and self.store.finished(trial.config_id, trial.dataset)
+
+    def record(self, trial: Trial, result: TrialResult) -> None:
+        if self.store is None:
+            self.store = ResultsStore(self.path)
+        record(self.store, trial, result)
+
+    def __enter__(self) -> LazyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def _work_dir(db: Path) -> Path:
+    """Where the trials' runs go: next to the database."""
+    return db.parent / f"{db.stem}-runs"
+
+
+def _check_sweep(spec: SweepSpec, spec_path: Path, executor: str, address: str | None, db: Path) -> None:
+    """Everything a sweep needs, checked before it writes anything or starts a trial."""
+    for dataset in spec.datasets:
+        if dataset.metric not in TRIAL_METRICS:
+            raise TunelabError(
+                f"{spec_path}: dataset '{dataset.name}' has metric {dataset.metric}, which sweep trials "
+                f"do not compute; use one of: {', '.join(TRIAL_METRICS)}"
+            )
+    if executor == "local" and address:
+        raise TunelabError("--address is for --executor ray; drop it or add --executor ray")
+    if executor == "ray":
+        check_ray()
+    _check_writable(db, "--db", folder=False)
+    if _work_dir(db).exists() and not _work_dir(db).is_dir():  # its parent is db's: writable, as checked
+        raise TunelabError(
+            f"--db {db}: the trials' runs folder {_work_dir(db)} is a file; move it or choose another --db"
+        )
+    check_datasets(spec)
 
 
 class SweepProgress:
@@ -114,18 +197,11 @@ def sweep(
     """
     spec = load_spec(spec_path)
     trials = expand(spec)
-    for dataset in spec.datasets:
-        if dataset.metric not in TRIAL_METRICS:
-            raise TunelabError(
-                f"{spec_path}: dataset '{dataset.name}' has metric {dataset.metric}, which sweep trials "
-                f"do not compute; use one of: {', '.join(TRIAL_METRICS)}"
-            )
-    if executor == "local" and address:
-        raise TunelabError("--address is for --executor ray; drop it or add --executor ray")
     db = db or spec_path.with_suffix(".sqlite")
-    work_dir = db.parent / f"{db.stem}-runs"
-    with ResultsStore(db) as store:
-        pending = [trial for trial in trials if not store.finished(trial.config_id, trial.dataset)]
+    work_dir = _work_dir(db)
+    _check_sweep(spec, spec_path, executor, address, db)
+    with LazyStore(db) as store:
+        pending = [trial for trial in trials if not store.finished(trial)]
         err_console.print(
             f"sweep {spec_path}: {len(trials)} trials, {len(trials) - len(pending)} already done, "
             f"{len(pending)} to run -> {db} (runs in {work_dir})",
@@ -134,7 +210,7 @@ def sweep(
         with SweepProgress(len(trials), len(trials) - len(pending), len(pending)) as progress:
 
             def on_result(trial: Trial, result: TrialResult) -> None:
-                record(store, trial, result)
+                store.record(trial, result)
                 progress.update(trial, result)
 
             if executor == "local":
@@ -199,16 +275,16 @@ def _recommend_published(model: str, method: str, json_path: Path | None, write_
         highlight=False,
     )
     console.print(f"source: {configs[0]['source']}", highlight=False)
-    if json_path:
-        json_path.write_text(json.dumps({"published": configs}, indent=2))
-        err_console.print(f"wrote {json_path}")
+    files = {}  # validated before anything is written
     if write_config:
-        write_config.mkdir(parents=True, exist_ok=True)
         for rank, config in enumerate(configs, start=1):
-            train_config = {"model": HUB_IDS[config["model"]], **to_train_config(config)}
             path = write_config / f"{config['model']}-{config['method']}-{rank}.yaml"
-            path.write_text(_train_config(train_config, str(path), config["source"]))
-            err_console.print(f"wrote {path}")
+            train_config = {"model": HUB_IDS[config["model"]], **to_train_config(config)}
+            files[path] = _train_config(train_config, str(path), config["source"])
+    if json_path:
+        _write_text(json_path, json.dumps({"published": configs}, indent=2))
+    for path, text in files.items():
+        _write_text(path, text)
 
 
 def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, title: str) -> Table:
@@ -262,11 +338,16 @@ def _recommend_cbs(
         for rank, entry in enumerate(ranked, start=1)
     ]
 
+    # every config is validated before anything is written: a bad one leaves no partial output
+    files = _cbs_config_files(ranking[:top], source, write_config) if write_config else {}
+
     from tunelab.plots import coverage_curve  # matplotlib: only when there is a curve to draw
 
+    plot_dir = out or source.parent
+    plot_dir.mkdir(parents=True, exist_ok=True)
     plot = coverage_curve(
         curve.tolist(),
-        (out or source.parent) / f"{source.stem}-coverage.png",
+        plot_dir / f"{source.stem}-coverage.png",
         title=f"{source.name}: top-K coverage (tau={tau})",
     )
     shape = f"{len(matrix.config_ids)} configs x {len(matrix.datasets)} datasets"
@@ -284,17 +365,34 @@ def _recommend_cbs(
     console.print(f"coverage curve: {plot}", highlight=False)
     if json_path:
         result = {"tau": tau, "datasets": matrix.datasets, "ranking": ranking, "top_k_curve": curve.tolist()}
-        json_path.write_text(json.dumps(result, indent=2))
-        err_console.print(f"wrote {json_path}")
-    if write_config:
-        write_config.mkdir(parents=True, exist_ok=True)
-        for entry in ranking[:top]:
-            path = write_config / f"cbs-{entry['rank']}-{entry['config']}.yaml"
-            covers = ", ".join(entry["covers"]) or "nothing new"
-            comment = f"CBS rank {entry['rank']} of {source.name} (covers {covers})"
-            where = f"{source}: config {entry['config']} (hyperparameters must be config keys, e.g. train.lr)"
-            path.write_text(_train_config(_nest(entry["hyperparameters"]), where, comment))
-            err_console.print(f"wrote {path}")
+        _write_text(json_path, json.dumps(result, indent=2))
+    for path, text in files.items():
+        _write_text(path, text)
+
+
+def _cbs_config_files(ranking: list[dict[str, Any]], source: Path, folder: Path) -> dict[Path, str]:
+    """The train YAML of each ranked config, by the path it goes to."""
+    files = {}
+    for entry in ranking:
+        path = folder / f"cbs-{entry['rank']}-{entry['config']}.yaml"
+        covers = ", ".join(entry["covers"]) or "nothing new"
+        comment = f"CBS rank {entry['rank']} of {source.name} (covers {covers})"
+        where = f"{source}: config {entry['config']} (hyperparameters must be config keys, e.g. train.lr)"
+        files[path] = _train_config(_nest(entry["hyperparameters"]), where, comment)
+    return files
+
+
+_INPUT_HINTS = {
+    "--db": "pass the .sqlite file that `tunelab sweep` writes (SPEC.sqlite by default)",
+    "--results": "pass a .csv or .parquet table with columns config, dataset, score",
+}
+
+
+def _check_input(path: Path, option: str) -> None:
+    if not path.exists():
+        raise TunelabError(f"{option}: file not found: {path}; {_INPUT_HINTS[option]}")
+    if not path.is_file():
+        raise TunelabError(f"{option} {path} is a folder, not a file; {_INPUT_HINTS[option]}")
 
 
 def recommend(
@@ -330,6 +428,10 @@ def recommend(
             "give one of: --model M --method M (published configs), --db RESULTS.sqlite, --results TABLE.csv"
             + (f"; got {' and '.join(sources)}" if sources else "")
         )
+    if json_path:
+        _check_writable(json_path, "--json", folder=False)
+    if write_config:
+        _check_writable(write_config, "--write-config", folder=True)
     if model or method:
         if not (model and method):
             raise TunelabError(
@@ -338,10 +440,12 @@ def recommend(
         _recommend_published(model, method, json_path, write_config)
         return
     source = db or results
-    if not source.is_file():
-        raise TunelabError(f"{sources[0]}: file not found: {source}")
+    _check_input(source, sources[0])
+    _check_writable(
+        out or source.parent, "--out" if out else "--out (default: the input's folder)", folder=True
+    )
     if db:
-        with ResultsStore(db) as store:
+        with ResultsStore(db, read_only=True) as store:
             matrix = store.score_matrix()
         if not matrix.config_ids:
             raise TunelabError(f"{db} holds no trials yet; run `tunelab sweep` first")

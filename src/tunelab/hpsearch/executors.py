@@ -17,6 +17,7 @@ train config, `tunelab train` can run it again), <config_id>.log (its output), <
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -139,6 +140,28 @@ def run_local(trials: list[Trial], work_dir: Path, on_result: OnResult, max_para
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def check_ray() -> None:
+    """Fail before the sweep writes anything when Ray is not installed."""
+    if importlib.util.find_spec("ray") is None:
+        raise TunelabError(
+            "--executor ray needs Ray, which is not installed: pip install 'tunelab[ray]' "
+            "(or run the trials here with --executor local)"
+        )
+
+
+def _start_ray(address: str | None) -> None:
+    import ray
+
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as exc:  # Ray's errors for an address it cannot use
+        where = f" at {address}" if address else " locally"
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TunelabError(
+            f"--executor ray: cannot start or reach Ray{where} ({message}); check --address"
+        ) from None
+
+
 def run_ray(
     trials: list[Trial],
     work_dir: Path,
@@ -149,11 +172,9 @@ def run_ray(
     gpus_per_trial: float = 0,
 ) -> None:
     """Run `trials` as Ray Tune trials; `on_result` runs in this process as each one completes."""
-    try:
-        import ray
-        from ray import tune
-    except ImportError:
-        raise TunelabError("--executor ray needs Ray: pip install 'tunelab[ray]'") from None
+    check_ray()
+    import ray
+    from ray import tune
 
     # Ray runs each trial function in a directory of its own: paths must not depend on it
     work_dir, cwd = work_dir.resolve(), os.getcwd()
@@ -184,7 +205,7 @@ def run_ray(
             error = TrialResult(error=f"Ray trial failed: {trial.get_error()}")
             self.on_result(self.trials[trial.config["index"]], error)
 
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    _start_ray(address)
     try:
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),

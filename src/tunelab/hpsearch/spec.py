@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from tunelab.config import deep_merge, read_yaml, validate
 from tunelab.errors import TunelabError
+from tunelab.tasks import builtin_tasks, parse_builtin
 
 # metric name -> higher is better; what a trial's evaluation reports as its score (DatasetSpec.metric lists
 # the same names)
@@ -163,6 +164,17 @@ def config_id(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
+def _trial_data(value: str) -> str:
+    """A dataset file as an absolute path, read from the sweep's working directory: each trial's config is
+    saved under the runs folder and loaded from there, where a relative path would name another file.
+    Built-in names (also with a bad split, which check_datasets reports) stay as they are."""
+    try:
+        builtin = parse_builtin(value) is not None
+    except TunelabError:
+        builtin = True
+    return value if builtin else str(Path(value).expanduser().absolute())
+
+
 def expand(spec: SweepSpec) -> list[Trial]:
     """All trials, point by point (datasets inner), each config validated as a RunConfig.
 
@@ -188,9 +200,47 @@ def expand(spec: SweepSpec) -> list[Trial]:
             config = deep_merge(
                 resolved,
                 {
-                    "data": {"train": dataset.train, "eval": dataset.eval},
+                    "data": {"train": _trial_data(dataset.train), "eval": _trial_data(dataset.eval)},
                     "name": f"{dataset.name}-{point_id}",
                 },
             )
             trials.append(Trial(point_id, dataset.name, dataset.metric, config))
     return trials
+
+
+def _dataset_problem(value: str, suffixes: tuple[str, ...], spec_dir: Path) -> str | None:
+    """Why `value` names no dataset that `tunelab.data.load_rows` can read (None when it does)."""
+    try:
+        if parse_builtin(value) is not None:
+            return None
+    except TunelabError as exc:  # a built-in task with an unknown split
+        return str(exc)
+    path = Path(value).expanduser()
+    if not path.is_file():
+        names = ", ".join(f"{name}:train" for name in builtin_tasks())
+        problem = f"'{value}' is neither a file nor a built-in ({names}, or :eval)"
+        if not path.is_absolute() and (spec_dir / path).is_file():
+            # trials read data from the sweep's working directory, unlike `base`
+            problem += (
+                f"; data paths are relative to the working directory, not the spec: use {spec_dir / path}"
+            )
+        return problem
+    if path.suffix not in suffixes:
+        return f"unsupported file type '{path.suffix}' of {value}; use one of {', '.join(suffixes)}"
+    return None
+
+
+def check_datasets(spec: SweepSpec) -> None:
+    """Fail before any trial starts when a dataset of the spec cannot be found: every trial on it would fail.
+
+    Only existence and file type (as `tunelab.data.load_rows` checks them): rows are each trial's
+    to read, as its config (format, data options) says.
+    """
+    from tunelab.data import FILE_SUFFIXES  # imports torch: sweep only, recommend stays light
+
+    spec_dir = Path(spec._source).parent
+    for dataset in spec.datasets:
+        for split in ("train", "eval"):
+            problem = _dataset_problem(getattr(dataset, split), FILE_SUFFIXES, spec_dir)
+            if problem:
+                raise TunelabError(f"{spec._source}: dataset '{dataset.name}' {split}: {problem}")

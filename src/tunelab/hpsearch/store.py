@@ -6,9 +6,12 @@ Both give a `ScoreMatrix`, the input of `tunelab.hpsearch.cbs` (orient it there 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -73,15 +76,56 @@ def _matrix(rows: list[dict[str, Any]], directions: dict[str, bool], configs: di
 
 
 class ResultsStore:
-    """Trial results in SQLite. Each `record` is one transaction, so a crash never leaves half a trial."""
+    """Trial results in SQLite. Each `record` is one transaction, so a crash never leaves half a trial.
 
-    def __init__(self, path: str | Path):
+    An existing file is checked to be a tunelab results database before anything is written to it;
+    `read_only` opens only an existing one and never writes (recommend reads a sweep's results).
+    """
+
+    def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path)
-        self._conn.execute("PRAGMA journal_mode=WAL")  # readers (recommend) do not block the sweep writing
-        with self._conn:
-            self._conn.execute(_SCHEMA)
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # mode=rw never creates the file: reading a missing database must not leave an empty one
+        uri = f"{self.path.resolve().as_uri()}?mode={'rw' if read_only else 'rwc'}"
+        with self._sqlite_errors():
+            self._conn = sqlite3.connect(uri, uri=True)
+        try:
+            with self._sqlite_errors():
+                if read_only or not new:  # never add tables to (or change the mode of) another file
+                    self._check_schema()
+                if not read_only:
+                    self._conn.execute("PRAGMA journal_mode=WAL")  # recommend reads while a sweep writes
+                    with self._conn:
+                        self._conn.execute(_SCHEMA)
+        except TunelabError:
+            self._conn.close()
+            raise
+
+    def _not_ours(self, reason: str) -> TunelabError:
+        return TunelabError(
+            f"{self.path} is not a tunelab results database ({reason}); pass the .sqlite file that "
+            "`tunelab sweep` writes (SPEC.sqlite by default), or a CSV/parquet table as --results"
+        )
+
+    @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        """SQLite's errors as one-line TunelabErrors naming the file."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:  # locked, unreadable, no space: the file may be fine
+            raise TunelabError(f"{self.path}: cannot use the results database: {exc}") from None
+        except sqlite3.DatabaseError as exc:  # not SQLite at all, or truncated / corrupt
+            raise self._not_ours(f"SQLite: {exc}") from None
+
+    def _check_schema(self) -> None:
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(trials)")}
+        if not columns:
+            raise self._not_ours("it has no 'trials' table")
+        missing = [column for column in _COLUMNS if column not in columns]
+        if missing:
+            raise self._not_ours(f"its 'trials' table lacks {', '.join(missing)}")
 
     def close(self) -> None:
         self._conn.close()
@@ -121,7 +165,8 @@ class ResultsStore:
         )  # fmt: skip
         key = ("config_id", "dataset")
         updates = ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS if column not in key)
-        with self._conn:  # upsert keeps the row's position, so matrix order stays the sweep's order
+        # upsert keeps the row's position, so matrix order stays the sweep's order
+        with self._sqlite_errors(), self._conn:
             self._conn.execute(
                 f"INSERT INTO trials ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
                 f"ON CONFLICT (config_id, dataset) DO UPDATE SET {updates}",
@@ -130,18 +175,20 @@ class ResultsStore:
 
     def finished(self, config_id: str, dataset: str) -> bool:
         """True when this trial completed with a score (failed trials are run again)."""
-        found = self._conn.execute(
-            "SELECT 1 FROM trials WHERE config_id = ? AND dataset = ? AND status = 'done'",
-            (config_id, dataset),
-        ).fetchone()
+        with self._sqlite_errors():
+            found = self._conn.execute(
+                "SELECT 1 FROM trials WHERE config_id = ? AND dataset = ? AND status = 'done'",
+                (config_id, dataset),
+            ).fetchone()
         return found is not None
 
     def rows(self) -> list[dict[str, Any]]:
         """Every trial as a dict of its columns (config_json parsed into `config`), in insertion order."""
-        cursor = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM trials ORDER BY rowid")
+        with self._sqlite_errors():  # a truncated file can pass the schema check and fail here
+            values = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM trials ORDER BY rowid").fetchall()
         rows = []
-        for values in cursor:
-            row = dict(zip(_COLUMNS, values, strict=True))
+        for row_values in values:
+            row = dict(zip(_COLUMNS, row_values, strict=True))
             row["config"] = json.loads(row.pop("config_json"))
             rows.append(row)
         return rows
@@ -183,20 +230,68 @@ def _cell(text: str) -> Any:
     return text
 
 
+def _utf8_text(path: Path) -> str:
+    """The file as text; a UTF-8 BOM (as Excel writes it) is dropped, other encodings are an error."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise TunelabError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the table as UTF-8 "
+            "(e.g. 'CSV UTF-8' in Excel)"
+        ) from None
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    reader = csv.DictReader(io.StringIO(_utf8_text(path), newline=""))
+    rows = []
+    try:
+        for row in reader:
+            if None in row:  # DictReader files surplus cells under the key None
+                raise TunelabError(
+                    f"{path}:{reader.line_num}: more cells than the header's {len(reader.fieldnames)} "
+                    "columns; quote values that contain a comma"
+                )
+            rows.append({key: _cell(value or "") for key, value in row.items()})
+    except csv.Error as exc:
+        raise TunelabError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise TunelabError(
+            f"{path}: reading parquet needs pyarrow: pip install pyarrow (or use CSV)"
+        ) from None
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TunelabError(
+            f"{path}: cannot read as parquet ({first_line}); check the file or use CSV"
+        ) from None
+
+
 def _read_table(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with open(path, newline="") as handle:
-            return [{key: _cell(value or "") for key, value in row.items()} for row in csv.DictReader(handle)]
+        return _read_csv(path)
     if suffix == ".parquet":
-        try:
-            import pyarrow.parquet
-        except ImportError:
-            raise TunelabError(
-                f"{path}: reading parquet needs pyarrow: pip install pyarrow (or use CSV)"
-            ) from None
-        return pyarrow.parquet.read_table(path).to_pylist()
+        return _read_parquet(path)
     raise TunelabError(f"{path}: unknown results table format '{suffix}'; use .csv or .parquet")
+
+
+def _separator_hint(columns: list[str]) -> str:
+    """A hint when the header is one column holding every name: the file is not comma-separated."""
+    if len(columns) == 1:
+        for separator in ";\t|":
+            if separator in columns[0]:
+                return f" (the header looks separated by {separator!r}: save the table comma-separated)"
+    return ""
 
 
 def _is_missing(value: Any) -> bool:
@@ -218,10 +313,15 @@ def load_results_table(path: str | Path) -> ScoreMatrix:
         raise TunelabError(f"{path}: the results table has no rows")
     absent = [column for column in _REQUIRED if column not in table[0]]
     if absent:
-        raise TunelabError(f"{path}: missing column(s) {', '.join(absent)}; need config, dataset, score")
+        raise TunelabError(
+            f"{path}: missing column(s) {', '.join(absent)}; need config, dataset, score"
+            + _separator_hint(list(table[0]))
+        )
     rows, directions, configs, seen = [], {}, {}, set()
     for line, record in enumerate(table, start=2):  # line numbers as in the CSV, after the header
         where = f"{path} (row {line})"
+        if _is_missing(record["config"]) or _is_missing(record["dataset"]):
+            raise TunelabError(f"{where}: empty config or dataset cell; every row names both")
         config, dataset = str(record["config"]), str(record["dataset"])
         if (config, dataset) in seen:
             raise TunelabError(

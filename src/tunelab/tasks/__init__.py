@@ -42,6 +42,10 @@ def builtin_tasks() -> dict[str, Task]:
     return _registry()
 
 
+def builtin_task_names() -> tuple[str, ...]:
+    return tuple(_registry())
+
+
 def parse_builtin(spec: str) -> tuple[Task, str] | None:
     """'gsm8k:train' -> (task, 'train'); None when `spec` does not name a built-in task."""
     name, sep, split = spec.partition(":")

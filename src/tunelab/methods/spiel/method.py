@@ -102,10 +102,13 @@ class SpielMethod(Method):
         layers = list(self.layers.values())
         if self.config.regrowth == "ag":
             return SparseAdamW(
-                [layer.values for layer in layers], lr=lr, eps=self.config.eps, weight_decay=weight_decay
+                [layer.values for layer in layers],
+                lr=lr,
+                eps=self.config.adam_epsilon,
+                weight_decay=weight_decay,
             )
         return SparseSM3(
-            layers, lr=lr, beta=self.config.sm3_beta, eps=self.config.eps, weight_decay=weight_decay
+            layers, lr=lr, beta=self.config.sm3_beta, eps=self.config.sm3_eps, weight_decay=weight_decay
         )
 
     # -- schedule ----------------------------------------------------------------------------------------

@@ -57,7 +57,18 @@ class SlotOptimizer(torch.optim.Optimizer):
 class SparseAdamW(SlotOptimizer):
     """AdamW in which every element has its own age (number of gradients its moments hold), so a
     regrown slot seeded with `age` steps of statistics is bias-corrected as an `age`-step-old moment.
-    Decoupled weight decay pulls the deltas toward 0, i.e. toward the pretrained weights."""
+
+    As the SpIEL reference (`SftAdamW`): eps is added to sqrt(v) before the bias correction,
+    update = (m / bc1) / ((sqrt(v) + eps) / sqrt(bc2)) with bc_i = 1 - beta_i^age, and the decoupled
+    weight decay comes after the update, p <- (p - lr * update) * (1 - lr * weight_decay), pulling the
+    deltas toward 0, i.e. toward the pretrained weights.
+
+    Deliberately unlike the reference: the age counts the current gradient, so a slot seeded with `a`
+    steps of statistics is corrected with age a + 1 at its first step, when its moments hold a + 1
+    gradients (the reference uses a, which over-weights that gradient: with a constant gradient and
+    a = 1 its step is 1.34 lr instead of lr); and the age advances whatever the moments' dtype (the
+    reference's advances only with fp32 moments).
+    """
 
     slot_keys = ("age", "exp_avg", "exp_avg_sq")
 
@@ -66,7 +77,7 @@ class SparseAdamW(SlotOptimizer):
         params: Iterable[nn.Parameter],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        eps: float = 1e-6,
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
@@ -90,9 +101,10 @@ class SparseAdamW(SlotOptimizer):
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - torch.pow(beta1, age)
         bias_correction2 = 1 - torch.pow(beta2, age)
-        denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
-        param.mul_(1 - lr * weight_decay)
+        denom = (exp_avg_sq.sqrt() + eps) / bias_correction2.sqrt()
         param.sub_((lr * (exp_avg / bias_correction1) / denom).to(param.dtype))
+        if weight_decay:
+            param.mul_(1 - lr * weight_decay)
 
 
 def adamw_seed_state(
@@ -117,10 +129,13 @@ def adamw_seed_state(
 class SparseSM3(SlotOptimizer):
     """SM3 over sparse deltas (SpIEL-MA): one accumulator per row and per column of each matrix.
 
-    For each active (r, c): nu = min(row[r], col[c]) + g^2; row[r] <- max of nu over the row's active
-    entries (rows without one keep their value), likewise col[c]; update = g / sqrt(nu + eps).
-    With beta > 0 the update is a momentum average, u <- beta * u + (1 - beta) * update (one value
-    per slot). Persistent state: O(m + n) per matrix, plus O(k) with momentum.
+    For each active (r, c): nu = min(row[r], col[c]) + g^2; row[r] <- max(row[r], max of nu over the
+    row's active entries), likewise col[c], so an accumulator never decreases, also across
+    reselections (as the reference's scatter_reduce amax with include_self=True); update =
+    g / sqrt(nu + eps). With beta > 0 the update is a momentum average, u <- beta * u + (1 - beta) *
+    update (one value per slot; the reference ignores its beta). Decoupled weight decay after the
+    update, p <- (p - lr * u) * (1 - lr * weight_decay), as the reference. Persistent state: O(m + n)
+    per matrix, plus O(k) with momentum.
 
     `layers` are objects with `values` (the parameter), `indices` and `weight_shape`; the indices are
     read at every step, so they may change between steps.
@@ -159,11 +174,12 @@ class SparseSM3(SlotOptimizer):
         cols = (layer.indices % layer.weight_shape[1]).long()
         grad = param.grad.float()
         nu = torch.minimum(state["row"][rows], state["col"][cols]).addcmul_(grad, grad)
-        state["row"].scatter_reduce_(0, rows, nu, "amax", include_self=False)
-        state["col"].scatter_reduce_(0, cols, nu, "amax", include_self=False)
+        state["row"].scatter_reduce_(0, rows, nu, "amax", include_self=True)
+        state["col"].scatter_reduce_(0, cols, nu, "amax", include_self=True)
         direction = grad / (nu + eps).sqrt_()
         if beta > 0:
             momentum = state.setdefault("momentum", torch.zeros_like(direction))
             direction = momentum.mul_(beta).add_(direction, alpha=1 - beta)
-        param.mul_(1 - lr * weight_decay)
         param.sub_((lr * direction).to(param.dtype))
+        if weight_decay:
+            param.mul_(1 - lr * weight_decay)

@@ -1,0 +1,221 @@
+"""The run folder: its layout, how a run is recognised, the lock held while training, crash-safe writes.
+
+A run folder is self-contained: everything tunelab needs to resume, evaluate or export a run is in
+it, wherever it was moved. tunelab only ever deletes what it wrote itself (`RUN_ENTRIES`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from tunelab.errors import TunelabError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint directory
+LOCK_FILE = ".tunelab.lock"
+# what training and `tunelab eval`/quickstart write into a run folder: all that --overwrite may remove
+RUN_ENTRIES = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    FINAL_DIR,
+    CHECKPOINTS_DIR,
+    LOCK_FILE,
+    "rank_curve.png",
+    "loss_curve.png",
+)
+
+
+def _is_temporary(name: str) -> bool:
+    """Leftovers of an interrupted atomic write: `.final.tmp-123`, `.metrics.jsonl.tmp-123`, ..."""
+    return name.startswith(".") and any(f".{kind}-" in name for kind in ("tmp", "old"))
+
+
+class RunDir:
+    """One run folder and the names of everything in it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config_file = self.path / CONFIG_FILE
+        self.metrics_file = self.path / METRICS_FILE
+        self.final_dir = self.path / FINAL_DIR
+        self.checkpoints_dir = self.path / CHECKPOINTS_DIR
+        self.lock_file = self.path / LOCK_FILE
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- what is there ---------------------------------------------------------------------------
+    def is_run(self) -> bool:
+        """A tunelab run: its config plus at least one other thing training writes."""
+        return self.config_file.is_file() and any(
+            (self.path / name).exists() for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR, LOCK_FILE)
+        )
+
+    def is_finished(self) -> bool:
+        return self.final_dir.is_dir()
+
+    def entries(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+
+    def foreign_entries(self) -> list[str]:
+        """What tunelab did not write (exports, notes, a user's own files)."""
+        return [name for name in self.entries() if name not in RUN_ENTRIES and not _is_temporary(name)]
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint written completely (a kill mid-save leaves no marker)."""
+        complete = [p for p in self.checkpoints_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+        return max(complete, key=checkpoint_step, default=None)
+
+    def require_finished(self) -> None:
+        """For eval and export: a finished run, or a clear error."""
+        if not self.config_file.is_file():
+            raise TunelabError(f"{self.path} is not a tunelab run directory (no {CONFIG_FILE})")
+        if not self.is_finished():
+            raise TunelabError(
+                f"{self.path} has no finished model ({FINAL_DIR}/); did the training finish? "
+                f"resume it with: tunelab train {self.config_file} --resume"
+            )
+
+    # -- changing it -------------------------------------------------------------------------------
+    def check_can_start(self, overwrite: bool) -> None:
+        """A new run may start here: the folder is empty, or holds a tunelab run and --overwrite was given."""
+        found = [name for name in self.entries() if name != LOCK_FILE]
+        if not found:
+            return
+        if not self.is_run():
+            raise TunelabError(
+                f"output directory {self.path} is not empty and is not a tunelab run (it holds "
+                f"{_listing(found)}); set output_dir=... to a new or empty directory"
+            )
+        foreign = self.foreign_entries()
+        if foreign:
+            raise TunelabError(
+                f"output directory {self.path} holds a run and files tunelab did not write "
+                f"({_listing(foreign)}); move them out first, or set output_dir=... to another directory"
+            )
+        if not overwrite:
+            raise TunelabError(
+                f"output directory {self.path} already holds a run; use --resume to continue it, "
+                "--overwrite to replace it, or set output_dir=... to another directory"
+            )
+
+    def clear(self) -> None:
+        """Remove a run's own files (--overwrite), keeping the lock held by this process."""
+        for name in self.entries():
+            if name == LOCK_FILE or (name not in RUN_ENTRIES and not _is_temporary(name)):
+                continue
+            entry = self.path / name
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """On resume, drop the lines of steps after the checkpoint: they are about to be redone."""
+        if not self.metrics_file.is_file():
+            return
+        lines = [line for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        # step lines, eval lines and method events carry a step; the final summary does not
+        kept = [line for line in lines if json.loads(line).get("step", math.inf) <= last_step]
+        write_atomically(self.metrics_file, "".join(line + "\n" for line in kept))
+
+    @contextmanager
+    def lock(self):
+        """Hold an exclusive lock on the run for the whole block; a second tunelab process training into
+        the same folder gets a clear error. Creating the folder here also finds an unwritable output
+        before any model is loaded. If no run was written, the lock file (and a folder this call created)
+        is removed again."""
+        created = not self.path.exists()
+        created_lock = not self.lock_file.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.lock_file, "a+")  # noqa: SIM115 (held open for the whole block)
+        except OSError as exc:
+            raise TunelabError(
+                f"cannot write to output directory {self.path}: {exc.strerror or exc}; "
+                "choose a writable output_dir=..."
+            ) from None
+        try:
+            _acquire(handle, self.path)
+            yield self
+        finally:
+            handle.close()
+            # nothing of ours stays in a folder that did not become a run (a failed start, a user's folder)
+            if created_lock and not self.config_file.exists():
+                self.lock_file.unlink(missing_ok=True)
+            if created and not self.entries():
+                self.path.rmdir()
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and make sure a file can be written there, before any long work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise TunelabError(f"cannot write to {folder}: {exc.strerror or exc}; choose another path") from None
+
+
+def _acquire(handle: IO[str], path: Path) -> None:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise TunelabError(
+            f"output directory {path} is in use by another tunelab process (pid {holder}); wait for it "
+            "to finish or set output_dir=... to another directory"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+
+
+def _listing(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_directory(target: Path):
+    """Yield a temporary sibling of `target`; on success it replaces `target` in one rename, so a
+    crash never leaves a half-written directory under the final name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,193 @@
+"""Nothing silent: every data format scores a perfect answer as exact, malformed rows are errors naming
+file:line (or skipped and counted), truncation is reported, and files as people save them are read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli, tiny_config
+from tunelab.config import DataConfig, load_config, validate
+from tunelab.data import IGNORE_INDEX, build_dataset
+from tunelab.errors import TunelabError
+from tunelab.evaluate import score_exact_match
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from tunelab.models import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)
+
+
+def _jsonl(tmp_path, rows, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _response_ids(feature) -> list[int]:
+    pairs = zip(feature["input_ids"], feature["labels"], strict=True)
+    return [token for token, label in pairs if label != IGNORE_INDEX]
+
+
+FORMATS = {
+    "alpaca": [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+        {"instruction": "Add.", "input": 123, "output": 42},  # numbers are text as written
+    ],
+    "prompt-completion": [{"prompt": "2+3=", "completion": " 5\nbecause 2+3 is 5"}],
+    "messages": [
+        {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": "Hello there", "weight": 0},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "4"}]},
+            ]
+        },
+    ],
+    "text": [{"text": "The answer is 5."}],
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_the_training_responses_themselves_score_exact_match_one(tmp_path, tokenizer, fmt):
+    dataset = build_dataset(str(_jsonl(tmp_path, FORMATS[fmt])), tokenizer, DataConfig(max_length=256))
+    # decoded as generation decodes them
+    responses = [tokenizer.decode(_response_ids(f), skip_special_tokens=True) for f in dataset.features]
+    assert score_exact_match(dataset, responses) == 1.0
+    assert score_exact_match(dataset, ["something else"] * len(responses)) == 0.0
+
+
+def test_messages_weight_zero_turns_are_not_trained_and_parts_are_joined(tmp_path, tokenizer):
+    dataset = build_dataset(str(_jsonl(tmp_path, FORMATS["messages"][1:])), tokenizer)
+    feature = dataset.features[0]
+    trained = tokenizer.decode(_response_ids(feature))
+    assert trained == "4<|im_end|>\n" and "Hello there" in tokenizer.decode(feature["input_ids"])
+    assert dataset.examples[0].reference == "4"
+
+
+def test_numbers_are_kept_in_the_prompt(tmp_path, tokenizer):
+    dataset = build_dataset(str(_jsonl(tmp_path, FORMATS["alpaca"][1:])), tokenizer)
+    assert "### Input:\n123" in dataset.examples[0].prompt and dataset.examples[0].reference == "42"
+
+
+BAD_ROWS = [
+    ({"instruction": "x", "output": None}, "field 'output' is null", "null field"),
+    ({"instruction": "x", "output": ["a"]}, "must be text, got list", "non-text field"),
+    ({"prompt": "x"}, "no 'completion' field", "missing field"),
+    (
+        {"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        "has role 'human'",
+        "unknown role",
+    ),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn", "no assistant turn"),
+    (
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "weight": 2}]},
+        "weight must be 0 or 1",
+        "bad weight",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [{"type": "function"}]},
+            ]
+        },
+        "chat template cannot render",
+        "tool calls unsupported",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        "only text content parts",
+        "non-text content",
+    ),
+]
+
+
+@pytest.mark.parametrize(("row", "message", "reason"), BAD_ROWS)
+def test_a_malformed_row_is_an_error_naming_file_and_line_or_is_skipped_and_counted(
+    tmp_path, tokenizer, capsys, row, message, reason
+):
+    good = {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]}
+    if "messages" not in row:
+        good = FORMATS["alpaca"][0] if "instruction" in row else FORMATS["prompt-completion"][0]
+    path = _jsonl(tmp_path, [good, row, row])
+    with pytest.raises(TunelabError, match=rf"{path}:2: .*{message}.*data.skip_bad_rows=true"):
+        build_dataset(str(path), tokenizer)
+    dataset = build_dataset(str(path), tokenizer, DataConfig(skip_bad_rows=True))
+    assert len(dataset) == 1
+    summary = capsys.readouterr().err.replace("\n", "")
+    assert f"1 of 3 rows used; 2 skipped: {reason} (first: {path}:2)" in summary
+
+
+def test_truncated_and_dropped_rows_are_counted(tmp_path, tokenizer, capsys):
+    long_prompt = {"prompt": "word " * 80, "completion": " 5"}  # the response lies beyond max_length
+    long_answer = {"prompt": "2+3=", "completion": " five" * 80}  # kept, cut short
+    path = _jsonl(tmp_path, [FORMATS["prompt-completion"][0], long_prompt, long_answer, long_prompt])
+    dataset = build_dataset(str(path), tokenizer, DataConfig(max_length=32))
+    assert len(dataset) == 2
+    summary = capsys.readouterr().err.replace("\n", "")
+    assert "2 of 4 rows used" in summary
+    assert f"2 dropped: response beyond data.max_length=32 (first: {path}:2)" in summary
+    assert f"1 truncated to data.max_length=32 (first: {path}:3)" in summary
+
+
+def test_files_as_people_save_them(tmp_path, tokenizer):
+    bom = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
+    bom.write_bytes("\ufeffprompt,completion\n2+3=, 5\n".encode())
+    assert build_dataset(str(bom), tokenizer).examples[0].reference == " 5"
+    semicolons = tmp_path / "european.csv"
+    semicolons.write_text('instruction;input;output\n"Add; then stop";2,5;7,5\n')
+    example = build_dataset(str(semicolons), tokenizer).examples[0]
+    assert "Add; then stop" in example.prompt and "2,5" in example.prompt and example.reference == "7,5"
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("prompt,completion\n1+1=,2\n1+2=,3,extra\n")
+    with pytest.raises(TunelabError, match=rf"{ragged}:3: row has 3 fields, the header has 2"):
+        build_dataset(str(ragged), tokenizer)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".json"])
+def test_invalid_utf8_names_file_line_and_byte(tmp_path, capsys, tiny_model_dir, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    header = {".jsonl": b"", ".csv": b"prompt,completion\n", ".json": b"[\n"}[suffix]
+    path.write_bytes(header + b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata: {{train: {path.name}}}\n")
+    code, err = run_cli(capsys, "train", str(config), f"output_dir={tmp_path / 'out'}")
+    line = 2 if suffix in (".csv", ".json") else 1
+    assert_one_line_error(code, err, f"{path}:{line}: not valid UTF-8 (byte 0xe9 at column ", "iconv")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_set_is_what_the_user_named(tmp_path):
+    assert DataConfig().eval == "gsm8k:eval"
+    assert DataConfig(train="addition:train").eval == "addition:eval"
+    assert DataConfig(train="mine.jsonl").eval is None  # never another task than the user's
+    assert DataConfig(train="gsm8k:train", eval=None).eval is None
+    assert load_config(None, ["data.train=mine.jsonl"]).data.eval is None
+
+
+def test_config_mistakes_get_clear_errors(tmp_path, capsys, tiny_model_dir, qa_jsonl):
+    config = load_config(None, ["method.name=lora", "method.target_modules=q_proj, v_proj"])
+    assert config.method.target_modules == ["q_proj", "v_proj"]
+    path = tmp_path / "run.yaml"
+    path.write_text("method:\n  name: lora\n  r: 8\n")
+    with pytest.raises(TunelabError, match=r"^override method.r=0: 'method.r'"):  # not the file's line 3
+        load_config(path, ["method.r=0"])
+    with pytest.raises(TunelabError, match="'train.max_steps': 0 trains nothing"):
+        load_config(None, ["train.max_steps=0"])
+    too_long = tiny_config(tiny_model_dir, qa_jsonl, tmp_path / "x", **{"data.max_length": 4096})
+    path.write_text(json.dumps(too_long.model_dump(mode="json")))
+    code, err = run_cli(capsys, "train", str(path))
+    assert_one_line_error(code, err, "data.max_length=4096 is beyond the model's 512 positions")
+    assert validate({"train": {"max_steps": -1}}).train.max_steps == -1

@@ -1,0 +1,161 @@
+"""Nothing lost: --overwrite only replaces a tunelab run, runs are self-contained and locked, a finished run
+resumed is left alone, Ctrl-C saves a resumable checkpoint, unwritable outputs fail before any work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_one_line_error, run_cli, tiny_config, tree_digest
+from tunelab.config import dump_config
+from tunelab.rundir import RunDir
+from tunelab.train import train
+
+
+def _config_file(tmp_path, model_dir, data, out, **overrides):
+    config = tiny_config(model_dir, data, out, **overrides)
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(dump_config(config))
+    return path, config
+
+
+@pytest.fixture()
+def finished_run(tmp_path, tiny_model_dir, qa_jsonl):
+    path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "runs" / "done")
+    return path, train(config)
+
+
+def test_overwrite_never_deletes_what_tunelab_did_not_write(tmp_path, capsys, tiny_model_dir, qa_jsonl):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    path, _ = _config_file(tmp_path, tiny_model_dir, qa_jsonl, mine)
+    before = tree_digest(mine)
+    code, err = run_cli(capsys, "train", str(path), "--overwrite")
+    assert_one_line_error(code, err, "is not a tunelab run", "notes.txt")
+    assert "--overwrite" not in err  # the fix for a non-run folder is another folder, not a flag
+    assert tree_digest(mine) == before
+
+
+def test_overwrite_replaces_a_run_but_not_files_added_to_it(capsys, finished_run):
+    path, run_dir = finished_run
+    (run_dir / "my-export").mkdir()
+    code, err = run_cli(capsys, "train", str(path), "--overwrite")
+    assert_one_line_error(code, err, "files tunelab did not write", "my-export")
+    shutil.rmtree(run_dir / "my-export")
+    (run_dir / "metrics.jsonl").write_text('{"step": 999, "loss": 1.0}\n')  # to see it replaced
+    code, err = run_cli(capsys, "train", str(path), "--overwrite")
+    assert code == 0, err
+    assert '"step": 999' not in (run_dir / "metrics.jsonl").read_text()
+
+
+def test_resuming_a_finished_run_changes_nothing(capsys, finished_run):
+    path, run_dir = finished_run
+    before = tree_digest(run_dir)
+    code, err = run_cli(capsys, "train", str(run_dir), "--resume")  # a run folder is accepted too
+    assert code == 0 and "is finished" in err and "nothing changed" in err
+    code, err = run_cli(capsys, "train", str(path), "--resume")
+    assert code == 0 and "is finished" in err
+    assert tree_digest(run_dir) == before
+
+
+def test_a_second_training_into_a_locked_run_fails(tmp_path, capsys, tiny_model_dir, qa_jsonl):
+    out = tmp_path / "busy"
+    path, _ = _config_file(tmp_path, tiny_model_dir, qa_jsonl, out)
+    with RunDir(out).lock():  # what a first `tunelab train` holds for its whole run
+        code, err = run_cli(capsys, "train", str(path))
+    assert_one_line_error(code, err, "in use by another tunelab process", f"pid {os.getpid()}")
+    assert RunDir(out).entries() == [], "the folder the lock created is removed with it"
+
+
+def test_unwritable_outputs_fail_before_any_work(tmp_path, capsys, tiny_model_dir, qa_jsonl, finished_run):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    path, _ = _config_file(tmp_path, tiny_model_dir, qa_jsonl, blocker / "run")
+    code, err = run_cli(capsys, "train", str(path))
+    assert_one_line_error(code, err, "cannot write to output directory")
+    _, run_dir = finished_run
+    code, err = run_cli(capsys, "eval", str(run_dir), "--json", str(blocker / "eval.json"))
+    assert_one_line_error(code, err, "cannot write to")
+    code, err = run_cli(capsys, "export", str(run_dir), "--format", "peft", "--out", str(blocker))
+    assert_one_line_error(code, err, "is a file")
+    code, err = run_cli(capsys, "eval", str(run_dir), "--json", str(tmp_path / "new" / "eval.json"))
+    assert code == 0 and (tmp_path / "new" / "eval.json").is_file(), err
+
+
+def test_a_moved_run_is_self_contained(tmp_path, capsys, monkeypatch, tiny_model_dir, qa_jsonl):
+    """Relative paths resolve against the config's folder and are saved absolute; eval and export of
+    a moved run work from any working directory and act on the folder they are given."""
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, project / "model")
+    shutil.copy(qa_jsonl, project / "qa.jsonl")
+    (project / "run.yaml").write_text(
+        "model: model\nmethod: {name: lora, r: 4}\ndata: {train: qa.jsonl, eval: qa.jsonl, max_length: 64}\n"
+        f"train: {{max_steps: 4, batch_size: 8}}\noutput_dir: {tmp_path / 'runs' / 'a'}\n"
+    )
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    code, err = run_cli(capsys, "train", "project/run.yaml")
+    assert code == 0, err
+    saved = (tmp_path / "runs" / "a" / "config.yaml").read_text()
+    assert f"model: {project / 'model'}" in saved and f"train: {project / 'qa.jsonl'}" in saved
+    shutil.move(tmp_path / "runs" / "a", tmp_path / "elsewhere")
+    monkeypatch.chdir(project)
+    code, err = run_cli(capsys, "eval", str(tmp_path / "elsewhere"), "--json", "e.json")
+    assert code == 0, err
+    code, err = run_cli(capsys, "export", str(tmp_path / "elsewhere"), "--format", "peft", "--out", "adapter")
+    assert code == 0 and (project / "adapter" / "adapter_config.json").is_file(), err
+
+
+def test_sigint_saves_a_checkpoint_and_a_moved_copy_resumes_to_the_same_weights(
+    tmp_path, tiny_model_dir, qa_jsonl, capsys
+):
+    steps = 60
+    settings = {"train.max_steps": steps, "method.dropout": 0.1, "train.lr": 1e-2}
+    _, straight = _config_file(tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "straight", **settings)
+    reference = load_file(train(straight) / "final" / "trained.safetensors")
+
+    path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "stopped", **settings)
+    run = RunDir(config.resolved_output_dir())
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # a new session: SIGINT reaches Python even where the test runner's job control ignores it
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "train", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if run.metrics_file.is_file() and run.metrics_file.read_text().count('"loss"') >= 3:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and last.endswith(
+        f"resume with: tunelab train {run.config_file} --resume"
+    )
+    stopped_at = int(last.split()[3].rstrip(";"))
+    assert 3 <= stopped_at < steps and not run.final_dir.exists()
+    assert run.latest_checkpoint().name == f"checkpoint-{stopped_at}"
+
+    copy = RunDir(tmp_path / "copy")
+    shutil.copytree(run.path, copy.path)
+    original = tree_digest(run.path)
+    code, err = run_cli(capsys, "train", str(copy.config_file), "--resume")
+    assert code == 0, err
+    assert tree_digest(run.path) == original, "resuming the copy must not touch the original"
+    got = load_file(copy.final_dir / "trained.safetensors")
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)

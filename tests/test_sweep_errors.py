@@ -1,0 +1,224 @@
+"""Bad input to `tunelab sweep` / `tunelab recommend`: one line `error: ...` on stderr, exit code 2, no
+traceback, and nothing on disk created or changed (the folder hashes the same before and after)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab.cli import main
+from tunelab.hpsearch.store import ResultsStore
+
+GRID_CSV = "config,dataset,score,train.lr\nc1,a,0.9,1e-4\nc2,a,0.5,5e-4\n"
+
+
+def _digest(path: Path) -> str:
+    return "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file and folder under `folder` with its sha256: what a failed command must not change."""
+    return {str(path.relative_to(folder)): _digest(path) for path in sorted(folder.rglob("*"))}
+
+
+def _run_cli(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
+    """`tunelab ARGS` in this process, as the console script runs it: (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["tunelab", *args])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    return exit.value.code or 0, capsys.readouterr().err
+
+
+def _error_line(monkeypatch, capsys, folder: Path, args: list[str]) -> str:
+    """Run a command that must fail; check the README's promise and return its one error line."""
+    before = _tree(folder)
+    code, stderr = _run_cli(monkeypatch, capsys, args)
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert _tree(folder) == before, "the failed command changed files on disk"
+    return lines[0]
+
+
+def _tunelab_db(path: Path, trials: int = 1) -> Path:
+    with ResultsStore(path) as store:
+        for i in range(trials):
+            store.record(f"c{i}", {"train": {"lr": 1e-4}, "padding": "x" * 500}, "add", "loss", 1.0)
+    return path
+
+
+def _not_sqlite(path: Path) -> Path:
+    path.write_text("config,dataset,score\n")
+    return path
+
+
+def _truncated(path: Path) -> Path:
+    data = _tunelab_db(path.with_name("whole.sqlite"), trials=200).read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _other_sqlite(path: Path) -> Path:
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (text TEXT)")
+    conn.close()
+    return path
+
+
+def _empty(path: Path) -> Path:
+    path.touch()
+    return path
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_not_sqlite, "is not a tunelab results database (SQLite: file is not a database)"),
+        (_truncated, "is not a tunelab results database (SQLite: database disk image is malformed)"),
+        (_other_sqlite, "is not a tunelab results database (it has no 'trials' table)"),
+        (_empty, "is not a tunelab results database (it has no 'trials' table)"),
+        (Path, "--db: file not found"),  # missing: and no empty database may be created
+        (_folder, "is a folder, not a file"),
+    ],
+)
+def test_recommend_db_that_is_no_results_database(tmp_path, monkeypatch, capsys, make, message):
+    db = make(tmp_path / "results.sqlite")
+    line = _error_line(monkeypatch, capsys, tmp_path, ["recommend", "--db", str(db)])
+    assert message in line and str(db) in line
+    assert "`tunelab sweep` writes" in line  # what to pass instead
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("latin1.csv", b"config,dataset,score\nc1,caf\xe9,0.9\n", "latin1.csv:2: not UTF-8 text (byte 0xe9)"),
+        ("cells.csv", b"config,dataset,score\nc1,a,0.9,7\n", "cells.csv:2: more cells than the header's 3"),
+        ("semicolon.csv", b"config;dataset;score\nc1;a;0.9\n", "looks separated by ';'"),
+        ("blank.csv", b"config,dataset,score\n,a,0.9\n", "blank.csv (row 2): empty config or dataset"),
+        ("broken.parquet", b"PAR1 not parquet", "broken.parquet: cannot read as parquet"),
+    ],
+)
+def test_recommend_unreadable_results_table(tmp_path, monkeypatch, capsys, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    line = _error_line(monkeypatch, capsys, tmp_path, ["recommend", "--results", str(tmp_path / name)])
+    assert message in line
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--json", "{file}/ranking.json"], "--json {file}/ranking.json: {file} is a file, not a folder"),
+        (["--json", "{tmp}"], "--json {tmp} is a folder; give a file path"),
+        (["--write-config", "{file}"], "--write-config {file} is a file, not a folder"),
+        (["--out", "{file}/plots"], "--out {file}/plots: {file} is a file, not a folder"),
+        # a config that is no train config is found before the plot, JSON or any YAML is written
+        (
+            ["--results", "{extra}", "--json", "{tmp}/r.json", "--write-config", "{tmp}/cfg"],
+            "unknown key 'notes'",
+        ),
+    ],
+)
+def test_recommend_outputs_checked_before_any_work(tmp_path, monkeypatch, capsys, options, message):
+    (tmp_path / "grid.csv").write_text(GRID_CSV)
+    (tmp_path / "extra.csv").write_text("config,dataset,score,notes\nc1,a,0.9,fine\n")
+    (tmp_path / "file").write_text("not a folder")
+    paths = {"tmp": tmp_path, "file": tmp_path / "file", "extra": tmp_path / "extra.csv"}
+    source = [] if "--results" in options else ["--results", str(tmp_path / "grid.csv")]
+    args = ["recommend", *source, *(option.format(**paths) for option in options)]
+    assert message.format(**paths) in _error_line(monkeypatch, capsys, tmp_path, args)
+
+
+def test_recommend_creates_missing_output_folders(tmp_path, monkeypatch, capsys):
+    (tmp_path / "grid.csv").write_text(GRID_CSV)
+    new = tmp_path / "new" / "deeper"
+    args = ["--json", str(new / "r.json"), "--write-config", str(new / "cfg"), "--out", str(new / "plots")]
+    code, stderr = _run_cli(
+        monkeypatch, capsys, ["recommend", "--results", str(tmp_path / "grid.csv"), *args]
+    )
+    assert code == 0, stderr
+    assert (new / "r.json").is_file() and (new / "plots" / "grid-coverage.png").is_file()
+    assert sorted(path.name for path in (new / "cfg").iterdir()) == ["cbs-1-c1.yaml", "cbs-2-c2.yaml"]
+
+
+def _without_ray(monkeypatch) -> None:
+    """Ray as if not installed (it is in the dev environment)."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a)
+    )
+
+
+@pytest.mark.parametrize(
+    ("train", "options", "message"),
+    [
+        (
+            "{tmp}/missing.jsonl",
+            [],
+            "{spec}: dataset 'add' train: '{tmp}/missing.jsonl' is neither a file nor a built-in",
+        ),
+        ("{tmp}/rows.txt", [], "{spec}: dataset 'add' train: unsupported file type '.txt'"),
+        ("addition:test", [], "{spec}: dataset 'add' train: dataset 'addition:test': unknown split 'test'"),
+        ("addition:train", ["--executor", "ray"], "pip install 'tunelab[ray]'"),
+        ("addition:train", ["--db", "{tmp}/other.sqlite"], "other.sqlite is not a tunelab results database"),
+        ("addition:train", ["--db", "{tmp}/rows.txt/r.sqlite"], "rows.txt is a file, not a folder"),
+        ("addition:train", ["--db", "{tmp}/taken.sqlite"], "runs folder {tmp}/taken-runs is a file"),
+    ],
+)
+def test_sweep_fails_before_writing_anything(tmp_path, monkeypatch, capsys, train, options, message):
+    from tunelab.hpsearch import commands
+
+    def no_trials(*args, **kwargs):  # a check that let the sweep through fails fast, without training
+        raise AssertionError("the sweep started its trials")
+
+    monkeypatch.setattr(commands, "run_local", no_trials)
+    monkeypatch.setattr(commands, "run_ray", no_trials)
+    _without_ray(monkeypatch)
+    (tmp_path / "rows.txt").write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    (tmp_path / "taken-runs").write_text("a file where the runs folder would go")
+    _other_sqlite(tmp_path / "other.sqlite")
+    spec = tmp_path / "sweep.yaml"
+    paths = {"tmp": tmp_path, "spec": spec}
+    dataset = {"name": "add", "train": train.format(**paths), "eval": "addition:eval", "metric": "loss"}
+    spec.write_text(yaml.safe_dump({"grid": {"train.lr": [1e-4, 1e-3]}, "datasets": [dataset]}))
+    args = ["sweep", str(spec), *(option.format(**paths) for option in options)]
+    line = _error_line(monkeypatch, capsys, tmp_path, args)  # no database, no runs folder, no trial
+    assert message.format(**paths) in line
+
+
+def test_sweep_creates_its_database_with_the_first_result(tmp_path, monkeypatch, capsys):
+    """No empty database before a trial finished (a sweep stopped earlier leaves none); resume still works."""
+    from tunelab.hpsearch import commands
+    from tunelab.hpsearch.executors import TrialResult
+
+    spec = tmp_path / "sweep.yaml"
+    dataset = {"name": "add", "train": "addition:train", "eval": "addition:eval", "metric": "loss"}
+    spec.write_text(yaml.safe_dump({"grid": {"train.lr": [1e-4, 1e-3]}, "datasets": [dataset]}))
+    started: list[int] = []
+
+    def fake_run_local(trials, work_dir, on_result, max_parallel):  # scores each trial at once
+        if not started:  # the first run: nothing written before the first result
+            assert not (tmp_path / "sweep.sqlite").exists()
+        started.append(len(trials))
+        for trial in trials:
+            on_result(trial, TrialResult(score=1.0, duration_s=0.1))
+
+    monkeypatch.setattr(commands, "run_local", fake_run_local)
+    for _ in range(2):
+        code, stderr = _run_cli(monkeypatch, capsys, ["sweep", str(spec)])
+        assert code == 0, stderr
+    assert started == [2, 0]  # the second run found both trials done
+    with ResultsStore(tmp_path / "sweep.sqlite", read_only=True) as store:
+        assert [row["status"] for row in store.rows()] == ["done", "done"]
