@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from tunelab.config import validate
 from tunelab.data import IGNORE_INDEX
 from tunelab.quant import guard_cpu_repack, nf4_config, parameter_count
-from tunelab.train import TunelabTrainer, build, peak_memory_bytes, training_arguments
+from tunelab.train import build, make_trainer, peak_memory_bytes, training_arguments
 
 # case -> (our method config + quantization, the reference a user would pick instead)
 CASES: dict[str, dict] = {
@@ -112,34 +112,22 @@ def measure(case: str, side: str, model_dir: str, steps: int, warmup: int, batch
     if side == "ours" and config.method.name == "spiel":
         config.method.num_tunable = lora_trainable_count(model_dir, spec["ref"][1])
     with tempfile.TemporaryDirectory() as out:
-        args = training_arguments(config, Path(out), has_eval=False)
-        args.logging_strategy = "no"
         timer = StepTimer()
         if side == "ours" or kind == "tunelab-lora":
             built = build(config)
             model = built.model
-            vocab = model.config.vocab_size
-            optimizer = built.method.create_optimizer(model, config.train.lr, config.train.weight_decay)
-            trainer = TunelabTrainer(
-                model=model,
-                args=args,
-                train_dataset=fixed_batches(batch * total_steps, length, vocab),
-                data_collator=collate,
-                optimizers=(optimizer, None),
-                callbacks=[timer],
-                method=built.method,
-                chunked_loss=config.train.chunked_loss,
-            )
+            data = fixed_batches(batch * total_steps, length, model.config.vocab_size)
+            trainer = make_trainer(config, built, Path(out), data, callbacks=[timer], data_collator=collate)
         else:
             model = reference_model(model_dir, kind, rank, quantized, config)
-            vocab = model.config.vocab_size
-            trainer = Trainer(
+            trainer = Trainer(  # the reference: the same arguments, PEFT's model, the stock Trainer
                 model=model,
-                args=args,
-                train_dataset=fixed_batches(batch * total_steps, length, vocab),
+                args=training_arguments(config, Path(out), has_eval=False),
+                train_dataset=fixed_batches(batch * total_steps, length, model.config.vocab_size),
                 data_collator=collate,
                 callbacks=[timer],
             )
+        trainer.args.logging_strategy = "no"
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         parameters = parameter_count(model)
         trainer.train()

@@ -122,3 +122,15 @@ def test_gradient_checkpointing_rejects_other_values_naming_the_choices():
         TunelabError, match=r"'train.gradient_checkpointing' is 'Auto'; expected 'auto', True or"
     ):
         load_config(None, ["train.gradient_checkpointing=Auto"])
+
+
+def test_what_a_method_can_do_is_checked_with_the_config(tmp_path):
+    path = _write(tmp_path, "model: x\nquantization: nf4\nmethod: full\n")
+    with pytest.raises(
+        TunelabError, match=rf"^{path}:2: quantization: nf4 cannot be combined with method full"
+    ):
+        load_config(path)
+    with pytest.raises(TunelabError, match=r"^override quantization=nf4: quantization: nf4 cannot"):
+        load_config(_write(tmp_path, "method: full\n"), ["quantization=nf4"])
+    assert load_config(None, ["method.name=dylora", "method.r=3"]).method.evaluable_ranks() == [1, 2, 3]
+    assert load_config(None, ["method.name=lora"]).method.evaluable_ranks() == []

@@ -257,12 +257,12 @@ def test_releasing_pages_leaves_other_models_alone(tiny_model_dir):
 
 
 def test_any_tunelab_trainer_drives_the_method(tmp_path, tiny_model_dir, qa_jsonl):
-    """A TunelabTrainer built outside train() (as the benchmarks build theirs) still runs the
-    method's hooks: DyLoRA draws a rank per step."""
+    """A trainer made outside train() (as the benchmarks make theirs) still runs the method's hooks:
+    DyLoRA draws a rank per step."""
     from transformers import TrainerCallback
 
-    from tunelab.data import build_dataset, collator
-    from tunelab.train import TunelabTrainer, training_arguments
+    from tunelab.data import build_dataset
+    from tunelab.train import make_trainer
 
     config = tiny_config(
         tiny_model_dir,
@@ -277,14 +277,8 @@ def test_any_tunelab_trainer_drives_the_method(tmp_path, tiny_model_dir, qa_json
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             ranks.append({layer.rank for layer in lora_layers(model).values()})
 
-    trainer = TunelabTrainer(
-        model=built.model,
-        args=training_arguments(config, tmp_path / "run", has_eval=False),
-        train_dataset=build_dataset(str(qa_jsonl), built.tokenizer, config.data),
-        data_collator=collator(built.tokenizer),
-        callbacks=[RankSeen()],
-        method=built.method,
-    )
+    data = build_dataset(str(qa_jsonl), built.tokenizer, config.data)
+    trainer = make_trainer(config, built, tmp_path / "run", data, callbacks=[RankSeen()])
     trainer.train()
     assert all(len(seen) == 1 for seen in ranks)  # one rank for every layer at each step
     assert len({next(iter(seen)) for seen in ranks}) > 1  # and it changes from step to step

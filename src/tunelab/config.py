@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -38,9 +38,22 @@ def _split_names(value: Any) -> Any:
 TargetModules = Annotated[Literal["all-linear"] | list[str], BeforeValidator(_split_names)]
 
 
-class LoraConfig(Section):
+class MethodSection(Section):
+    """A method's config, and what the method declares it can do (checked where configs are
+    validated, so the engine and the CLI never ask for a method by name)."""
+
+    implementation: ClassVar[str]  # "module:Class" of its `methods.base.Method`, imported when built
+    trains_on_4bit_base: ClassVar[bool] = True  # False: its trained weights are the base's own
+
+    def evaluable_ranks(self) -> list[int]:
+        """The ranks one trained adapter can be evaluated at (DyLoRA: every rank); [] for none."""
+        return []
+
+
+class LoraConfig(MethodSection):
     """LoRA: h = W x + (alpha / r) * B (A x)."""
 
+    implementation: ClassVar[str] = "tunelab.methods.lora:LoraMethod"
     name: Literal["lora"] = "lora"
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
@@ -48,9 +61,10 @@ class LoraConfig(Section):
     target_modules: TargetModules = "all-linear"
 
 
-class DyLoraConfig(Section):
+class DyLoraConfig(MethodSection):
     """DyLoRA: one rank b per optimizer step from {r_min..r}; forward with A[:b], B[:, :b], scale alpha/b."""
 
+    implementation: ClassVar[str] = "tunelab.methods.lora:DyLoraMethod"
     name: Literal["dylora"] = "dylora"
     r: int = Field(64, gt=0)
     r_min: int = Field(1, gt=0)
@@ -64,6 +78,9 @@ class DyLoraConfig(Section):
     # frozen: only row b of A and column b of B (the DyLoRA paper's default).
     update: Literal["unfrozen", "frozen"] = "unfrozen"
 
+    def evaluable_ranks(self) -> list[int]:
+        return list(range(1, self.r + 1))
+
     @model_validator(mode="after")
     def _rank_range(self) -> DyLoraConfig:
         if self.r_min > self.r:
@@ -71,15 +88,18 @@ class DyLoraConfig(Section):
         return self
 
 
-class FullConfig(Section):
+class FullConfig(MethodSection):
     """Full fine-tuning: every weight trains."""
 
+    implementation: ClassVar[str] = "tunelab.methods.full:FullMethod"
+    trains_on_4bit_base: ClassVar[bool] = False
     name: Literal["full"] = "full"
 
 
-class SpielConfig(Section):
+class SpielConfig(MethodSection):
     """SpIEL sparse fine-tuning: per weight matrix k (index, delta) pairs; update -> prune -> regrow."""
 
+    implementation: ClassVar[str] = "tunelab.methods.spiel:SpielMethod"
     name: Literal["spiel"] = "spiel"
     # budget: a fraction of all model parameters, or an absolute count (num_tunable wins when set)
     density: float | None = Field(0.01, gt=0, le=1)
@@ -111,8 +131,9 @@ class SpielConfig(Section):
         return self
 
 
-MethodConfig = Annotated[LoraConfig | DyLoraConfig | FullConfig | SpielConfig, Field(discriminator="name")]
+# the one registry of methods: a new method is its config class here (naming its implementation)
 METHOD_CONFIGS = {"lora": LoraConfig, "dylora": DyLoraConfig, "full": FullConfig, "spiel": SpielConfig}
+MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
 METHOD_NAMES = tuple(METHOD_CONFIGS)
 
 
@@ -347,10 +368,19 @@ def validate(
     if isinstance(method, str):  # `method: full` is shorthand for `method: {name: full}`
         data = {**data, "method": {"name": method}}
     try:
-        return RunConfig.model_validate(data)
+        config = RunConfig.model_validate(data)
     except ValidationError as exc:
         key_lines = _key_lines(text)
         raise TunelabError(_format_error(exc.errors()[0], data, source, key_lines, overridden)) from None
+    if config.quantization == "nf4" and not config.method.trains_on_4bit_base:
+        where = f"override {overridden['quantization']}" if "quantization" in (overridden or {}) else source
+        line = _key_lines(text).get("quantization")
+        where = f"{source}:{line}" if line and where == source else where
+        raise TunelabError(
+            f"{where}: quantization: nf4 cannot be combined with method {config.method.name} (4-bit weights "
+            "do not train); use lora, dylora or spiel on a 4-bit base, or quantization: none"
+        )
+    return config
 
 
 def _absolute_paths(data: dict, base: Path) -> dict:

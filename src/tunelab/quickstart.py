@@ -45,9 +45,10 @@ def _evaluate(model, tokenizer, config, eval_examples: int, label: str) -> dict[
 
 def _rank_table(trained, config, eval_examples: int, run_dir: Path) -> None:
     """Eval loss of the one adapter truncated to a few ranks: the point of DyLoRA."""
-    if config.method.name != "dylora":
+    evaluable = config.method.evaluable_ranks()
+    if not evaluable:
         return
-    ranks = ",".join(str(b) for b in (1, 2, 4, 8, 16, 32, 64) if b <= config.method.r)
+    ranks = ",".join(str(b) for b in (1, 2, 4, 8, 16, 32, 64) if b in evaluable)
     dataset = _eval_set(config, trained.tokenizer, eval_examples)
     rows = []
     console.print(f"evaluating the one adapter at ranks {ranks} ...")

@@ -66,11 +66,6 @@ class Built:
 def build(config: RunConfig, tokenizer: Any = None) -> Built:
     """Resolve and load the base model (quantized when asked), attach the method; `tokenizer` is the
     model's, when the caller loaded it already."""
-    if config.quantization == "nf4" and config.method.name == "full":
-        raise TunelabError(
-            "quantization: nf4 cannot be combined with method full (4-bit weights do not train); "
-            "use lora, dylora or spiel on a 4-bit base, or quantization: none"
-        )
     model_path = resolve_model(config.model)
     tokenizer = tokenizer or load_tokenizer(model_path)
     dtype = compute_dtype(config.train.precision)
@@ -369,6 +364,35 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
     )
 
 
+def make_trainer(
+    config: RunConfig,
+    built: Built,
+    run_dir: Path,
+    train_set: torch.utils.data.Dataset,
+    eval_set: torch.utils.data.Dataset | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    data_collator: Any = None,
+) -> TunelabTrainer:
+    """The one way a Trainer is assembled for a config (train() and the benchmarks): arguments from
+    the config, the method's optimizer and hooks, tunelab's loss, no transformers console output.
+    Creating the arguments joins the other processes of a distributed run."""
+    optimizer = built.method.create_optimizer(built.model, config.train.lr, config.train.weight_decay)
+    trainer = TunelabTrainer(
+        model=built.model,
+        args=training_arguments(config, run_dir, eval_set is not None),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=data_collator or collator(built.tokenizer),
+        optimizers=(optimizer, None),
+        callbacks=callbacks,
+        method=built.method,
+        chunked_loss=config.train.chunked_loss,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
 def _check_resumable(config: RunConfig, run: RunDir) -> None:
     """Resume only a run that exists, with the run's own config (wherever the folder now lives)."""
     if not run.config_file.is_file():
@@ -419,32 +443,18 @@ def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool)
         eval_set = build_dataset(config.data.eval, tokenizer, config.data, limit=config.data.eval_limit)
     built = build(config, tokenizer)
 
-    # Creating the arguments joins the other processes of a distributed run, each of which has
-    # already checked the run directory above; only the main process writes to it, from here on.
-    args = training_arguments(config, run.path, eval_set is not None)
+    # Making the trainer joins the other processes of a distributed run, each of which has already
+    # checked the run directory above; only the main process writes to it, from here on.
+    guard = NonFiniteLossGuard()
+    stop_request = StopOnSignal()
+    reporter = Reporter(built.method, MetricsWriter(run.metrics_file), config.train.log_steps)
+    trainer = make_trainer(config, built, run.path, train_set, eval_set, [reporter, guard, stop_request])
+    args = trainer.args
     with args.main_process_first(desc="run directory"):
         if args.should_save:
             if overwrite and not resume:
                 run.clear()  # only now: everything above validated and loaded
             write_atomically(run.config_file, dump_config(config))
-    metrics = MetricsWriter(run.metrics_file)
-    guard = NonFiniteLossGuard()
-    stop_request = StopOnSignal()
-    reporter = Reporter(built.method, metrics, config.train.log_steps)
-    optimizer = built.method.create_optimizer(built.model, config.train.lr, config.train.weight_decay)
-    trainer = TunelabTrainer(
-        model=built.model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=collator(built.tokenizer),
-        optimizers=(optimizer, None),
-        callbacks=[reporter, guard, stop_request],
-        method=built.method,
-        chunked_loss=config.train.chunked_loss,
-    )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         console.print(

@@ -24,8 +24,9 @@ STATE_FILE = "method_state.pt"
 class Method:
     """Base class with no-op hooks; subclasses override what they need."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, seed: int = 0) -> None:
         self.config = config
+        self.seed = seed  # for what a method draws at random (DyLoRA's ranks, SpIEL's first indices)
 
     # -- building ------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -42,7 +43,9 @@ class Method:
         """An optimizer of the method's own, or None for the engine's default AdamW."""
         return None
 
-    # -- step hooks (optimizer-step granularity; `step` = completed optimizer steps) ---------------
+    # -- step hooks (optimizer-step granularity) ---------------------------------------------------
+    # In every hook `step` is the 0-based index of the optimizer step in progress, i.e. the number of
+    # optimizer steps completed before it: in on_after_optimizer_step, step + 1 steps are done.
     def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
         """Training (or a resumed training) starts; `total_steps` optimizer steps in all."""
 

@@ -248,8 +248,7 @@ class DyLoraMethod(LoraMethod):
     config: DyLoraConfig
 
     def __init__(self, config: DyLoraConfig, seed: int = 0) -> None:
-        super().__init__(config)
-        self.seed = seed
+        super().__init__(config, seed)
         self.probabilities = rank_probabilities(
             config.r_min, config.r, config.rank_distribution, config.geometric_p
         )

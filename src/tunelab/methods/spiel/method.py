@@ -59,8 +59,7 @@ class SpielMethod(Method):
     config: SpielConfig
 
     def __init__(self, config: SpielConfig, seed: int = 0) -> None:
-        super().__init__(config)
-        self.seed = seed
+        super().__init__(config, seed)
         self.layers: dict[str, SparseDeltaLinear] = {}
         self.total_steps: int | None = None
         self.phase_start: int | None = None  # step at which the running AG phase began
