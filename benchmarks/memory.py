@@ -14,9 +14,9 @@ import time
 
 import torch
 
+from tunelab.assemble import build
 from tunelab.config import validate
 from tunelab.loss import causal_lm_loss
-from tunelab.train import build
 
 
 def status_bytes(field: str) -> int:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from benchmarks.memory import masked_prompt_batch
+from tunelab.assemble import build
 from tunelab.config import validate
 from tunelab.loss import causal_lm_loss
-from tunelab.train import build
 
 
 def module_labels(model: nn.Module) -> dict[nn.Module, str]:

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
+from tunelab.assemble import build
 from tunelab.config import validate
 from tunelab.data import IGNORE_INDEX
 from tunelab.quant import guard_cpu_repack, nf4_config, parameter_count
-from tunelab.train import build, make_trainer, peak_memory_bytes, training_arguments
+from tunelab.reporting import peak_memory_bytes
+from tunelab.train import make_trainer, training_arguments
 
 # case -> (our method config + quantization, the reference a user would pick instead)
 CASES: dict[str, dict] = {

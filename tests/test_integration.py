@@ -32,10 +32,11 @@ def test_embedded_model_loads_and_generates(smollm2_dir):
 
 def test_qdylora_on_the_embedded_model(tmp_path):
     """Two QDyLoRA steps on the real SmolLM2 with an NF4 base, then the adapter at two ranks."""
+    from tunelab.assemble import load_run
     from tunelab.config import validate
     from tunelab.data import build_dataset
     from tunelab.evaluate import loss_and_perplexity
-    from tunelab.train import load_run, train
+    from tunelab.train import train
 
     config = validate(
         {

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from conftest import tiny_config, write_qa_jsonl
+from tunelab.assemble import build
 from tunelab.export import export_run
 from tunelab.methods.lora import lora_layers, replace_module
 from tunelab.quant import dequantize_weight, dequantized_linear, guard_cpu_repack, is_4bit
-from tunelab.train import build, train
+from tunelab.train import train
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -161,8 +162,8 @@ def test_peft_on_an_nf4_base_matches_our_rank_b_forward(qdylora_run, tmp_path, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from tunelab.assemble import load_run
     from tunelab.quant import nf4_config
-    from tunelab.train import load_run
 
     _, built = load_run(qdylora_run)
     built.method.set_variant(built.model, rank=rank)
@@ -185,7 +186,7 @@ def test_peft_on_an_nf4_base_matches_our_rank_b_forward(qdylora_run, tmp_path, t
 def test_merged_export_from_nf4_is_a_plain_model(qdylora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tunelab.train import load_run
+    from tunelab.assemble import load_run
 
     _, built = load_run(qdylora_run)
     built.method.set_variant(built.model, rank=3)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_config, write_qa_jsonl
+from tunelab.assemble import load_run
 from tunelab.errors import TunelabError
 from tunelab.export import export_run
-from tunelab.train import load_run, train
+from tunelab.train import train
 
 
 @pytest.fixture(scope="module")

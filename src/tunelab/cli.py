@@ -80,11 +80,11 @@ def eval_command(
     """Loss, perplexity (and exact match) of a run; with --ranks, of each rank of a DyLoRA run."""
     from rich.progress import Progress
 
+    from tunelab.assemble import load_run
     from tunelab.data import build_dataset
     from tunelab.evaluate import evaluate, summarize_ranks
     from tunelab.plots import rank_curve
     from tunelab.rundir import check_writable
-    from tunelab.train import load_run
 
     if json_path:  # before the evaluation, not after it
         if json_path.is_dir():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.assemble import load_run
 from tunelab.errors import TunelabError
 from tunelab.quant import dequantize_model
 from tunelab.rundir import atomic_directory, check_writable
-from tunelab.train import load_run
 
 
 def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None) -> Path:

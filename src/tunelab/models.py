@@ -106,10 +106,6 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def compute_dtype(precision: str = "auto") -> torch.dtype:
     if precision == "bf16" or (
         precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -20,8 +20,6 @@ except Exception:  # pragma: no cover - depends on the platform's bitsandbytes b
     bnb = None
     LINEAR_4BIT = ()
 
-NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit default, as in QLoRA
-
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, *LINEAR_4BIT))

@@ -9,12 +9,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from tunelab.assemble import build, load_run
 from tunelab.config import load_config
 from tunelab.data import build_dataset
 from tunelab.evaluate import evaluate, loss_and_perplexity, summarize_ranks
 from tunelab.plots import loss_curve, rank_curve
 from tunelab.rundir import METRICS_FILE
-from tunelab.train import build, load_run, train
+from tunelab.train import train
 
 DEFAULT_CONFIG = Path(__file__).with_name("quickstart.yaml")
 DEFAULT_EVAL_EXAMPLES = 16  # one generation batch

@@ -5,40 +5,28 @@ This module never asks which method it runs; it calls the method's hooks.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import resource
 import signal
 import threading
-import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from tunelab.assemble import TunedModel, build
 from tunelab.config import RunConfig, dump_config
 from tunelab.data import TokenizedDataset, build_dataset, collator
 from tunelab.errors import RunInterrupted, TunelabError
 from tunelab.loss import causal_lm_loss, supports_head_loss
-from tunelab.methods import Method, create_method
-from tunelab.models import compute_dtype, load_model, load_tokenizer, resolve_model
-from tunelab.quant import guard_cpu_repack, nf4_config, release_loading_memory
+from tunelab.methods import Method
+from tunelab.models import compute_dtype, load_tokenizer, resolve_model
+from tunelab.reporting import MetricsWriter, Reporter, console
 from tunelab.rundir import (
     COMPLETE_MARKER,
     CONFIG_FILE,
@@ -48,64 +36,8 @@ from tunelab.rundir import (
     write_atomically,
 )
 
-console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
 # config keys that may differ when a run is resumed: where its folder lives and what it is called
 RELOCATABLE_KEYS = ("output_dir", "name")
-
-
-@dataclass
-class Built:
-    """A base model with a method attached, ready to train or evaluate."""
-
-    model: nn.Module
-    tokenizer: Any
-    method: Method
-    model_path: str
-
-
-def build(config: RunConfig, tokenizer: Any = None) -> Built:
-    """Resolve and load the base model (quantized when asked), attach the method; `tokenizer` is the
-    model's, when the caller loaded it already."""
-    model_path = resolve_model(config.model)
-    tokenizer = tokenizer or load_tokenizer(model_path)
-    dtype = compute_dtype(config.train.precision)
-    if config.quantization == "nf4":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(model_path, dtype, quantization_config=nf4_config(dtype), device_map=device)
-        guard_cpu_repack(model)
-        release_loading_memory(model)
-        # transformers refuses to train a quantized model unless adapters are attached; ours are.
-        model._hf_peft_config_loaded = True
-    else:
-        model = load_model(model_path, dtype)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and config.data.max_length > positions:
-        raise TunelabError(
-            f"data.max_length={config.data.max_length} is beyond the model's {positions} positions "
-            f"(max_position_embeddings); set data.max_length={positions} or less"
-        )
-    method = create_method(config.method, seed=config.train.seed)
-    set_seed(config.train.seed)  # the method's initial weights (LoRA's A, SpIEL's indices) are seeded
-    method.attach(model)
-    return Built(model, tokenizer, method, model_path)
-
-
-def peak_memory_bytes() -> int:
-    """Peak GPU memory allocated when on a GPU, else the process's peak resident set size."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to metrics.jsonl."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as out:
-            out.write(json.dumps(record) + "\n")
 
 
 class MethodHooks(TrainerCallback):
@@ -125,98 +57,6 @@ class MethodHooks(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.method.on_after_optimizer_step(model, state.global_step, optimizer)
-
-
-class Reporter(TrainerCallback):
-    """metrics.jsonl (one line per optimizer step, eval results, method events, a final summary)
-    and the progress display. Only the main process writes."""
-
-    def __init__(self, method: Method, metrics: MetricsWriter, log_steps: int) -> None:
-        self.method, self.metrics, self.log_steps = method, metrics, log_steps
-        self.step_started = 0.0
-        self.pending: dict[str, Any] = {}
-        self.progress: Progress | None = None
-        self.task = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not console.is_terminal,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task(
-            "train", total=state.max_steps, completed=state.global_step, info=""
-        )
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.step_started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            self.method.pop_events()
-            return
-        self.pending = {
-            "step": state.global_step,
-            "step_time_s": round(time.perf_counter() - self.step_started, 4),
-            **self.method.step_metrics(),
-        }
-        for event in self.method.pop_events():
-            self.metrics.write(event)
-            console.print(f"[dim]step {event.get('step')}: {_describe(event)}[/dim]")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        if "loss" in logs:
-            record = {
-                **self.pending,
-                "loss": logs["loss"],
-                "lr": logs.get("learning_rate"),
-                "grad_norm": logs.get("grad_norm"),
-            }
-            self.metrics.write(record)
-            extra = "".join(f" {k} {v}" for k, v in self.method.step_metrics().items())
-            self.progress.update(
-                self.task, completed=state.global_step, info=f"loss {logs['loss']:.4f}{extra}"
-            )
-            if not console.is_terminal and (
-                state.global_step % self.log_steps == 0 or state.global_step == 1
-            ):
-                console.print(
-                    f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                    f"lr {logs.get('learning_rate', 0):.2e} {record['step_time_s']:.2f}s/step{extra}"
-                )
-        elif any(key.startswith("eval_") for key in logs):
-            record = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
-            self.metrics.write(record)
-            console.print(f"step {state.global_step}: eval loss {logs.get('eval_loss', math.nan):.4f}")
-        elif "train_runtime" in logs:
-            self.metrics.write(
-                {
-                    "event": "summary",
-                    "train_runtime_s": logs["train_runtime"],
-                    "train_loss": logs.get("train_loss"),
-                    "steps": state.global_step,
-                    "peak_memory_bytes": peak_memory_bytes(),
-                }
-            )
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.close()
-
-    def close(self) -> None:
-        """Stop the progress display (also when training ends by an exception: no frozen bar)."""
-        if self.progress is not None:
-            self.progress.stop()
 
 
 class NonFiniteLossGuard(TrainerCallback):
@@ -271,10 +111,6 @@ class StopOnSignal(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
-
-
-def _describe(event: dict[str, Any]) -> str:
-    return " ".join(f"{k} {v}" for k, v in event.items() if k != "step")
 
 
 class TunelabTrainer(Trainer):
@@ -366,7 +202,7 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
 
 def make_trainer(
     config: RunConfig,
-    built: Built,
+    built: TunedModel,
     run_dir: Path,
     train_set: torch.utils.data.Dataset,
     eval_set: torch.utils.data.Dataset | None = None,
@@ -507,17 +343,3 @@ def check_replicas(tensors: dict[str, torch.Tensor]) -> None:
         )
     if dist.get_rank() == 0:
         console.print(f"replicas agree: {dist.get_world_size()} processes hold the same trained tensors")
-
-
-def load_run(run_dir: Path) -> tuple[RunConfig, Built]:
-    """The config and trained model of a finished run (the folder it is in now, wherever it moved)."""
-    from tunelab.config import read_yaml, validate
-
-    run = RunDir(run_dir)
-    run.require_finished()
-    data, text = read_yaml(run.config_file)
-    config = validate(data, str(run.config_file), text)
-    built = build(config)
-    built.method.load(built.model, run.final_dir)
-    built.model.eval()
-    return config, built

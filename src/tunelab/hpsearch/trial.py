@@ -27,10 +27,12 @@ TRIAL_METRICS = ("exact_match", "loss", "perplexity")
 def run_trial(config_path: Path, metric: str) -> dict[str, Any]:
     """Train `config_path` (replacing a leftover run in its output_dir) and score it on its data.eval."""
     # torch comes in here, not at import: the sweep and recommend commands import this module
+    from tunelab.assemble import load_run
     from tunelab.config import load_config
     from tunelab.data import build_dataset
     from tunelab.evaluate import evaluate
-    from tunelab.train import load_run, peak_memory_bytes, train
+    from tunelab.reporting import peak_memory_bytes
+    from tunelab.train import train
 
     config = load_config(config_path)
     run_dir = train(config, overwrite=True)

@@ -1,0 +1,141 @@
+"""What a run reports: metrics.jsonl (one line per optimizer step, eval results, method events, a final
+summary), the progress display, and peak memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import TrainerCallback
+
+from tunelab.methods import Method
+
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU memory allocated when on a GPU, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to metrics.jsonl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as out:
+            out.write(json.dumps(record) + "\n")
+
+
+class Reporter(TrainerCallback):
+    """metrics.jsonl (one line per optimizer step, eval results, method events, a final summary)
+    and the progress display. Only the main process writes."""
+
+    def __init__(self, method: Method, metrics: MetricsWriter, log_steps: int) -> None:
+        self.method, self.metrics, self.log_steps = method, metrics, log_steps
+        self.step_started = 0.0
+        self.pending: dict[str, Any] = {}
+        self.progress: Progress | None = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, info=""
+        )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            self.method.pop_events()
+            return
+        self.pending = {
+            "step": state.global_step,
+            "step_time_s": round(time.perf_counter() - self.step_started, 4),
+            **self.method.step_metrics(),
+        }
+        for event in self.method.pop_events():
+            self.metrics.write(event)
+            console.print(f"[dim]step {event.get('step')}: {_describe(event)}[/dim]")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            record = {
+                **self.pending,
+                "loss": logs["loss"],
+                "lr": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+            }
+            self.metrics.write(record)
+            extra = "".join(f" {k} {v}" for k, v in self.method.step_metrics().items())
+            self.progress.update(
+                self.task, completed=state.global_step, info=f"loss {logs['loss']:.4f}{extra}"
+            )
+            if not console.is_terminal and (
+                state.global_step % self.log_steps == 0 or state.global_step == 1
+            ):
+                console.print(
+                    f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"lr {logs.get('learning_rate', 0):.2e} {record['step_time_s']:.2f}s/step{extra}"
+                )
+        elif any(key.startswith("eval_") for key in logs):
+            record = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
+            self.metrics.write(record)
+            console.print(f"step {state.global_step}: eval loss {logs.get('eval_loss', math.nan):.4f}")
+        elif "train_runtime" in logs:
+            self.metrics.write(
+                {
+                    "event": "summary",
+                    "train_runtime_s": logs["train_runtime"],
+                    "train_loss": logs.get("train_loss"),
+                    "steps": state.global_step,
+                    "peak_memory_bytes": peak_memory_bytes(),
+                }
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Stop the progress display (also when training ends by an exception: no frozen bar)."""
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _describe(event: dict[str, Any]) -> str:
+    return " ".join(f"{k} {v}" for k, v in event.items() if k != "step")
