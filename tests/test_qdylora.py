@@ -12,7 +12,8 @@ from torch import nn
 from conftest import tiny_config, write_qa_jsonl
 from tunelab.assemble import build
 from tunelab.export import export_run
-from tunelab.methods.lora import lora_layers, replace_module
+from tunelab.methods.lora import lora_layers
+from tunelab.methods.surgery import replace_module
 from tunelab.quant import dequantize_weight, dequantized_linear, guard_cpu_repack, is_4bit
 from tunelab.train import train
 

@@ -19,7 +19,6 @@ from torch import nn
 from tunelab.config import SpielConfig
 from tunelab.errors import TunelabError
 from tunelab.methods.base import Method
-from tunelab.methods.lora import replace_module, target_linear_names
 from tunelab.methods.spiel.layer import CandidateStats, SparseDeltaLinear, average_across_processes
 from tunelab.methods.spiel.optim import SlotOptimizer, SparseAdamW, SparseSM3, adamw_seed_state
 from tunelab.methods.spiel.selection import (
@@ -33,6 +32,7 @@ from tunelab.methods.spiel.selection import (
     replace_fraction,
     split_budget,
 )
+from tunelab.methods.surgery import replace_module, target_linear_names
 from tunelab.quant import parameter_count
 
 EXPORT_WEIGHTS_FILE = "spiel_deltas.safetensors"
