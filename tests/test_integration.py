@@ -32,7 +32,6 @@ def test_embedded_model_loads_and_generates(smollm2_dir):
 
 def test_qdylora_on_the_embedded_model(tmp_path):
     """Two QDyLoRA steps on the real SmolLM2 with an NF4 base, then the adapter at two ranks."""
-    from tunelab.assemble import load_run
     from tunelab.config import validate
     from tunelab.data import build_dataset
     from tunelab.evaluate import loss_and_perplexity
@@ -48,7 +47,7 @@ def test_qdylora_on_the_embedded_model(tmp_path):
             "output_dir": str(tmp_path / "run"),
         }
     )
-    _, built = load_run(train(config))
+    built = train(config).tuned
     dataset = build_dataset("gsm8k:eval", built.tokenizer, config.data, limit=4)
     losses = []
     for rank in (1, 4):

@@ -124,7 +124,7 @@ def qdylora_run(tmp_path_factory, tiny_model_dir):
         method={"name": "dylora", "r": 6, "alpha": 12, "dropout": 0.0},
         **{"train.max_steps": 10, "train.lr": 2e-2},
     )
-    return train(config)
+    return train(config).run_dir
 
 
 def test_rank_sequence_is_logged_and_reproducible(qdylora_run):
@@ -211,7 +211,7 @@ def test_gradient_checkpointing_on_an_nf4_base_trains(tmp_path, tiny_model_dir, 
         quantization="nf4",
         **{"train.gradient_checkpointing": True, "train.max_steps": 6, "train.lr": 2e-2},
     )
-    run_dir = train(config)
+    run_dir = train(config).run_dir
     losses = [
         json.loads(line)["loss"]
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()

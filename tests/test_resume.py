@@ -55,7 +55,7 @@ def _cli(*args, cwd):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, qa_jsonl, method):
     _, reference_config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, "straight", METHODS[method])
-    reference = load_file(train(reference_config) / "final" / "trained.safetensors")
+    reference = load_file(train(reference_config).run_dir / "final" / "trained.safetensors")
 
     path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, "killed", METHODS[method])
     run_dir = config.resolved_output_dir()

@@ -30,7 +30,7 @@ def _config_file(tmp_path, model_dir, data, out, **overrides):
 @pytest.fixture()
 def finished_run(tmp_path, tiny_model_dir, qa_jsonl):
     path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "runs" / "done")
-    return path, train(config)
+    return path, train(config).run_dir
 
 
 def test_overwrite_never_deletes_what_tunelab_did_not_write(tmp_path, capsys, tiny_model_dir, qa_jsonl):
@@ -120,7 +120,7 @@ def test_sigint_saves_a_checkpoint_and_a_moved_copy_resumes_to_the_same_weights(
     steps = 60
     settings = {"train.max_steps": steps, "method.dropout": 0.1, "train.lr": 1e-2}
     _, straight = _config_file(tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "straight", **settings)
-    reference = load_file(train(straight) / "final" / "trained.safetensors")
+    reference = load_file(train(straight).run_dir / "final" / "trained.safetensors")
 
     path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "stopped", **settings)
     run = RunDir(config.resolved_output_dir())

@@ -19,7 +19,7 @@ def lora_run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("lora-run")
     data = write_qa_jsonl(tmp / "qa.jsonl")
     config = tiny_config(tiny_model_dir, data, tmp / "run", **{"train.max_steps": 16, "train.lr": 3e-2})
-    return train(config)
+    return train(config).run_dir
 
 
 def _records(run_dir):
@@ -110,7 +110,7 @@ def test_full_fine_tuning_trains_every_weight(tmp_path, tiny_model_dir, qa_jsonl
         tmp_path / "full",
         **{"method": {"name": "full"}, "train.max_steps": 3, "train.lr": 1e-3},
     )
-    run_dir = train(config)
+    run_dir = train(config).run_dir
     _, built = load_run(run_dir)
     from transformers import AutoModelForCausalLM
 
@@ -121,3 +121,35 @@ def test_full_fine_tuning_trains_every_weight(tmp_path, tiny_model_dir, qa_jsonl
         if not torch.equal(p, q)
     ]
     assert len(changed) == len(list(base.parameters()))
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "dylora", "r": 4, "alpha": 8},
+        {"name": "spiel", "num_tunable": 3000, "reselection_steps": 4, "accumulation_steps": 1},
+    ],
+)
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_the_model_train_hands_back_is_the_saved_run(
+    tmp_path, tiny_model_dir, qa_jsonl, method, quantization
+):
+    """Callers evaluate what train() returns instead of loading the run again: it must be the same model."""
+    from tunelab.data import build_dataset
+    from tunelab.evaluate import loss_and_perplexity
+
+    config = tiny_config(
+        tiny_model_dir,
+        qa_jsonl,
+        tmp_path / "run",
+        method=method,
+        quantization=quantization,
+        **{"train.max_steps": 9, "train.lr": 1e-2},
+    )
+    result = train(config)
+    _, loaded = load_run(result.run_dir)
+    dataset = build_dataset(str(qa_jsonl), loaded.tokenizer, config.data, limit=16)
+    in_memory = loss_and_perplexity(result.tuned.model, dataset, result.tuned.tokenizer)["loss"]
+    assert in_memory == pytest.approx(
+        loss_and_perplexity(loaded.model, dataset, loaded.tokenizer)["loss"], rel=1e-5
+    )

@@ -49,7 +49,7 @@ def train(
     ):
         # a run's own config trains that folder, wherever it was moved or copied to
         run_config.output_dir = str(run.path.resolve())
-    run_dir = run_training(run_config, resume=resume, overwrite=overwrite)
+    run_dir = run_training(run_config, resume=resume, overwrite=overwrite).run_dir
     err_console.print(f"[green]done[/green]: run directory {run_dir}")
 
 
@@ -82,7 +82,7 @@ def eval_command(
 
     from tunelab.assemble import load_run
     from tunelab.data import build_dataset
-    from tunelab.evaluate import evaluate, summarize_ranks
+    from tunelab.evaluate import evaluate_variants, summarize_ranks
     from tunelab.plots import rank_curve
     from tunelab.rundir import check_writable
 
@@ -102,16 +102,8 @@ def eval_command(
         limit=limit,
     )
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
-    rows = []
     with Progress(console=err_console, transient=True) as progress:
-        for variant in variants:
-            built.method.set_variant(built.model, **variant)
-            rows.append(
-                {
-                    **variant,
-                    **evaluate(built.model, built.tokenizer, dataset, with_exact_match, batch_size, progress),
-                }
-            )
+        rows = evaluate_variants(built, dataset, variants, with_exact_match, batch_size, progress)
     result: dict = {"data": spec, "examples": len(dataset)}
     if ranks:
         summary = summarize_ranks(rows)

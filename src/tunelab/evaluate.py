@@ -121,6 +121,25 @@ def evaluate(
     return metrics
 
 
+def evaluate_variants(
+    tuned: Any,
+    dataset: TokenizedDataset,
+    variants: list[dict[str, Any]],
+    with_exact_match: bool,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """The one way a trained model is evaluated (`tunelab eval`, the quickstart): each of its variants
+    (e.g. each rank of a DyLoRA adapter; [{}] for the model as is) on `dataset`, one row per variant.
+    `tuned` is an `assemble.TunedModel`."""
+    rows = []
+    for variant in variants:
+        tuned.method.set_variant(tuned.model, **variant)
+        metrics = evaluate(tuned.model, tuned.tokenizer, dataset, with_exact_match, batch_size, progress)
+        rows.append({**variant, **metrics})
+    return rows
+
+
 def elbow_index(values: list[float]) -> int:
     """Index of the elbow of a curve: the point farthest from the chord joining its ends, after
     scaling both axes to [0, 1] (the 'knee' heuristic)."""

@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from tunelab.assemble import build, load_run
+from tunelab.assemble import build
 from tunelab.config import load_config
 from tunelab.data import build_dataset
-from tunelab.evaluate import evaluate, loss_and_perplexity, summarize_ranks
+from tunelab.evaluate import evaluate, evaluate_variants, summarize_ranks
 from tunelab.plots import loss_curve, rank_curve
 from tunelab.rundir import METRICS_FILE
 from tunelab.train import train
@@ -51,13 +51,10 @@ def _rank_table(trained, config, eval_examples: int, run_dir: Path) -> None:
         return
     ranks = ",".join(str(b) for b in (1, 2, 4, 8, 16, 32, 64) if b in evaluable)
     dataset = _eval_set(config, trained.tokenizer, eval_examples)
-    rows = []
     console.print(f"evaluating the one adapter at ranks {ranks} ...")
     with Progress(console=console, transient=True) as progress:
-        for variant in trained.method.eval_variants(ranks):
-            trained.method.set_variant(trained.model, **variant)
-            metrics = loss_and_perplexity(trained.model, dataset, trained.tokenizer, progress=progress)
-            rows.append({**variant, **metrics})
+        variants = trained.method.eval_variants(ranks)
+        rows = evaluate_variants(trained, dataset, variants, with_exact_match=False, progress=progress)
     summary = summarize_ranks(rows)
     plot = rank_curve(summary, run_dir / "rank_curve.png", title="quickstart: one QDyLoRA run at each rank")
     table = Table(
@@ -87,10 +84,9 @@ def run_quickstart(
     del before_model
 
     train_started = time.perf_counter()
-    run_dir = train(config)
+    result = train(config)
     train_time = time.perf_counter() - train_started
-
-    _, trained = load_run(run_dir)
+    run_dir, trained = result.run_dir, result.tuned
     after = _evaluate(trained.model, trained.tokenizer, config, eval_examples, "the fine-tuned model")
     plot = loss_curve(run_dir / METRICS_FILE, run_dir / "loss_curve.png")
 

@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -249,8 +250,17 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train `config` end to end; returns the run directory.
+@dataclass
+class TrainedRun:
+    """What train() hands back: the run folder, and the trained model in eval mode, so a caller
+    evaluates it without loading it again (None when a finished run was resumed: nothing trained)."""
+
+    run_dir: Path
+    tuned: TunedModel | None
+
+
+def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> TrainedRun:
+    """Train `config` end to end.
 
     The run folder is locked for the whole training (main process), so a second `tunelab train` into
     it fails at once; a finished run resumed is left as it is."""
@@ -262,7 +272,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> P
                 f"{run} is finished ({run.final_dir} exists); nothing to resume, nothing changed. "
                 "To train longer, start a new run with a higher train.max_steps or train.epochs."
             )
-            return run.path
+            return TrainedRun(run.path, None)
     lock = run.lock() if _is_main_process() else nullcontext()
     with lock:
         if not resume:
@@ -270,7 +280,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> P
         return _train_locked(config, run, resume, overwrite)
 
 
-def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool) -> Path:
+def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool) -> TrainedRun:
     # the data first: a bad row is found in seconds, not after the model has loaded
     tokenizer = load_tokenizer(resolve_model(config.model))
     train_set = build_dataset(config.data.train, tokenizer, config.data)
@@ -324,7 +334,8 @@ def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool)
     if args.should_save:
         with atomic_directory(run.final_dir) as tmp:
             built.method.save(built.model, tmp)
-    return run.path
+    built.model.eval()
+    return TrainedRun(run.path, built)
 
 
 def check_replicas(tensors: dict[str, torch.Tensor]) -> None:

@@ -27,7 +27,6 @@ TRIAL_METRICS = ("exact_match", "loss", "perplexity")
 def run_trial(config_path: Path, metric: str) -> dict[str, Any]:
     """Train `config_path` (replacing a leftover run in its output_dir) and score it on its data.eval."""
     # torch comes in here, not at import: the sweep and recommend commands import this module
-    from tunelab.assemble import load_run
     from tunelab.config import load_config
     from tunelab.data import build_dataset
     from tunelab.evaluate import evaluate
@@ -35,8 +34,7 @@ def run_trial(config_path: Path, metric: str) -> dict[str, Any]:
     from tunelab.train import train
 
     config = load_config(config_path)
-    run_dir = train(config, overwrite=True)
-    _, built = load_run(run_dir)
+    built = train(config, overwrite=True).tuned
     dataset = build_dataset(config.data.eval, built.tokenizer, config.data, limit=config.data.eval_limit)
     metrics = evaluate(built.model, built.tokenizer, dataset, with_exact_match=metric == "exact_match")
     return {"score": metrics[metric], "metrics": metrics, "peak_memory_bytes": peak_memory_bytes()}
