@@ -153,3 +153,17 @@ def test_the_model_train_hands_back_is_the_saved_run(
     assert in_memory == pytest.approx(
         loss_and_perplexity(loaded.model, dataset, loaded.tokenizer)["loss"], rel=1e-5
     )
+
+
+def test_eval_loss_during_training_is_what_tunelab_eval_reports(tmp_path, tiny_model_dir, qa_jsonl):
+    from tunelab.data import build_dataset
+    from tunelab.evaluate import loss_and_perplexity
+
+    config = tiny_config(tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.eval_steps": 6})
+    result = train(config)
+    evals = [r for r in _records(result.run_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    dataset = build_dataset(str(qa_jsonl), result.tuned.tokenizer, config.data)
+    final = loss_and_perplexity(result.tuned.model, dataset, result.tuned.tokenizer)
+    assert evals[-1]["eval_loss"] == pytest.approx(final["loss"], rel=1e-6)
+    assert evals[-1]["eval_perplexity"] == pytest.approx(final["perplexity"], rel=1e-6)

@@ -24,6 +24,7 @@ from tunelab.assemble import TunedModel, build
 from tunelab.config import RunConfig, dump_config
 from tunelab.data import TokenizedDataset, build_dataset, collator
 from tunelab.errors import RunInterrupted, TunelabError
+from tunelab.evaluate import loss_and_perplexity
 from tunelab.loss import causal_lm_loss, supports_head_loss
 from tunelab.methods import Method
 from tunelab.models import compute_dtype, load_tokenizer, resolve_model
@@ -125,6 +126,17 @@ class TunelabTrainer(Trainer):
         # not optional: without them DyLoRA draws no rank and SpIEL never reselects
         kwargs["callbacks"] = [MethodHooks(method), *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Token-weighted mean loss over the labelled tokens: the number `tunelab eval` reports (the
+        Trainer's own eval loss weights every batch equally, whatever its count of labelled tokens)."""
+        dataset = eval_dataset or self.eval_dataset
+        tokenizer = self.data_collator.tokenizer
+        scores = loss_and_perplexity(self.model, dataset, tokenizer, self.args.per_device_eval_batch_size)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # a wrapped model (DDP) must be called through its wrapper for gradient sync
