@@ -82,7 +82,7 @@ def write_qa_jsonl(path: Path) -> Path:
 
 def tiny_config(model_dir: str, data: Path, out: Path, **overrides):
     """A RunConfig for a fast run on the tiny model."""
-    from tunelab.config import validate
+    from tunelab.config import deep_merge, nest, validate
 
     data_dict = {
         "model": model_dir,
@@ -91,13 +91,10 @@ def tiny_config(model_dir: str, data: Path, out: Path, **overrides):
         "train": {"lr": 5e-3, "max_steps": 12, "batch_size": 8, "log_steps": 4, "warmup_ratio": 0.0},
         "output_dir": str(out),
     }
-    for key, value in overrides.items():
-        node = data_dict
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return validate(data_dict)
+    # a whole section given (method={...}) replaces the default one; dotted keys set one value
+    data_dict |= {key: value for key, value in overrides.items() if "." not in key}
+    dotted = {key: value for key, value in overrides.items() if "." in key}
+    return validate(deep_merge(data_dict, nest(dotted)))
 
 
 @pytest.fixture(scope="session")

@@ -289,7 +289,7 @@ def _format_error(
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """['train.lr=1e-4', 'method.r=16'] -> {'train': {'lr': 1e-4}, 'method': {'r': 16}}"""
-    nested: dict[str, Any] = {}
+    dotted: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise TunelabError(f"override '{item}' is not of the form key.sub=value (e.g. train.lr=1e-4)")
@@ -297,18 +297,36 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise TunelabError(f"override '{item}' has an empty key part; write e.g. method.r=16")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            dotted[key] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            value = raw
+            dotted[key] = raw
+    return nest(dotted)
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{'train.lr': 1e-4, 'method.r': 8} -> {'train': {'lr': 1e-4}, 'method': {'r': 8}}; a deeper key
+    replaces a value given earlier at its parent."""
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
         node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            existing = node.get(part)
-            if not isinstance(existing, dict):
-                existing = node[part] = {}
-            node = existing
-        node[parts[-1]] = value
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
     return nested
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4} (the inverse of `nest`)."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def deep_merge(base: dict, update: dict) -> dict:

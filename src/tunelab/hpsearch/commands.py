@@ -23,12 +23,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tunelab.config import dump_config, validate
+from tunelab.config import dump_config, flatten, nest, validate
 from tunelab.errors import TunelabError
 from tunelab.hpsearch.cbs import cbs_rank, orient, top_k_curve
 from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
-from tunelab.hpsearch.spec import SweepSpec, Trial, _nest, check_datasets, expand, load_spec
+from tunelab.hpsearch.spec import SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
 from tunelab.hpsearch.trial import TRIAL_METRICS
 
@@ -233,20 +233,9 @@ def sweep(
 # recommend
 
 
-def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4}"""
-    flat: dict[str, Any] = {}
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
     """A config as flat dotted keys, without the keys that only place a trial."""
-    return {key: value for key, value in _flatten(config).items() if key not in _PLACEMENT_KEYS}
+    return {key: value for key, value in flatten(config).items() if key not in _PLACEMENT_KEYS}
 
 
 def _varying_keys(hyperparameters: list[dict[str, Any]]) -> list[str]:
@@ -378,7 +367,7 @@ def _cbs_config_files(ranking: list[dict[str, Any]], source: Path, folder: Path)
         covers = ", ".join(entry["covers"]) or "nothing new"
         comment = f"CBS rank {entry['rank']} of {source.name} (covers {covers})"
         where = f"{source}: config {entry['config']} (hyperparameters must be config keys, e.g. train.lr)"
-        files[path] = _train_config(_nest(entry["hyperparameters"]), where, comment)
+        files[path] = _train_config(nest(entry["hyperparameters"]), where, comment)
     return files
 
 

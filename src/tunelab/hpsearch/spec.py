@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from tunelab.config import deep_merge, read_yaml, validate
+from tunelab.config import deep_merge, nest, read_yaml, validate
 from tunelab.errors import TunelabError
 from tunelab.tasks import builtin_tasks, parse_builtin
 
@@ -127,18 +127,6 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
-def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
-    """{'train.lr': 1e-4, 'method.r': 8} -> {'train': {'lr': 1e-4}, 'method': {'r': 8}}"""
-    nested: dict[str, Any] = {}
-    for key, value in dotted.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
 def _points(spec: SweepSpec) -> list[dict[str, Any]]:
     """Every point of the sweep as a flat {dotted key: value}: product of grid keys and zip groups."""
     factors = [[{key: value} for value in values] for key, values in spec.grid.items()]
@@ -187,7 +175,7 @@ def expand(spec: SweepSpec) -> list[Trial]:
     if isinstance(base.get("method"), str):
         base = {**base, "method": {"name": base["method"]}}
     for index, point in enumerate(_points(spec)):
-        merged = deep_merge(base, _nest(point))
+        merged = deep_merge(base, nest(point))
         resolved = validate(merged, f"{spec._source} (sweep point {index}: {point})").model_dump(mode="json")
         point_id = config_id(resolved)
         if point_id in seen_ids:
