@@ -67,7 +67,7 @@ def test_rows_are_well_formed_and_correct(name):
         assert prompt.endswith("\nAnswer:") and not prompt.endswith(" ")
         assert completion.startswith(" ") and "\n" not in completion
         answer = task.extract_answer(completion)
-        assert answer is not None and answer == task.extract_answer(completion)
+        assert answer is not None
         assert answer == solve(name, prompt.removesuffix("\nAnswer:"))
         assert task.extract_answer(f"{completion}\nmore text the model rambled") == answer
 

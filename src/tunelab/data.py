@@ -322,7 +322,6 @@ def tokenize_segments(
 
 @dataclass
 class Example:
-    where: str
     prompt: str  # the text before the first response (what generation starts from)
     reference: str  # the first response's own text (what exact match compares against)
 
@@ -387,7 +386,7 @@ def build_dataset(
             report.add(f"truncated to data.max_length={max_length}", where)
         features.append(feature)
         prompt = next((text for text, is_response in segments if not is_response), "")
-        examples.append(Example(where, prompt, reference))
+        examples.append(Example(prompt, reference))
     if not features:
         raise TunelabError(
             f"dataset '{spec}': no example keeps a response token within data.max_length="

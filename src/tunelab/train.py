@@ -155,7 +155,7 @@ class TunelabTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         # an update can leave inf/NaN weights behind a finite loss: such a checkpoint is not "good"
-        if not all(torch.isfinite(t).all() for t in self.method.trained_state(model).values()):
+        if not all(torch.isfinite(t).all() for t in self.method.checkpoint_tensors(model).values()):
             self.nonfinite_step = self.state.global_step
             self.control.should_training_stop = True
             return
@@ -342,7 +342,7 @@ def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool)
             f"tunelab train {run.config_file} --resume"
         )
     if args.world_size > 1:
-        check_replicas(built.method.trained_state(built.model))
+        check_replicas(built.method.checkpoint_tensors(built.model))
     if args.should_save:
         with atomic_directory(run.final_dir) as tmp:
             built.method.save(built.model, tmp)

@@ -33,8 +33,9 @@ class Method:
         """Change `model` in place so that exactly the method's parameters require grad."""
         raise NotImplementedError
 
-    def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The tensors this method trains, by name in `model` (what a checkpoint must hold)."""
+    def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold, by name in `model`: the tensors this method trains, and any
+        other tensor that changes during training (SpIEL's indices)."""
         return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
     def create_optimizer(
@@ -76,7 +77,7 @@ class Method:
 
     def save(self, model: nn.Module, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.trained_state(model).items()}
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.checkpoint_tensors(model).items()}
         save_file(tensors, directory / WEIGHTS_FILE)
         torch.save(self.state_dict(), directory / STATE_FILE)
 
@@ -85,7 +86,7 @@ class Method:
         if not weights.is_file():
             raise TunelabError(f"{directory} holds no trained weights ({WEIGHTS_FILE}); is it a tunelab run?")
         tensors = load_file(weights)
-        expected = self.trained_state(model)
+        expected = self.checkpoint_tensors(model)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:

@@ -31,25 +31,22 @@ def first_line(text: str) -> str | None:
     return None
 
 
-def _registry() -> dict[str, Task]:
+def builtin_tasks() -> dict[str, Task]:
+    """The built-in tasks by name."""
     from tunelab.tasks.gsm8k import GSM8K
     from tunelab.tasks.synthetic import SYNTHETIC_TASKS
 
     return {task.name: task for task in (GSM8K, *SYNTHETIC_TASKS)}
 
 
-def builtin_tasks() -> dict[str, Task]:
-    return _registry()
-
-
 def builtin_task_names() -> tuple[str, ...]:
-    return tuple(_registry())
+    return tuple(builtin_tasks())
 
 
 def parse_builtin(spec: str) -> tuple[Task, str] | None:
     """'gsm8k:train' -> (task, 'train'); None when `spec` does not name a built-in task."""
     name, sep, split = spec.partition(":")
-    tasks = _registry()
+    tasks = builtin_tasks()
     if not sep or name not in tasks:
         return None
     if split not in SPLITS:

@@ -106,7 +106,7 @@ class DyLoraMethod(LoraMethod):
         # between steps (evaluation, checkpoints) the adapter is at its full rank
         self.set_variant(model, rank=self.config.r)
 
-    def check_rank(self, rank: int | None) -> int:
+    def resolve_rank(self, rank: int | None) -> int:
         if rank is None:
             return self.config.r
         if not 1 <= rank <= self.config.r:

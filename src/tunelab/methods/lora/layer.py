@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rows(t: torch.Tensor) -> torch.Tensor:
+def token_rows(t: torch.Tensor) -> torch.Tensor:
     """(..., n) -> (tokens, n): every leading dimension is a token."""
     return t.reshape(-1, t.shape[-1])
 
@@ -47,9 +47,9 @@ class LoRAUpdate(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             grad_update = grad_update.to(ctx.dtype) * ctx.scale
             grad_down = grad_update @ lora_B.to(ctx.dtype)
-            grad_B = rows(grad_update).T @ rows(down)
+            grad_B = token_rows(grad_update).T @ token_rows(down)
             dropped = x.to(ctx.dtype) if drop is None else x.to(ctx.dtype).masked_fill(drop, 0)
-            grad_A = rows(grad_down).T @ rows(dropped)
+            grad_A = token_rows(grad_down).T @ token_rows(dropped)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = grad_down @ lora_A.to(ctx.dtype)

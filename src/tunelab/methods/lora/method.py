@@ -30,7 +30,8 @@ class LoraMethod(Method):
             replace_module(model, name, layer.to(device))
 
     # -- variants: a plain LoRA has one rank ---------------------------------------------------------
-    def check_rank(self, rank: int | None) -> int:
+    def resolve_rank(self, rank: int | None) -> int:
+        """The rank to evaluate or export at: the run's r when none is asked for, else a rank it has."""
         if rank is None:
             return self.config.r
         if rank != self.config.r:
@@ -38,11 +39,11 @@ class LoraMethod(Method):
         return rank
 
     def set_variant(self, model: nn.Module, rank: int | None = None, **_: Any) -> None:
-        set_rank(model, self.check_rank(rank))
+        set_rank(model, self.resolve_rank(rank))
 
     # -- merge and export --------------------------------------------------------------------------
     def merge(self, model: nn.Module, rank: int | None = None, **_: Any) -> nn.Module:
-        rank = self.check_rank(rank)
+        rank = self.resolve_rank(rank)
         with torch.no_grad():
             for name, layer in lora_layers(model).items():
                 merged = dequantized_linear(layer.base_layer)
@@ -58,7 +59,7 @@ class LoraMethod(Method):
     ) -> None:
         if fmt != "peft":
             super().export(model, fmt, out, base_model)
-        rank = self.check_rank(rank)
+        rank = self.resolve_rank(rank)
         layers = lora_layers(model)
         tensors = {}
         for name, layer in layers.items():

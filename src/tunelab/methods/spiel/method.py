@@ -91,11 +91,11 @@ class SpielMethod(Method):
             replace_module(model, name, layer)
             self.layers[name] = layer
 
-    def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The values and, as they change during training, the indices (not trained, but a checkpoint
         without them is meaningless)."""
         indices = {f"{name}.indices": layer.indices for name, layer in spiel_layers(model).items()}
-        return {**super().trained_state(model), **indices}
+        return {**super().checkpoint_tensors(model), **indices}
 
     def create_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         layers = list(self.layers.values())
