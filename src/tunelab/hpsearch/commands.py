@@ -28,15 +28,13 @@ from tunelab.errors import TunelabError
 from tunelab.hpsearch.cbs import cbs_rank, orient, top_k_curve
 from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
-from tunelab.hpsearch.spec import SweepSpec, Trial, check_datasets, expand, load_spec
+from tunelab.hpsearch.spec import PLACEMENT_KEYS, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
-from tunelab.hpsearch.trial import TRIAL_METRICS
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # log lines stay whole
 
 # config keys that place a trial rather than tune it (the same hyperparameters run on every dataset)
-_PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,12 +101,6 @@ def _work_dir(db: Path) -> Path:
 
 def _check_sweep(spec: SweepSpec, spec_path: Path, executor: str, address: str | None, db: Path) -> None:
     """Everything a sweep needs, checked before it writes anything or starts a trial."""
-    for dataset in spec.datasets:
-        if dataset.metric not in TRIAL_METRICS:
-            raise TunelabError(
-                f"{spec_path}: dataset '{dataset.name}' has metric {dataset.metric}, which sweep trials "
-                f"do not compute; use one of: {', '.join(TRIAL_METRICS)}"
-            )
     if executor == "local" and address:
         raise TunelabError("--address is for --executor ray; drop it or add --executor ray")
     if executor == "ray":
@@ -235,7 +227,7 @@ def sweep(
 
 def _hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
     """A config as flat dotted keys, without the keys that only place a trial."""
-    return {key: value for key, value in flatten(config).items() if key not in _PLACEMENT_KEYS}
+    return {key: value for key, value in flatten(config).items() if key not in PLACEMENT_KEYS}
 
 
 def _varying_keys(hyperparameters: list[dict[str, Any]]) -> list[str]:

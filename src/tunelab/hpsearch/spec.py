@@ -22,15 +22,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from tunelab.config import deep_merge, nest, read_yaml, validate
+from tunelab.config import deep_merge, flatten, nest, read_yaml, validate
 from tunelab.errors import TunelabError
 from tunelab.tasks import builtin_tasks, parse_builtin
 
-# metric name -> higher is better; what a trial's evaluation reports as its score (DatasetSpec.metric lists
-# the same names)
+# metric name -> higher is better (DatasetSpec.metric lists the same names); sweep trials compute
+# TRIAL_METRICS themselves, `accuracy` only comes from results tables
 HIGHER_IS_BETTER = {"exact_match": True, "accuracy": True, "loss": False, "perplexity": False}
+TRIAL_METRICS = ("exact_match", "loss", "perplexity")
+# keys that place a trial (its run folder and name, its dataset) rather than configure it: they are
+# set per trial, and left out of config ids and of the hyperparameters a recommendation lists
+PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval")
 
 
 class DatasetSpec(BaseModel):
@@ -40,6 +52,15 @@ class DatasetSpec(BaseModel):
     train: str
     eval: str
     metric: Literal["exact_match", "accuracy", "loss", "perplexity"] = "exact_match"
+
+    @field_validator("metric")
+    @classmethod
+    def _computed_by_trials(cls, metric: str) -> str:
+        if metric not in TRIAL_METRICS:
+            raise ValueError(
+                f"metric {metric}, which sweep trials do not compute; use one of: {', '.join(TRIAL_METRICS)}"
+            )
+        return metric
 
 
 class SweepSpec(BaseModel):
@@ -63,8 +84,9 @@ class SweepSpec(BaseModel):
         groups = [("grid", self.grid)] + [(f"zip[{i}]", group) for i, group in enumerate(self.zip)]
         for where, group in groups:
             for key, values in group.items():
-                if key in ("data.train", "data.eval"):
-                    raise ValueError(f"'{where}.{key}' is set per dataset; list datasets under 'datasets'")
+                if key in PLACEMENT_KEYS:
+                    fix = "list datasets under 'datasets'" if key.startswith("data.") else "the sweep sets it"
+                    raise ValueError(f"'{where}.{key}' is set per dataset and trial; {fix}")
                 if key in seen:
                     raise ValueError(f"'{where}.{key}' is swept twice; keep it in one place")
                 nested = [
@@ -143,11 +165,9 @@ def config_id(config: dict[str, Any]) -> str:
     datasets share an id. Pass resolved configs (as `expand` makes them), so that a default written
     out and a default left implicit give the same id.
     """
-    hyperparameters = {key: value for key, value in config.items() if key not in ("name", "output_dir")}
-    if isinstance(config.get("data"), dict):
-        hyperparameters["data"] = {
-            key: value for key, value in config["data"].items() if key not in ("train", "eval")
-        }
+    hyperparameters = nest(
+        {key: value for key, value in flatten(config).items() if key not in PLACEMENT_KEYS}
+    )
     canonical = json.dumps(hyperparameters, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

@@ -20,9 +20,6 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 
-# metrics a trial computes itself (`accuracy` only comes from results tables)
-TRIAL_METRICS = ("exact_match", "loss", "perplexity")
-
 
 def run_trial(config_path: Path, metric: str) -> dict[str, Any]:
     """Train `config_path` (replacing a leftover run in its output_dir) and score it on its data.eval."""
