@@ -191,3 +191,8 @@ def test_config_mistakes_get_clear_errors(tmp_path, capsys, tiny_model_dir, qa_j
     code, err = run_cli(capsys, "train", str(path))
     assert_one_line_error(code, err, "data.max_length=4096 is beyond the model's 512 positions")
     assert validate({"train": {"max_steps": -1}}).train.max_steps == -1
+
+
+def test_the_summary_line_shows_names_as_written(tokenizer, capsys):
+    build_dataset("addition:eval", tokenizer, DataConfig(max_length=16))  # `:eval:` is no emoji code
+    assert "data addition:eval: " in capsys.readouterr().err

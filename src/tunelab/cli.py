@@ -20,8 +20,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune open causal LMs: LoRA, QLoRA, QDyLoRA, SpIEL, full FT; coverage-based search.",
 )
-console = Console()
-err_console = Console(stderr=True)
+# emoji=False: ':train:' in 'gsm8k:train:' is a dataset name, not an emoji code
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from tunelab.config import DataConfig, read_utf8
 from tunelab.errors import TunelabError
@@ -395,7 +396,8 @@ def build_dataset(
         )
     summary = report.summary(spec, len(rows), len(features))
     if summary:
-        Console(stderr=True).print(f"[yellow]{summary}[/yellow]", highlight=False, soft_wrap=True)
+        report_console = Console(stderr=True, emoji=False, soft_wrap=True, highlight=False)
+        report_console.print(f"[yellow]{escape(summary)}[/yellow]")
     return TokenizedDataset(features, examples, task, fmt)
 
 

@@ -42,7 +42,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     """Dequantize a GGUF checkpoint once into a safetensors model directory (written atomically)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    Console(stderr=True).print(f"[dim]converting {gguf_path.name} to {target} (once) ...[/dim]")
+    Console(stderr=True, emoji=False).print(f"[dim]converting {gguf_path.name} to {target} (once) ...[/dim]")
     folder, file = str(gguf_path.parent), gguf_path.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config.

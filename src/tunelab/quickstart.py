@@ -19,7 +19,7 @@ from tunelab.train import train
 
 DEFAULT_CONFIG = Path(__file__).with_name("quickstart.yaml")
 DEFAULT_EVAL_EXAMPLES = 16  # one generation batch
-console = Console()
+console = Console(emoji=False)
 
 
 def _free_run_dir(path: Path) -> Path:

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 from tunelab.methods import Method
 
-console = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
+console = Console(stderr=True, soft_wrap=True, emoji=False)  # one message, one line, whatever the width
 
 
 def peak_memory_bytes() -> int:

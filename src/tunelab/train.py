@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import yaml
+from rich.markup import escape
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -321,7 +322,8 @@ def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool)
     if resume and args.should_save:
         run.truncate_metrics(checkpoint_step(checkpoint) if checkpoint else 0)
     console.print(
-        f"training [bold]{config.method.name}[/bold] on {config.model} ({len(train_set)} examples) -> {run}"
+        f"training [bold]{config.method.name}[/bold] on {escape(config.model)} ({len(train_set)} examples) "
+        f"-> {escape(str(run))}"
     )
     with stop_request.installed():
         try:

@@ -31,7 +31,7 @@ from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_conf
 from tunelab.hpsearch.spec import PLACEMENT_KEYS, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
 
-console = Console()
+console = Console(emoji=False)
 err_console = Console(stderr=True, soft_wrap=True)  # log lines stay whole
 
 # config keys that place a trial rather than tune it (the same hyperparameters run on every dataset)
