@@ -196,3 +196,25 @@ def test_config_mistakes_get_clear_errors(tmp_path, capsys, tiny_model_dir, qa_j
 def test_the_summary_line_shows_names_as_written(tokenizer, capsys):
     build_dataset("addition:eval", tokenizer, DataConfig(max_length=16))  # `:eval:` is no emoji code
     assert "data addition:eval: " in capsys.readouterr().err
+
+
+def test_mistakes_in_a_config_file_are_errors(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(TunelabError, match=r"empty.yaml: the file is empty"):
+        load_config(empty)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train: {max_steps: 10}\nmethod: lora\ntrain: {lr: 1e-3}\n")
+    with pytest.raises(TunelabError, match=r"twice.yaml:3: key 'train' appears twice \(also on line 1\)"):
+        load_config(twice)
+
+
+def test_data_mistakes_get_the_right_advice(tmp_path, tokenizer):
+    allbad = _jsonl(tmp_path, [{"instruction": "x", "output": None}] * 3)
+    with pytest.raises(TunelabError, match=r"no usable row \(.*3 skipped: null field") as caught:
+        build_dataset(str(allbad), tokenizer, DataConfig(skip_bad_rows=True))
+    assert "raise data.max_length" not in str(caught.value)
+    array = tmp_path / "rows.json"
+    array.write_text('[\n  {"prompt": "a", "completion": "b"},\n]\n')
+    with pytest.raises(TunelabError, match=rf"{array}:3: invalid JSON"):
+        build_dataset(str(array), tokenizer)

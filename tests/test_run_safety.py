@@ -159,3 +159,60 @@ def test_sigint_saves_a_checkpoint_and_a_moved_copy_resumes_to_the_same_weights(
     got = load_file(copy.final_dir / "trained.safetensors")
     for name in reference:
         torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_users_config_yaml_does_not_make_a_folder_a_run(tmp_path, capsys, tiny_model_dir, qa_jsonl):
+    theirs = tmp_path / "theirs"
+    (theirs / "checkpoints").mkdir(parents=True)
+    (theirs / "config.yaml").write_text("database:\n  host: x\n")
+    (theirs / "metrics.jsonl").write_text("mine\n")
+    (theirs / "checkpoints" / "model.pt").write_text("precious")
+    path, _ = _config_file(tmp_path, tiny_model_dir, qa_jsonl, theirs)
+    before = tree_digest(theirs)
+    code, err = run_cli(capsys, "train", str(path), "--overwrite")
+    assert_one_line_error(code, err, "is not a tunelab run")
+    code, err = run_cli(capsys, "eval", str(theirs))
+    assert_one_line_error(code, err, "is not a tunelab run directory")
+    assert tree_digest(theirs) == before and not (theirs / ".tunelab.lock").exists()
+
+
+def test_overwrite_refuses_files_added_inside_final_or_checkpoints(capsys, finished_run):
+    path, run_dir = finished_run
+    (run_dir / "final" / "NOTES.md").write_text("what I found")
+    code, err = run_cli(capsys, "train", str(path), "--overwrite")
+    assert_one_line_error(code, err, "files tunelab did not write", "final/NOTES.md")
+    assert (run_dir / "final" / "NOTES.md").read_text() == "what I found"
+
+
+def test_damaged_run_files_are_one_line_and_change_nothing(tmp_path, capsys, tiny_model_dir, qa_jsonl):
+    path, config = _config_file(
+        tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.save_steps": 4}
+    )
+    run = RunDir(train(config).run_dir)
+    code, err = run_cli(capsys, "eval", str(run.path), "--json", str(run.config_file))
+    assert_one_line_error(code, err, "is not a .json file")
+    weights = run.final_dir / "trained.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    code, err = run_cli(capsys, "eval", str(run.path))
+    assert_one_line_error(code, err, f"cannot read {weights}", "damaged")
+    shutil.rmtree(run.final_dir)
+    last = run.latest_checkpoint() / "trained.safetensors"
+    last.write_bytes(last.read_bytes()[:1000])
+    before = {k: v for k, v in tree_digest(run.path).items() if k != ".tunelab.lock"}
+    code, err = run_cli(capsys, "train", str(run.path), "--resume")
+    assert code == 2 and f"cannot read {last}" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert {k: v for k, v in tree_digest(run.path).items() if k != ".tunelab.lock"} == before
+
+
+def test_a_model_missing_weights_is_refused(tmp_path, capsys, tiny_model_dir, qa_jsonl):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tensors = load_file(model / "model.safetensors")
+    dropped = next(name for name in tensors if "q_proj" in name)
+    kept = {name: tensor for name, tensor in tensors.items() if name != dropped}
+    save_file(kept, model / "model.safetensors", {"format": "pt"})
+    path, _ = _config_file(tmp_path, str(model), qa_jsonl, tmp_path / "run")
+    code, err = run_cli(capsys, "train", str(path))
+    assert_one_line_error(code, err, "lacks 1 weight(s)", dropped)

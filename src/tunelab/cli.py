@@ -90,6 +90,8 @@ def eval_command(
     if json_path:  # before the evaluation, not after it
         if json_path.is_dir():
             raise TunelabError(f"--json {json_path} is a directory; name a file, e.g. {json_path}/eval.json")
+        if json_path.exists() and json_path.suffix != ".json":  # e.g. the run's own config.yaml
+            raise TunelabError(f"--json {json_path} exists and is not a .json file; name another file")
         check_writable(json_path.parent)
     config, built = load_run(run_dir)
     variants = built.method.eval_variants(ranks)

@@ -370,11 +370,36 @@ def read_yaml(path: str | Path) -> tuple[dict, str]:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise TunelabError(f"{where}: YAML syntax error: {problem}") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty file would silently mean "every default": hours of training
+        raise TunelabError(
+            f"{path}: the file is empty; write at least model:, method: and data: (see examples/lora.yaml)"
+        )
     if not isinstance(data, dict):
         raise TunelabError(f"{path}: the config must be a YAML mapping of keys (model:, method:, ...)")
+    _refuse_repeated_keys(text, path)
     return data, text
+
+
+def _refuse_repeated_keys(text: str, path: Path) -> None:
+    """YAML keeps only the last of two equal keys in a mapping; the first would be lost without a word."""
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+                if key in seen:
+                    raise TunelabError(
+                        f"{path}:{line}: key '{key}' appears twice (also on line {seen[key]}); "
+                        "write it once, merging its values"
+                    )
+                seen[key] = line
+                walk(value_node, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item, prefix)
+
+    walk(yaml.compose(text), "")
 
 
 def validate(

@@ -89,7 +89,9 @@ def _read_json(path: Path, text: str) -> list[Row]:
     """A JSON list of objects, {"data": [...]}, or JSON lines in a .json file."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):  # one JSON array, not JSON lines: say where it breaks
+            raise TunelabError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         return _read_jsonl(path, text)
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))
@@ -100,7 +102,10 @@ def _read_json(path: Path, text: str) -> list[Row]:
 
 def _read_parquet(path: Path) -> list[Row]:
     from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar, set_verbosity_error
 
+    disable_progress_bar()  # its "Generating train split" bar would be a second line on the terminal
+    set_verbosity_error()
     try:
         table = load_dataset("parquet", data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
@@ -389,6 +394,8 @@ def build_dataset(
         prompt = next((text for text, is_response in segments if not is_response), "")
         examples.append(Example(prompt, reference))
     if not features:
+        if any(reason.startswith("skipped") for reason in report.counts):  # not a length problem
+            raise TunelabError(f"dataset '{spec}': no usable row ({report.summary(spec, len(rows), 0)})")
         raise TunelabError(
             f"dataset '{spec}': no example keeps a response token within data.max_length="
             f"{max_length}; raise data.max_length"

@@ -100,8 +100,11 @@ def load_tokenizer(path: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise TunelabError(f"cannot load tokenizer from '{path}': {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a damaged config.json or tokenizer.json raises many error types
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TunelabError(
+            f"cannot load the tokenizer from '{path}': {reason}; check its config.json and tokenizer files"
+        ) from None
     fix_tokenizer(tokenizer)
     return tokenizer
 
@@ -119,11 +122,21 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, **kwargs):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **kwargs
+        )
     except Exception as exc:  # a truncated or corrupt checkpoint raises safetensors', torch's or OS errors
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise TunelabError(
             f"cannot load model from '{path}': {reason}; if it is a folder, its weight files may be "
             "incomplete or corrupt: copy or save them again"
         ) from None
+    # transformers fills missing or misshapen weights with random values and only warns
+    missing = loading.get("missing_keys") or [key for key, *_ in loading.get("mismatched_keys") or []]
+    if missing:
+        raise TunelabError(
+            f"model '{path}' lacks {len(missing)} weight(s) its config.json needs "
+            f"(e.g. {sorted(missing)[0]}): "
+            "its weight files are incomplete or do not match config.json; copy or save the model again"
+        )
     return model

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+import yaml
+
 from tunelab.errors import TunelabError
 
 CONFIG_FILE = "config.yaml"
@@ -25,6 +27,7 @@ FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint directory
 LOCK_FILE = ".tunelab.lock"
+FINAL_FILES = ("trained.safetensors", "method_state.pt")  # what Method.save writes into final/
 # what training and `tunelab eval`/quickstart write into a run folder: all that --overwrite may remove
 RUN_ENTRIES = (
     CONFIG_FILE,
@@ -58,10 +61,15 @@ class RunDir:
 
     # -- what is there ---------------------------------------------------------------------------
     def is_run(self) -> bool:
-        """A tunelab run: its config plus at least one other thing training writes."""
-        return self.config_file.is_file() and any(
-            (self.path / name).exists() for name in (METRICS_FILE, FINAL_DIR, CHECKPOINTS_DIR, LOCK_FILE)
-        )
+        """A tunelab run: a config.yaml as tunelab writes it (every top-level key of a run config, no
+        other), so a user's own config.yaml never makes a folder look like a run."""
+        from tunelab.config import RunConfig  # config imports nothing of this module
+
+        try:
+            saved = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return False
+        return isinstance(saved, dict) and set(saved) == set(RunConfig.model_fields)
 
     def is_finished(self) -> bool:
         return self.final_dir.is_dir()
@@ -70,8 +78,19 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
 
     def foreign_entries(self) -> list[str]:
-        """What tunelab did not write (exports, notes, a user's own files)."""
-        return [name for name in self.entries() if name not in RUN_ENTRIES and not _is_temporary(name)]
+        """What tunelab did not write (exports, notes, a user's own files), also inside final/ and
+        checkpoints/, which --overwrite removes whole."""
+        foreign = [name for name in self.entries() if name not in RUN_ENTRIES and not _is_temporary(name)]
+        if self.final_dir.is_dir():
+            final = self.final_dir.iterdir()
+            foreign += [f"{FINAL_DIR}/{p.name}" for p in final if p.name not in FINAL_FILES]
+        if self.checkpoints_dir.is_dir():
+            foreign += [
+                f"{CHECKPOINTS_DIR}/{p.name}"
+                for p in self.checkpoints_dir.iterdir()
+                if not (p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit())
+            ]
+        return sorted(foreign)
 
     def latest_checkpoint(self) -> Path | None:
         """The newest checkpoint written completely (a kill mid-save leaves no marker)."""
@@ -82,6 +101,10 @@ class RunDir:
         """For eval and export: a finished run, or a clear error."""
         if not self.config_file.is_file():
             raise TunelabError(f"{self.path} is not a tunelab run directory (no {CONFIG_FILE})")
+        if not self.is_run():
+            raise TunelabError(
+                f"{self.path} is not a tunelab run directory (its {CONFIG_FILE} is not one tunelab wrote)"
+            )
         if not self.is_finished():
             raise TunelabError(
                 f"{self.path} has no finished model ({FINAL_DIR}/); did the training finish? "
@@ -150,7 +173,7 @@ class RunDir:
         finally:
             handle.close()
             # nothing of ours stays in a folder that did not become a run (a failed start, a user's folder)
-            if created_lock and not self.config_file.exists():
+            if created_lock and not self.is_run():
                 self.lock_file.unlink(missing_ok=True)
             if created and not self.entries():
                 self.path.rmdir()

@@ -23,7 +23,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from tunelab.assemble import TunedModel, build
 from tunelab.config import RunConfig, dump_config
-from tunelab.data import TokenizedDataset, build_dataset, collator
+from tunelab.data import TokenizedDataset, build_dataset, collator, load_rows
 from tunelab.errors import RunInterrupted, TunelabError
 from tunelab.evaluate import loss_and_perplexity
 from tunelab.loss import causal_lm_loss, supports_head_loss
@@ -76,6 +76,17 @@ class NonFiniteLossGuard(TrainerCallback):
             control.should_training_stop = True
             control.should_save = False
             control.should_evaluate = False
+
+
+class TruncateMetricsOnStart(TrainerCallback):
+    """On resume, drop the metrics of the steps after the checkpoint (they are about to be redone);
+    the Trainer calls this after loading the checkpoint."""
+
+    def __init__(self, run: RunDir, last_step: int) -> None:
+        self.run, self.last_step = run, last_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.run.truncate_metrics(self.last_step)
 
 
 class StopOnSignal(TrainerCallback):
@@ -300,6 +311,8 @@ def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool)
     eval_set: TokenizedDataset | None = None
     if config.data.eval and config.train.eval_steps:
         eval_set = build_dataset(config.data.eval, tokenizer, config.data, limit=config.data.eval_limit)
+    elif config.data.eval:
+        load_rows(config.data.eval)  # exists and reads: `tunelab eval` of this run will need it
     built = build(config, tokenizer)
 
     # Making the trainer joins the other processes of a distributed run, each of which has already
@@ -310,8 +323,8 @@ def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool)
     trainer = make_trainer(config, built, run.path, train_set, eval_set, [reporter, guard, stop_request])
     args = trainer.args
     with args.main_process_first(desc="run directory"):
-        if args.should_save:
-            if overwrite and not resume:
+        if args.should_save and not resume:  # a resumed run keeps its own config as it is
+            if overwrite:
                 run.clear()  # only now: everything above validated and loaded
             write_atomically(run.config_file, dump_config(config))
     checkpoint = run.latest_checkpoint() if resume else None
@@ -319,8 +332,11 @@ def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool)
         console.print(
             f"[yellow]--resume: no complete checkpoint in {run.checkpoints_dir}; starting over[/yellow]"
         )
+    elif resume:
+        console.print(f"resuming from {escape(str(checkpoint))}")
     if resume and args.should_save:
-        run.truncate_metrics(checkpoint_step(checkpoint) if checkpoint else 0)
+        # once the checkpoint has loaded (a damaged one stops the run before anything changes)
+        trainer.add_callback(TruncateMetricsOnStart(run, checkpoint_step(checkpoint) if checkpoint else 0))
     console.print(
         f"training [bold]{config.method.name}[/bold] on {escape(config.model)} ({len(train_set)} examples) "
         f"-> {escape(str(run))}"

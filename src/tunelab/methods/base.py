@@ -85,7 +85,13 @@ class Method:
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise TunelabError(f"{directory} holds no trained weights ({WEIGHTS_FILE}); is it a tunelab run?")
-        tensors = load_file(weights)
+        try:
+            tensors = load_file(weights)
+        except Exception as exc:  # safetensors raises its own error type for a truncated or corrupt file
+            raise TunelabError(
+                f"cannot read {weights}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                "the file is damaged (a copy cut short?): copy the run again or use another checkpoint"
+            ) from None
         expected = self.checkpoint_tensors(model)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
