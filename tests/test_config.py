@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tunelab.config import load_config, parse_overrides
+from tunelab.config import dump_config, load_config, parse_overrides, validate
 from tunelab.errors import TunelabError
 
 
@@ -97,12 +97,13 @@ def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path):
 def test_cli_never_overwrites_an_existing_run(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "runs" / "old"
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("precious: true\n")
+    saved = dump_config(validate({"model": tiny_model_dir, "output_dir": str(run_dir)}))
+    (run_dir / "config.yaml").write_text(saved)  # as tunelab writes a run's config
     (run_dir / "metrics.jsonl").write_text("")
     path = _write(tmp_path, f"model: {tiny_model_dir}\noutput_dir: {run_dir}\n")
     result = _cli("train", str(path), cwd=tmp_path)
     assert result.returncode == 2 and "already holds a run; use --resume" in result.stderr
-    assert (run_dir / "config.yaml").read_text() == "precious: true\n"
+    assert (run_dir / "config.yaml").read_text() == saved
 
 
 @pytest.mark.parametrize(
