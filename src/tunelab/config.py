@@ -207,24 +207,37 @@ class RunConfig(Section):
 # loading
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Map each dotted key of a YAML mapping document to its 1-based line number."""
-    lines: dict[str, int] = {}
+def _yaml_keys(text: str) -> list[tuple[str, int, int]]:
+    """Every key of a YAML document as (dotted key, 1-based line, id of the mapping that holds it)."""
+    keys: list[tuple[str, int, int]] = []
 
     def walk(node: yaml.Node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = f"{prefix}{key_node.value}"
-                lines[key] = key_node.start_mark.line + 1
+                keys.append((key, key_node.start_mark.line + 1, id(node)))
                 walk(value_node, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item, prefix)
 
     try:
         root = yaml.compose(text)
     except yaml.YAMLError:
-        return lines
+        return keys
     if root is not None:
         walk(root, "")
-    return lines
+    return keys
+
+
+def _where(key: str, source: str, text: str, overridden: dict[str, str] | None) -> str:
+    """Where the value of `key` came from: the override that set it (or a part of it), else its
+    line in the file."""
+    for dotted, item in (overridden or {}).items():
+        if f"{dotted}.".startswith(f"{key}.") or key.startswith(f"{dotted}."):
+            return f"override {item}"
+    line = next((line for dotted, line, _ in _yaml_keys(text) if dotted == key), None)
+    return f"{source}:{line}" if line else source
 
 
 def _allowed_keys(model: type[BaseModel], data: Any, loc: tuple) -> list[str]:
@@ -246,25 +259,10 @@ def _allowed_keys(model: type[BaseModel], data: Any, loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_error(
-    err: dict, data: Any, source: str, key_lines: dict[str, int], overridden: dict[str, str] | None = None
-) -> str:
+def _format_error(err: dict, data: Any, source: str, text: str, overridden: dict[str, str] | None) -> str:
     loc = tuple(p for p in err["loc"] if p not in METHOD_NAMES or err["loc"][0] != "method")
     key = ".".join(str(p) for p in loc) or "<root>"
-    where = source
-    line = key_lines.get(key)
-    blamed = next(
-        (
-            item
-            for o, item in (overridden or {}).items()
-            if f"{o}.".startswith(f"{key}.") or key.startswith(f"{o}.")
-        ),
-        None,
-    )
-    if blamed:  # the value came from the command line, not from the file's line
-        where = f"override {blamed}"
-    elif line:
-        where = f"{source}:{line}"
+    where = _where(key, source, text, overridden)
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(RunConfig, data, loc[:-1])
@@ -382,24 +380,14 @@ def read_yaml(path: str | Path) -> tuple[dict, str]:
 
 def _refuse_repeated_keys(text: str, path: Path) -> None:
     """YAML keeps only the last of two equal keys in a mapping; the first would be lost without a word."""
-
-    def walk(node: yaml.Node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for key_node, value_node in node.value:
-                key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
-                if key in seen:
-                    raise TunelabError(
-                        f"{path}:{line}: key '{key}' appears twice (also on line {seen[key]}); "
-                        "write it once, merging its values"
-                    )
-                seen[key] = line
-                walk(value_node, key + ".")
-        elif isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                walk(item, prefix)
-
-    walk(yaml.compose(text), "")
+    seen: dict[tuple[int, str], int] = {}
+    for key, line, mapping in _yaml_keys(text):
+        if (mapping, key) in seen:
+            raise TunelabError(
+                f"{path}:{line}: key '{key}' appears twice (also on line {seen[mapping, key]}); "
+                "write it once, merging its values"
+            )
+        seen[mapping, key] = line
 
 
 def validate(
@@ -413,15 +401,12 @@ def validate(
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
-        key_lines = _key_lines(text)
-        raise TunelabError(_format_error(exc.errors()[0], data, source, key_lines, overridden)) from None
+        raise TunelabError(_format_error(exc.errors()[0], data, source, text, overridden)) from None
     if config.quantization == "nf4" and not config.method.trains_on_4bit_base:
-        where = f"override {overridden['quantization']}" if "quantization" in (overridden or {}) else source
-        line = _key_lines(text).get("quantization")
-        where = f"{source}:{line}" if line and where == source else where
         raise TunelabError(
-            f"{where}: quantization: nf4 cannot be combined with method {config.method.name} (4-bit weights "
-            "do not train); use lora, dylora or spiel on a 4-bit base, or quantization: none"
+            f"{_where('quantization', source, text, overridden)}: quantization: nf4 cannot be combined "
+            f"with method {config.method.name} (4-bit weights do not train); use lora, dylora or spiel on "
+            "a 4-bit base, or quantization: none"
         )
     return config
 
@@ -434,8 +419,8 @@ def _absolute_paths(data: dict, base: Path) -> dict:
 
     data = dict(data)
     model = data.get("model")
-    if isinstance(model, str) and (base / model).expanduser().exists():
-        data["model"] = str((base / model).expanduser().resolve())
+    if isinstance(model, str) and (base / Path(model).expanduser()).exists():
+        data["model"] = str((base / Path(model).expanduser()).resolve())
     if isinstance(data.get("data"), dict):
         section = dict(data["data"])
         for key in ("train", "eval"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from torch import nn
 
 from tunelab.data import IGNORE_INDEX, TokenizedDataset, collator
 from tunelab.tasks import first_line
+
+if TYPE_CHECKING:  # assemble imports the methods; evaluation needs only the type
+    from tunelab.assemble import TunedModel
 
 
 @torch.no_grad()
@@ -122,7 +125,7 @@ def evaluate(
 
 
 def evaluate_variants(
-    tuned: Any,
+    tuned: TunedModel,
     dataset: TokenizedDataset,
     variants: list[dict[str, Any]],
     with_exact_match: bool,
@@ -130,8 +133,7 @@ def evaluate_variants(
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """The one way a trained model is evaluated (`tunelab eval`, the quickstart): each of its variants
-    (e.g. each rank of a DyLoRA adapter; [{}] for the model as is) on `dataset`, one row per variant.
-    `tuned` is an `assemble.TunedModel`."""
+    (e.g. each rank of a DyLoRA adapter; [{}] for the model as is) on `dataset`, one row per variant."""
     rows = []
     for variant in variants:
         tuned.method.set_variant(tuned.model, **variant)

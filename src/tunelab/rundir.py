@@ -19,6 +19,7 @@ from typing import IO
 
 import yaml
 
+from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 
 CONFIG_FILE = "config.yaml"
@@ -27,7 +28,9 @@ FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint directory
 LOCK_FILE = ".tunelab.lock"
-FINAL_FILES = ("trained.safetensors", "method_state.pt")  # what Method.save writes into final/
+WEIGHTS_FILE = "trained.safetensors"  # what Method.save writes into final/ and each checkpoint
+STATE_FILE = "method_state.pt"
+FINAL_FILES = (WEIGHTS_FILE, STATE_FILE)
 # what training and `tunelab eval`/quickstart write into a run folder: all that --overwrite may remove
 RUN_ENTRIES = (
     CONFIG_FILE,
@@ -63,8 +66,6 @@ class RunDir:
     def is_run(self) -> bool:
         """A tunelab run: a config.yaml as tunelab writes it (every top-level key of a run config, no
         other), so a user's own config.yaml never makes a folder look like a run."""
-        from tunelab.config import RunConfig  # config imports nothing of this module
-
         try:
             saved = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -88,7 +89,7 @@ class RunDir:
             foreign += [
                 f"{CHECKPOINTS_DIR}/{p.name}"
                 for p in self.checkpoints_dir.iterdir()
-                if not (p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit())
+                if not (p.is_dir() and p.name.removeprefix("checkpoint-").isdigit())
             ]
         return sorted(foreign)
 

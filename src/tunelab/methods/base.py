@@ -16,9 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.errors import TunelabError
-
-WEIGHTS_FILE = "trained.safetensors"
-STATE_FILE = "method_state.pt"
+from tunelab.rundir import STATE_FILE, WEIGHTS_FILE
 
 
 class Method:
