@@ -1,24 +1,27 @@
 """Profile one training step before optimizing it: where the time goes (torch profiler, top operators
 by self CPU time) and where the activation memory goes (every tensor autograd saves for the backward
-pass, deduplicated by storage, grouped by the module that saved it).
+pass, deduplicated by storage, grouped by the module that saved it). The steps are `tunelab train`'s
+own (make_trainer: the method's hooks and optimizer, tunelab's loss).
 
     python -m benchmarks.profile [--model smollm2-135m] [--quantization nf4] [--method lora|dylora|full|spiel]
+        [--precision auto|fp32|bf16] [--length 128]
 
-Batch 8 × 128 tokens, first half a masked prompt (as in benchmarks.run). Prints two markdown tables.
+Batch 8 × LENGTH tokens, first half a masked prompt (as in benchmarks.run). Step 1 warms up, step 2
+counts saved tensors, step 3 is profiled. Prints two markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from contextlib import ExitStack
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
-from benchmarks.memory import masked_prompt_batch
+from benchmarks.worker import run_config, train_on_fixed_batches
 from tunelab.assemble import build
-from tunelab.config import validate
-from tunelab.loss import causal_lm_loss
 
 
 def module_labels(model: nn.Module) -> dict[nn.Module, str]:
@@ -32,36 +35,57 @@ def module_labels(model: nn.Module) -> dict[nn.Module, str]:
     return labels
 
 
-def saved_tensor_census(model: nn.Module, batch: dict) -> dict[str, int]:
-    """Bytes of the tensors autograd keeps for backward, by the innermost module that saved them."""
-    labels = module_labels(model)
-    stack: list[str] = []
-    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights are not activations
-    by_module: dict[str, int] = defaultdict(int)
+class SavedTensorCensus(TrainerCallback):
+    """Bytes of the tensors autograd keeps for backward during step `at_step`, by the innermost module
+    that saved them."""
 
-    def push(module, _args):
-        stack.append(labels[module])
+    def __init__(self, model: nn.Module, at_step: int) -> None:
+        self.model, self.at_step = model, at_step
+        self.by_module: dict[str, int] = defaultdict(int)
+        self.stack: list[str] = []
+        self.context = ExitStack()
 
-    def pop(module, _args, _output):
-        stack.pop()
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step != self.at_step:
+            return
+        labels = module_labels(self.model)
+        seen = {p.untyped_storage().data_ptr() for p in self.model.parameters()}  # weights aren't activations
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            by_module[stack[-1] if stack else "(outside modules)"] += storage.nbytes()
-        return tensor
+        def push(module, _args):
+            self.stack.append(labels[module])
 
-    handles = [m.register_forward_pre_hook(push) for m in model.modules()]
-    handles += [m.register_forward_hook(pop) for m in model.modules()]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = causal_lm_loss(model, batch)
-        loss.backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return dict(by_module)
+        def pop(module, _args, _output):
+            self.stack.pop()
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                self.by_module[self.stack[-1] if self.stack else "(outside modules)"] += storage.nbytes()
+            return tensor
+
+        for module in self.model.modules():
+            self.context.callback(module.register_forward_pre_hook(push).remove)
+            self.context.callback(module.register_forward_hook(pop).remove)
+        self.context.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.context.close()  # global_step is already the next step here
+
+
+class ProfileStep(TrainerCallback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+        self.profiler: torch.profiler.profile | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step == self.at_step + 1:
+            self.profiler.__exit__(None, None, None)
 
 
 def main() -> None:
@@ -71,29 +95,29 @@ def main() -> None:
     parser.add_argument("--method", default="lora")
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     method = {"name": args.method}
     if args.method in ("lora", "dylora"):
         method |= {"r": 8, "dropout": args.dropout}
-    config = validate({"model": args.model, "quantization": args.quantization, "method": method})
-    model = build(config).model
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    batch = masked_prompt_batch()
-    causal_lm_loss(model, batch).backward()  # warm-up
+    train = {"gradient_checkpointing": args.gradient_checkpointing, "precision": args.precision}
+    config = run_config(
+        args.model, {"quantization": args.quantization, "method": method, "train": train}, batch=8, steps=3
+    )
+    built = build(config)
+    census, profile = SavedTensorCensus(built.model, at_step=1), ProfileStep(at_step=2)
+    train_on_fixed_batches(config, built, args.length, [census, profile])
 
-    census = saved_tensor_census(model, batch)
-    total = sum(census.values())
+    by_module = census.by_module
+    total = sum(by_module.values())
     print(f"\n### Saved for backward: {total / 2**20:.0f} MiB ({args.method}, {args.quantization})\n")
     print("| module | MiB | share |\n|---|---|---|")
-    for label, nbytes in sorted(census.items(), key=lambda kv: -kv[1])[: args.top]:
+    for label, nbytes in sorted(by_module.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"| {label} | {nbytes / 2**20:.0f} | {nbytes / total:.0%} |")
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        causal_lm_loss(model, batch).backward()
-    events = profiler.key_averages()
+    events = profile.profiler.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
     print(f"\n### Self CPU time of one step: {total_us / 1e6:.2f} s\n")
     print("| operator | calls | self CPU ms | share |\n|---|---|---|---|")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tunelab.methods.lora import LoRALinear
+from tunelab.methods.lora.layer import LoRALinear
 from tunelab.methods.spiel.layer import SparseDeltaLinear
 from tunelab.methods.spiel.selection import index_dtype
 
@@ -69,7 +69,7 @@ def main() -> None:
         print(f"{name:>28}: {1e3 * time_pass(layer, x, args.repeats):7.1f} ms")
 
     def start_phase() -> None:  # the first micro-batch of an AG phase computes the dense gradient
-        spiel_ag.accumulating, spiel_ag.candidates = True, None
+        spiel_ag.start_phase()
 
     milliseconds = 1e3 * time_pass(spiel_ag, x, args.repeats, start_phase)
     print(f"{'SpIEL, AG phase 1st batch':>28}: {milliseconds:7.1f} ms")

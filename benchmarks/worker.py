@@ -79,6 +79,17 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     return {key: torch.tensor([e[key] for e in examples]) for key in examples[0]}
 
 
+def train_on_fixed_batches(config, built, length: int, callbacks: list[TrainerCallback]) -> None:
+    """`config.train.max_steps` steps of the Trainer `make_trainer` assembles (hooks, loss, optimizer as
+    in `tunelab train`) on fixed batches of `length` tokens, in a scratch folder."""
+    count = config.train.batch_size * config.train.max_steps
+    data = fixed_batches(count, length, built.model.config.vocab_size)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = make_trainer(config, built, Path(out), data, callbacks=callbacks, data_collator=collate)
+        trainer.args.logging_strategy = "no"
+        trainer.train()
+
+
 def lora_trainable_count(model_dir: str, r: int) -> int:
     """Trainable parameters of an all-linear LoRA of rank r on this model (SpIEL's matched budget)."""
     config = validate({"model": model_dir, "method": {"name": "lora", "r": r}})
@@ -113,15 +124,14 @@ def measure(case: str, side: str, model_dir: str, steps: int, warmup: int, batch
         )
     if side == "ours" and config.method.name == "spiel":
         config.method.num_tunable = lora_trainable_count(model_dir, spec["ref"][1])
-    with tempfile.TemporaryDirectory() as out:
-        timer = StepTimer()
-        if side == "ours" or kind == "tunelab-lora":
-            built = build(config)
-            model = built.model
-            data = fixed_batches(batch * total_steps, length, model.config.vocab_size)
-            trainer = make_trainer(config, built, Path(out), data, callbacks=[timer], data_collator=collate)
-        else:
-            model = reference_model(model_dir, kind, rank, quantized, config)
+    timer = StepTimer()
+    if side == "ours" or kind == "tunelab-lora":
+        built = build(config)
+        model = built.model
+        train_on_fixed_batches(config, built, length, [timer])
+    else:
+        model = reference_model(model_dir, kind, rank, quantized, config)
+        with tempfile.TemporaryDirectory() as out:
             trainer = Trainer(  # the reference: the same arguments, PEFT's model, the stock Trainer
                 model=model,
                 args=training_arguments(config, Path(out), has_eval=False),
@@ -129,10 +139,10 @@ def measure(case: str, side: str, model_dir: str, steps: int, warmup: int, batch
                 data_collator=collate,
                 callbacks=[timer],
             )
-        trainer.args.logging_strategy = "no"
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        parameters = parameter_count(model)
-        trainer.train()
+            trainer.args.logging_strategy = "no"
+            trainer.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parameters = parameter_count(model)
     timed = timer.times[warmup:]
     median = statistics.median(timed)
     return {

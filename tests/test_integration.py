@@ -51,6 +51,6 @@ def test_qdylora_on_the_embedded_model(tmp_path):
     dataset = build_dataset("gsm8k:eval", built.tokenizer, config.data, limit=4)
     losses = []
     for rank in (1, 4):
-        built.method.set_variant(built.model, rank=rank)
+        built.method.set_rank(built.model, rank)
         losses.append(loss_and_perplexity(built.model, dataset, built.tokenizer)["loss"])
     assert all(0 < loss < 5 for loss in losses) and losses[0] != losses[1]

@@ -8,17 +8,12 @@ import torch
 from torch import nn
 
 from conftest import random_llama
-from tunelab.config import DyLoraConfig, LoraConfig
 from tunelab.errors import TunelabError
-from tunelab.methods.lora import (
-    DyLoraMethod,
-    LoRALinear,
-    LoraMethod,
-    lora_layers,
-    parse_ranks,
-    rank_probabilities,
-    sample_rank,
-)
+from tunelab.evaluate import parse_ranks
+from tunelab.methods.lora.config import DyLoraConfig, LoraConfig
+from tunelab.methods.lora.dylora import DyLoraMethod, rank_probabilities, sample_rank
+from tunelab.methods.lora.layer import LoRALinear, lora_layers
+from tunelab.methods.lora.method import LoraMethod
 
 
 def _layer(r=8, alpha=16.0, in_features=12, out_features=10) -> LoRALinear:
@@ -111,13 +106,13 @@ def test_geometric_distribution_formula():
 
 
 def test_parse_ranks():
-    assert parse_ranks("all", 4) == [1, 2, 3, 4]
-    assert parse_ranks("1,2,4,8", 8) == [1, 2, 4, 8]
-    assert parse_ranks("1-3,8", 8) == [1, 2, 3, 8]
+    assert parse_ranks("all", [1, 2, 3, 4]) == [1, 2, 3, 4]
+    assert parse_ranks("1,2,4,8", list(range(1, 9))) == [1, 2, 4, 8]
+    assert parse_ranks("1-3,8", list(range(1, 9))) == [1, 2, 3, 8]
     with pytest.raises(TunelabError, match="outside 1..8"):
-        parse_ranks("1-16", 8)
+        parse_ranks("1-16", list(range(1, 9)))
     with pytest.raises(TunelabError, match="not a rank"):
-        parse_ranks("x", 8)
+        parse_ranks("x", list(range(1, 9)))
 
 
 def _frozen_step(update: str):

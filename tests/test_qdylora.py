@@ -12,7 +12,7 @@ from torch import nn
 from conftest import tiny_config, write_qa_jsonl
 from tunelab.assemble import build
 from tunelab.export import export_run
-from tunelab.methods.lora import lora_layers
+from tunelab.methods.lora.layer import lora_layers
 from tunelab.methods.surgery import replace_module
 from tunelab.quant import dequantize_weight, dequantized_linear, guard_cpu_repack, is_4bit
 from tunelab.train import train
@@ -128,7 +128,7 @@ def qdylora_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_rank_sequence_is_logged_and_reproducible(qdylora_run):
-    from tunelab.methods.lora import rank_probabilities, sample_rank
+    from tunelab.methods.lora.dylora import rank_probabilities, sample_rank
 
     records = [json.loads(line) for line in (qdylora_run / "metrics.jsonl").read_text().splitlines()]
     ranks = [r["rank"] for r in records if "rank" in r]
@@ -167,7 +167,7 @@ def test_peft_on_an_nf4_base_matches_our_rank_b_forward(qdylora_run, tmp_path, t
     from tunelab.quant import nf4_config
 
     _, built = load_run(qdylora_run)
-    built.method.set_variant(built.model, rank=rank)
+    built.method.set_rank(built.model, rank)
     tokens = torch.randint(3, 1000, (1, 10))
     with torch.no_grad():
         ours = built.model(input_ids=tokens).logits
@@ -190,7 +190,7 @@ def test_merged_export_from_nf4_is_a_plain_model(qdylora_run, tmp_path):
     from tunelab.assemble import load_run
 
     _, built = load_run(qdylora_run)
-    built.method.set_variant(built.model, rank=3)
+    built.method.set_rank(built.model, 3)
     tokens = torch.randint(3, 1000, (1, 10))
     with torch.no_grad():
         ours = built.model(input_ids=tokens).logits

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import random_llama
-from tunelab.config import SpielConfig
 from tunelab.methods import create_method
 from tunelab.methods.spiel import selection
+from tunelab.methods.spiel.config import SpielConfig
 from tunelab.methods.spiel.layer import SparseDeltaLinear
 from tunelab.methods.spiel.method import parameter_count
 from tunelab.methods.spiel.optim import SparseAdamW, SparseSM3, adamw_seed_state
@@ -240,7 +240,7 @@ def test_delta_gradient_matches_dense_reference():
 def test_ag_window_accumulates_candidate_statistics():
     torch.manual_seed(1)
     layer = random_layer(nn.Linear(8, 6, bias=False), k=10)
-    layer.accumulating = True
+    layer.start_phase()
     dense_grads = []
     for _ in range(2):
         x, probe = torch.randn(4, 8), torch.randn(4, 6)

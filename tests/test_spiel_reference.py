@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from tunelab.config import SpielConfig
+from tunelab.methods.spiel.config import SpielConfig
 from tunelab.methods.spiel.layer import SparseDeltaLinear
 from tunelab.methods.spiel.optim import SparseAdamW, SparseSM3, adamw_seed_state
 

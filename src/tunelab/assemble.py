@@ -13,7 +13,8 @@ from transformers import set_seed
 
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
-from tunelab.methods import Method, create_method
+from tunelab.methods import create_method
+from tunelab.methods.base import Method
 from tunelab.models import compute_dtype, load_model, load_tokenizer, resolve_model
 from tunelab.quant import guard_cpu_repack, nf4_config, release_loading_memory
 from tunelab.rundir import RunDir

@@ -83,7 +83,7 @@ def eval_command(
 
     from tunelab.assemble import load_run
     from tunelab.data import build_dataset
-    from tunelab.evaluate import evaluate_variants, summarize_ranks
+    from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
     from tunelab.rundir import check_writable
 
@@ -94,7 +94,7 @@ def eval_command(
             raise TunelabError(f"--json {json_path} exists and is not a .json file; name another file")
         check_writable(json_path.parent)
     config, built = load_run(run_dir)
-    variants = built.method.eval_variants(ranks)
+    rank_list = parse_ranks(ranks, config.method.evaluable_ranks()) if ranks else None
     spec = data or config.data.eval
     if not spec:
         raise TunelabError("the run has no data.eval; pass --data NAME|PATH")
@@ -106,7 +106,7 @@ def eval_command(
     )
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True) as progress:
-        rows = evaluate_variants(built, dataset, variants, with_exact_match, batch_size, progress)
+        rows = evaluate_ranks(built, dataset, rank_list, with_exact_match, batch_size, progress)
     result: dict = {"data": spec, "examples": len(dataset)}
     if ranks:
         summary = summarize_ranks(rows)

@@ -7,132 +7,17 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import TunelabError
+from tunelab.methods import METHOD_CONFIGS
+from tunelab.methods.lora.config import LoraConfig
+from tunelab.schema import Section
 from tunelab.tasks import builtin_task_names
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-def _split_names(value: Any) -> Any:
-    """`q_proj,v_proj` (as typed on the command line) is the list [q_proj, v_proj]."""
-    if isinstance(value, str) and value != "all-linear":
-        return [name.strip() for name in value.split(",") if name.strip()]
-    return value
-
-
-TargetModules = Annotated[Literal["all-linear"] | list[str], BeforeValidator(_split_names)]
-
-
-class MethodSection(Section):
-    """A method's config, and what the method declares it can do (checked where configs are
-    validated, so the engine and the CLI never ask for a method by name)."""
-
-    implementation: ClassVar[str]  # "module:Class" of its `methods.base.Method`, imported when built
-    trains_on_4bit_base: ClassVar[bool] = True  # False: its trained weights are the base's own
-
-    def evaluable_ranks(self) -> list[int]:
-        """The ranks one trained adapter can be evaluated at (DyLoRA: every rank); [] for none."""
-        return []
-
-
-class LoraConfig(MethodSection):
-    """LoRA: h = W x + (alpha / r) * B (A x)."""
-
-    implementation: ClassVar[str] = "tunelab.methods.lora:LoraMethod"
-    name: Literal["lora"] = "lora"
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: TargetModules = "all-linear"
-
-
-class DyLoraConfig(MethodSection):
-    """DyLoRA: one rank b per optimizer step from {r_min..r}; forward with A[:b], B[:, :b], scale alpha/b."""
-
-    implementation: ClassVar[str] = "tunelab.methods.lora:DyLoraMethod"
-    name: Literal["dylora"] = "dylora"
-    r: int = Field(64, gt=0)
-    r_min: int = Field(1, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: TargetModules = "all-linear"
-    rank_distribution: Literal["uniform", "geometric"] = "uniform"
-    # geometric: P(b = r_min + j) ∝ (1 - p)^j, so low ranks are drawn more often.
-    geometric_p: float = Field(0.15, gt=0, lt=1)
-    # unfrozen: all of the first b rows/columns train (what QDyLoRA's "semi-sorted" §4 implies);
-    # frozen: only row b of A and column b of B (the DyLoRA paper's default).
-    update: Literal["unfrozen", "frozen"] = "unfrozen"
-
-    def evaluable_ranks(self) -> list[int]:
-        return list(range(1, self.r + 1))
-
-    @model_validator(mode="after")
-    def _rank_range(self) -> DyLoraConfig:
-        if self.r_min > self.r:
-            raise ValueError(f"r_min ({self.r_min}) must be <= r ({self.r}); lower r_min or raise r")
-        return self
-
-
-class FullConfig(MethodSection):
-    """Full fine-tuning: every weight trains."""
-
-    implementation: ClassVar[str] = "tunelab.methods.full:FullMethod"
-    trains_on_4bit_base: ClassVar[bool] = False
-    name: Literal["full"] = "full"
-
-
-class SpielConfig(MethodSection):
-    """SpIEL sparse fine-tuning: per weight matrix k (index, delta) pairs; update -> prune -> regrow."""
-
-    implementation: ClassVar[str] = "tunelab.methods.spiel:SpielMethod"
-    name: Literal["spiel"] = "spiel"
-    # budget: a fraction of all model parameters, or an absolute count (num_tunable wins when set)
-    density: float | None = Field(0.01, gt=0, le=1)
-    num_tunable: int | None = Field(None, gt=0)
-    target_modules: TargetModules = "all-linear"
-    regrowth: Literal["ag", "ma"] = "ag"  # accumulated gradients (AdamW) | momentum approx. (SM3)
-    reselection_steps: int = Field(20, gt=0)
-    accumulation_steps: int = Field(5, gt=0)
-    initial_reselection_rate: float = Field(0.2, ge=0, le=1)
-    reselection_policy: Literal["linear", "cosine"] = "linear"
-    sm3_beta: float = Field(0.0, ge=0, lt=1)  # SM3 momentum; 0 (none) as the reference, which drops it
-    # SpIEL-AG's AdamW epsilon, added to sqrt(v) before bias correction: 1e-6 as the reference (its
-    # scripts keep SftAdamW's default). It matters: per-weight gradients of a 7B model are 1e-5..1e-4.
-    adam_epsilon: float = Field(1e-6, gt=0)
-    # SpIEL-MA's SM3 epsilon, under the square root, update = g / sqrt(nu + eps): 1e-8 as the
-    # reference. Separate from adam_epsilon because it enters differently (1e-8 under the root is
-    # about 1e-4 next to sqrt(nu)).
-    sm3_eps: float = Field(1e-8, gt=0)
-
-    @model_validator(mode="after")
-    def _schedule(self) -> SpielConfig:
-        if self.accumulation_steps >= self.reselection_steps:
-            raise ValueError(
-                f"accumulation_steps ({self.accumulation_steps}) must be < reselection_steps "
-                f"({self.reselection_steps})"
-            )
-        if self.density is None and self.num_tunable is None:
-            raise ValueError("set density (fraction of all parameters) or num_tunable")
-        return self
-
-
-# the one registry of methods: a new method is its config class here (naming its implementation)
-METHOD_CONFIGS = {"lora": LoraConfig, "dylora": DyLoraConfig, "full": FullConfig, "spiel": SpielConfig}
 MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
 METHOD_NAMES = tuple(METHOD_CONFIGS)
 

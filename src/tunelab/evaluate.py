@@ -12,6 +12,7 @@ from rich.progress import Progress
 from torch import nn
 
 from tunelab.data import IGNORE_INDEX, TokenizedDataset, collator
+from tunelab.errors import TunelabError
 from tunelab.tasks import first_line
 
 if TYPE_CHECKING:  # assemble imports the methods; evaluation needs only the type
@@ -124,21 +125,51 @@ def evaluate(
     return metrics
 
 
-def evaluate_variants(
+def parse_ranks(spec: str, evaluable: list[int]) -> list[int]:
+    """'all' | '1,2,4,8' | '1-64' | '1-8,16' -> sorted ranks, each one of `evaluable` (the ranks the
+    run's method declares)."""
+    if not evaluable:
+        raise TunelabError(
+            f"--ranks '{spec}': this run's method trains one rank; evaluate it without --ranks"
+        )
+    r_max = max(evaluable)
+    ranks: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        try:
+            if part == "all":
+                ranks.update(evaluable)
+            elif "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                ranks.update(range(low, high + 1))
+            else:
+                ranks.add(int(part))
+        except ValueError:
+            raise TunelabError(
+                f"--ranks '{spec}': '{part}' is not a rank; write all, 1,2,4,8 or 1-{r_max}"
+            ) from None
+    if not ranks:
+        raise TunelabError(f"--ranks '{spec}' names no rank")
+    bad = sorted(ranks - set(evaluable))
+    if bad:
+        raise TunelabError(f"--ranks '{spec}': rank {bad[0]} is outside 1..{r_max} (this run's r)")
+    return sorted(ranks)
+
+
+def evaluate_ranks(
     tuned: TunedModel,
     dataset: TokenizedDataset,
-    variants: list[dict[str, Any]],
+    ranks: list[int] | None,
     with_exact_match: bool,
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """The one way a trained model is evaluated (`tunelab eval`, the quickstart): each of its variants
-    (e.g. each rank of a DyLoRA adapter; [{}] for the model as is) on `dataset`, one row per variant."""
+    """The one way a trained model is evaluated (`tunelab eval`, the quickstart, sweep trials): at
+    each of `ranks` (None: the model as trained), one row of metrics per rank."""
     rows = []
-    for variant in variants:
-        tuned.method.set_variant(tuned.model, **variant)
+    for rank in ranks or [None]:
+        tuned.method.set_rank(tuned.model, rank)
         metrics = evaluate(tuned.model, tuned.tokenizer, dataset, with_exact_match, batch_size, progress)
-        rows.append({**variant, **metrics})
+        rows.append({"rank": rank, **metrics} if rank is not None else metrics)
     return rows
 
 

@@ -21,14 +21,13 @@ def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None) -> P
     formats = built.method.export_formats()
     if fmt not in formats:
         raise TunelabError(f"method '{config.method.name}' exports as {' or '.join(formats)}, not '{fmt}'")
-    variant = {"rank": rank} if rank is not None else {}
-    built.method.set_variant(built.model, **variant)
+    built.method.set_rank(built.model, rank)
     with atomic_directory(out) as tmp:
         if fmt == "merged":
             # from a 4-bit base this merges into the dequantized weights: a full-precision model
-            merged = dequantize_model(built.method.merge(built.model, **variant))
+            merged = dequantize_model(built.method.merge(built.model, rank))
             merged.save_pretrained(tmp)
             built.tokenizer.save_pretrained(tmp)
         else:
-            built.method.export(built.model, fmt, tmp, base_model=built.model_path, **variant)
+            built.method.export(built.model, fmt, tmp, base_model=built.model_path, rank=rank)
     return out

@@ -12,7 +12,7 @@ from rich.table import Table
 from tunelab.assemble import build
 from tunelab.config import load_config
 from tunelab.data import build_dataset
-from tunelab.evaluate import evaluate, evaluate_variants, summarize_ranks
+from tunelab.evaluate import evaluate, evaluate_ranks, summarize_ranks
 from tunelab.plots import loss_curve, rank_curve
 from tunelab.rundir import METRICS_FILE
 from tunelab.train import train
@@ -49,12 +49,11 @@ def _rank_table(trained, config, eval_examples: int, run_dir: Path) -> None:
     evaluable = config.method.evaluable_ranks()
     if not evaluable:
         return
-    ranks = ",".join(str(b) for b in (1, 2, 4, 8, 16, 32, 64) if b in evaluable)
+    ranks = [b for b in (1, 2, 4, 8, 16, 32, 64) if b in evaluable]
     dataset = _eval_set(config, trained.tokenizer, eval_examples)
-    console.print(f"evaluating the one adapter at ranks {ranks} ...")
+    console.print(f"evaluating the one adapter at ranks {', '.join(map(str, ranks))} ...")
     with Progress(console=console, transient=True) as progress:
-        variants = trained.method.eval_variants(ranks)
-        rows = evaluate_variants(trained, dataset, variants, with_exact_match=False, progress=progress)
+        rows = evaluate_ranks(trained, dataset, ranks, with_exact_match=False, progress=progress)
     summary = summarize_ranks(rows)
     plot = rank_curve(summary, run_dir / "rank_curve.png", title="quickstart: one QDyLoRA run at each rank")
     table = Table(
@@ -79,12 +78,11 @@ def run_quickstart(
 
     console.rule(f"tunelab quickstart: {config.method.name} on {config.model}, {config.data.train}")
     # the method starts as the identity (LoRA's B = 0), so this is the base model's score
-    before_model = build(config)
-    before = _evaluate(before_model.model, before_model.tokenizer, config, eval_examples, "the base model")
-    del before_model
+    untrained = build(config)
+    before = _evaluate(untrained.model, untrained.tokenizer, config, eval_examples, "the base model")
 
     train_started = time.perf_counter()
-    result = train(config)
+    result = train(config, untrained=untrained)
     train_time = time.perf_counter() - train_started
     run_dir, trained = result.run_dir, result.tuned
     after = _evaluate(trained.model, trained.tokenizer, config, eval_examples, "the fine-tuned model")

@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from transformers import TrainerCallback
 
-from tunelab.methods import Method
+from tunelab.methods.base import Method
 
 console = Console(stderr=True, soft_wrap=True, emoji=False)  # one message, one line, whatever the width
 

@@ -27,7 +27,7 @@ from tunelab.data import TokenizedDataset, build_dataset, collator, load_rows
 from tunelab.errors import RunInterrupted, TunelabError
 from tunelab.evaluate import loss_and_perplexity
 from tunelab.loss import causal_lm_loss, supports_head_loss
-from tunelab.methods import Method
+from tunelab.methods.base import Method
 from tunelab.models import compute_dtype, load_tokenizer, resolve_model
 from tunelab.reporting import MetricsWriter, Reporter, console
 from tunelab.rundir import (
@@ -283,8 +283,11 @@ class TrainedRun:
     tuned: TunedModel | None
 
 
-def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> TrainedRun:
-    """Train `config` end to end.
+def train(
+    config: RunConfig, resume: bool = False, overwrite: bool = False, untrained: TunedModel | None = None
+) -> TrainedRun:
+    """Train `config` end to end; `untrained`: the model `build(config)` gives, when the caller has it
+    already (the quickstart evaluates it first), so the base is not loaded twice.
 
     The run folder is locked for the whole training (main process), so a second `tunelab train` into
     it fails at once; a finished run resumed is left as it is."""
@@ -301,10 +304,12 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     with lock:
         if not resume:
             run.check_can_start(overwrite)
-        return _train_locked(config, run, resume, overwrite)
+        return _train_locked(config, run, resume, overwrite, untrained)
 
 
-def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool) -> TrainedRun:
+def _train_locked(
+    config: RunConfig, run: RunDir, resume: bool, overwrite: bool, untrained: TunedModel | None
+) -> TrainedRun:
     # the data first: a bad row is found in seconds, not after the model has loaded
     tokenizer = load_tokenizer(resolve_model(config.model))
     train_set = build_dataset(config.data.train, tokenizer, config.data)
@@ -313,7 +318,7 @@ def _train_locked(config: RunConfig, run: RunDir, resume: bool, overwrite: bool)
         eval_set = build_dataset(config.data.eval, tokenizer, config.data, limit=config.data.eval_limit)
     elif config.data.eval:
         load_rows(config.data.eval)  # exists and reads: `tunelab eval` of this run will need it
-    built = build(config, tokenizer)
+    built = untrained or build(config, tokenizer)
 
     # Making the trainer joins the other processes of a distributed run, each of which has already
     # checked the run directory above; only the main process writes to it, from here on.

@@ -16,19 +16,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tunelab.config import dump_config, flatten, nest, validate
+from tunelab.config import dump_config, nest, validate
 from tunelab.errors import TunelabError
-from tunelab.hpsearch.cbs import cbs_rank, orient, top_k_curve
 from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
-from tunelab.hpsearch.spec import PLACEMENT_KEYS, SweepSpec, Trial, check_datasets, expand, load_spec
+from tunelab.hpsearch.ranking import rank_matrix
+from tunelab.hpsearch.spec import SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
 
 console = Console(emoji=False)
@@ -225,11 +224,6 @@ def sweep(
 # recommend
 
 
-def _hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
-    """A config as flat dotted keys, without the keys that only place a trial."""
-    return {key: value for key, value in flatten(config).items() if key not in PLACEMENT_KEYS}
-
-
 def _varying_keys(hyperparameters: list[dict[str, Any]]) -> list[str]:
     """The dotted keys whose values differ between configs: what the table shows for each."""
     keys = list(dict.fromkeys(key for config in hyperparameters for key in config))
@@ -302,22 +296,8 @@ def _recommend_cbs(
     write_config: Path | None,
     out: Path | None,
 ) -> None:
-    oriented = orient(matrix.scores, matrix.higher_is_better)
-    ranked = cbs_rank(oriented, tau)
-    curve = top_k_curve(oriented, [entry.config for entry in ranked])
-    ranking = [
-        {
-            "rank": rank,
-            "config": matrix.config_ids[entry.config],
-            "covers": [matrix.datasets[d] for d in entry.newly_covered],
-            "covered_total": entry.covered_total,
-            "coverage": entry.covered_total / len(matrix.datasets),
-            "mean_normalized": entry.mean_normalized,
-            "top_k": float(curve[rank - 1]),
-            "hyperparameters": _hyperparameters(matrix.configs[matrix.config_ids[entry.config]]),
-        }
-        for rank, entry in enumerate(ranked, start=1)
-    ]
+    result = rank_matrix(matrix, tau)
+    ranking = result.entries
 
     # every config is validated before anything is written: a bad one leaves no partial output
     files = _cbs_config_files(ranking[:top], source, write_config) if write_config else {}
@@ -327,7 +307,7 @@ def _recommend_cbs(
     plot_dir = out or source.parent
     plot_dir.mkdir(parents=True, exist_ok=True)
     plot = coverage_curve(
-        curve.tolist(),
+        result.top_k_curve,
         plot_dir / f"{source.stem}-coverage.png",
         title=f"{source.name}: top-K coverage (tau={tau})",
     )
@@ -335,18 +315,17 @@ def _recommend_cbs(
     console.print(
         _ranking_table(ranking, len(matrix.datasets), top, f"CBS ranking of {source.name} ({shape})")
     )
-    uncovered = [name for j, name in enumerate(matrix.datasets) if not np.any(oriented[:, j] > 0)]
-    if uncovered:
+    if result.uncovered:
         console.print(
-            f"no config covers: {', '.join(uncovered)} (no positive score recorded)", highlight=False
+            f"no config covers: {', '.join(result.uncovered)} (no positive score recorded)", highlight=False
         )
-    missing = int(np.isnan(matrix.scores).sum())
-    if missing:
-        console.print(f"{missing} missing or failed trials count as covering nothing", highlight=False)
+    if result.missing_trials:
+        console.print(
+            f"{result.missing_trials} missing or failed trials count as covering nothing", highlight=False
+        )
     console.print(f"coverage curve: {plot}", highlight=False)
     if json_path:
-        result = {"tau": tau, "datasets": matrix.datasets, "ranking": ranking, "top_k_curve": curve.tolist()}
-        _write_text(json_path, json.dumps(result, indent=2))
+        _write_text(json_path, json.dumps(result.as_json(), indent=2))
     for path, text in files.items():
         _write_text(path, text)
 

@@ -26,14 +26,14 @@ def run_trial(config_path: Path, metric: str) -> dict[str, Any]:
     # torch comes in here, not at import: the sweep and recommend commands import this module
     from tunelab.config import load_config
     from tunelab.data import build_dataset
-    from tunelab.evaluate import evaluate
+    from tunelab.evaluate import evaluate_ranks
     from tunelab.reporting import peak_memory_bytes
     from tunelab.train import train
 
     config = load_config(config_path)
     built = train(config, overwrite=True).tuned
     dataset = build_dataset(config.data.eval, built.tokenizer, config.data, limit=config.data.eval_limit)
-    metrics = evaluate(built.model, built.tokenizer, dataset, with_exact_match=metric == "exact_match")
+    metrics = evaluate_ranks(built, dataset, None, with_exact_match=metric == "exact_match")[0]
     return {"score": metrics[metric], "metrics": metrics, "peak_memory_bytes": peak_memory_bytes()}
 
 

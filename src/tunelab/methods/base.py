@@ -107,22 +107,21 @@ class Method:
             self.load_state_dict(torch.load(state_file, weights_only=False))
 
     # -- evaluation and export -------------------------------------------------------------------
-    def eval_variants(self, requested: str | None) -> list[dict[str, Any]]:
-        """The variants `tunelab eval` can evaluate (e.g. each rank); [{}] means the model as is."""
-        if requested:
-            raise TunelabError(f"--ranks needs a dylora run; this run's method is '{self.config.name}'")
-        return [{}]
+    # `rank`: one of the ranks the config declares (`evaluable_ranks`), None for the model as trained
+    def set_rank(self, model: nn.Module, rank: int | None) -> None:
+        """Make the model compute at `rank` (DyLoRA: its first `rank` ranks)."""
+        if rank is not None:
+            raise TunelabError(
+                f"--rank needs a run with several ranks; this run's method is '{self.config.name}'"
+            )
 
-    def set_variant(self, model: nn.Module, **variant: Any) -> None:
-        """Put the model into one of `eval_variants` (e.g. truncate to a rank)."""
-
-    def merge(self, model: nn.Module, **variant: Any) -> nn.Module:
-        """Return a plain HF model with the method's update folded into its weights."""
+    def merge(self, model: nn.Module, rank: int | None = None) -> nn.Module:
+        """Return a plain HF model with the method's update (at `rank`) folded into its weights."""
         raise NotImplementedError
 
     def export_formats(self) -> tuple[str, ...]:
         return ("merged",)
 
-    def export(self, model: nn.Module, fmt: str, out: Path, base_model: str, **variant: Any) -> None:
+    def export(self, model: nn.Module, fmt: str, out: Path, base_model: str, rank: int | None = None) -> None:
         """Write `fmt` (other than 'merged', which export.py handles through merge())."""
         raise TunelabError(f"method '{self.config.name}' cannot export format '{fmt}'")

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tunelab.config import DyLoraConfig
 from tunelab.errors import TunelabError
+from tunelab.methods.lora.config import DyLoraConfig
 from tunelab.methods.lora.layer import lora_layers, set_rank
 from tunelab.methods.lora.method import LoraMethod
 
@@ -29,30 +29,6 @@ def sample_rank(step: int, seed: int, probabilities: np.ndarray, r_min: int) -> 
     distributed run and a resumed run draw the same sequence without sharing state."""
     rng = np.random.default_rng([seed, step])
     return r_min + int(rng.choice(len(probabilities), p=probabilities))
-
-
-def parse_ranks(spec: str, r_max: int) -> list[int]:
-    """'all' | '1,2,4,8' | '1-64' | '1-8,16' -> sorted ranks, each within 1..r_max."""
-    ranks: set[int] = set()
-    for part in spec.replace(" ", "").split(","):
-        try:
-            if part == "all":
-                ranks.update(range(1, r_max + 1))
-            elif "-" in part:
-                low, high = (int(x) for x in part.split("-", 1))
-                ranks.update(range(low, high + 1))
-            else:
-                ranks.add(int(part))
-        except ValueError:
-            raise TunelabError(
-                f"--ranks '{spec}': '{part}' is not a rank; write all, 1,2,4,8 or 1-{r_max}"
-            ) from None
-    if not ranks:
-        raise TunelabError(f"--ranks '{spec}' names no rank")
-    bad = [b for b in ranks if not 1 <= b <= r_max]
-    if bad:
-        raise TunelabError(f"--ranks '{spec}': rank {bad[0]} is outside 1..{r_max} (this run's r)")
-    return sorted(ranks)
 
 
 class DyLoraMethod(LoraMethod):
@@ -104,7 +80,7 @@ class DyLoraMethod(LoraMethod):
                 live.narrow(dim, b - 1, 1).copy_(trained)
         self._frozen_snapshot = []
         # between steps (evaluation, checkpoints) the adapter is at its full rank
-        self.set_variant(model, rank=self.config.r)
+        self.set_rank(model, self.config.r)
 
     def resolve_rank(self, rank: int | None) -> int:
         if rank is None:
@@ -112,8 +88,3 @@ class DyLoraMethod(LoraMethod):
         if not 1 <= rank <= self.config.r:
             raise TunelabError(f"--rank {rank} is outside 1..{self.config.r} (this run's max rank r)")
         return rank
-
-    def eval_variants(self, requested: str | None) -> list[dict[str, Any]]:
-        if not requested:
-            return [{"rank": self.config.r}]
-        return [{"rank": b} for b in parse_ranks(requested, self.config.r)]

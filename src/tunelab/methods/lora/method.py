@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelab.config import DyLoraConfig, LoraConfig
 from tunelab.errors import TunelabError
 from tunelab.methods.base import Method
+from tunelab.methods.lora.config import DyLoraConfig, LoraConfig
 from tunelab.methods.lora.layer import LoRALinear, lora_layers, set_rank
 from tunelab.methods.surgery import replace_module, target_linear_names
 from tunelab.quant import dequantized_linear
@@ -29,7 +28,7 @@ class LoraMethod(Method):
             device = next(base.parameters()).device
             replace_module(model, name, layer.to(device))
 
-    # -- variants: a plain LoRA has one rank ---------------------------------------------------------
+    # -- ranks: a plain LoRA has one ---------------------------------------------------------
     def resolve_rank(self, rank: int | None) -> int:
         """The rank to evaluate or export at: the run's r when none is asked for, else a rank it has."""
         if rank is None:
@@ -38,11 +37,11 @@ class LoraMethod(Method):
             raise TunelabError(f"this lora run has rank {self.config.r}; --rank {rank} needs a dylora run")
         return rank
 
-    def set_variant(self, model: nn.Module, rank: int | None = None, **_: Any) -> None:
+    def set_rank(self, model: nn.Module, rank: int | None) -> None:
         set_rank(model, self.resolve_rank(rank))
 
     # -- merge and export --------------------------------------------------------------------------
-    def merge(self, model: nn.Module, rank: int | None = None, **_: Any) -> nn.Module:
+    def merge(self, model: nn.Module, rank: int | None = None) -> nn.Module:
         rank = self.resolve_rank(rank)
         with torch.no_grad():
             for name, layer in lora_layers(model).items():
@@ -54,9 +53,7 @@ class LoraMethod(Method):
     def export_formats(self) -> tuple[str, ...]:
         return ("peft", "merged")
 
-    def export(
-        self, model: nn.Module, fmt: str, out: Path, base_model: str, rank: int | None = None, **_: Any
-    ) -> None:
+    def export(self, model: nn.Module, fmt: str, out: Path, base_model: str, rank: int | None = None) -> None:
         if fmt != "peft":
             super().export(model, fmt, out, base_model)
         rank = self.resolve_rank(rank)

@@ -1,5 +1,1 @@
-"""SpIEL: sparse delta layer, selection (prune/regrow), optimizers (AdamW with age, SM3)."""
-
-from tunelab.methods.spiel.method import SpielMethod
-
-__all__ = ["SpielMethod"]
+"""SpIEL: sparse delta layer, selection (prune/regrow), optimizers (AdamW with age, SM3), config."""

@@ -84,6 +84,15 @@ class SparseDeltaLinear(nn.Module):
         self.candidates: CandidateStats | None = None
         self.capture_pretrained()
 
+    # -- SpIEL-AG selection phases -----------------------------------------------------------------------
+    def start_phase(self, candidates: CandidateStats | None = None) -> None:
+        """A selection phase begins (or resumes with the `candidates` it had gathered): the next backward
+        pass picks the candidates if there are none yet, every later one adds to their statistics."""
+        self.accumulating, self.candidates = True, candidates
+
+    def end_phase(self) -> None:
+        self.accumulating, self.candidates = False, None
+
     # -- keeping the deltas merged (plain base) ----------------------------------------------------------
     @torch.no_grad()
     def capture_pretrained(self) -> None:

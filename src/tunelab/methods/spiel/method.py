@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelab.config import SpielConfig
 from tunelab.errors import TunelabError
 from tunelab.methods.base import Method
+from tunelab.methods.spiel.config import SpielConfig
 from tunelab.methods.spiel.layer import CandidateStats, SparseDeltaLinear, average_across_processes
 from tunelab.methods.spiel.optim import SlotOptimizer, SparseAdamW, SparseSM3, adamw_seed_state
 from tunelab.methods.spiel.selection import (
@@ -39,10 +39,6 @@ EXPORT_WEIGHTS_FILE = "spiel_deltas.safetensors"
 EXPORT_CONFIG_FILE = "spiel_config.json"
 
 
-def spiel_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
-
-
 def slot_optimizer(optimizer: torch.optim.Optimizer) -> SlotOptimizer:
     """The SpIEL optimizer inside the engine's wrappers (e.g. accelerate's AcceleratedOptimizer)."""
     while not isinstance(optimizer, SlotOptimizer):
@@ -60,7 +56,7 @@ class SpielMethod(Method):
 
     def __init__(self, config: SpielConfig, seed: int = 0) -> None:
         super().__init__(config, seed)
-        self.layers: dict[str, SparseDeltaLinear] = {}
+        self.layers: dict[str, SparseDeltaLinear] = {}  # by module name in the model, set by attach
         self.total_steps: int | None = None
         self.phase_start: int | None = None  # step at which the running AG phase began
         self.events: list[dict[str, Any]] = []
@@ -94,7 +90,7 @@ class SpielMethod(Method):
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The values and, as they change during training, the indices (not trained, but a checkpoint
         without them is meaningless)."""
-        indices = {f"{name}.indices": layer.indices for name, layer in spiel_layers(model).items()}
+        indices = {f"{name}.indices": layer.indices for name, layer in self.layers.items()}
         return {**super().checkpoint_tensors(model), **indices}
 
     def create_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -123,7 +119,7 @@ class SpielMethod(Method):
         if self.config.regrowth == "ag" and is_phase_start(step, *self._schedule()):
             self.phase_start = step
             for layer in self.layers.values():
-                layer.accumulating, layer.candidates = True, None
+                layer.start_phase()
 
     def on_after_optimizer_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
         completed = step + 1
@@ -163,7 +159,7 @@ class SpielMethod(Method):
             optimizer.remap_slots(layer.values, source_slot, seeds)
             replaced += int((source_slot < 0).sum())
         for layer in self.layers.values():
-            layer.accumulating, layer.candidates = False, None
+            layer.end_phase()
         self.phase_start = None
         self.events.append(
             {"event": "spiel_selection", "step": t, "replaced": replaced, "fraction": round(fraction, 6)}
@@ -202,9 +198,11 @@ class SpielMethod(Method):
         self.total_steps = state["total_steps"]
         self.phase_start = state["phase_start"]
         for name, layer in self.layers.items():
-            layer.accumulating = self.phase_start is not None
+            if self.phase_start is None:
+                layer.end_phase()
+                continue
             saved = state["candidates"].get(name)
-            layer.candidates = (
+            layer.start_phase(
                 None
                 if saved is None
                 else CandidateStats(
@@ -217,7 +215,7 @@ class SpielMethod(Method):
 
     def load(self, model: nn.Module, directory: Path) -> None:
         # the indices change: take the old deltas out of the weights first, merge the loaded ones after
-        layers = spiel_layers(model).values()
+        layers = self.layers.values()
         for layer in layers:
             layer.restore_pretrained()
         try:
@@ -227,20 +225,20 @@ class SpielMethod(Method):
                 layer.capture_pretrained()
 
     # -- merge and export --------------------------------------------------------------------------------
-    def merge(self, model: nn.Module, **_: Any) -> nn.Module:
-        for name, layer in spiel_layers(model).items():
+    def merge(self, model: nn.Module, rank: int | None = None) -> nn.Module:
+        for name, layer in self.layers.items():
             replace_module(model, name, layer.merged_linear())
         return model
 
     def export_formats(self) -> tuple[str, ...]:
         return ("spiel", "merged")
 
-    def export(self, model: nn.Module, fmt: str, out: Path, base_model: str, **_: Any) -> None:
+    def export(self, model: nn.Module, fmt: str, out: Path, base_model: str, rank: int | None = None) -> None:
         """`spiel`: one safetensors file with `<module>.indices` (flat row-major) and `<module>.values`
         per target module, named as in the base model, plus a JSON config with the matrix shapes."""
         if fmt != "spiel":
             super().export(model, fmt, out, base_model)
-        layers = spiel_layers(model)
+        layers = self.layers
         tensors = {}
         for name, layer in layers.items():
             tensors[f"{name}.indices"] = layer.indices.detach().contiguous().cpu()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from tunelab.methods.base import Method
@@ -13,5 +11,5 @@ class FullMethod(Method):
     def attach(self, model: nn.Module) -> None:
         model.requires_grad_(True)
 
-    def merge(self, model: nn.Module, **_: Any) -> nn.Module:
+    def merge(self, model: nn.Module, rank: int | None = None) -> nn.Module:
         return model

@@ -1,0 +1,1 @@
+"""Full fine-tuning: every weight trains (config.py, method.py)."""

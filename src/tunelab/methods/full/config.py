@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from tunelab.schema import MethodSection
+
+
+class FullConfig(MethodSection):
+    """Full fine-tuning: every weight trains."""
+
+    implementation: ClassVar[str] = "tunelab.methods.full.method:FullMethod"
+    trains_on_4bit_base: ClassVar[bool] = False
+    name: Literal["full"] = "full"

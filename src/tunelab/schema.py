@@ -1,0 +1,34 @@
+"""The pydantic building blocks every config section shares: the run config's sections (config.py)
+and each method's own config (methods/<name>/config.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _split_names(value: Any) -> Any:
+    """`q_proj,v_proj` (as typed on the command line) is the list [q_proj, v_proj]."""
+    if isinstance(value, str) and value != "all-linear":
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
+TargetModules = Annotated[Literal["all-linear"] | list[str], BeforeValidator(_split_names)]
+
+
+class MethodSection(Section):
+    """A method's config, and what the method declares it can do (checked where configs are
+    validated, so the engine and the CLI never ask for a method by name)."""
+
+    implementation: ClassVar[str]  # "module:Class" of its `methods.base.Method`, imported when built
+    trains_on_4bit_base: ClassVar[bool] = True  # False: its trained weights are the base's own
+
+    def evaluable_ranks(self) -> list[int]:
+        """The ranks one trained adapter can be evaluated at (DyLoRA: every rank); [] for none."""
+        return []
