@@ -20,13 +20,14 @@ from tunelab.train import train
 bnb = pytest.importorskip("bitsandbytes")
 
 
-def _nf4_built(model_dir, data, tmp_path, method=None):
+def _nf4_built(model_dir, data, tmp_path, method=None, precision="auto"):
     config = tiny_config(
         model_dir,
         data,
         tmp_path / "run",
         quantization="nf4",
         method=method or {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        **{"train.precision": precision},
     )
     built = build(config)
     for layer in lora_layers(built.model).values():
@@ -81,8 +82,13 @@ def _train_eval_train(model, tokens):
     return _lora_grads(model, tokens)
 
 
-def test_gradients_stay_exact_after_an_eval_forward(tiny_model_dir, qa_jsonl, tmp_path):
-    built = _nf4_built(tiny_model_dir, qa_jsonl, tmp_path)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradients_stay_exact_after_an_eval_forward(tiny_model_dir, qa_jsonl, tmp_path, precision):
+    """The guard works whatever the compute dtype (bf16 is the default on CPUs that have it)."""
+    built = _nf4_built(tiny_model_dir, qa_jsonl, tmp_path, precision=precision)
+    assert dequantize_weight(built.model.model.layers[0].mlp.up_proj.base_layer).dtype == (
+        torch.float32 if precision == "fp32" else torch.bfloat16
+    )
     tokens = torch.randint(3, 1000, (2, 12))
     reference = _dense_reference(built.model)
     reference.train()
@@ -166,7 +172,7 @@ def test_peft_on_an_nf4_base_matches_our_rank_b_forward(qdylora_run, tmp_path, t
     from tunelab.assemble import load_run
     from tunelab.quant import nf4_config
 
-    _, built = load_run(qdylora_run)
+    _, built = load_run(qdylora_run, precision="fp32")
     built.method.set_rank(built.model, rank)
     tokens = torch.randint(3, 1000, (1, 10))
     with torch.no_grad():
@@ -189,7 +195,7 @@ def test_merged_export_from_nf4_is_a_plain_model(qdylora_run, tmp_path):
 
     from tunelab.assemble import load_run
 
-    _, built = load_run(qdylora_run)
+    _, built = load_run(qdylora_run, precision="fp32")
     built.method.set_rank(built.model, 3)
     tokens = torch.randint(3, 1000, (1, 10))
     with torch.no_grad():

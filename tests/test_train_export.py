@@ -48,7 +48,7 @@ def test_peft_loads_our_export_with_the_same_logits(lora_run, tmp_path, tiny_mod
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    _, built = load_run(lora_run)
+    _, built = load_run(lora_run, precision="fp32")
     with torch.no_grad():
         ours = built.model(input_ids=_tokens()).logits
     out = export_run(lora_run, "peft", tmp_path / "peft")
@@ -66,7 +66,7 @@ def test_peft_loads_our_export_with_the_same_logits(lora_run, tmp_path, tiny_mod
 def test_merged_export_equals_the_adapter_forward(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    _, built = load_run(lora_run)
+    _, built = load_run(lora_run, precision="fp32")
     with torch.no_grad():
         ours = built.model(input_ids=_tokens()).logits
     out = export_run(lora_run, "merged", tmp_path / "merged")

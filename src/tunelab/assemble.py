@@ -15,7 +15,7 @@ from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import create_method
 from tunelab.methods.base import Method
-from tunelab.models import compute_dtype, load_model, load_tokenizer, resolve_model
+from tunelab.models import base_dtype, load_model, load_tokenizer, resolve_model
 from tunelab.quant import guard_cpu_repack, nf4_config, release_loading_memory
 from tunelab.rundir import RunDir
 
@@ -35,7 +35,7 @@ def build(config: RunConfig, tokenizer: Any = None) -> TunedModel:
     model's, when the caller loaded it already."""
     model_path = resolve_model(config.model)
     tokenizer = tokenizer or load_tokenizer(model_path)
-    dtype = compute_dtype(config.train.precision)
+    dtype = base_dtype(config.train.precision, config.method.trains_base_weights)
     if config.quantization == "nf4":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(model_path, dtype, quantization_config=nf4_config(dtype), device_map=device)
@@ -57,14 +57,17 @@ def build(config: RunConfig, tokenizer: Any = None) -> TunedModel:
     return TunedModel(model, tokenizer, method, model_path)
 
 
-def load_run(run_dir: Path) -> tuple[RunConfig, TunedModel]:
-    """The config and trained model of a finished run (the folder it is in now, wherever it moved)."""
+def load_run(run_dir: Path, precision: str | None = None) -> tuple[RunConfig, TunedModel]:
+    """The config and trained model of a finished run (the folder it is in now, wherever it moved);
+    `precision` replaces the run's train.precision (export merges into fp32 weights)."""
     from tunelab.config import read_yaml, validate
 
     run = RunDir(run_dir)
     run.require_finished()
     data, text = read_yaml(run.config_file)
     config = validate(data, str(run.config_file), text)
+    if precision:
+        config.train.precision = precision
     built = build(config)
     built.method.load(built.model, run.final_dir)
     built.model.eval()

@@ -287,7 +287,7 @@ def validate(
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise TunelabError(_format_error(exc.errors()[0], data, source, text, overridden)) from None
-    if config.quantization == "nf4" and not config.method.trains_on_4bit_base:
+    if config.quantization == "nf4" and config.method.trains_base_weights:
         raise TunelabError(
             f"{_where('quantization', source, text, overridden)}: quantization: nf4 cannot be combined "
             f"with method {config.method.name} (4-bit weights do not train); use lora, dylora or spiel on "

@@ -17,7 +17,7 @@ def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None) -> P
     if out.exists() and any(out.iterdir()):
         raise TunelabError(f"export target {out} exists and is not empty; choose another --out or remove it")
     check_writable(out.parent)
-    config, built = load_run(run_dir)
+    config, built = load_run(run_dir, precision="fp32")  # merged into fp32 weights, whatever trained
     formats = built.method.export_formats()
     if fmt not in formats:
         raise TunelabError(f"method '{config.method.name}' exports as {' or '.join(formats)}, not '{fmt}'")

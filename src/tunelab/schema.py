@@ -27,7 +27,8 @@ class MethodSection(Section):
     validated, so the engine and the CLI never ask for a method by name)."""
 
     implementation: ClassVar[str]  # "module:Class" of its `methods.base.Method`, imported when built
-    trains_on_4bit_base: ClassVar[bool] = True  # False: its trained weights are the base's own
+    # True: the base model's own weights train (so they cannot be 4-bit, and stay fp32 under bf16)
+    trains_base_weights: ClassVar[bool] = False
 
     def evaluable_ranks(self) -> list[int]:
         """The ranks one trained adapter can be evaluated at (DyLoRA: every rank); [] for none."""

@@ -9,5 +9,5 @@ class FullConfig(MethodSection):
     """Full fine-tuning: every weight trains."""
 
     implementation: ClassVar[str] = "tunelab.methods.full.method:FullMethod"
-    trains_on_4bit_base: ClassVar[bool] = False
+    trains_base_weights: ClassVar[bool] = True
     name: Literal["full"] = "full"
