@@ -4,8 +4,11 @@ BENCHMARKS.md.
     python -m benchmarks.run [--models tiny,smollm2] [--cases lora-r8,...] [--rounds 3] [--out BENCHMARKS.md]
 
 Each (case, side, round) runs in its own process; sides alternate within a round so that machine
-noise hits both alike. Reported: the median over rounds of each run's median step time (warm-up
-steps excluded), tokens/s, peak memory, and the ratio ours / reference.
+noise hits all alike. Sides: tunelab at its default precision, the reference at its default (fp32)
+and, for PEFT/Trainer references, with bf16=True (benchmarks.worker.SIDE_PRECISION). Reported: the
+median over rounds of each run's median step time (warm-up steps excluded), tokens/s, peak memory,
+the ratios ours / reference, and the model FLOP/s of our step against the machine's own GEMM rate
+at the model's layer shapes, measured in the same run (benchmarks.flops).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from benchmarks.flops import gemm_rates
 from benchmarks.worker import CASES
 
 console = Console(stderr=True)
@@ -139,6 +143,8 @@ def summarize(runs: list[dict]) -> dict:
         "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in runs),
         "trainable": runs[0]["trainable"],
         "parameters": runs[0]["parameters"],
+        "flops_per_step": runs[0]["flops_per_step"],
+        "flops_by_part": runs[0]["flops_by_part"],
         "rounds": len(runs),
     }
 
@@ -163,26 +169,39 @@ def versions() -> str:
     )
 
 
-def markdown(results: list[dict], command: str) -> str:
+def markdown(results: list[dict], rates: dict[str, dict[str, float]], command: str) -> str:
     lines = [
-        "| model | case | ours: s/step | ref | ref: s/step | step time ours/ref | tokens/s ours | "
-        "peak mem ours (GiB) | peak mem ref (GiB) | mem ours/ref | trainable ours / ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | case | ours: s/step | ref | ref: s/step | ours/ref | ref bf16: s/step | ours/ref bf16 | "
+        "tokens/s ours | TFLOP/s ours | of bf16 GEMM rate | peak mem ours / ref (GiB) | trainable |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     gpu = any(r["ours"].get("mfu") is not None for r in results)
     if gpu:
         lines[0] += " MFU ours / ref |"
         lines[1] += "---|"
     for r in results:
-        ours, ref = r["ours"], r["ref"]
+        ours, ref, ref_bf16 = r["ours"], r["ref"], r.get("ref-bf16")
+        achieved = ours["flops_per_step"] / ours["median_step_s"]
+        ratio = ours["median_step_s"] / ref["median_step_s"]
+        share = achieved / rates[r["model"]]["bf16"]
+        bf16 = (
+            f"{ref_bf16['median_step_s']:.3f} | **{ours['median_step_s'] / ref_bf16['median_step_s']:.2f}×**"
+            if ref_bf16
+            else "– | –"
+        )
         lines.append(
             f"| {r['model']} | {r['case']} | {ours['median_step_s']:.3f} | {r['ref_name']} | "
-            f"{ref['median_step_s']:.3f} | **{ours['median_step_s'] / ref['median_step_s']:.2f}×** | "
-            f"{ours['tokens_per_s']:.0f} | {ours['peak_memory_bytes'] / 2**30:.2f} | "
-            f"{ref['peak_memory_bytes'] / 2**30:.2f} | "
-            f"**{ours['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}×** | "
-            f"{ours['trainable']:,} / {ref['trainable']:,} |"
-            + (f" {ours['mfu']:.1%} / {ref['mfu']:.1%} |" if gpu else "")
+            f"{ref['median_step_s']:.3f} | **{ratio:.2f}×** | {bf16} | "
+            f"{ours['tokens_per_s']:.0f} | {achieved / 1e12:.3f} | {share:.0%} | "
+            f"{ours['peak_memory_bytes'] / 2**30:.2f} / {ref['peak_memory_bytes'] / 2**30:.2f} | "
+            f"{ours['trainable']:,} |" + (f" {ours['mfu']:.1%} / {ref['mfu']:.1%} |" if gpu else "")
+        )
+    lines += ["", "| model | GEMM rate at its layer shapes | fp32 | bf16 | LM head fp32 | LM head bf16 |"]
+    lines.append("|---|---|---|---|---|---|")
+    for name, rate in rates.items():
+        lines.append(
+            f"| {name} | GFLOP/s | {rate['fp32'] / 1e9:.0f} | {rate['bf16'] / 1e9:.0f} | "
+            f"{rate['fp32_head'] / 1e9:.0f} | {rate['bf16_head'] / 1e9:.0f} |"
         )
     return "\n".join(lines) + f"\n\nMachine: {machine()}. Versions: {versions()}.\nCommand: `{command}`\n"
 
@@ -205,34 +224,37 @@ def main() -> None:
     wanted = set(args.cases.split(",")) if args.cases else None
     results = []
     started = time.perf_counter()
+    rates = {}
     for name in names:
+        from transformers import AutoConfig
+
+        rates[name] = gemm_rates(AutoConfig.from_pretrained(dirs[name]), args.batch * args.length)
+        console.print(
+            f"{name}: GEMM rate at its layer shapes fp32 {rates[name]['fp32'] / 1e9:.0f}, "
+            f"bf16 {rates[name]['bf16'] / 1e9:.0f} GFLOP/s"
+        )
         for case in MODEL_CASES[name]:
             if wanted and case not in wanted:
                 continue
-            runs: dict[str, list[dict]] = {"ours": [], "ref": []}
+            sides = ["ours", "ref"] + (["ref-bf16"] if CASES[case]["ref"][0] != "tunelab-lora" else [])
+            runs: dict[str, list[dict]] = {side: [] for side in sides}
             for round_index in range(args.rounds):
-                order = ("ours", "ref") if round_index % 2 == 0 else ("ref", "ours")
-                for side in order:
+                shift = round_index % len(sides)  # rotate who goes first: noise hits every side alike
+                for side in sides[shift:] + sides[:shift]:
                     runs[side].append(run_worker(case, side, dirs[name], args))
                 console.print(
                     f"{name} {case} round {round_index + 1}/{args.rounds}: "
-                    f"ours {runs['ours'][-1]['median_step_s']:.3f} s/step, "
-                    f"ref {runs['ref'][-1]['median_step_s']:.3f} s/step "
-                    f"({time.perf_counter() - started:.0f} s elapsed)"
+                    + ", ".join(f"{side} {runs[side][-1]['median_step_s']:.3f} s/step" for side in sides)
+                    + f" ({time.perf_counter() - started:.0f} s elapsed)"
                 )
             results.append(
-                {
-                    "model": name,
-                    "case": case,
-                    "ref_name": reference_name(CASES[case]["ref"]),
-                    "ours": summarize(runs["ours"]),
-                    "ref": summarize(runs["ref"]),
-                }
+                {"model": name, "case": case, "ref_name": reference_name(CASES[case]["ref"])}
+                | {side: summarize(runs[side]) for side in sides}
             )
-            for side in ("ours", "ref"):
+            for side in sides:
                 results[-1][side]["mfu"] = mfu(results[-1][side])
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:])
-    table = markdown(results, command.strip())
+    table = markdown(results, rates, command.strip())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
     (args.out.with_suffix(".json")).write_text(json.dumps(results, indent=2))

@@ -2,8 +2,11 @@
 
     python -m benchmarks.worker --case lora-r8 --side ours --model-dir DIR --steps 8 --warmup 3
 
-Both sides train with a transformers Trainer built from the same TrainingArguments, on the same
-fixed-shape batches (first half of each sequence a masked prompt, second half the response); the
+Sides (SIDE_PRECISION): `ours` at tunelab's default precision (auto: bf16 on hardware that has it),
+`ref` the reference at its own default (fp32, what a user gets), `ref-bf16` the reference with
+`bf16=True` and its frozen base loaded in bf16 (the usual recipe). All sides train with a
+transformers Trainer built from the same TrainingArguments but for precision, on the same fixed-shape
+batches (first half of each sequence a masked prompt, second half the response); the
 step time comes from the training loop's own per-step callback. Prints one JSON line.
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
+from benchmarks.flops import step_flops
 from tunelab.assemble import build
 from tunelab.config import validate
 from tunelab.data import IGNORE_INDEX
@@ -47,6 +51,9 @@ CASES: dict[str, dict] = {
     "spiel-ag": {"ours": {"method": {"name": "spiel", "regrowth": "ag"}}, "ref": ("tunelab-lora", 8, False)},
     "spiel-ma": {"ours": {"method": {"name": "spiel", "regrowth": "ma"}}, "ref": ("tunelab-lora", 8, False)},
 }
+
+
+SIDE_PRECISION = {"ours": "auto", "ref": "fp32", "ref-bf16": "bf16"}
 
 
 class StepTimer(TrainerCallback):
@@ -97,7 +104,7 @@ def lora_trainable_count(model_dir: str, r: int) -> int:
     return sum(p.numel() for p in built.model.parameters() if p.requires_grad)
 
 
-def run_config(model_dir: str, ours: dict, batch: int, steps: int):
+def run_config(model_dir: str, ours: dict, batch: int, steps: int, precision: str = "auto"):
     data = {
         "model": model_dir,
         "train": {
@@ -105,7 +112,7 @@ def run_config(model_dir: str, ours: dict, batch: int, steps: int):
             "max_steps": steps,
             "lr": 1e-4,
             "warmup_ratio": 0.0,
-            "precision": "auto",
+            "precision": precision,
         },
     }
     for key, value in ours.items():
@@ -116,11 +123,13 @@ def run_config(model_dir: str, ours: dict, batch: int, steps: int):
 def measure(case: str, side: str, model_dir: str, steps: int, warmup: int, batch: int, length: int) -> dict:
     spec = CASES[case]
     total_steps = steps + warmup
-    config = run_config(model_dir, spec["ours"], batch, total_steps)
     kind, rank, quantized = spec["ref"]
-    if side == "ref" and kind == "tunelab-lora":
+    # a tunelab reference (SpIEL's LoRA at the same trainable count) runs at tunelab's default too
+    precision = "auto" if kind == "tunelab-lora" else SIDE_PRECISION[side]
+    config = run_config(model_dir, spec["ours"], batch, total_steps, precision)
+    if side != "ours" and kind == "tunelab-lora":
         config = run_config(
-            model_dir, {"method": {"name": "lora", "r": rank, "alpha": 16}}, batch, total_steps
+            model_dir, {"method": {"name": "lora", "r": rank, "alpha": 16}}, batch, total_steps, precision
         )
     if side == "ours" and config.method.name == "spiel":
         config.method.num_tunable = lora_trainable_count(model_dir, spec["ref"][1])
@@ -143,6 +152,8 @@ def measure(case: str, side: str, model_dir: str, steps: int, warmup: int, batch
             trainer.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parameters = parameter_count(model)
+    labelled = batch * (length - length // 2)  # the second half of each sequence is the response
+    flops = step_flops(model.config, batch, length, labelled, trains_base=trainable >= parameters)
     timed = timer.times[warmup:]
     median = statistics.median(timed)
     return {
@@ -153,15 +164,17 @@ def measure(case: str, side: str, model_dir: str, steps: int, warmup: int, batch
         "peak_memory_bytes": peak_memory_bytes(),
         "trainable": trainable,
         "parameters": parameters,
+        "flops_per_step": sum(flops.values()),
+        "flops_by_part": flops,
         "steps": len(timed),
     }
 
 
 def reference_model(model_dir: str, kind: str, rank: int | None, quantized: bool, config):
     """What a user would write with PEFT + transformers instead of tunelab."""
-    from tunelab.models import compute_dtype
+    from tunelab.models import base_dtype
 
-    dtype = compute_dtype(config.train.precision)
+    dtype = base_dtype(config.train.precision, trains_base_weights=kind == "full")
     if quantized:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(
@@ -185,7 +198,7 @@ def reference_model(model_dir: str, kind: str, rank: int | None, quantized: bool
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", required=True, choices=sorted(CASES))
-    parser.add_argument("--side", required=True, choices=("ours", "ref"))
+    parser.add_argument("--side", required=True, choices=tuple(SIDE_PRECISION))
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)

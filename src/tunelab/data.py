@@ -408,6 +408,17 @@ def build_dataset(
     return TokenizedDataset(features, examples, task, fmt)
 
 
+def padded_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
+    """Share of the tokens of the batches (examples taken in `order`, each batch padded to its longest
+    example, as `collator` pads) that are padding."""
+    padded = total = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        total += max(batch) * len(batch)
+        padded += max(batch) * len(batch) - sum(batch)
+    return padded / max(total, 1)
+
+
 def collator(tokenizer):
     """Pads a batch to its longest example: inputs with the pad token, labels with -100."""
     from transformers import DataCollatorForSeq2Seq

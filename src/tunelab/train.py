@@ -192,6 +192,11 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
     checkpointing_arg = (
         "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     )
+    sampling = (
+        {"train_sampling_strategy": "group_by_length" if t.group_by_length else "random"}
+        if "train_sampling_strategy" in fields
+        else {"group_by_length": t.group_by_length}
+    )
     return TrainingArguments(
         output_dir=str(RunDir(run_dir).checkpoints_dir),
         per_device_train_batch_size=t.batch_size,
@@ -215,6 +220,7 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
         bf16=bf16,
         optim="paged_adamw_32bit" if on_gpu_4bit else "adamw_torch",
         **{checkpointing_arg: checkpointing},
+        **sampling,
         dataloader_pin_memory=torch.cuda.is_available(),
         # on a machine without a GPU this is also what lets a distributed launch use gloo on CPU
         use_cpu=not torch.cuda.is_available(),
