@@ -82,7 +82,9 @@ class LoRALinear(nn.Module):
             lora_B = torch.cat([lora_B[:, :-1].detach(), lora_B[:, -1:]], dim=1)
         scale, drop = self.alpha / b, None
         if self.training and self.dropout > 0:
-            drop = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(self.dropout)
+            # uniform < p is Bernoulli(p) as bernoulli_ draws it, at 0.7x its time on CPU (where the
+            # masks were 26% of a bf16 LoRA step: benchmarks.profile)
+            drop = torch.rand(x.shape, device=x.device) < self.dropout
             scale /= 1 - self.dropout
         return self.base_layer(x) + LoRAUpdate.apply(x, lora_A, lora_B, scale, drop)
 
