@@ -52,7 +52,7 @@ def test_gradients_match_dense_reference(dropout):
     layer(x).pow(2).sum().backward()
     # the reference: nn.functional ops in float64 on the same dropout mask (drawn from the same seed)
     torch.manual_seed(1)
-    keep = ~torch.empty(x.shape, dtype=torch.bool).bernoulli_(dropout)
+    keep = ~(torch.rand(x.shape) < dropout)
     x_ref = x.detach().clone().requires_grad_(True)
     A = layer.lora_A.detach().clone().requires_grad_(True)
     B = layer.lora_B.detach().clone().requires_grad_(True)
@@ -65,6 +65,17 @@ def test_gradients_match_dense_reference(dropout):
     assert layer.lora_A.grad[4:].abs().sum() == 0  # ranks above b get nothing
     if dropout:
         assert not keep.all()  # the mask did drop something
+
+
+def test_dropout_drops_each_input_entry_with_probability_p():
+    layer = _layer(r=2)
+    layer.dropout = 0.05
+    x = torch.ones(200, 500, 12, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()
+    # an entry's input gradient is the base weight's column sum, plus the adapter's unless dropped
+    base_only = layer.base_layer.weight.sum(0).expand_as(x.grad)
+    share = torch.isclose(x.grad, base_only).double().mean().item()
+    assert abs(share - 0.05) < 0.002, share  # 1.2M entries: the standard error is 2e-4
 
 
 def test_attach_trains_only_lora_parameters():
