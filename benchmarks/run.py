@@ -228,11 +228,8 @@ def main() -> None:
     for name in names:
         from transformers import AutoConfig
 
-        rates[name] = gemm_rates(AutoConfig.from_pretrained(dirs[name]), args.batch * args.length)
-        console.print(
-            f"{name}: GEMM rate at its layer shapes fp32 {rates[name]['fp32'] / 1e9:.0f}, "
-            f"bf16 {rates[name]['bf16'] / 1e9:.0f} GFLOP/s"
-        )
+        model_config = AutoConfig.from_pretrained(dirs[name])
+        rates[name] = gemm_rates(model_config, args.batch * args.length)
         for case in MODEL_CASES[name]:
             if wanted and case not in wanted:
                 continue
@@ -253,6 +250,14 @@ def main() -> None:
             )
             for side in sides:
                 results[-1][side]["mfu"] = mfu(results[-1][side])
+        # measured before and after the model's cases: the better of the two is what the machine can do
+        # (a noisy neighbour only ever makes it look slower)
+        again = gemm_rates(model_config, args.batch * args.length)
+        rates[name] = {key: max(rate, again[key]) for key, rate in rates[name].items()}
+        console.print(
+            f"{name}: GEMM rate at its layer shapes fp32 {rates[name]['fp32'] / 1e9:.0f}, "
+            f"bf16 {rates[name]['bf16'] / 1e9:.0f} GFLOP/s"
+        )
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:])
     table = markdown(results, rates, command.strip())
     args.out.parent.mkdir(parents=True, exist_ok=True)
