@@ -135,3 +135,10 @@ def test_what_a_method_can_do_is_checked_with_the_config(tmp_path):
         load_config(_write(tmp_path, "method: full\n"), ["quantization=nf4"])
     assert load_config(None, ["method.name=dylora", "method.r=3"]).method.evaluable_ranks() == [1, 2, 3]
     assert load_config(None, ["method.name=lora"]).method.evaluable_ranks() == []
+
+
+def test_version_is_the_installed_one(tmp_path):
+    from importlib.metadata import version
+
+    result = _cli("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"tunelab {version('tunelab')}"

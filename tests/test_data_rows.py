@@ -50,6 +50,18 @@ FORMATS = {
             ]
         },
     ],
+    "sharegpt": [
+        {"conversations": [{"from": "human", "value": "2+3?"}, {"from": "gpt", "value": "5"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello there", "weight": 0},
+                {"from": "human", "value": "2+2?"},
+                {"from": "gpt", "value": "4"},
+            ]
+        },
+    ],
     "text": [{"text": "The answer is 5."}],
 }
 
@@ -71,6 +83,26 @@ def test_messages_weight_zero_turns_are_not_trained_and_parts_are_joined(tmp_pat
     assert dataset.examples[0].reference == "4"
 
 
+def test_sharegpt_trains_exactly_what_the_same_messages_would(tmp_path, tokenizer):
+    """A JSON array of ShareGPT conversations is detected and read as the equivalent OpenAI messages."""
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(FORMATS["sharegpt"]))
+    sharegpt = build_dataset(str(path), tokenizer)
+    assert sharegpt.format == "sharegpt"
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    as_messages = [
+        {"messages": [{**t, "role": roles[t["from"]], "content": t["value"]} for t in row["conversations"]]}
+        for row in FORMATS["sharegpt"]
+    ]
+    for row in as_messages:
+        for turn in row["messages"]:
+            del turn["from"], turn["value"]
+    messages = build_dataset(str(_jsonl(tmp_path, as_messages)), tokenizer)
+    assert sharegpt.features == messages.features
+    assert "Hello there" in tokenizer.decode(sharegpt.features[1]["input_ids"])
+    assert tokenizer.decode(_response_ids(sharegpt.features[1])) == "4<|im_end|>\n"  # weight 0 not trained
+
+
 def test_numbers_are_kept_in_the_prompt(tmp_path, tokenizer):
     dataset = build_dataset(str(_jsonl(tmp_path, FORMATS["alpaca"][1:])), tokenizer)
     assert "### Input:\n123" in dataset.examples[0].prompt and dataset.examples[0].reference == "42"
@@ -86,6 +118,16 @@ BAD_ROWS = [
         "unknown role",
     ),
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn", "no assistant turn"),
+    (
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]},
+        "turn 2 has from 'bot'; ShareGPT speakers are system, human",
+        "unknown role",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]},
+        "turn 2 has no 'value'",
+        "message without content",
+    ),
     (
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "weight": 2}]},
         "weight must be 0 or 1",
@@ -119,7 +161,9 @@ def test_a_malformed_row_is_an_error_naming_file_and_line_or_is_skipped_and_coun
     tmp_path, tokenizer, capsys, row, message, reason
 ):
     good = {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]}
-    if "messages" not in row:
+    if "conversations" in row:
+        good = FORMATS["sharegpt"][0]
+    elif "messages" not in row:
         good = FORMATS["alpaca"][0] if "instruction" in row else FORMATS["prompt-completion"][0]
     path = _jsonl(tmp_path, [good, row, row])
     with pytest.raises(TunelabError, match=rf"{path}:2: .*{message}.*data.skip_bad_rows=true"):

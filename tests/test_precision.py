@@ -56,8 +56,11 @@ def test_frozen_weights_bf16_trained_weights_and_optimizer_state_fp32(
 
     dataset = build_dataset(str(qa_jsonl), built.tokenizer, config.data)
     trainer = make_trainer(config, built, tmp_path / "run", dataset)
-    assert trainer.args.bf16  # the forward and backward run under bf16 autocast
+    computed = set()  # the dtype the layers compute in during training, fp32 weights included
+    for module in built.model.model.layers[0].mlp.modules():
+        module.register_forward_hook(lambda _m, _i, out: computed.add(out.dtype))
     trainer.train()
+    assert computed == {torch.bfloat16}, computed
     state = _tensors(trainer.optimizer.state_dict()["state"])
     assert state and all(t.dtype in (torch.float32, torch.int64, torch.int32) for t in state)
     assert any(t.dtype == torch.float32 for t in state)

@@ -25,6 +25,23 @@ console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"tunelab {version('tunelab')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    """Fine-tune open causal LMs: LoRA, QLoRA, QDyLoRA, SpIEL, full FT; coverage-based search."""
+
+
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="run config YAML (or a run directory, with --resume)"),

@@ -27,7 +27,7 @@ class DataConfig(Section):
     # unset: the built-in task's own eval split when train is one (gsm8k:train -> gsm8k:eval), else
     # no eval set; never another dataset than the user named
     eval: str | None = None
-    format: Literal["auto", "alpaca", "prompt-completion", "messages", "text"] = "auto"
+    format: Literal["auto", "alpaca", "prompt-completion", "messages", "sharegpt", "text"] = "auto"
     max_length: int = Field(512, gt=0)
     train_on_prompt: bool = False
     # cap on rows taken from the eval set during training (None: all of it)

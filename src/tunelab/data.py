@@ -5,6 +5,7 @@ Formats (`data.format`, `auto` detects from the columns):
   alpaca             instruction, output (+ optional input)
   prompt-completion  prompt, completion
   messages           messages: [{role, content}, ...] rendered with the tokenizer's chat template
+  sharegpt           conversations: [{from, value}, ...] (human/gpt/system/tool), read as messages
   text               text (every token trains)
 """
 
@@ -28,6 +29,7 @@ FORMAT_FIELDS = {
     "alpaca": ("instruction", "output"),
     "prompt-completion": ("prompt", "completion"),
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "text": ("text",),
 }
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -158,6 +160,18 @@ def detect_format(rows: list[Row], requested: str) -> str:
 # -- rendering -------------------------------------------------------------------------------------
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's `from` -> a chat role: the community names (LLaMA-Factory, axolotl, Unsloth read these),
+# and OpenAI's own names, which some ShareGPT files use
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+}
 SKIP_HINT = "; fix the row, or set data.skip_bad_rows=true to skip such rows"
 
 
@@ -221,9 +235,10 @@ def _clean_messages(where: str, messages: object, tokenizer) -> tuple[list[dict]
     for turn, message in enumerate(messages):
         role = message.get("role")
         if role not in CHAT_ROLES:
+            sharegpt = " (ShareGPT's human/gpt turns go under 'conversations' as {from, value})"
             raise BadRow(
                 f"{where}: message {turn + 1} has role {role!r}; roles are "
-                f"{', '.join(CHAT_ROLES)}{SKIP_HINT}",
+                f"{', '.join(CHAT_ROLES)}{sharegpt if role in SHAREGPT_ROLES else ''}{SKIP_HINT}",
                 "unknown role",
             )
         weight = message.get("weight", 1)
@@ -248,6 +263,29 @@ def _clean_messages(where: str, messages: object, tokenizer) -> tuple[list[dict]
     return cleaned, trained
 
 
+def sharegpt_messages(where: str, conversations: object) -> list[dict]:
+    """ShareGPT turns ({from, value}) as chat messages ({role, content}); other keys (weight) kept."""
+    if not isinstance(conversations, list) or not all(isinstance(t, dict) for t in conversations):
+        raise BadRow(
+            f"{where}: 'conversations' must be a list of {{from, value}} objects{SKIP_HINT}",
+            "malformed messages",
+        )
+    messages = []
+    for turn, item in enumerate(conversations):
+        speaker = item.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise BadRow(
+                f"{where}: turn {turn + 1} has from {speaker!r}; ShareGPT speakers are "
+                f"{', '.join(SHAREGPT_ROLES)}{SKIP_HINT}",
+                "unknown role",
+            )
+        if "value" not in item:
+            raise BadRow(f"{where}: turn {turn + 1} has no 'value'{SKIP_HINT}", "message without content")
+        rest = {key: value for key, value in item.items() if key not in ("from", "value")}
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": item["value"], **rest})
+    return messages
+
+
 def _chat(where: str, tokenizer, messages: list[dict], **options) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
@@ -268,7 +306,8 @@ def _message_segments(where: str, messages: object, tokenizer) -> tuple[list[tup
     """
     if tokenizer.chat_template is None:
         raise TunelabError(
-            f"{where}: format messages needs a tokenizer with a chat template; this one has none"
+            f"{where}: chat rows (messages, sharegpt) need a tokenizer with a chat template; this one has "
+            "none"
         )
     messages, trained = _clean_messages(where, messages, tokenizer)
     segments, rendered = [], ""
@@ -304,6 +343,8 @@ def render(where: str, row: dict, fmt: str, tokenizer) -> tuple[list[tuple[str, 
         return [(_text(where, row, "prompt", fmt), False), (completion + eos, True)], completion
     if fmt == "messages":
         return _message_segments(where, row.get("messages"), tokenizer)
+    if fmt == "sharegpt":
+        return _message_segments(where, sharegpt_messages(where, row.get("conversations")), tokenizer)
     text = _text(where, row, "text", fmt)
     return [(text + eos, True)], text
 

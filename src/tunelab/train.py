@@ -159,7 +159,10 @@ class TunelabTrainer(Trainer):
             or not supports_head_loss(model)
         ):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return causal_lm_loss(model, inputs, num_items_in_batch)
+        # accelerate puts autocast around model.forward; this calls the decoder itself, so it puts
+        # its own (without it, fp32 weights, as full fine-tuning keeps them, compute in fp32)
+        with self.accelerator.autocast():
+            return causal_lm_loss(model, inputs, num_items_in_batch)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:
