@@ -49,14 +49,17 @@ def step_flops(config, sequences: int, length: int, labelled: int, trains_base: 
 def gemm_rate(shapes: list[tuple[int, int]], tokens: int, dtype: torch.dtype, repeats: int = 5) -> float:
     """FLOP/s of F.linear over `shapes` (one of each, as in a layer) on `tokens` rows: total FLOPs over
     the median time of a pass through all of them."""
-    inputs = {i: torch.randn(tokens, i, dtype=dtype) for i, _ in shapes}
-    weights = [torch.randn(o, i, dtype=dtype) for i, o in shapes]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = {i: torch.randn(tokens, i, dtype=dtype, device=device) for i, _ in shapes}
+    weights = [torch.randn(o, i, dtype=dtype, device=device) for i, o in shapes]
     flops = sum(2 * tokens * i * o for i, o in shapes)
     times = []
     for repeat in range(repeats + 1):
         started = time.perf_counter()
         for (i, _), weight in zip(shapes, weights, strict=True):
             F.linear(inputs[i], weight)
+        if device == "cuda":
+            torch.cuda.synchronize()
         if repeat:  # the first pass warms up
             times.append(time.perf_counter() - started)
     return flops / statistics.median(times)
