@@ -20,6 +20,7 @@ from rich.markup import escape
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.assemble import TunedModel, build
 from tunelab.config import RunConfig, dump_config
@@ -127,6 +128,23 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order, drawn from (seed, epoch) instead of the global random state
+    at the epoch's start: a resumed run, and every process of a distributed one, gets the same batches
+    (the plain random order gets this from accelerate's seedable sampler)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class TunelabTrainer(Trainer):
     """Trainer that drives its method's hooks, and whose checkpoints hold only what the method
     trains (plus the method's state)."""
@@ -149,6 +167,15 @@ class TunelabTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        strategy = getattr(self.args, "train_sampling_strategy", None)
+        if strategy != "group_by_length" and not getattr(self.args, "group_by_length", False):
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        lengths = [len(example["input_ids"]) for example in dataset]
+        return SeededLengthGroupedSampler(batch, lengths, self.args.data_seed or self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # a wrapped model (DDP) must be called through its wrapper for gradient sync
