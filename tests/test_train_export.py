@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,11 @@ def test_peft_loads_our_export_with_the_same_logits(lora_run, tmp_path, tiny_mod
     out = export_run(lora_run, "peft", tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    assert Path(config["base_model_name_or_path"]).is_absolute()  # loads from any folder, no hub lookup
+    from transformers import AutoTokenizer
+
+    shipped, original = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert shipped.chat_template == original.chat_template and shipped.vocab == original.vocab
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     peft_model = PeftModel.from_pretrained(base, out).eval()
     with torch.no_grad():

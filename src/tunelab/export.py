@@ -27,7 +27,8 @@ def export_run(run_dir: Path, fmt: str, out: Path, rank: int | None = None) -> P
             # from a 4-bit base this merges into the dequantized weights: a full-precision model
             merged = dequantize_model(built.method.merge(built.model, rank))
             merged.save_pretrained(tmp)
-            built.tokenizer.save_pretrained(tmp)
         else:
             built.method.export(built.model, fmt, tmp, base_model=built.model_path, rank=rank)
+        # every export carries the tokenizer and its chat template: what loads or serves it needs them
+        built.tokenizer.save_pretrained(tmp)
     return out
