@@ -14,11 +14,15 @@ import torch
 import torch.nn.functional as F
 
 
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def layer_shapes(config) -> list[tuple[int, int]]:
     """(in, out) of the linear layers of one decoder layer of a Llama-like model."""
     hidden, mlp = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_dim, kv_dim = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    q_dim = config.num_attention_heads * head_dim(config)
+    kv_dim = config.num_key_value_heads * head_dim(config)
     return [(hidden, q_dim), (hidden, kv_dim), (hidden, kv_dim), (q_dim, hidden)] + [
         (hidden, mlp),
         (hidden, mlp),
@@ -36,8 +40,7 @@ def step_flops(config, sequences: int, length: int, labelled: int, trains_base: 
       4·labelled·h·V, 6 when the head trains."""
     tokens = sequences * length
     n_linear = config.num_hidden_layers * sum(i * o for i, o in layer_shapes(config))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention_width = config.num_attention_heads * head_dim
+    attention_width = config.num_attention_heads * head_dim(config)
     passes = 6 if trains_base else 4
     return {
         "linear": passes * n_linear * tokens,

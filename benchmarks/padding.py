@@ -1,5 +1,5 @@
-"""How much of each batch is padding: random batches against batches grouped by length (the
-sampler `train.group_by_length: true` makes the Trainer use), on a real dataset.
+"""How much of each batch is padding: random batches against batches grouped by length (the sampler
+tunelab's trainer uses with `train.group_by_length: true`), on a real dataset.
 
     python -m benchmarks.padding [--data gsm8k:train] [--batch 8] [--max-length 256,512] [--seeds 3]
 """
@@ -10,11 +10,11 @@ import argparse
 import statistics
 
 import torch
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.config import DataConfig
 from tunelab.data import build_dataset, padded_fraction
 from tunelab.models import load_tokenizer, resolve_model
+from tunelab.train import SeededLengthGroupedSampler
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
             generator = torch.Generator().manual_seed(seed)
             shuffled = torch.randperm(len(lengths), generator=generator).tolist()
             fractions["random"].append(padded_fraction(lengths, shuffled, args.batch))
-            grouped = list(LengthGroupedSampler(args.batch, lengths=lengths, generator=generator))
+            grouped = list(SeededLengthGroupedSampler(args.batch, lengths, seed))
             fractions["grouped"].append(padded_fraction(lengths, grouped, args.batch))
         print(
             f"| max_length {max_length} | {len(lengths)} | {statistics.mean(lengths):.0f} | "

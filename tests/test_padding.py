@@ -71,3 +71,25 @@ def test_loss_per_real_token_does_not_depend_on_the_padding(tmp_path, tokenizer_
 
     assert padded_fraction(lengths, mixed, 8) > 3 * padded_fraction(lengths, by_length, 8)
     torch.testing.assert_close(token_weighted_loss(mixed), token_weighted_loss(by_length), rtol=1e-5, atol=0)
+
+
+def test_evaluation_loss_is_transformers_own_loss_token_weighted(tmp_path, tokenizer_dir):
+    """`loss_and_perplexity` (head at labelled positions only) against the model's own loss."""
+    from transformers import AutoTokenizer
+
+    from tunelab.evaluate import loss_and_perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = _varied_lengths(tmp_path / "varied.jsonl")
+    dataset = build_dataset(str(data), tokenizer, tiny_config(tokenizer_dir, data, tmp_path).data)
+    model = random_llama(vocab_size=len(tokenizer)).eval()
+    collate = collator(tokenizer)
+    total = tokens = 0.0
+    for start in range(0, len(dataset), 8):
+        batch = collate([dataset[i] for i in range(start, min(start + 8, len(dataset)))])
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += model(**batch).loss.item() * count
+        tokens += count
+    got = loss_and_perplexity(model, dataset, tokenizer, batch_size=8)["loss"]
+    torch.testing.assert_close(got, total / tokens, rtol=1e-5, atol=0)

@@ -173,3 +173,15 @@ def test_eval_loss_during_training_is_what_tunelab_eval_reports(tmp_path, tiny_m
     final = loss_and_perplexity(result.tuned.model, dataset, result.tuned.tokenizer)
     assert evals[-1]["eval_loss"] == pytest.approx(final["loss"], rel=1e-6)
     assert evals[-1]["eval_perplexity"] == pytest.approx(final["perplexity"], rel=1e-6)
+
+
+def test_ranks_on_a_one_rank_run_fail_before_the_model_loads(lora_run, tmp_path, capsys, monkeypatch):
+    import tunelab.assemble
+    from conftest import assert_one_line_error, run_cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(tunelab.assemble, "build", no_loading)
+    code, err = run_cli(capsys, "eval", str(lora_run), "--ranks", "all")
+    assert_one_line_error(code, err, "this run's method trains one rank")

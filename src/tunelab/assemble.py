@@ -57,15 +57,21 @@ def build(config: RunConfig, tokenizer: Any = None) -> TunedModel:
     return TunedModel(model, tokenizer, method, model_path)
 
 
-def load_run(run_dir: Path, precision: str | None = None) -> tuple[RunConfig, TunedModel]:
-    """The config and trained model of a finished run (the folder it is in now, wherever it moved);
-    `precision` replaces the run's train.precision (export merges into fp32 weights)."""
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The config of a finished run, without loading its model (to check a request against it first)."""
     from tunelab.config import read_yaml, validate
 
     run = RunDir(run_dir)
     run.require_finished()
     data, text = read_yaml(run.config_file)
-    config = validate(data, str(run.config_file), text)
+    return validate(data, str(run.config_file), text)
+
+
+def load_run(run_dir: Path, precision: str | None = None) -> tuple[RunConfig, TunedModel]:
+    """The config and trained model of a finished run (the folder it is in now, wherever it moved);
+    `precision` replaces the run's train.precision (export merges into fp32 weights)."""
+    run = RunDir(run_dir)
+    config = read_run_config(run_dir)
     if precision:
         config.train.precision = precision
     built = build(config)

@@ -98,7 +98,7 @@ def eval_command(
     """Loss, perplexity (and exact match) of a run; with --ranks, of each rank of a DyLoRA run."""
     from rich.progress import Progress
 
-    from tunelab.assemble import load_run
+    from tunelab.assemble import load_run, read_run_config
     from tunelab.data import build_dataset
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
@@ -110,8 +110,9 @@ def eval_command(
         if json_path.exists() and json_path.suffix != ".json":  # e.g. the run's own config.yaml
             raise TunelabError(f"--json {json_path} exists and is not a .json file; name another file")
         check_writable(json_path.parent)
+    # the request is checked against the run before its model loads
+    rank_list = parse_ranks(ranks, read_run_config(run_dir).method.evaluable_ranks()) if ranks else None
     config, built = load_run(run_dir)
-    rank_list = parse_ranks(ranks, config.method.evaluable_ranks()) if ranks else None
     spec = data or config.data.eval
     if not spec:
         raise TunelabError("the run has no data.eval; pass --data NAME|PATH")

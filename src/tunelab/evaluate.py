@@ -13,6 +13,7 @@ from torch import nn
 
 from tunelab.data import IGNORE_INDEX, TokenizedDataset, collator
 from tunelab.errors import TunelabError
+from tunelab.loss import causal_lm_loss, supports_head_loss
 from tunelab.tasks import first_line
 
 if TYPE_CHECKING:  # assemble imports the methods; evaluation needs only the type
@@ -36,11 +37,13 @@ def loss_and_perplexity(
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        losses = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        if supports_head_loss(model):  # the head at labelled positions only, as in training
+            losses = causal_lm_loss(model, batch, num_items=1)
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits[:, :-1].flatten(0, 1).float()
+            losses = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         total_loss += losses.item()
         total_tokens += int((labels != IGNORE_INDEX).sum())
         if progress:

@@ -169,13 +169,11 @@ class TunelabTrainer(Trainer):
         return metrics
 
     def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        strategy = getattr(self.args, "train_sampling_strategy", None)
-        if strategy != "group_by_length" and not getattr(self.args, "group_by_length", False):
-            return super()._get_train_sampler(train_dataset)
-        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        lengths = [len(example["input_ids"]) for example in dataset]
-        return SeededLengthGroupedSampler(batch, lengths, self.args.data_seed or self.args.seed)
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):  # its order comes from the global random state
+            seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+            return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # a wrapped model (DDP) must be called through its wrapper for gradient sync
@@ -379,8 +377,8 @@ def _train_locked(
         # once the checkpoint has loaded (a damaged one stops the run before anything changes)
         trainer.add_callback(TruncateMetricsOnStart(run, checkpoint_step(checkpoint) if checkpoint else 0))
     console.print(
-        f"training [bold]{config.method.name}[/bold] on {escape(config.model)} ({len(train_set)} examples) "
-        f"-> {escape(str(run))}"
+        f"training [bold]{config.method.name}[/bold] on {escape(config.model)} ({len(train_set)} examples, "
+        f"{'bf16' if args.bf16 else 'fp32'}) -> {escape(str(run))}"
     )
     with stop_request.installed():
         try:

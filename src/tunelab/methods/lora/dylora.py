@@ -85,6 +85,6 @@ class DyLoraMethod(LoraMethod):
     def resolve_rank(self, rank: int | None) -> int:
         if rank is None:
             return self.config.r
-        if not 1 <= rank <= self.config.r:
+        if rank not in self.config.evaluable_ranks():
             raise TunelabError(f"--rank {rank} is outside 1..{self.config.r} (this run's max rank r)")
         return rank
