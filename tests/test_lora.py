@@ -12,7 +12,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluate import parse_ranks
 from tunelab.methods.lora.config import DyLoraConfig, LoraConfig
 from tunelab.methods.lora.dylora import DyLoraMethod, rank_probabilities, sample_rank
-from tunelab.methods.lora.layer import LoRALinear, lora_layers
+from tunelab.methods.lora.layer import LoRALinear, dropout_mask, lora_layers
 from tunelab.methods.lora.method import LoraMethod
 
 
@@ -52,7 +52,7 @@ def test_gradients_match_dense_reference(dropout):
     layer(x).pow(2).sum().backward()
     # the reference: nn.functional ops in float64 on the same dropout mask (drawn from the same seed)
     torch.manual_seed(1)
-    keep = ~(torch.rand(x.shape) < dropout)
+    keep = ~dropout_mask(x.shape, dropout, x.device)
     x_ref = x.detach().clone().requires_grad_(True)
     A = layer.lora_A.detach().clone().requires_grad_(True)
     B = layer.lora_B.detach().clone().requires_grad_(True)
@@ -76,6 +76,14 @@ def test_dropout_drops_each_input_entry_with_probability_p():
     base_only = layer.base_layer.weight.sum(0).expand_as(x.grad)
     share = torch.isclose(x.grad, base_only).double().mean().item()
     assert abs(share - 0.05) < 0.002, share  # 1.2M entries: the standard error is 2e-4
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_mask_is_unbiased_in_every_lane(p):
+    # four 16-bit draws share one 64-bit word: each of the four positions must drop at rate p
+    torch.manual_seed(0)
+    lanes = dropout_mask(torch.Size([400_000]), p, torch.device("cpu")).view(-1, 4).double().mean(0)
+    torch.testing.assert_close(lanes, torch.full((4,), p, dtype=torch.float64), atol=0.003, rtol=0)
 
 
 def test_attach_trains_only_lora_parameters():

@@ -13,6 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """True where an entry is dropped, each independently with probability p (to within 1/65536).
+
+    Drawn as 16-bit integers, four per 64-bit random word: on CPU that is 2.5x faster than comparing
+    torch.rand with p, itself 1.5x faster than bernoulli_ (the masks were 26% of a bf16 LoRA step:
+    benchmarks.profile).
+    """
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    return (words.view(torch.int16)[:numel] < round(p * 65536) - 32768).view(shape)
+
+
 def token_rows(t: torch.Tensor) -> torch.Tensor:
     """(..., n) -> (tokens, n): every leading dimension is a token."""
     return t.reshape(-1, t.shape[-1])
@@ -82,9 +94,7 @@ class LoRALinear(nn.Module):
             lora_B = torch.cat([lora_B[:, :-1].detach(), lora_B[:, -1:]], dim=1)
         scale, drop = self.alpha / b, None
         if self.training and self.dropout > 0:
-            # uniform < p is Bernoulli(p) as bernoulli_ draws it, at 0.7x its time on CPU (where the
-            # masks were 26% of a bf16 LoRA step: benchmarks.profile)
-            drop = torch.rand(x.shape, device=x.device) < self.dropout
+            drop = dropout_mask(x.shape, self.dropout, x.device)
             scale /= 1 - self.dropout
         return self.base_layer(x) + LoRAUpdate.apply(x, lora_A, lora_B, scale, drop)
 
