@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunelab-installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup quickstart test test-all bench lint clean
+.PHONY: setup quickstart test test-gguf bench lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ quickstart: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# llama-cpp-python has no wheel here: pip builds it from source once (about 5 minutes), then caches it
+test-gguf: setup
+	@$(PY) -c "import llama_cpp" 2>/dev/null || { echo "building llama-cpp-python (once, ~5 min) ..."; \
+		CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+		$(PY) -m pip install -q llama-cpp-python; }
+	$(VENV)/bin/python -m pytest -q tests/test_gguf.py
 
 bench: setup
 	$(VENV)/bin/python -m benchmarks.run --models tiny,smollm2

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tunelab.config import validate
-from tunelab.data import build_dataset
+from tunelab.data import eval_dataset
 from tunelab.evaluate import evaluate_ranks
 from tunelab.train import train
 
@@ -63,7 +63,7 @@ def run(name: str, precision: str, steps: int, eval_examples: int, out: Path) ->
     started = time.perf_counter()
     result = train(config, overwrite=True)
     seconds = time.perf_counter() - started
-    dataset = build_dataset("gsm8k:eval", result.tuned.tokenizer, config.data, limit=eval_examples)
+    dataset = eval_dataset(config.data, result.tuned.tokenizer, limit=eval_examples)
     metrics = evaluate_ranks(result.tuned, dataset, None, with_exact_match=False)[0]
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]

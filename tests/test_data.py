@@ -87,7 +87,7 @@ def test_csv_and_json_files(tmp_path, tokenizer):
 
 def test_truncation(tmp_path, tokenizer):
     path = _write(tmp_path, "long.jsonl", [{"prompt": "x", "completion": " word" * 100}])
-    assert len(build_dataset(str(path), tokenizer, DataConfig(max_length=16))[0]["input_ids"]) == 16
+    assert len(build_dataset(str(path), tokenizer, DataConfig(max_length=48))[0]["input_ids"]) == 48
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path, tokenizer):

@@ -79,7 +79,7 @@ def test_messages_weight_zero_turns_are_not_trained_and_parts_are_joined(tmp_pat
     dataset = build_dataset(str(_jsonl(tmp_path, FORMATS["messages"][1:])), tokenizer)
     feature = dataset.features[0]
     trained = tokenizer.decode(_response_ids(feature))
-    assert trained == "4<|im_end|>\n" and "Hello there" in tokenizer.decode(feature["input_ids"])
+    assert trained == "4<|im_end|>" and "Hello there" in tokenizer.decode(feature["input_ids"])
     assert dataset.examples[0].reference == "4"
 
 
@@ -100,11 +100,13 @@ def test_sharegpt_trains_exactly_what_the_same_messages_would(tmp_path, tokenize
     messages = build_dataset(str(_jsonl(tmp_path, as_messages)), tokenizer)
     assert sharegpt.features == messages.features
     assert "Hello there" in tokenizer.decode(sharegpt.features[1]["input_ids"])
-    assert tokenizer.decode(_response_ids(sharegpt.features[1])) == "4<|im_end|>\n"  # weight 0 not trained
+    assert tokenizer.decode(_response_ids(sharegpt.features[1])) == "4<|im_end|>"  # weight 0 not trained
 
 
 def test_numbers_are_kept_in_the_prompt(tmp_path, tokenizer):
-    dataset = build_dataset(str(_jsonl(tmp_path, FORMATS["alpaca"][1:])), tokenizer)
+    dataset = build_dataset(
+        str(_jsonl(tmp_path, FORMATS["alpaca"][1:])), tokenizer, DataConfig(template="alpaca")
+    )
     assert "### Input:\n123" in dataset.examples[0].prompt and dataset.examples[0].reference == "42"
 
 
@@ -178,7 +180,7 @@ def test_truncated_and_dropped_rows_are_counted(tmp_path, tokenizer, capsys):
     long_prompt = {"prompt": "word " * 80, "completion": " 5"}  # the response lies beyond max_length
     long_answer = {"prompt": "2+3=", "completion": " five" * 80}  # kept, cut short
     path = _jsonl(tmp_path, [FORMATS["prompt-completion"][0], long_prompt, long_answer, long_prompt])
-    dataset = build_dataset(str(path), tokenizer, DataConfig(max_length=32))
+    dataset = build_dataset(str(path), tokenizer, DataConfig(max_length=32, template="none"))
     assert len(dataset) == 2
     summary = capsys.readouterr().err.replace("\n", "")
     assert "2 of 4 rows used" in summary
@@ -238,7 +240,7 @@ def test_config_mistakes_get_clear_errors(tmp_path, capsys, tiny_model_dir, qa_j
 
 
 def test_the_summary_line_shows_names_as_written(tokenizer, capsys):
-    build_dataset("addition:eval", tokenizer, DataConfig(max_length=16))  # `:eval:` is no emoji code
+    build_dataset("addition:eval", tokenizer, DataConfig(max_length=48))  # `:eval:` is no emoji code
     assert "data addition:eval: " in capsys.readouterr().err
 
 

@@ -42,7 +42,7 @@ def test_qdylora_on_the_embedded_model(tmp_path):
             "model": "smollm2-135m",
             "quantization": "nf4",
             "method": {"name": "dylora", "r": 4, "alpha": 8},
-            "data": {"train": "gsm8k:train", "eval": "gsm8k:eval", "max_length": 64},
+            "data": {"train": "gsm8k:train", "eval": "gsm8k:eval", "max_length": 128},
             "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3},
             "output_dir": str(tmp_path / "run"),
         }

@@ -69,7 +69,7 @@ def test_any_data_rows_load_or_fail_cleanly(tmp_path_factory, tokenizer_dir, dat
     path = tmp_path_factory.mktemp("rows") / "d.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in data_rows) + "\n")
     try:
-        dataset = build_dataset(str(path), load_tokenizer(tokenizer_dir), DataConfig(max_length=32))
+        dataset = build_dataset(str(path), load_tokenizer(tokenizer_dir), DataConfig(max_length=64))
     except TunelabError as exc:
         assert "\n" not in str(exc)
         return
@@ -87,7 +87,7 @@ def project_with_a_run(tmp_path_factory, tiny_model_dir):
     shutil.copytree(tiny_model_dir, project / "model")
     write_qa_jsonl(project / "data.jsonl")
     (project / "run.yaml").write_text(
-        "model: model\nmethod: {name: lora, r: 2}\ndata: {train: data.jsonl, max_length: 32}\n"
+        "model: model\nmethod: {name: lora, r: 2}\ndata: {train: data.jsonl, max_length: 64}\n"
         f"train: {{max_steps: 2, batch_size: 4}}\noutput_dir: {project / 'run'}\n"
     )
     train(load_config(project / "run.yaml"))
@@ -140,7 +140,7 @@ def test_corrupted_inputs_fail_cleanly_and_never_touch_a_run(
     for command in (
         # pinned: an emptied run.yaml is a valid config that would train the default model for an epoch
         ["train", str(project / "run.yaml"), f"output_dir={project / 'new'}", "train.max_steps=2"]
-        + [f"model={project / 'model'}", "data.max_length=32", "train.batch_size=4"],
+        + [f"model={project / 'model'}", "data.max_length=64", "train.batch_size=4"],
         ["eval", str(run), "--data", str(project / "data.jsonl"), "--limit", "4", "--no-exact-match"],
         ["train", str(config), "--resume"],
         ["export", str(run), "--format", "peft", "--out", str(project / "export")],

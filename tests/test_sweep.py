@@ -37,7 +37,7 @@ def _spec(tmp: Path, model_dir: str, datasets: dict[str, tuple[list[dict], str]]
         "base": {
             "model": model_dir,
             "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
-            "data": {"max_length": 32},
+            "data": {"max_length": 64},
             "train": {"max_steps": 2, "batch_size": 4, "warmup_ratio": 0.0, "log_steps": 1},
         },
         "grid": {"train.lr": [1.0e-3, 1.0e-2]},

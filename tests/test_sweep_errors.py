@@ -167,7 +167,7 @@ def _without_ray(monkeypatch) -> None:
         (
             "{tmp}/missing.jsonl",
             [],
-            "{spec}: dataset 'add' train: '{tmp}/missing.jsonl' is neither a file nor a built-in",
+            "{spec}: dataset 'add' train: '{tmp}/missing.jsonl' is neither a file, a folder, a hub id nor",
         ),
         ("{tmp}/rows.txt", [], "{spec}: dataset 'add' train: unsupported file type '.txt'"),
         ("addition:test", [], "{spec}: dataset 'add' train: dataset 'addition:test': unknown split 'test'"),

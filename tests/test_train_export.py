@@ -82,7 +82,7 @@ def test_merged_export_equals_the_adapter_forward(lora_run, tmp_path):
 
 
 def test_export_refuses_bad_requests(lora_run, tmp_path):
-    with pytest.raises(TunelabError, match="exports as peft or merged, not 'spiel'"):
+    with pytest.raises(TunelabError, match="exports as peft, merged or gguf, not 'spiel'"):
         export_run(lora_run, "spiel", tmp_path / "x")
     with pytest.raises(TunelabError, match="needs a dylora run"):
         export_run(lora_run, "peft", tmp_path / "y", rank=2)
@@ -107,6 +107,71 @@ def test_eval_command_writes_json(lora_run, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
     assert metrics["examples"] == 8 and 0 <= metrics["exact_match"] <= 1 and metrics["perplexity"] > 1
+    # what was scored is there to read: each example's prompt, reference and generated text
+    first = metrics["generations"][0]
+    assert first["reference"] == " 0" and first["prompt"].endswith(
+        "Q: 0+0=<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert isinstance(first["generated"], str) and len(metrics["generations"]) == 8
+
+
+def _greedy(tokenizer, model, text: str, new_tokens: int) -> str:
+    """Greedy decoding by hand (argmax of the forward pass), independent of model.generate."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            token = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+            if token == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def test_generate_and_chat_answer_as_the_run_trained(lora_run, tmp_path, capsys):
+    from conftest import run_cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Q: 1+2=\n\nQ: 3+4=\n")
+    out = tmp_path / "out.jsonl"
+    code, err = run_cli(
+        capsys, "generate", str(lora_run), "--file", str(prompts), "--out", str(out), "--max-new-tokens", "4"
+    )
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    _, built = load_run(lora_run)
+    chat = [
+        built.tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in ("Q: 1+2=", "Q: 3+4=")
+    ]
+    expected = [_greedy(built.tokenizer, built.model, text, 4) for text in chat]
+    assert [row["prompt"] for row in rows] == ["Q: 1+2=", "Q: 3+4="]
+    assert [row["generated"] for row in rows] == expected
+
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    result = CliRunner().invoke(
+        app, ["chat", str(lora_run), "--max-new-tokens", "4"], input="Q: 1+2=\n/exit\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert expected[0].strip() in result.output and "you>" in result.output
+
+
+def test_generate_refuses_bad_requests(lora_run, tmp_path, capsys):
+    from conftest import assert_one_line_error, run_cli
+
+    assert_one_line_error(*run_cli(capsys, "generate", str(lora_run)), "--prompt TEXT", "--file FILE")
+    assert_one_line_error(
+        *run_cli(capsys, "generate", str(lora_run), "--file", str(tmp_path / "nope.jsonl")), "file not found"
+    )
+    assert_one_line_error(
+        *run_cli(capsys, "generate", str(lora_run), "--prompt", "hi", "--rank", "2"),
+        "trains one rank; drop --rank",
+    )
 
 
 def test_full_fine_tuning_trains_every_weight(tmp_path, tiny_model_dir, qa_jsonl):
@@ -185,3 +250,42 @@ def test_ranks_on_a_one_rank_run_fail_before_the_model_loads(lora_run, tmp_path,
     monkeypatch.setattr(tunelab.assemble, "build", no_loading)
     code, err = run_cli(capsys, "eval", str(lora_run), "--ranks", "all")
     assert_one_line_error(code, err, "this run's method trains one rank")
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of the TensorBoard event files below `folder`, read from the record format itself
+    (length, crc, event proto, crc), not through a tensorboard reader."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_receives_the_losses_metrics_jsonl_holds(tmp_path, tiny_model_dir, qa_jsonl):
+    config = tiny_config(
+        tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.max_steps": 4, "train.report_to": "tensorboard"}
+    )
+    run_dir = train(config).run_dir
+    losses = [(r["step"], r["loss"]) for r in _records(run_dir) if "loss" in r]
+    logged = _tensorboard_scalars(run_dir / "logs")["train/loss"]
+    assert [step for step, _ in logged] == [step for step, _ in losses]
+    assert [value for _, value in logged] == pytest.approx([value for _, value in losses], rel=1e-6)
+
+
+def test_a_tracker_that_is_not_installed_is_named(tmp_path, tiny_model_dir, qa_jsonl):
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(
+        TunelabError, match="train.report_to.*wandb needs the wandb package: pip install wandb"
+    ):
+        tiny_config(tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.report_to": ["wandb"]})

@@ -34,7 +34,7 @@ def build(config: RunConfig, tokenizer: Any = None) -> TunedModel:
     """Resolve and load the base model (quantized when asked), attach the method; `tokenizer` is the
     model's, when the caller loaded it already."""
     model_path = resolve_model(config.model)
-    tokenizer = tokenizer or load_tokenizer(model_path)
+    tokenizer = tokenizer or load_tokenizer(model_path, config.data.chat_template)
     dtype = base_dtype(config.train.precision, config.method.trains_base_weights)
     if config.quantization == "nf4":
         device = "cuda" if torch.cuda.is_available() else "cpu"

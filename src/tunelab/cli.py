@@ -69,6 +69,41 @@ def train(
         run_config.output_dir = str(run.path.resolve())
     run_dir = run_training(run_config, resume=resume, overwrite=overwrite).run_dir
     err_console.print(f"[green]done[/green]: run directory {run_dir}")
+    err_console.print(
+        f"next: tunelab eval {run_dir} | tunelab chat {run_dir} | "
+        f"tunelab export {run_dir} --format merged --out {run_dir}-merged",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("data")
+def data_command(
+    config: Path = typer.Argument(..., help="run config YAML"),
+    overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. data.max_length=256"),
+    examples: int = typer.Option(2, "--examples", min=0, help="examples to print with trained tokens marked"),
+) -> None:
+    """Dry run of CONFIG's data: rows used and skipped, token lengths, examples as trained."""
+    from tunelab.config import load_config
+    from tunelab.data import eval_dataset, train_dataset
+    from tunelab.models import load_tokenizer, resolve_model
+    from tunelab.preview import print_dataset_report
+
+    run_config = load_config(config, overrides or [])
+    options = run_config.data
+    tokenizer = load_tokenizer(resolve_model(run_config.model), options.chat_template)
+    print_dataset_report(
+        console,
+        "data.train",
+        options.train,
+        train_dataset(options, tokenizer, quiet=True),
+        tokenizer,
+        options.max_length,
+        examples,
+    )
+    if options.eval:
+        dataset = eval_dataset(options, tokenizer, limit=options.eval_limit, quiet=True)
+        print_dataset_report(console, "data.eval", options.eval, dataset, tokenizer, options.max_length, 0)
 
 
 def _metrics_table(rows: list[dict], title: str) -> Table:
@@ -99,7 +134,7 @@ def eval_command(
     from rich.progress import Progress
 
     from tunelab.assemble import load_run, read_run_config
-    from tunelab.data import build_dataset
+    from tunelab.data import eval_dataset
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
     from tunelab.rundir import check_writable
@@ -116,15 +151,17 @@ def eval_command(
     spec = data or config.data.eval
     if not spec:
         raise TunelabError("the run has no data.eval; pass --data NAME|PATH")
-    dataset = build_dataset(
-        spec,
-        built.tokenizer,
-        config.data.model_copy(update={"format": "auto"}) if data else config.data,  # another file: detect
-        limit=limit,
+    # another dataset: its format is detected and its columns are its own
+    options = (
+        config.data.model_copy(update={"format": "auto", "columns": {}, "eval": spec})
+        if data
+        else config.data
     )
+    dataset = eval_dataset(options, built.tokenizer, limit=limit)
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True) as progress:
-        rows = evaluate_ranks(built, dataset, rank_list, with_exact_match, batch_size, progress)
+        generated: list[list[str]] = []
+        rows = evaluate_ranks(built, dataset, rank_list, with_exact_match, batch_size, progress, generated)
     result: dict = {"data": spec, "examples": len(dataset)}
     if ranks:
         summary = summarize_ranks(rows)
@@ -139,6 +176,15 @@ def eval_command(
         result.update(rows[0])
         console.print(_metrics_table(rows, f"{run_dir.name} on {spec} ({len(dataset)} examples)"))
     if json_path:
+        if with_exact_match:  # what was scored: each example's prompt, reference and generations
+            result["generations"] = [
+                {"prompt": example.prompt, "reference": example.reference}
+                | {
+                    f"rank {row['rank']}" if ranks else "generated": texts[i]
+                    for row, texts in zip(rows, generated, strict=True)
+                }
+                for i, example in enumerate(dataset.examples)
+            ]
         json_path.write_text(json.dumps(result, indent=2))
         err_console.print(f"wrote {json_path}")
 
@@ -146,15 +192,106 @@ def eval_command(
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
-    fmt: str = typer.Option(..., "--format", help="peft | merged | spiel (what the run's method supports)"),
+    fmt: str = typer.Option(
+        ..., "--format", help="peft | merged | gguf | spiel (what the run's method supports)"
+    ),
     out: Path = typer.Option(..., "--out", help="directory to write (must not exist or be empty)"),
     rank: int = typer.Option(None, "--rank", help="dylora runs: export this rank (1..r)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="merged: weight type, fp32 | bf16 | fp16"),
+    gguf_type: str = typer.Option("f16", "--gguf-type", help="gguf: f16 | q8_0"),
 ) -> None:
-    """Export a run as a PEFT adapter, a merged HF model, or a method's own format."""
+    """Export a run as a PEFT adapter, a merged HF model, a GGUF file (+ Ollama Modelfile), or a
+    method's own format."""
     from tunelab.export import export_run
 
-    export_run(run_dir, fmt, out, rank)
+    export_run(run_dir, fmt, out, rank, dtype, gguf_type)
     console.print(f"[green]exported[/green] {fmt} to {out}")
+    if fmt == "gguf":
+        console.print(f"try it: cd {out} && ollama create {out.name} -f Modelfile && ollama run {out.name}")
+
+
+def _load_for_generation(run_dir: Path, rank: int | None):
+    """A finished run's model at `rank` (checked before the model loads) and its prompt template."""
+    from tunelab.assemble import load_run, read_run_config
+    from tunelab.data import resolve_template
+
+    evaluable = read_run_config(run_dir).method.evaluable_ranks()
+    if rank is not None and rank not in evaluable:
+        raise TunelabError(
+            f"--rank {rank}: this run trained ranks {evaluable[0]}..{evaluable[-1]}"
+            if evaluable
+            else f"--rank {rank}: this run's method trains one rank; drop --rank"
+        )
+    config, built = load_run(run_dir)
+    built.method.set_rank(built.model, rank)
+    return built, resolve_template(config.data.template, built.tokenizer)
+
+
+@app.command()
+def generate(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    prompt: list[str] = typer.Option(None, "--prompt", help="a prompt (repeat for several)"),
+    file: Path = typer.Option(
+        None,
+        "--file",
+        help="prompts: .jsonl/.json/.csv/.parquet rows (prompt, instruction or messages), or .txt lines",
+    ),
+    out: Path = typer.Option(None, "--out", help="write the rows with their 'generated' text here (.jsonl)"),
+    rank: int = typer.Option(None, "--rank", help="dylora runs: generate at this rank"),
+    system: str = typer.Option(None, "--system", help="a system prompt (chat template runs)"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+) -> None:
+    """Generate with a trained run: prompts rendered as the run trained (its data.template)."""
+    from rich.progress import Progress
+
+    from tunelab.evaluate import generate_answers
+    from tunelab.generate import prompt_text, read_prompt_rows, row_messages, write_jsonl
+    from tunelab.rundir import check_writable
+
+    if bool(prompt) == bool(file):
+        raise TunelabError("give prompts with --prompt TEXT (repeatable) or --file FILE, one of the two")
+    if out is not None:
+        if out.suffix != ".jsonl" or out.is_dir():
+            raise TunelabError(f"--out {out}: name a .jsonl file to write")
+        check_writable(out.parent)
+    rows = (
+        read_prompt_rows(file)
+        if file
+        else [(f"--prompt {i + 1}", {"prompt": p}) for i, p in enumerate(prompt)]
+    )
+    built, template = _load_for_generation(run_dir, rank)
+    texts = [
+        prompt_text(row_messages(where, row, system, built.tokenizer), template, built.tokenizer)
+        for where, row in rows
+    ]
+    with Progress(console=err_console, transient=True) as progress:
+        generated = generate_answers(
+            built.model, built.tokenizer, texts, max_new_tokens, batch_size, progress, temperature
+        )
+    if out is not None:
+        write_jsonl(out, [{**row, "generated": text} for (_, row), text in zip(rows, generated, strict=True)])
+        err_console.print(f"wrote {len(rows)} generations to {out}")
+        return
+    for (where, _), text in zip(rows, generated, strict=True):
+        console.rule(where, style="dim")
+        console.print(escape(text), highlight=False)
+
+
+@app.command()
+def chat(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    rank: int = typer.Option(None, "--rank", help="dylora runs: chat at this rank"),
+    system: str = typer.Option(None, "--system", help="a system prompt"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy"),
+) -> None:
+    """Talk to a trained run on the terminal; replies stream as they are generated."""
+    from tunelab.generate import chat as chat_loop
+
+    built, template = _load_for_generation(run_dir, rank)
+    chat_loop(built, template, console, system, max_new_tokens, temperature)
 
 
 @app.command()

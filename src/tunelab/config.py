@@ -22,12 +22,40 @@ MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discrimina
 METHOD_NAMES = tuple(METHOD_CONFIGS)
 
 
+# The columns each row format reads (`data.format`); `data.columns` maps them to a dataset's own names
+ROW_FIELDS = {
+    "alpaca": ("instruction", "output"),
+    "prompt-completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "text": ("text",),
+}
+OPTIONAL_FIELDS = ("input",)  # alpaca's optional context
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
 class DataConfig(Section):
+    # a built-in (gsm8k:train), a .jsonl/.json/.csv/.parquet file, a datasets `save_to_disk` folder,
+    # a dataset repository folder, or a hub dataset id (owner/name)
     train: str = "gsm8k:train"
     # unset: the built-in task's own eval split when train is one (gsm8k:train -> gsm8k:eval), else
     # no eval set; never another dataset than the user named
     eval: str | None = None
+    # the split of a Hugging Face dataset with several (DatasetDict, hub) that train reads
+    split: str = "train"
+    # the split eval reads; unset: 'validation', else 'test', whichever the dataset has
+    eval_split: str | None = None
+    # a hub dataset's configuration (load_dataset's second argument)
+    subset: str | None = None
+    # the dataset's column names for the format's fields, e.g. {instruction: question, output: answer}
+    columns: dict[str, str] = Field(default_factory=dict)
     format: Literal["auto", "alpaca", "prompt-completion", "messages", "sharegpt", "text"] = "auto"
+    # how alpaca and prompt-completion rows become text: chat (the tokenizer's chat template: a user
+    # turn and an assistant turn), alpaca (### Instruction / ### Response), none (prompt then response
+    # as written); auto: chat when the tokenizer has a chat template, else alpaca
+    template: Literal["auto", "chat", "alpaca", "none"] = "auto"
+    # a Jinja chat template file that replaces the tokenizer's own (saved with every export)
+    chat_template: str | None = None
     max_length: int = Field(512, gt=0)
     train_on_prompt: bool = False
     # cap on rows taken from the eval set during training (None: all of it)
@@ -36,6 +64,17 @@ class DataConfig(Section):
     # them instead, counted in the data summary line
     skip_bad_rows: bool = False
 
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
+        fields = [f for names in ROW_FIELDS.values() for f in names] + list(OPTIONAL_FIELDS)
+        for field in columns:
+            if field not in fields:
+                close = difflib.get_close_matches(field, fields, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown field '{field}'; {hint}fields are {', '.join(fields)}")
+        return columns
+
     @model_validator(mode="after")
     def _default_eval(self) -> DataConfig:
         if self.eval is None and "eval" not in self.model_fields_set:
@@ -43,6 +82,15 @@ class DataConfig(Section):
             if split == "train" and name in builtin_task_names():
                 self.__dict__["eval"] = f"{name}:eval"  # bypasses re-validation of the assignment
         return self
+
+
+# the packages each train.report_to integration needs (any one of them)
+REPORT_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "trackio": ("trackio",),
+}
 
 
 class TrainConfig(Section):
@@ -56,6 +104,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     seed: int = 42
+    # experiment trackers that also receive the logs (transformers' integrations); tensorboard
+    # writes into the run's logs/ folder
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(default_factory=list)
     save_steps: int = Field(0, ge=0)
     eval_steps: int = Field(0, ge=0)
     log_steps: int = Field(10, gt=0)
@@ -69,6 +120,23 @@ class TrainConfig(Section):
     # batches of similar length (random order of groups): gsm8k:train at batch 8 carries 32% padding
     # in random batches, 1.8% grouped (benchmarks.padding); the loss per real token does not change
     group_by_length: bool = True
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_list(cls, value: Any) -> Any:
+        return (
+            [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        )
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_installed(cls, report_to: list[str]) -> list[str]:
+        import importlib.util
+
+        for name in report_to:
+            if not any(importlib.util.find_spec(package) for package in REPORT_PACKAGES[name]):
+                raise ValueError(f"{name} needs the {REPORT_PACKAGES[name][0]} package: pip install {name}")
+        return report_to
 
     @field_validator("max_steps")
     @classmethod
@@ -311,7 +379,7 @@ def _absolute_paths(data: dict, base: Path) -> dict:
         data["model"] = str((base / Path(model).expanduser()).resolve())
     if isinstance(data.get("data"), dict):
         section = dict(data["data"])
-        for key in ("train", "eval"):
+        for key in ("train", "eval", "chat_template"):
             value = section.get(key)
             if not isinstance(value, str) or not value:
                 continue
@@ -319,10 +387,22 @@ def _absolute_paths(data: dict, base: Path) -> dict:
                 builtin = parse_builtin(value)
             except TunelabError:
                 builtin = True  # a built-in name with a bad split: data.py says so later
-            if builtin is None:
-                section[key] = str((base / Path(value).expanduser()).resolve())
+            path = base / Path(value).expanduser()
+            if builtin is None and (key == "chat_template" or path.exists() or not is_hub_id(value)):
+                section[key] = str(path.resolve())
         data["data"] = section
     return data
+
+
+def is_hub_id(spec: str) -> bool:
+    """'owner/name' that names no data file: what a hub dataset (or model) id looks like."""
+    owner, slash, name = spec.partition("/")
+    return (
+        bool(slash and owner and name)
+        and all(part.replace("-", "").replace("_", "").replace(".", "").isalnum() for part in (owner, name))
+        and not owner.startswith(".")
+        and Path(name).suffix.lower() not in FILE_SUFFIXES
+    )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

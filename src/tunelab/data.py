@@ -1,12 +1,14 @@
-"""Datasets: load rows (built-in tasks or local files), render them by format, tokenize with
-the loss on response tokens only.
+"""Datasets: load rows (built-in tasks, local files, Hugging Face datasets), render them by format,
+tokenize with the loss on response tokens only.
 
-Formats (`data.format`, `auto` detects from the columns):
+Formats (`data.format`, `auto` detects from the columns; `data.columns` renames a dataset's own):
   alpaca             instruction, output (+ optional input)
   prompt-completion  prompt, completion
   messages           messages: [{role, content}, ...] rendered with the tokenizer's chat template
   sharegpt           conversations: [{from, value}, ...] (human/gpt/system/tool), read as messages
   text               text (every token trains)
+Alpaca and prompt-completion rows become text as `data.template` says: a chat turn pair (the
+tokenizer's chat template), the ### Instruction / ### Response template, or as written.
 """
 
 from __future__ import annotations
@@ -21,18 +23,11 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from tunelab.config import DataConfig, read_utf8
+from tunelab.config import FILE_SUFFIXES, DataConfig, is_hub_id, read_utf8
+from tunelab.config import ROW_FIELDS as FORMAT_FIELDS
 from tunelab.errors import TunelabError
 from tunelab.tasks import Task, parse_builtin
 
-FORMAT_FIELDS = {
-    "alpaca": ("instruction", "output"),
-    "prompt-completion": ("prompt", "completion"),
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "text": ("text",),
-}
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 IGNORE_INDEX = -100
 
 Row = tuple[str, dict]  # (where it came from: "file:line", the row)
@@ -102,16 +97,25 @@ def _read_json(path: Path, text: str) -> list[Row]:
     return [(f"{path} row {i + 1}", row) for i, row in enumerate(data)]
 
 
-def _read_parquet(path: Path) -> list[Row]:
-    from datasets import load_dataset
+def _quiet_datasets():
+    import datasets
     from datasets.utils.logging import disable_progress_bar, set_verbosity_error
 
     disable_progress_bar()  # its "Generating train split" bar would be a second line on the terminal
     set_verbosity_error()
+    return datasets
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    datasets = _quiet_datasets()
     try:
-        table = load_dataset("parquet", data_files=str(path), split="train")
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise TunelabError(f"{path}: cannot read as parquet: {str(exc).splitlines()[0]}") from None
+        raise TunelabError(f"{path}: cannot read as parquet: {_first_line(exc)}") from None
     return [(f"{path} row {i + 1}", dict(row)) for i, row in enumerate(table)]
 
 
@@ -122,28 +126,79 @@ def _read_file(path: Path) -> list[Row]:
     return readers[path.suffix](path, read_utf8(path))
 
 
-def load_rows(spec: str) -> tuple[list[Row], Task | None]:
-    """Rows of a built-in task (`gsm8k:train`) or a local file, and the task when built in."""
+def _read_hf_dataset(spec: str, local: bool, split: str | None, subset: str | None) -> list[Row]:
+    """A `save_to_disk` folder, a dataset repository folder, or a hub id, through `datasets`. With
+    several splits, `split` picks one (None: validation, else test)."""
+    datasets = _quiet_datasets()
+    saved = local and any((Path(spec) / name).is_file() for name in ("dataset_dict.json", "state.json"))
+    try:
+        loaded = datasets.load_from_disk(spec) if saved else datasets.load_dataset(spec, subset)
+    except Exception as exc:  # datasets raises many types (missing files, no hub, bad config name)
+        where = "the folder" if local else "the hub"
+        raise TunelabError(
+            f"dataset '{spec}': {where} could not be loaded with datasets ({_first_line(exc)}); "
+            "check the path or id" + ("" if local else ", data.subset, and that the hub is reachable")
+        ) from None
+    label = spec
+    if isinstance(loaded, datasets.DatasetDict):
+        key = "data.split" if split else "data.eval_split"
+        chosen = split or next((name for name in ("validation", "test") if name in loaded), None)
+        if chosen not in loaded:
+            raise TunelabError(
+                f"dataset '{spec}' has splits {', '.join(loaded)}, not {chosen or 'validation or test'}; "
+                f"set {key} to one of them"
+            )
+        loaded, label = loaded[chosen], f"{spec} [{chosen}]"
+    return [(f"{label} row {i + 1}", dict(row)) for i, row in enumerate(loaded)]
+
+
+def _map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
+    """Rows with each format field read from the dataset's own column (`data.columns`)."""
+    where, first = rows[0]
+    for field, column in columns.items():
+        if column not in first:
+            raise TunelabError(
+                f"{where}: data.columns.{field} names column '{column}', which the data does not have "
+                f"(its columns: {', '.join(map(str, first))})"
+            )
+    return [(where, {**row, **{f: row[c] for f, c in columns.items() if c in row}}) for where, row in rows]
+
+
+def load_rows(
+    spec: str, options: DataConfig | None = None, split: str | None = None
+) -> tuple[list[Row], Task | None]:
+    """Rows of a built-in task (`gsm8k:train`), a local file or folder, or a hub dataset, with
+    `options.columns` applied; and the task when built in. `split` picks a Hugging Face dataset's
+    split (None: its validation or test split)."""
+    options = options or DataConfig()
     builtin = parse_builtin(spec)
     if builtin is not None:
-        task, split = builtin
-        return [(f"{spec} row {i + 1}", row) for i, row in enumerate(task.rows(split))], task
+        task, builtin_split = builtin
+        rows = [(f"{spec} row {i + 1}", row) for i, row in enumerate(task.rows(builtin_split))]
+        return _map_columns(rows, options.columns), task
     path = Path(spec).expanduser()
-    if not path.is_file():
+    if path.is_dir():
+        rows = _read_hf_dataset(str(path), True, split, options.subset)
+    elif path.is_file():
+        if path.suffix not in FILE_SUFFIXES:
+            raise TunelabError(
+                f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}, or a "
+                "datasets folder"
+            )
+        rows = _read_file(path)
+    elif is_hub_id(spec):
+        rows = _read_hf_dataset(spec, False, split, options.subset)
+    else:
         from tunelab.tasks import builtin_tasks
 
         names = ", ".join(f"{name}:train" for name in builtin_tasks())
         raise TunelabError(
-            f"dataset not found: '{spec}' is neither a file nor a built-in ({names}, or :eval)"
+            f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
+            f"({names}, or :eval)"
         )
-    if path.suffix not in FILE_SUFFIXES:
-        raise TunelabError(
-            f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}"
-        )
-    rows = _read_file(path)
     if not rows:
-        raise TunelabError(f"{path}: the dataset has no rows")
-    return rows, None
+        raise TunelabError(f"{spec}: the dataset has no rows")
+    return _map_columns(rows, options.columns), None
 
 
 def detect_format(rows: list[Row], requested: str) -> str:
@@ -223,9 +278,11 @@ def _message_content(where: str, turn: int, message: dict) -> str | None:
     return _as_text(where, content, f"messages[{turn}].content")
 
 
-def _clean_messages(where: str, messages: object, tokenizer) -> tuple[list[dict], list[bool]]:
+def _clean_messages(
+    where: str, messages: object, tokenizer, need_assistant: bool = True
+) -> tuple[list[dict], list[bool]]:
     """Messages as the chat template takes them, and for each whether it is a trained response
-    (an assistant turn whose OpenAI-style `weight` is not 0)."""
+    (an assistant turn whose OpenAI-style `weight` is not 0); with `need_assistant`, at least one."""
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise BadRow(
             f"{where}: 'messages' must be a non-empty list of {{role, content}} objects{SKIP_HINT}",
@@ -256,7 +313,7 @@ def _clean_messages(where: str, messages: object, tokenizer) -> tuple[list[dict]
             )
         cleaned.append(clean)
         trained.append(role == "assistant" and weight == 1)
-    if not any(trained):
+    if need_assistant and not any(trained):
         raise BadRow(
             f"{where}: the conversation has no assistant turn to train on{SKIP_HINT}", "no assistant turn"
         )
@@ -301,52 +358,103 @@ def _message_segments(where: str, messages: object, tokenizer) -> tuple[list[tup
     """Render a conversation with the chat template; trained assistant turns are the responses.
     Returns the segments and the first response's own text (the exact-match reference).
 
-    Each assistant turn's text is what the template adds between the generation prompt of the
-    turns before it and the conversation including it, so no template-specific markers are needed.
+    The conversation is rendered once. An assistant turn starts where the template's generation prompt
+    for the turns before it ends, and ends where the conversation up to it ends, so no template
+    markers are needed. Templates that render the last assistant turn differently from earlier ones
+    (Qwen3 adds a reasoning block to it alone) break the second rule: such a turn ends after the
+    first end-of-sequence token that follows it.
     """
     if tokenizer.chat_template is None:
         raise TunelabError(
-            f"{where}: chat rows (messages, sharegpt) need a tokenizer with a chat template; this one has "
-            "none"
+            f"{where}: chat rows need a tokenizer with a chat template; this one has none: set "
+            "data.chat_template to a template file"
         )
     messages, trained = _clean_messages(where, messages, tokenizer)
-    segments, rendered = [], ""
+    full = _chat(where, tokenizer, messages)
+    segments, position = [], 0
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = _chat(where, tokenizer, messages[:turn], add_generation_prompt=True)
-        full = _chat(where, tokenizer, messages[: turn + 1])
-        if not prompt.startswith(rendered) or not full.startswith(prompt):
+        if not full.startswith(prompt) or len(prompt) < position:
             raise TunelabError(
-                f"{where}: the chat template does not render turns as prefixes; use format text"
+                f"{where}: the chat template renders the turns before assistant turn {turn + 1} "
+                "differently in the whole conversation; use format text, or a chat template "
+                "(data.chat_template) that renders earlier turns the same"
             )
-        segments += [(prompt[len(rendered) :], False), (full[len(prompt) :], trained[turn])]
-        rendered = full
-    final = _chat(where, tokenizer, messages)
-    if final[len(rendered) :]:
-        segments.append((final[len(rendered) :], False))
+        upto, eos = _chat(where, tokenizer, messages[: turn + 1]), tokenizer.eos_token or ""
+        if full.startswith(upto):
+            end = len(upto)
+        elif eos and eos in full[len(prompt) :]:
+            end = full.index(eos, len(prompt)) + len(eos)
+        else:
+            raise TunelabError(
+                f"{where}: cannot tell where assistant turn {turn + 1} ends: the chat template renders it "
+                "differently in the whole conversation and no end-of-sequence token follows it"
+            )
+        closing = full.rfind(eos, len(prompt), end) if eos else -1
+        if closing >= 0 and not full[closing + len(eos) : end].strip():
+            end = closing + len(eos)  # the newline a template writes after a turn's end is not trained
+        segments += [(full[position : len(prompt)], False), (full[len(prompt) : end], trained[turn])]
+        position = end
+    if full[position:]:
+        segments.append((full[position:], False))
     reference = next(m["content"] or "" for m, t in zip(messages, trained, strict=True) if t)
     return segments, reference
 
 
-def render(where: str, row: dict, fmt: str, tokenizer) -> tuple[list[tuple[str, bool]], str]:
-    """A row as (text, is_response) segments, in order, and the first response's own text (what
-    exact match compares a generation with: no template markers, no end-of-sequence token)."""
+def resolve_template(template: str, tokenizer) -> str:
+    """`data.template` with auto decided: the chat template when the tokenizer has one."""
+    if template == "auto":
+        return "chat" if tokenizer.chat_template else "alpaca"
+    if template == "chat" and not tokenizer.chat_template:
+        raise TunelabError(
+            "data.template: chat needs a tokenizer with a chat template; this one has none: set "
+            "data.chat_template to a template file, or data.template: alpaca"
+        )
+    return template
+
+
+def _instruction_segments(
+    where: str, instruction: str, context: str, response: str, template: str, tokenizer
+) -> tuple[list[tuple[str, bool]], str]:
+    """An instruction (+ context) and its response as text, by `template` (chat, alpaca or none)."""
+    if template == "chat":
+        user = f"{instruction}\n\n{context}" if context else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+        return _message_segments(where, messages, tokenizer)
     eos = tokenizer.eos_token or ""
+    if template == "alpaca":
+        return [(_alpaca_prompt(instruction, context), False), (response + eos, True)], response
+    prompt = f"{instruction}\n\n{context}" if context else instruction
+    return [(prompt, False), (response + eos, True)], response
+
+
+def render(
+    where: str, row: dict, fmt: str, tokenizer, template: str = "alpaca"
+) -> tuple[list[tuple[str, bool]], str]:
+    """A row as (text, is_response) segments, in order, and the first response's own text (what
+    exact match compares a generation with: no template markers, no end-of-sequence token).
+    `template` (chat, alpaca, none) is how alpaca and prompt-completion rows become text."""
     if fmt == "alpaca":
         context = _as_text(where, row["input"], "input") if row.get("input") is not None else ""
-        prompt = _alpaca_prompt(_text(where, row, "instruction", fmt), context)
-        output = _text(where, row, "output", fmt)
-        return [(prompt, False), (output + eos, True)], output
+        instruction, output = _text(where, row, "instruction", fmt), _text(where, row, "output", fmt)
+        return _instruction_segments(where, instruction, context, output, template, tokenizer)
     if fmt == "prompt-completion":
-        completion = _text(where, row, "completion", fmt)
-        return [(_text(where, row, "prompt", fmt), False), (completion + eos, True)], completion
+        prompt, completion = _text(where, row, "prompt", fmt), _text(where, row, "completion", fmt)
+        return _instruction_segments(where, prompt, "", completion, template, tokenizer)
     if fmt == "messages":
         return _message_segments(where, row.get("messages"), tokenizer)
     if fmt == "sharegpt":
         return _message_segments(where, sharegpt_messages(where, row.get("conversations")), tokenizer)
     text = _text(where, row, "text", fmt)
-    return [(text + eos, True)], text
+    return [(text + (tokenizer.eos_token or ""), True)], text
+
+
+def adds_special_tokens(tokenizer, text: str) -> bool:
+    """Whether the tokenizer should add its special tokens (a BOS) before `text`: not when a chat
+    template has already written the BOS into it (Llama 3), which would make it two."""
+    return not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
 
 
 def tokenize_segments(
@@ -357,7 +465,9 @@ def tokenize_segments(
     labels: list[int] = []
     for position, (text, is_response) in enumerate(segments):
         # special tokens (e.g. a BOS) only at the very start of the example
-        ids = tokenizer(text, add_special_tokens=position == 0)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=position == 0 and adds_special_tokens(tokenizer, text))[
+            "input_ids"
+        ]
         input_ids += ids
         labels += ids if (is_response or train_on_prompt) else [IGNORE_INDEX] * len(ids)
     cut = len(input_ids) > max_length
@@ -393,9 +503,18 @@ class RowReport:
 
 class TokenizedDataset(torch.utils.data.Dataset):
     def __init__(
-        self, features: list[dict[str, list[int]]], examples: list[Example], task: Task | None, fmt: str
+        self,
+        features: list[dict[str, list[int]]],
+        examples: list[Example],
+        task: Task | None,
+        fmt: str,
+        template: str = "none",
+        rows: int = 0,
+        report: RowReport | None = None,
     ) -> None:
         self.features, self.examples, self.task, self.format = features, examples, task, fmt
+        self.template = template  # how the rows became text: chat, alpaca or none
+        self.rows, self.report = rows, report or RowReport()  # rows read; those skipped, cut, dropped
 
     def __len__(self) -> int:
         return len(self.features)
@@ -405,21 +524,29 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(
-    spec: str, tokenizer, options: DataConfig | None = None, limit: int | None = None
+    spec: str,
+    tokenizer,
+    options: DataConfig | None = None,
+    limit: int | None = None,
+    split: str | None = None,
+    quiet: bool = False,
 ) -> TokenizedDataset:
-    """Load, render and tokenize `spec` as `options` say (format, max_length, train_on_prompt,
-    skip_bad_rows). Examples with no response token left after truncation are dropped; every dropped,
-    skipped or truncated row is counted in one summary line on stderr."""
+    """Load, render and tokenize `spec` as `options` say (columns, format, template, max_length,
+    train_on_prompt, skip_bad_rows); `split` picks a Hugging Face dataset's split. Examples with no
+    response token left after truncation are dropped; every dropped, skipped or truncated row is
+    counted in one summary line on stderr (unless `quiet`: the caller reports them)."""
     options = options or DataConfig()
     max_length, train_on_prompt = options.max_length, options.train_on_prompt
-    rows, task = load_rows(spec)
+    rows, task = load_rows(spec, options, split)
     if limit is not None:
         rows = rows[:limit]
     fmt = detect_format(rows, options.format)
+    template = {"alpaca": "", "prompt-completion": "", "text": "none"}.get(fmt, "chat")
+    template = template or resolve_template(options.template, tokenizer)
     features, examples, report = [], [], RowReport()
     for where, row in rows:
         try:
-            segments, reference = render(where, row, fmt, tokenizer)
+            segments, reference = render(where, row, fmt, tokenizer, template)
         except BadRow as bad:
             if not options.skip_bad_rows:
                 raise
@@ -443,10 +570,22 @@ def build_dataset(
             + (f" ({report.summary(spec, len(rows), 0)})" if report.counts else "")
         )
     summary = report.summary(spec, len(rows), len(features))
-    if summary:
+    if summary and not quiet:
         report_console = Console(stderr=True, emoji=False, soft_wrap=True, highlight=False)
         report_console.print(f"[yellow]{escape(summary)}[/yellow]")
-    return TokenizedDataset(features, examples, task, fmt)
+    return TokenizedDataset(features, examples, task, fmt, template, len(rows), report)
+
+
+def train_dataset(options: DataConfig, tokenizer, quiet: bool = False) -> TokenizedDataset:
+    """data.train (its data.split), as `options` say."""
+    return build_dataset(options.train, tokenizer, options, split=options.split, quiet=quiet)
+
+
+def eval_dataset(
+    options: DataConfig, tokenizer, limit: int | None = None, quiet: bool = False
+) -> TokenizedDataset:
+    """data.eval (its data.eval_split), its first `limit` rows, as `options` say."""
+    return build_dataset(options.eval, tokenizer, options, limit=limit, split=options.eval_split, quiet=quiet)
 
 
 def padded_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
-from tunelab.data import IGNORE_INDEX, TokenizedDataset, collator
+from tunelab.data import IGNORE_INDEX, TokenizedDataset, adds_special_tokens, collator
 from tunelab.errors import TunelabError
 from tunelab.loss import causal_lm_loss, supports_head_loss
 from tunelab.tasks import first_line
@@ -52,6 +52,20 @@ def loss_and_perplexity(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def generation_options(tokenizer, max_new_tokens: int, temperature: float = 0.0) -> dict[str, Any]:
+    """model.generate's arguments: greedy at temperature 0, else plain sampling at `temperature` (the
+    model's own top_p/top_k defaults switched off, so a run's output does not depend on them)."""
+    return {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": temperature > 0,
+        "temperature": temperature or None,
+        "top_p": None,
+        "top_k": None,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module,
@@ -60,8 +74,9 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int = 16,
     progress: Progress | None = None,
+    temperature: float = 0.0,
 ) -> list[str]:
-    """Greedy completions of `prompts` (left-padded batches)."""
+    """Completions of `prompts` (left-padded batches): greedy at temperature 0, else sampled."""
     model.eval()
     device = next(model.parameters()).device
     padding_side = tokenizer.padding_side
@@ -70,16 +85,14 @@ def generate_answers(
     completions: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(
-                device
-            )
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            chunk = prompts[start : start + batch_size]
+            batch = tokenizer(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=adds_special_tokens(tokenizer, chunk[0]),
+            ).to(device)
+            output = model.generate(**batch, **generation_options(tokenizer, max_new_tokens, temperature))
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             if progress:
@@ -95,13 +108,16 @@ def exact_match(
     dataset: TokenizedDataset,
     batch_size: int = 16,
     progress: Progress | None = None,
+    generated: list[str] | None = None,
 ) -> float:
     """Share of examples whose generated answer equals the reference answer (by the task's rule;
-    for user data: the first line of the completion)."""
+    for user data: the first line of the completion). The texts scored are added to `generated`."""
     max_new_tokens = dataset.task.max_new_tokens if dataset.task else 64
     prompts = [example.prompt for example in dataset.examples]
-    generated = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
-    return score_exact_match(dataset, generated)
+    texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    if generated is not None:
+        generated += texts
+    return score_exact_match(dataset, texts)
 
 
 def score_exact_match(dataset: TokenizedDataset, generated: list[str]) -> float:
@@ -121,10 +137,13 @@ def evaluate(
     with_exact_match: bool,
     batch_size: int = 8,
     progress: Progress | None = None,
+    generated: list[str] | None = None,
 ) -> dict[str, float]:
     metrics = loss_and_perplexity(model, dataset, tokenizer, batch_size, progress)
     if with_exact_match:
-        metrics["exact_match"] = exact_match(model, tokenizer, dataset, max(batch_size, 16), progress)
+        metrics["exact_match"] = exact_match(
+            model, tokenizer, dataset, max(batch_size, 16), progress, generated
+        )
     return metrics
 
 
@@ -165,14 +184,21 @@ def evaluate_ranks(
     with_exact_match: bool,
     batch_size: int = 8,
     progress: Progress | None = None,
+    generated: list[list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """The one way a trained model is evaluated (`tunelab eval`, the quickstart, sweep trials): at
-    each of `ranks` (None: the model as trained), one row of metrics per rank."""
+    each of `ranks` (None: the model as trained), one row of metrics per rank. With exact match, the
+    texts each rank generated are added to `generated`, one list per rank."""
     rows = []
     for rank in ranks or [None]:
         tuned.method.set_rank(tuned.model, rank)
-        metrics = evaluate(tuned.model, tuned.tokenizer, dataset, with_exact_match, batch_size, progress)
+        texts: list[str] = []
+        metrics = evaluate(
+            tuned.model, tuned.tokenizer, dataset, with_exact_match, batch_size, progress, texts
+        )
         rows.append({"rank": rank, **metrics} if rank is not None else metrics)
+        if generated is not None:
+            generated.append(texts)
     return rows
 
 

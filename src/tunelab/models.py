@@ -24,7 +24,7 @@ def tunelab_home() -> Path:
     return Path(os.environ.get("TUNELAB_HOME", Path.home() / ".cache" / "tunelab"))
 
 
-def _builtin_gguf(name: str) -> Path:
+def builtin_gguf(name: str) -> Path:
     dist_name, file_name = BUILTIN_MODELS[name]
     try:
         dist = importlib.metadata.distribution(dist_name)
@@ -69,7 +69,7 @@ def resolve_model(name: str) -> str:
     if name in BUILTIN_MODELS:
         target = tunelab_home() / "models" / name
         if not (target / "config.json").is_file():
-            _convert_gguf(_builtin_gguf(name), target)
+            _convert_gguf(builtin_gguf(name), target)
         return str(target)
     path = Path(name).expanduser()
     if path.exists():
@@ -95,8 +95,11 @@ def fix_tokenizer(tokenizer, model_config=None) -> None:
         tokenizer.model_max_length = min(limit, DEFAULT_MAX_LENGTH)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, chat_template: str | None = None):
+    """The model's tokenizer; `chat_template` (a Jinja file) replaces its chat template."""
     from transformers import AutoTokenizer
+
+    from tunelab.config import read_utf8
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -106,6 +109,10 @@ def load_tokenizer(path: str):
             f"cannot load the tokenizer from '{path}': {reason}; check its config.json and tokenizer files"
         ) from None
     fix_tokenizer(tokenizer)
+    if chat_template:
+        if not Path(chat_template).is_file():
+            raise TunelabError(f"data.chat_template: file not found: {chat_template}")
+        tokenizer.chat_template = read_utf8(Path(chat_template))
     return tokenizer
 
 

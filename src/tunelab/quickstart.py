@@ -11,7 +11,7 @@ from rich.table import Table
 
 from tunelab.assemble import build
 from tunelab.config import load_config
-from tunelab.data import build_dataset
+from tunelab.data import eval_dataset
 from tunelab.evaluate import evaluate, evaluate_ranks, summarize_ranks
 from tunelab.plots import loss_curve, rank_curve
 from tunelab.rundir import METRICS_FILE
@@ -32,7 +32,7 @@ def _free_run_dir(path: Path) -> Path:
 
 
 def _eval_set(config, tokenizer, eval_examples: int):
-    return build_dataset(config.data.eval, tokenizer, config.data, limit=eval_examples)
+    return eval_dataset(config.data, tokenizer, limit=eval_examples)
 
 
 def _evaluate(model, tokenizer, config, eval_examples: int, label: str) -> dict[str, float]:

@@ -52,6 +52,7 @@ class Reporter(TrainerCallback):
     def __init__(self, method: Method, metrics: MetricsWriter, log_steps: int) -> None:
         self.method, self.metrics, self.log_steps = method, metrics, log_steps
         self.step_started = 0.0
+        self.tokens_before = 0  # tokens seen when the current step began
         self.pending: dict[str, Any] = {}
         self.progress: Progress | None = None
         self.task = None
@@ -77,14 +78,18 @@ class Reporter(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.step_started = time.perf_counter()
+        self.tokens_before = state.num_input_tokens_seen or 0
 
     def on_step_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             self.method.pop_events()
             return
+        seconds = time.perf_counter() - self.step_started
+        tokens = (state.num_input_tokens_seen or 0) - self.tokens_before
         self.pending = {
             "step": state.global_step,
-            "step_time_s": round(time.perf_counter() - self.step_started, 4),
+            "step_time_s": round(seconds, 4),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
             **self.method.step_metrics(),
         }
         for event in self.method.pop_events():
@@ -103,15 +108,14 @@ class Reporter(TrainerCallback):
             }
             self.metrics.write(record)
             extra = "".join(f" {k} {v}" for k, v in self.method.step_metrics().items())
-            self.progress.update(
-                self.task, completed=state.global_step, info=f"loss {logs['loss']:.4f}{extra}"
-            )
+            speed = f" {record['tokens_per_s']:.0f} tok/s" if record.get("tokens_per_s") else ""
+            info = f"loss {logs['loss']:.4f} lr {logs.get('learning_rate') or 0:.2e}{speed}{extra}"
+            self.progress.update(self.task, completed=state.global_step, info=info)
             if not console.is_terminal and (
                 state.global_step % self.log_steps == 0 or state.global_step == 1
             ):
                 console.print(
-                    f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                    f"lr {logs.get('learning_rate', 0):.2e} {record['step_time_s']:.2f}s/step{extra}"
+                    f"step {state.global_step}/{state.max_steps} {info} {record['step_time_s']:.2f}s/step"
                 )
         elif any(key.startswith("eval_") for key in logs):
             record = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
@@ -128,8 +132,20 @@ class Reporter(TrainerCallback):
                 }
             )
 
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            console.print(f"[dim]step {state.global_step}: checkpoint saved[/dim]")
+
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry][-self.log_steps :]
+        runtime = next((e["train_runtime"] for e in state.log_history if "train_runtime" in e), None)
+        if state.is_world_process_zero and losses:
+            took = f" in {runtime:.0f} s" if runtime else ""
+            console.print(
+                f"trained {state.global_step} steps{took}; loss {sum(losses) / len(losses):.4f} "
+                f"(mean of the last {len(losses)} steps)"
+            )
 
     def close(self) -> None:
         """Stop the progress display (also when training ends by an exception: no frozen bar)."""

@@ -26,6 +26,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"  # train.report_to: tensorboard's event files
 COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint directory
 LOCK_FILE = ".tunelab.lock"
 WEIGHTS_FILE = "trained.safetensors"  # what Method.save writes into final/ and each checkpoint
@@ -37,6 +38,7 @@ RUN_ENTRIES = (
     METRICS_FILE,
     FINAL_DIR,
     CHECKPOINTS_DIR,
+    LOGS_DIR,
     LOCK_FILE,
     "rank_curve.png",
     "loss_curve.png",
@@ -57,6 +59,7 @@ class RunDir:
         self.metrics_file = self.path / METRICS_FILE
         self.final_dir = self.path / FINAL_DIR
         self.checkpoints_dir = self.path / CHECKPOINTS_DIR
+        self.logs_dir = self.path / LOGS_DIR
         self.lock_file = self.path / LOCK_FILE
 
     def __str__(self) -> str:

@@ -24,7 +24,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.assemble import TunedModel, build
 from tunelab.config import RunConfig, dump_config
-from tunelab.data import TokenizedDataset, build_dataset, collator, load_rows
+from tunelab.data import TokenizedDataset, collator, eval_dataset, load_rows, train_dataset
 from tunelab.errors import RunInterrupted, TunelabError
 from tunelab.evaluate import loss_and_perplexity
 from tunelab.loss import causal_lm_loss, supports_head_loss
@@ -252,7 +252,10 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
         dataloader_pin_memory=torch.cuda.is_available(),
         # on a machine without a GPU this is also what lets a distributed launch use gloo on CPU
         use_cpu=not torch.cuda.is_available(),
-        report_to="none",
+        # tensorboard goes through our own callback (make_trainer): into the run's logs/ folder
+        report_to=[name for name in t.report_to if name != "tensorboard"] or "none",
+        run_name=config.name,
+        include_num_input_tokens_seen="non_padding",  # the progress line's tokens/s
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -285,6 +288,12 @@ def make_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if "tensorboard" in config.train.report_to:
+        from transformers.integrations import TensorBoardCallback
+
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(RunDir(run_dir).logs_dir)
+        trainer.add_callback(tensorboard)
     return trainer
 
 
@@ -345,14 +354,20 @@ def _train_locked(
     config: RunConfig, run: RunDir, resume: bool, overwrite: bool, untrained: TunedModel | None
 ) -> TrainedRun:
     # the data first: a bad row is found in seconds, not after the model has loaded
-    tokenizer = load_tokenizer(resolve_model(config.model))
-    train_set = build_dataset(config.data.train, tokenizer, config.data)
+    tokenizer = load_tokenizer(resolve_model(config.model), config.data.chat_template)
+    train_set = train_dataset(config.data, tokenizer)
     eval_set: TokenizedDataset | None = None
     if config.data.eval and config.train.eval_steps:
-        eval_set = build_dataset(config.data.eval, tokenizer, config.data, limit=config.data.eval_limit)
+        eval_set = eval_dataset(config.data, tokenizer, limit=config.data.eval_limit)
     elif config.data.eval:
-        load_rows(config.data.eval)  # exists and reads: `tunelab eval` of this run will need it
-    built = untrained or build(config, tokenizer)
+        # exists and reads: `tunelab eval` of this run will need it
+        load_rows(config.data.eval, config.data, config.data.eval_split)
+    if untrained is None:
+        # a spinner on a terminal, nothing in a log: the training line below follows the loading
+        nf4 = " (4-bit nf4)" if config.quantization == "nf4" else ""
+        with console.status(f"loading {escape(config.model)}{nf4} ..."):
+            untrained = build(config, tokenizer)
+    built = untrained
 
     # Making the trainer joins the other processes of a distributed run, each of which has already
     # checked the run directory above; only the main process writes to it, from here on.

@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from tunelab.config import deep_merge, flatten, nest, read_yaml, validate
+from tunelab.config import deep_merge, flatten, is_hub_id, nest, read_yaml, validate
 from tunelab.errors import TunelabError
 from tunelab.tasks import builtin_tasks, parse_builtin
 
@@ -224,9 +224,11 @@ def _dataset_problem(value: str, suffixes: tuple[str, ...], spec_dir: Path) -> s
     except TunelabError as exc:  # a built-in task with an unknown split
         return str(exc)
     path = Path(value).expanduser()
+    if path.is_dir() or (not path.exists() and is_hub_id(value)):
+        return None  # a datasets folder or a hub id: `datasets` checks it when a trial loads it
     if not path.is_file():
         names = ", ".join(f"{name}:train" for name in builtin_tasks())
-        problem = f"'{value}' is neither a file nor a built-in ({names}, or :eval)"
+        problem = f"'{value}' is neither a file, a folder, a hub id nor a built-in ({names}, or :eval)"
         if not path.is_absolute() and (spec_dir / path).is_file():
             # trials read data from the sweep's working directory, unlike `base`
             problem += (

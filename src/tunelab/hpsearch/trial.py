@@ -25,14 +25,14 @@ def run_trial(config_path: Path, metric: str) -> dict[str, Any]:
     """Train `config_path` (replacing a leftover run in its output_dir) and score it on its data.eval."""
     # torch comes in here, not at import: the sweep and recommend commands import this module
     from tunelab.config import load_config
-    from tunelab.data import build_dataset
+    from tunelab.data import eval_dataset
     from tunelab.evaluate import evaluate_ranks
     from tunelab.reporting import peak_memory_bytes
     from tunelab.train import train
 
     config = load_config(config_path)
     built = train(config, overwrite=True).tuned
-    dataset = build_dataset(config.data.eval, built.tokenizer, config.data, limit=config.data.eval_limit)
+    dataset = eval_dataset(config.data, built.tokenizer, limit=config.data.eval_limit)
     metrics = evaluate_ranks(built, dataset, None, with_exact_match=metric == "exact_match")[0]
     return {"score": metrics[metric], "metrics": metrics, "peak_memory_bytes": peak_memory_bytes()}
 

@@ -1,0 +1,109 @@
+"""Trying a trained model: prompts rendered the way the run trained (`data.template`), generated in
+batches (`tunelab generate`) or as a streaming chat (`tunelab chat`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tunelab.assemble import TunedModel
+from tunelab.config import read_utf8
+from tunelab.data import Row, _alpaca_prompt, _as_text, _chat, _clean_messages, adds_special_tokens, load_rows
+from tunelab.errors import TunelabError
+from tunelab.evaluate import generation_options
+
+COMMANDS = "/reset clears the conversation, /exit (or Ctrl-D) quits"
+
+
+def prompt_text(messages: list[dict], template: str, tokenizer) -> str:
+    """A conversation ending with a user turn as the text the model continues: the chat template's
+    generation prompt, or (alpaca, none: single-turn templates) the last user turn as the run trained."""
+    if template == "chat":
+        return _chat("prompt", tokenizer, messages, add_generation_prompt=True)
+    user = messages[-1]["content"]
+    return _alpaca_prompt(user, "") if template == "alpaca" else user
+
+
+def row_messages(where: str, row: dict, system: str | None, tokenizer) -> list[dict]:
+    """A prompt row ({prompt}, {instruction, input} or {messages} ending with a user turn) as chat
+    messages, `system` first unless the row has its own system turn."""
+    if "messages" in row:
+        messages, _ = _clean_messages(where, row["messages"], tokenizer, need_assistant=False)
+        if messages[-1]["role"] != "user":
+            raise TunelabError(f"{where}: the conversation must end with a user turn to be continued")
+    elif "prompt" in row or "instruction" in row:
+        field = "prompt" if "prompt" in row else "instruction"
+        user = _as_text(where, row[field], field)
+        if row.get("input"):
+            user += "\n\n" + _as_text(where, row["input"], "input")
+        messages = [{"role": "user", "content": user}]
+    else:
+        raise TunelabError(f"{where}: a prompt row needs a 'prompt', 'instruction' or 'messages' field")
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def read_prompt_rows(path: Path) -> list[Row]:
+    """Prompt rows of a .jsonl/.json/.csv/.parquet file, or one prompt per line of a .txt file."""
+    if not path.is_file():
+        raise TunelabError(f"--file {path}: file not found")
+    if path.suffix == ".txt":
+        lines = read_utf8(path).splitlines()
+        return [(f"{path}:{n}", {"prompt": line}) for n, line in enumerate(lines, 1) if line.strip()]
+    return load_rows(str(path))[0]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Rows as JSON lines, written whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def chat(
+    tuned: TunedModel,
+    template: str,
+    console: Console,
+    system: str | None,
+    max_new_tokens: int,
+    temperature: float,
+) -> None:
+    """An interactive conversation on the terminal, each reply streamed as it is generated."""
+    from transformers import TextStreamer
+
+    model, tokenizer = tuned.model, tuned.tokenizer
+    model.eval()
+    device = next(model.parameters()).device
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    console.print(f"[dim]template {template}; {COMMANDS}[/dim]")
+    while True:
+        try:
+            line = console.input("[bold]you>[/bold] ")
+        except EOFError:
+            console.print()
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            messages = list(start)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        text = prompt_text(messages, template, tokenizer)
+        ids = tokenizer(
+            text, return_tensors="pt", add_special_tokens=adds_special_tokens(tokenizer, text)
+        ).to(device)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        output = model.generate(
+            **ids, **generation_options(tokenizer, max_new_tokens, temperature), streamer=streamer
+        )
+        reply = tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        # single-turn templates (alpaca, none) see only the latest message
+        messages = [*messages, {"role": "assistant", "content": reply}] if template == "chat" else list(start)

@@ -1,0 +1,233 @@
+"""GGUF for llama.cpp and Ollama: a merged Llama-architecture model written with the `gguf` package
+(f16 or q8_0), its tokenizer and chat template inside, and an Ollama Modelfile beside it.
+
+llama.cpp computes rotary embeddings on interleaved pairs of a head's dimensions, Hugging Face's
+Llama on its two halves; the query and key rows are reordered to match (`interleave_rope_rows`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.errors import TunelabError
+
+GGUF_TYPES = ("f16", "q8_0")
+LLAMA_ARCHITECTURES = ("llama", "mistral")  # the same graph in llama.cpp ("llama")
+LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+CONVERT_HINT = "export --format merged and convert that with llama.cpp's convert_hf_to_gguf.py"
+MODEL_TENSORS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight' (llama.cpp's names)."""
+    module, _, kind = hf_name.rpartition(".")
+    if module in MODEL_TENSORS:
+        return f"{MODEL_TENSORS[module]}.{kind}"
+    prefix, _, rest = module.partition(".layers.")
+    layer, _, sub = rest.partition(".")
+    if prefix != "model" or sub not in LAYER_TENSORS:
+        raise TunelabError(f"GGUF export: no llama.cpp name for tensor {hf_name}")
+    return f"blk.{int(layer)}.{LAYER_TENSORS[sub]}.{kind}"
+
+
+def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q/k projection reordered per head from halves (x_0..x_{d/2-1} | x_{d/2}..) to pairs
+    (x_0, x_{d/2}, x_1, x_{d/2+1}, ...): the layout llama.cpp rotates."""
+    head_dim = weight.shape[0] // heads
+    return weight.reshape(heads, 2, head_dim // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+# chat formats an Ollama template can be written for: (text before the turns, one turn's text, stop)
+CHAT_FORMATS = {
+    "chatml": ("", "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_end|>"),
+    "llama3": (
+        "<|begin_of_text|>",
+        "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+        "<|eot_id|>",
+    ),
+}
+
+
+def chat_template_family(tokenizer) -> str | None:
+    """The CHAT_FORMATS entry the Jinja chat template renders a probe conversation exactly as, if any."""
+    probe = [("system", "S"), ("user", "U"), ("assistant", "A")]
+    try:
+        text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in probe], tokenize=False)
+    except Exception:  # no template, or one that refuses the probe
+        return None
+    for family, (start, turn, _) in CHAT_FORMATS.items():
+        if text == start + "".join(turn.format(role=r, content=c) for r, c in probe):
+            return family
+    return None
+
+
+def ollama_template(family: str) -> str:
+    """The Go template Ollama renders a conversation of `family` with."""
+    start, turn, _ = CHAT_FORMATS[family]
+    each = turn.format(role="{{ .Role }}", content="{{ .Content }}")
+    generation = turn.format(role="assistant", content="\0").partition("\0")[0]
+    return f"{start}{{{{- range .Messages }}}}{each}{{{{ end }}}}{generation}"
+
+
+def default_system_prompt(tokenizer) -> str | None:
+    """The system prompt the chat template adds when a conversation has none (SmolLM2's does)."""
+    try:
+        with_none = tokenizer.apply_chat_template([{"role": "user", "content": "U"}], tokenize=False)
+        with_empty = tokenizer.apply_chat_template(
+            [{"role": "system", "content": "\x00"}, {"role": "user", "content": "U"}], tokenize=False
+        )
+    except Exception:
+        return None
+    before, _, after = with_empty.partition("\x00")
+    if (
+        with_none.startswith(before)
+        and with_none.endswith(with_empty[len(before) + 1 :])
+        and len(with_none) > len(with_empty)
+    ):
+        return with_none[len(before) : len(with_none) - len(after)]
+    return None
+
+
+def modelfile(gguf_name: str, tokenizer) -> str:
+    """An Ollama Modelfile for the GGUF: the chat template as an Ollama template when it is a known
+    format (else Ollama reads the template inside the GGUF), its stop token and default system prompt."""
+    lines = [f"FROM ./{gguf_name}"]
+    family = chat_template_family(tokenizer)
+    if family:
+        stop = CHAT_FORMATS[family][2]
+        lines += [f'TEMPLATE """{ollama_template(family)}"""', f"PARAMETER stop {json.dumps(stop)}"]
+    elif tokenizer.eos_token:
+        lines.append(f"PARAMETER stop {json.dumps(tokenizer.eos_token)}")
+    system = default_system_prompt(tokenizer)
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    return "\n".join(lines) + "\n"
+
+
+def _tokenizer_to_gguf(writer, tokenizer, tokenizer_dir: Path, vocab_size: int, pre: str | None) -> None:
+    """Tokens with their types (special tokens are CONTROL, so llama.cpp parses `<|im_start|>` in a
+    prompt as one token), merges, special token ids and the chat template."""
+    import gguf
+
+    try:
+        gguf.BpeVocab(tokenizer_dir)  # raises unless a byte-level BPE (GPT-2 style) tokenizer
+    except FileNotFoundError:  # a SentencePiece-style (Llama 2) tokenizer: gguf reads it with scores
+        vocab = gguf.LlamaHfVocab(tokenizer_dir)
+        tokens, scores, types = (list(column) for column in zip(*vocab.all_tokens(), strict=True))
+        model = vocab.tokenizer_model
+    else:
+        by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+        added = tokenizer.added_tokens_decoder
+        tokens, types = [], []
+        for index in range(vocab_size):
+            if index not in by_id:  # embedding rows beyond the tokenizer (padded vocabularies)
+                tokens.append(f"[PAD{index}]")
+                types.append(gguf.TokenType.UNUSED)
+            else:
+                tokens.append(by_id[index])
+                special = index in added and added[index].special
+                user = index in added and not special
+                types.append(
+                    gguf.TokenType.CONTROL
+                    if special
+                    else gguf.TokenType.USER_DEFINED
+                    if user
+                    else gguf.TokenType.NORMAL
+                )
+        scores, model = [0.0] * len(tokens), "gpt2"
+        if pre:
+            writer.add_tokenizer_pre(pre)
+    writer.add_tokenizer_model(model)
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def write_gguf(
+    model: nn.Module, tokenizer, tokenizer_dir: Path, out_file: Path, gguf_type: str, pre: str | None
+) -> None:
+    """Write `model` (a merged HF Llama-architecture model) and `tokenizer` (saved in `tokenizer_dir`)
+    as one GGUF file: 2-D weights as `gguf_type` (f16 or q8_0), norms in f32."""
+    import gguf
+
+    config = model.config
+    if config.model_type not in LLAMA_ARCHITECTURES:
+        raise TunelabError(
+            f"GGUF export writes Llama-architecture models ({', '.join(LLAMA_ARCHITECTURES)}); this one is "
+            f"{config.model_type}: {CONVERT_HINT}"
+        )
+    rope = getattr(config, "rope_scaling", None) or {}
+    scaling = rope.get("rope_type", rope.get("type"))
+    if scaling not in ("default", None):
+        raise TunelabError(f"GGUF export: rope scaling '{scaling}' is not written yet; {CONVERT_HINT}")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    quantized = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+
+    writer = gguf.GGUFWriter(str(out_file), "llama")
+    writer.add_name(out_file.stem)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or rope.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _tokenizer_to_gguf(writer, tokenizer, tokenizer_dir, config.vocab_size, pre)
+
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and tied:
+            continue  # llama.cpp reads the output projection from token_embd when output is absent
+        data = tensor.detach().float()
+        if name.endswith("self_attn.q_proj.weight"):
+            data = interleave_rope_rows(data, heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            data = interleave_rope_rows(data, kv_heads)
+        array = data.numpy()
+        kind = quantized if array.ndim == 2 else gguf.GGMLQuantizationType.F32
+        if kind == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % 32:
+            kind = gguf.GGMLQuantizationType.F16  # q8_0 packs rows in blocks of 32
+        packed = gguf.quants.quantize(array, kind)
+        writer.add_tensor(gguf_tensor_name(name), packed, raw_shape=packed.shape, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def known_pre_tokenizer(tokenizer) -> str | None:
+    """llama.cpp's pre-tokenizer name for this tokenizer, when its pre-tokenizer is the same as that
+    of a built-in model (whose GGUF names it); None lets llama.cpp use its default rules."""
+    import gguf
+
+    from tunelab.models import BUILTIN_MODELS, builtin_gguf, load_tokenizer, resolve_model
+
+    mine = tokenizer.backend_tokenizer.pre_tokenizer.__getstate__() if tokenizer.is_fast else None
+    for name in BUILTIN_MODELS:
+        theirs = load_tokenizer(resolve_model(name))
+        if mine and theirs.is_fast and theirs.backend_tokenizer.pre_tokenizer.__getstate__() == mine:
+            field = gguf.GGUFReader(str(builtin_gguf(name))).fields.get("tokenizer.ggml.pre")
+            return field.contents() if field else None
+    return None
