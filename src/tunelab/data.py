@@ -101,8 +101,11 @@ def _quiet_datasets():
     import datasets
     from datasets.utils.logging import disable_progress_bar, set_verbosity_error
 
+    from huggingface_hub.utils import logging as hub_logging
+
     disable_progress_bar()  # its "Generating train split" bar would be a second line on the terminal
     set_verbosity_error()
+    hub_logging.set_verbosity_error()  # without a network, one "Retrying in 4s" line per retry
     return datasets
 
 
@@ -136,7 +139,7 @@ def _read_hf_dataset(spec: str, local: bool, split: str | None, subset: str | No
     except Exception as exc:  # datasets raises many types (missing files, no hub, bad config name)
         where = "the folder" if local else "the hub"
         raise TunelabError(
-            f"dataset '{spec}': {where} could not be loaded with datasets ({_first_line(exc)}); "
+            f"dataset '{spec}': datasets could not load it from {where} ({_first_line(exc)}); "
             "check the path or id" + ("" if local else ", data.subset, and that the hub is reachable")
         ) from None
     label = spec
