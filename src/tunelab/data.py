@@ -100,7 +100,6 @@ def _read_json(path: Path, text: str) -> list[Row]:
 def _quiet_datasets():
     import datasets
     from datasets.utils.logging import disable_progress_bar, set_verbosity_error
-
     from huggingface_hub.utils import logging as hub_logging
 
     disable_progress_bar()  # its "Generating train split" bar would be a second line on the terminal

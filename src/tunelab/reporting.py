@@ -139,7 +139,9 @@ class Reporter(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
         losses = [entry["loss"] for entry in state.log_history if "loss" in entry][-self.log_steps :]
-        runtime = next((e["train_runtime"] for e in state.log_history if "train_runtime" in e), None)
+        # transformers 5 puts the elapsed train_runtime into every step's log too: the last is the total
+        runtimes = [entry["train_runtime"] for entry in state.log_history if "train_runtime" in entry]
+        runtime = runtimes[-1] if runtimes else None
         if state.is_world_process_zero and losses:
             took = f" in {runtime:.0f} s" if runtime else ""
             console.print(
