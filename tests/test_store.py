@@ -24,9 +24,9 @@ def filled_store(path):
 
 def test_finished_only_for_done_trials(tmp_path):
     with filled_store(tmp_path / "results.sqlite") as store:
-        assert store.finished("a", "add")
-        assert not store.finished("b", "add")  # failed: run it again
-        assert not store.finished("c", "add")  # never run
+        assert store.finished(["a"], "add", 0)
+        assert not store.finished(["b"], "add", 0)  # failed: run it again
+        assert not store.finished(["c"], "add", 0)  # never run
 
 
 def test_score_matrix_failed_is_missing(tmp_path):
@@ -56,7 +56,7 @@ def test_rows_keep_every_column_and_survive_reopening(tmp_path):
 def test_retry_replaces_the_failed_trial_in_place(tmp_path):
     with filled_store(tmp_path / "results.sqlite") as store:
         store.record("b", CONFIG_B, "add", "exact_match", 0.95)
-        assert store.finished("b", "add")
+        assert store.finished(["b"], "add", 0)
         assert len(store.rows()) == 4
         matrix = store.score_matrix()
     assert matrix.config_ids == ["a", "b"]  # order of first appearance is kept
@@ -159,3 +159,31 @@ def test_results_table_parquet(tmp_path):
     matrix = load_results_table(path)
     np.testing.assert_array_equal(matrix.scores, [[0.5, np.nan]])
     assert matrix.configs == {"c1": {"r": 8}}
+
+
+def test_seeds_are_averaged_with_their_spread_and_test_scores_and_costs(tmp_path):
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        store.record("a", CONFIG_A, "add", "exact_match", 0.6, seed=1, test_score=0.5, step_time_s=2.0)
+        store.record("a", CONFIG_A, "add", "exact_match", 0.8, seed=2, test_score=0.7, step_time_s=4.0)
+        store.record("b", CONFIG_B, "add", "exact_match", 0.9, seed=1, test_score=0.4, peak_memory_bytes=7)
+        store.record("b", CONFIG_B, "add", "exact_match", None, seed=2, status="failed")
+        assert store.finished(["a"], "add", 2) and not store.finished(["a", "b"], "add", 2)
+        matrix = store.score_matrix()
+    np.testing.assert_allclose(matrix.scores[:, 0], [0.7, 0.9])  # b: the failed seed left out
+    np.testing.assert_allclose(matrix.test_scores[:, 0], [0.6, 0.4])
+    np.testing.assert_allclose(matrix.spread[:, 0], [0.1, 0.0])
+    np.testing.assert_allclose(matrix.seeds[:, 0], [2, 1])
+    assert matrix.costs == {
+        "a": {"step_time_s": 3.0, "peak_memory_bytes": None},
+        "b": {"step_time_s": None, "peak_memory_bytes": 7},
+    }
+
+
+def test_a_database_of_an_earlier_tunelab_is_named_as_such(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE trials (config_id TEXT, config_json TEXT, dataset TEXT, score REAL)")
+    with pytest.raises(TunelabError, match="written by an earlier tunelab .* sweep again into a new --db"):
+        ResultsStore(path, read_only=True)

@@ -98,7 +98,7 @@ def killed_and_resumed(tmp_path_factory, tiny_model_dir):
     sweep.wait()
     orphan_ended = _wait_until(lambda: str(tmp) not in _process_list(), seconds=5)
     before = _rows(db)
-    logs = {key: (tmp / "results-runs" / key[0] / f"{key[1]}.log").stat().st_mtime_ns for key in before}
+    logs = {key: (tmp / "results-runs" / key[0] / f"{key[1]}-s42.log").stat().st_mtime_ns for key in before}
     resumed = subprocess.run(
         _sweep_command(spec, db), env=TRIAL_ENV, capture_output=True, text=True, timeout=300
     )
@@ -114,7 +114,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(killed_and_resum
     assert len(finished) == 2
     for key in finished:  # the same row, the same run: not trained again
         assert after[key] == before[key]
-        log = killed_and_resumed["tmp"] / "results-runs" / key[0] / f"{key[1]}.log"
+        log = killed_and_resumed["tmp"] / "results-runs" / key[0] / f"{key[1]}-s42.log"
         assert log.stat().st_mtime_ns == killed_and_resumed["logs"][key]
     (failed_before,) = [key for key, row in before.items() if row["status"] == "failed"]
     assert after[failed_before]["duration_s"] != before[failed_before]["duration_s"]  # failed: tried again
@@ -140,8 +140,8 @@ def test_failed_trials_are_recorded_and_the_others_finish(killed_and_resumed):
             assert row["duration_s"] > 0 and row["peak_memory_bytes"] > 0 and row["finished_at"]
     # each trial's run and its ready-to-train config are kept under the sweep's work dir
     _, config_id = next(key for key in after if key[0] == "add")
-    run_config = load_config(killed_and_resumed["tmp"] / "results-runs" / "add" / f"{config_id}.yaml")
-    assert run_config.output_dir.endswith(f"results-runs/add/{config_id}")
+    run_config = load_config(killed_and_resumed["tmp"] / "results-runs" / "add" / f"{config_id}-s42.yaml")
+    assert run_config.output_dir.endswith(f"results-runs/add/{config_id}-s42")
     assert (Path(run_config.output_dir) / "final").is_dir()
 
 
@@ -180,7 +180,7 @@ def test_recommend_from_db_imports_no_torch(killed_and_resumed):
     assert (tmp / "results-coverage.png").stat().st_size > 0
     written = load_config(tmp / "configs" / f"cbs-1-{first['config']}.yaml")
     assert written.train.lr == first["hyperparameters"]["train.lr"]
-    assert written.model == load_config(tmp / "results-runs" / "add" / f"{first['config']}.yaml").model
+    assert written.model == load_config(tmp / "results-runs" / "add" / f"{first['config']}-s42.yaml").model
 
 
 def test_ray_executor_on_two_local_workers(tmp_path, tiny_model_dir):
@@ -203,7 +203,7 @@ def test_ray_executor_on_two_local_workers(tmp_path, tiny_model_dir):
     first, second = sorted(rows, key=lambda row: row["started_at"])
     assert second["started_at"] < first["finished_at"]  # both workers ran at once
     for row in rows:  # Ray runs a trial in a directory of its own; its run still lands in the sweep's
-        assert (tmp_path / "ray-runs" / "add" / row["config_id"] / "final").is_dir()
+        assert (tmp_path / "ray-runs" / "add" / f"{row['config_id']}-s{row['seed']}" / "final").is_dir()
 
 
 def test_recommend_results_table(tmp_path):

@@ -170,7 +170,7 @@ def _without_ray(monkeypatch) -> None:
             "{spec}: dataset 'add' train: '{tmp}/missing.jsonl' is neither a file, a folder, a hub id nor",
         ),
         ("{tmp}/rows.txt", [], "{spec}: dataset 'add' train: unsupported file type '.txt'"),
-        ("addition:test", [], "{spec}: dataset 'add' train: dataset 'addition:test': unknown split 'test'"),
+        ("addition:valid", [], "{spec}: dataset 'add' train: dataset 'addition:valid': unknown split 'valid'"),
         ("addition:train", ["--executor", "ray"], "pip install 'tunelab[ray]'"),
         ("addition:train", ["--db", "{tmp}/other.sqlite"], "other.sqlite is not a tunelab results database"),
         ("addition:train", ["--db", "{tmp}/rows.txt/r.sqlite"], "rows.txt is a file, not a folder"),
@@ -213,7 +213,8 @@ def test_sweep_creates_its_database_with_the_first_result(tmp_path, monkeypatch,
             assert not (tmp_path / "sweep.sqlite").exists()
         started.append(len(trials))
         for trial in trials:
-            on_result(trial, TrialResult(score=1.0, duration_s=0.1))
+            row = {"rank": None, "score": 1.0, "test_score": 1.0}
+            on_result(trial, TrialResult(score=1.0, rows=[row], duration_s=0.1))
 
     monkeypatch.setattr(commands, "run_local", fake_run_local)
     for _ in range(2):

@@ -26,7 +26,7 @@ from rich.markup import escape
 from tunelab.config import FILE_SUFFIXES, DataConfig, is_hub_id, read_utf8
 from tunelab.config import ROW_FIELDS as FORMAT_FIELDS
 from tunelab.errors import TunelabError
-from tunelab.tasks import Task, parse_builtin
+from tunelab.tasks import Task, parse_builtin, split_rows
 
 IGNORE_INDEX = -100
 
@@ -176,7 +176,7 @@ def load_rows(
     builtin = parse_builtin(spec)
     if builtin is not None:
         task, builtin_split = builtin
-        rows = [(f"{spec} row {i + 1}", row) for i, row in enumerate(task.rows(builtin_split))]
+        rows = [(f"{spec} row {i + 1}", row) for i, row in enumerate(split_rows(task, builtin_split))]
         return _map_columns(rows, options.columns), task
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -523,6 +523,17 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return self.features[index]
+
+    def subset(self, indices: list[int]) -> TokenizedDataset:
+        """The examples at `indices`, in that order (a dev or test part of an eval set)."""
+        return TokenizedDataset(
+            [self.features[i] for i in indices],
+            [self.examples[i] for i in indices],
+            self.task,
+            self.format,
+            self.template,
+            len(indices),
+        )
 
 
 def build_dataset(

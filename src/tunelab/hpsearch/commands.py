@@ -78,7 +78,7 @@ class LazyStore:
         self.store = ResultsStore(path) if path.is_file() else None
 
     def finished(self, trial: Trial) -> bool:
-        return self.store is not None and self.store.finished(trial.config_id, trial.dataset)
+        return self.store is not None and self.store.finished(trial.row_ids(), trial.dataset, trial.seed)
 
     def record(self, trial: Trial, result: TrialResult) -> None:
         if self.store is None:

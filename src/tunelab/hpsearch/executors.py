@@ -11,8 +11,9 @@ result to a callback in this process as soon as that trial finishes (so only thi
   from the sweep's working directory there too (use a shared filesystem, or absolute paths present on
   every node).
 
-A trial's files, under the sweep's work dir: <dataset>/<config_id>/ (the run), <config_id>.yaml (its
-train config, `tunelab train` can run it again), <config_id>.log (its output), <config_id>.result.json.
+A trial's files, under the sweep's work dir: <dataset>/<config_id>-s<seed>/ (the run), and beside it
+the same name with .yaml (its train config, `tunelab train` can run it again), .log (its output) and
+.result.json.
 """
 
 from __future__ import annotations
@@ -34,16 +35,18 @@ from typing import Any
 import yaml
 
 from tunelab.errors import TunelabError
-from tunelab.hpsearch.spec import Trial
+from tunelab.hpsearch.spec import Trial, config_id, rank_config
 from tunelab.hpsearch.store import ResultsStore
 
 
 @dataclass
 class TrialResult:
-    score: float | None = None  # the dataset's metric; None when the trial failed
+    score: float | None = None  # the dataset's metric on dev (first row); None when the trial failed
     error: str | None = None
-    metrics: dict[str, float] | None = None  # everything the evaluation measured
+    metrics: dict[str, float] | None = None  # everything the evaluation measured (first row)
+    rows: list[dict[str, Any]] | None = None  # per evaluated rank: rank, score, test_score, metrics, ...
     peak_memory_bytes: int | None = None
+    step_time_s: float | None = None  # median optimizer step
     started_at: str | None = None
     finished_at: str | None = None
     duration_s: float | None = None  # wall time of the trial process, imports and model loading included
@@ -66,7 +69,7 @@ def available_cores() -> int:
 
 
 def trial_dir(work_dir: Path, trial: Trial) -> Path:
-    return work_dir / trial.dataset / trial.config_id
+    return work_dir / trial.dataset / trial.run_name
 
 
 def run_trial_process(trial: Trial, run_dir: Path, threads: int, cwd: str | None = None) -> TrialResult:
@@ -93,6 +96,7 @@ def run_trial_process(trial: Trial, run_dir: Path, threads: int, cwd: str | None
         str(config_path),
         trial.metric,
         str(result_path),
+        json.dumps({"ranks": list(trial.ranks), "test": trial.test}),
     ]
     started_at, start = _now(), time.perf_counter()
     with open(log_path, "w") as log:
@@ -102,25 +106,36 @@ def run_trial_process(trial: Trial, run_dir: Path, threads: int, cwd: str | None
         error = f"trial process exited with code {process.returncode} without a result; see {log_path}"
         return TrialResult(error=error, **timing)
     result = TrialResult(**json.loads(result_path.read_text()), **timing)
-    if result.error is None and not math.isfinite(result.score):
-        result.error, result.score = f"{trial.metric} is {result.score} (did training diverge?)", None
+    scores = [value for row in result.rows or [] for value in (row["score"], row["test_score"])]
+    if result.error is None and not all(math.isfinite(score) for score in scores):
+        result.error, result.score = f"{trial.metric} is not finite (did training diverge?)", None
     return result
 
 
 def record(store: ResultsStore, trial: Trial, result: TrialResult) -> None:
-    """One trial's result into the store, in one transaction."""
-    store.record(
-        trial.config_id,
-        trial.config,
-        trial.dataset,
-        trial.metric,
-        result.score,
-        status="failed" if result.failed else "done",
-        error=result.error,
-        duration_s=result.duration_s,
-        peak_memory_bytes=result.peak_memory_bytes,
-        started_at=result.started_at,
-        finished_at=result.finished_at,
+    """One trial's result rows (one per evaluated rank) into the store, in one transaction."""
+    rows = result.rows if not result.failed else [{"rank": rank} for rank in trial.ranks or [None]]
+    store.record_rows(
+        [
+            {
+                "config_id": config_id(rank_config(trial.config, row["rank"])),
+                "config": rank_config(trial.config, row["rank"]),
+                "dataset": trial.dataset,
+                "seed": trial.seed,
+                "metric": trial.metric,
+                "rank": row["rank"],
+                "score": row.get("score"),
+                "test_score": row.get("test_score"),
+                "status": "failed" if result.failed else "done",
+                "error": result.error,
+                "duration_s": result.duration_s,
+                "step_time_s": result.step_time_s,
+                "peak_memory_bytes": result.peak_memory_bytes,
+                "started_at": result.started_at,
+                "finished_at": result.finished_at,
+            }
+            for row in rows
+        ]
     )
 
 

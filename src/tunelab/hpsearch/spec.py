@@ -6,10 +6,14 @@
       train.epochs: [1, 3]
     zip:                                 # each group: values taken together, index by index
       - {method.r: [8, 64], method.alpha: [16, 128]}
-    datasets:
-      - {name: addition, train: "addition:train", eval: "addition:eval", metric: exact_match}
+    datasets:                            # eval: the dev split (every choice); test: reported only
+      - {name: addition, train: "addition:train", eval: "addition:dev", test: "addition:test"}
+    seeds: [1, 2]                        # each point trained once per seed (train.seed)
+    ranks: [1, 2, 4, 8, 16]              # dylora points: every rank evaluated, each a config of its own
 
-Points = product(grid keys) × product(zip groups); trials = points × datasets.
+Points = product(grid keys) × product(zip groups); trials = points × datasets × seeds. A dataset
+without `test` has its eval rows split in two by a fixed seed: dev (the first half of a seeded
+permutation) and test (the rest).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from tunelab.config import deep_merge, flatten, is_hub_id, nest, read_yaml, validate
+from tunelab.config import FILE_SUFFIXES, deep_merge, flatten, is_hub_id, nest, read_yaml, validate
 from tunelab.errors import TunelabError
 from tunelab.tasks import builtin_tasks, parse_builtin
 
@@ -40,9 +44,10 @@ from tunelab.tasks import builtin_tasks, parse_builtin
 # TRIAL_METRICS themselves, `accuracy` only comes from results tables
 HIGHER_IS_BETTER = {"exact_match": True, "accuracy": True, "loss": False, "perplexity": False}
 TRIAL_METRICS = ("exact_match", "loss", "perplexity")
-# keys that place a trial (its run folder and name, its dataset) rather than configure it: they are
-# set per trial, and left out of config ids and of the hyperparameters a recommendation lists
-PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval")
+# keys that place a trial (its run folder and name, its dataset, its seed) rather than configure it:
+# they are set per trial, and left out of config ids and of the hyperparameters a recommendation lists
+PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval", "train.seed")
+EVAL_RANK_KEY = "method.rank"  # the rank a dylora trial's row was evaluated at
 
 
 class DatasetSpec(BaseModel):
@@ -50,7 +55,8 @@ class DatasetSpec(BaseModel):
 
     name: str
     train: str
-    eval: str
+    eval: str  # dev: what every choice is made on
+    test: str | None = None  # reported only; None: eval's rows are split into dev and test
     metric: Literal["exact_match", "accuracy", "loss", "perplexity"] = "exact_match"
 
     @field_validator("metric")
@@ -70,6 +76,8 @@ class SweepSpec(BaseModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     zip: list[dict[str, list[Any]]] = Field(default_factory=list)
     datasets: list[DatasetSpec]
+    seeds: list[int] = Field(default_factory=list)  # empty: the base config's train.seed
+    ranks: list[int] = Field(default_factory=list)  # dylora trials: evaluate each of these ranks
     _source: str = PrivateAttr("sweep spec")  # the spec file, for error messages
 
     @model_validator(mode="after")
@@ -97,6 +105,10 @@ class SweepSpec(BaseModel):
                 seen.add(key)
                 if not values:
                     raise ValueError(f"'{where}.{key}' is an empty list; give a value or remove the key")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("'seeds' repeats a seed; list each once")
+        if any(rank < 1 for rank in self.ranks) or len(set(self.ranks)) != len(self.ranks):
+            raise ValueError("'ranks' must list distinct ranks of 1 or more")
         for i, group in enumerate(self.zip):
             lengths = {key: len(values) for key, values in group.items()}
             if len(set(lengths.values())) > 1:
@@ -107,10 +119,29 @@ class SweepSpec(BaseModel):
 
 @dataclass(frozen=True)
 class Trial:
+    """One training run: a point on a dataset with a seed; evaluated on dev and test, at each of
+    `ranks` (dylora) or as trained, each evaluation a result row with its own config id."""
+
     config_id: str
     dataset: str
     metric: str
     config: dict[str, Any]  # resolved train config (every default filled in), ready for RunConfig
+    seed: int = 0
+    test: str | None = None  # the test split; None: eval's rows split into dev and test
+    ranks: tuple[int, ...] = ()  # dylora: the evaluated ranks; empty: the model as trained
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.config_id}-s{self.seed}"
+
+    def row_ids(self) -> list[str]:
+        """The config id of each result row: the trial's own, or one per evaluated rank."""
+        return [config_id(rank_config(self.config, rank)) for rank in self.ranks or [None]]
+
+
+def rank_config(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
+    """The config of a result row evaluated at `rank`: the rank is a hyperparameter of its own."""
+    return config if rank is None else deep_merge(config, nest({EVAL_RANK_KEY: rank}))
 
 
 def _format_error(err: dict, source: str) -> str:
@@ -184,9 +215,9 @@ def _trial_data(value: str) -> str:
 
 
 def expand(spec: SweepSpec) -> list[Trial]:
-    """All trials, point by point (datasets inner), each config validated as a RunConfig.
+    """All trials, point by point (datasets, then seeds inner), each config validated as a RunConfig.
 
-    Each trial's `name` is '<dataset>-<config_id>', so default run directories do not collide.
+    Each trial's `name` is '<dataset>-<config_id>-s<seed>', so default run directories do not collide.
     """
     trials: list[Trial] = []
     seen_ids: dict[str, int] = {}
@@ -204,15 +235,26 @@ def expand(spec: SweepSpec) -> list[Trial]:
                 f"configuration ({point}); remove the repeated value"
             )
         seen_ids[point_id] = index
-        for dataset in spec.datasets:
-            config = deep_merge(
-                resolved,
-                {
-                    "data": {"train": _trial_data(dataset.train), "eval": _trial_data(dataset.eval)},
-                    "name": f"{dataset.name}-{point_id}",
-                },
+        evaluable = validate(resolved, spec._source).method.evaluable_ranks()
+        ranks = tuple(spec.ranks) if evaluable else ()
+        beyond = [rank for rank in ranks if rank not in evaluable]
+        if beyond:
+            raise TunelabError(
+                f"{spec._source}: 'ranks' lists {beyond[0]}, beyond sweep point {index} ({point}), which "
+                f"trains ranks {evaluable[0]}..{evaluable[-1]}"
             )
-            trials.append(Trial(point_id, dataset.name, dataset.metric, config))
+        for dataset in spec.datasets:
+            for seed in spec.seeds or [resolved["train"]["seed"]]:
+                config = deep_merge(
+                    resolved,
+                    {
+                        "data": {"train": _trial_data(dataset.train), "eval": _trial_data(dataset.eval)},
+                        "train": {"seed": seed},
+                        "name": f"{dataset.name}-{point_id}-s{seed}",
+                    },
+                )
+                test = _trial_data(dataset.test) if dataset.test else None
+                trials.append(Trial(point_id, dataset.name, dataset.metric, config, seed, test, ranks))
     return trials
 
 
@@ -246,11 +288,11 @@ def check_datasets(spec: SweepSpec) -> None:
     Only existence and file type (as `tunelab.data.load_rows` checks them): rows are each trial's
     to read, as its config (format, data options) says.
     """
-    from tunelab.data import FILE_SUFFIXES  # imports torch: sweep only, recommend stays light
-
     spec_dir = Path(spec._source).parent
     for dataset in spec.datasets:
-        for split in ("train", "eval"):
+        for split in ("train", "eval", "test"):
+            if getattr(dataset, split) is None:
+                continue
             problem = _dataset_problem(getattr(dataset, split), FILE_SUFFIXES, spec_dir)
             if problem:
                 raise TunelabError(f"{spec._source}: dataset '{dataset.name}' {split}: {problem}")

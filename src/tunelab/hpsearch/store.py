@@ -1,4 +1,5 @@
-"""Sweep results: a SQLite store (one row per config × dataset) and a reader for results tables.
+"""Sweep results: a SQLite store (one row per config × dataset × seed; a dylora trial's row per rank
+is a config of its own) and a reader for results tables.
 
 Both give a `ScoreMatrix`, the input of `tunelab.hpsearch.cbs` (orient it there first).
 """
@@ -26,29 +27,39 @@ CREATE TABLE IF NOT EXISTS trials (
     config_id TEXT NOT NULL,
     config_json TEXT NOT NULL,
     dataset TEXT NOT NULL,
+    seed INTEGER NOT NULL,
     metric TEXT NOT NULL,
+    rank INTEGER,
     score REAL,
+    test_score REAL,
     status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
     error TEXT,
     duration_s REAL,
+    step_time_s REAL,
     peak_memory_bytes INTEGER,
     started_at TEXT,
     finished_at TEXT,
-    PRIMARY KEY (config_id, dataset)
+    PRIMARY KEY (config_id, dataset, seed)
 )
 """
 _COLUMNS = (
-    "config_id", "config_json", "dataset", "metric", "score", "status", "error",
-    "duration_s", "peak_memory_bytes", "started_at", "finished_at",
+    "config_id", "config_json", "dataset", "seed", "metric", "rank", "score", "test_score", "status",
+    "error", "duration_s", "step_time_s", "peak_memory_bytes", "started_at", "finished_at",
 )  # fmt: skip
+_KEY = ("config_id", "dataset", "seed")
 
 
 class ScoreMatrix(NamedTuple):
     config_ids: list[str]
     datasets: list[str]
-    scores: np.ndarray  # (configs, datasets); NaN where a trial is missing or failed
+    scores: np.ndarray  # (configs, datasets), dev scores, mean over seeds; NaN where missing or failed
     higher_is_better: np.ndarray  # one bool per dataset
     configs: dict[str, dict[str, Any]]  # config id -> its config (or its hyperparameter columns)
+    # a sweep database's extras (None for a results table):
+    test_scores: np.ndarray | None = None  # like `scores`, on the test split
+    spread: np.ndarray | None = None  # standard deviation of the dev score over seeds (0 for one seed)
+    seeds: np.ndarray | None = None  # how many seeds each cell averages
+    costs: dict[str, dict[str, float | None]] | None = None  # config id -> step_time_s, peak_memory_bytes
 
 
 def _now() -> str:
@@ -124,6 +135,11 @@ class ResultsStore:
         if not columns:
             raise self._not_ours("it has no 'trials' table")
         missing = [column for column in _COLUMNS if column not in columns]
+        if missing and "config_json" in columns and "seed" not in columns:
+            raise TunelabError(
+                f"{self.path} was written by an earlier tunelab (no seeds, ranks or test scores); sweep "
+                "again into a new --db"
+            )
         if missing:
             raise self._not_ours(f"its 'trials' table lacks {', '.join(missing)}")
 
@@ -144,43 +160,58 @@ class ResultsStore:
         metric: str,
         score: float | None,
         status: str = "done",
-        error: str | None = None,
-        duration_s: float | None = None,
-        peak_memory_bytes: int | None = None,
-        started_at: str | None = None,
-        finished_at: str | None = None,
+        **extra: Any,
     ) -> None:
-        """Insert or replace the result of one trial (a retry overwrites the earlier attempt)."""
-        _metric_direction(metric, str(self.path))
+        """Insert or replace one result row (a retry overwrites the earlier attempt); `extra`: seed,
+        rank, test_score, error, duration_s, step_time_s, peak_memory_bytes, started_at, finished_at."""
+        row = {"config_id": config_id, "config": config, "dataset": dataset, "metric": metric}
+        self.record_rows([{**row, "score": score, "status": status, **extra}])
+
+    def record_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Insert or replace result rows (dicts of the columns, `config` for config_json), in one
+        transaction: a trial's rows are all there or none is."""
+        values = [self._values(row) for row in rows]
+        updates = ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS if column not in _KEY)
+        # upsert keeps the row's position, so matrix order stays the sweep's order
+        with self._sqlite_errors(), self._conn:
+            self._conn.executemany(
+                f"INSERT INTO trials ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+                f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET {updates}",
+                values,
+            )
+
+    def _values(self, row: dict[str, Any]) -> tuple:
+        _metric_direction(row["metric"], str(self.path))
+        status, score = row.get("status", "done"), row.get("score")
         if status not in ("done", "failed"):
             raise TunelabError(f"trial status must be 'done' or 'failed'; got {status!r}")
         if status == "done" and (score is None or math.isnan(score)):
             raise TunelabError(
-                f"trial {config_id} on {dataset} is 'done' without a score; record it as 'failed'"
+                f"trial {row['config_id']} on {row['dataset']} is 'done' without a score; record it as "
+                "'failed'"
             )
-        values = (
-            config_id, json.dumps(config, sort_keys=True), dataset, metric,
-            None if status == "failed" else float(score), status, error,
-            duration_s, peak_memory_bytes, started_at, finished_at or _now(),
-        )  # fmt: skip
-        key = ("config_id", "dataset")
-        updates = ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS if column not in key)
-        # upsert keeps the row's position, so matrix order stays the sweep's order
-        with self._sqlite_errors(), self._conn:
-            self._conn.execute(
-                f"INSERT INTO trials ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
-                f"ON CONFLICT (config_id, dataset) DO UPDATE SET {updates}",
-                values,
-            )
+        failed = status == "failed"
+        cells = {
+            **{column: row.get(column) for column in _COLUMNS},
+            "config_json": json.dumps(row["config"], sort_keys=True),
+            "seed": row.get("seed", 0),
+            "score": None if failed else float(score),
+            "test_score": None if failed or row.get("test_score") is None else float(row["test_score"]),
+            "status": status,
+            "finished_at": row.get("finished_at") or _now(),
+        }
+        return tuple(cells[column] for column in _COLUMNS)
 
-    def finished(self, config_id: str, dataset: str) -> bool:
-        """True when this trial completed with a score (failed trials are run again)."""
+    def finished(self, config_ids: list[str], dataset: str, seed: int) -> bool:
+        """True when every row of a trial (its config ids) completed with a score (failed trials are
+        run again)."""
         with self._sqlite_errors():
-            found = self._conn.execute(
-                "SELECT 1 FROM trials WHERE config_id = ? AND dataset = ? AND status = 'done'",
-                (config_id, dataset),
-            ).fetchone()
-        return found is not None
+            done = self._conn.execute(
+                f"SELECT COUNT(*) FROM trials WHERE dataset = ? AND seed = ? AND status = 'done' "
+                f"AND config_id IN ({', '.join('?' * len(config_ids))})",
+                (dataset, seed, *config_ids),
+            ).fetchone()[0]
+        return done == len(set(config_ids))
 
     def rows(self) -> list[dict[str, Any]]:
         """Every trial as a dict of its columns (config_json parsed into `config`), in insertion order."""
@@ -194,7 +225,9 @@ class ResultsStore:
         return rows
 
     def score_matrix(self) -> ScoreMatrix:
-        """Scores of every recorded trial; failed trials are NaN (they cover nothing in CBS)."""
+        """Dev scores of every recorded config × dataset, the mean over its seeds (failed trials left
+        out; NaN when none finished: it covers nothing in CBS), with the test scores, the spread over
+        seeds and each config's cost."""
         rows = self.rows()
         directions: dict[str, bool] = {}
         for row in rows:
@@ -205,7 +238,42 @@ class ResultsStore:
                     "use one metric per dataset"
                 )
         configs = {row["config_id"]: row["config"] for row in rows}
-        return _matrix([{**row, "config": row["config_id"]} for row in rows], directions, configs)
+        cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in rows:
+            cells.setdefault((row["config_id"], row["dataset"]), []).append(row)
+        summary = []
+        for (config, dataset), group in cells.items():
+            done = [row for row in group if row["status"] == "done"]
+            dev = [row["score"] for row in done]
+            test = [row["test_score"] for row in done if row["test_score"] is not None]
+            summary.append(
+                {
+                    "config": config,
+                    "dataset": dataset,
+                    "score": float(np.mean(dev)) if dev else None,
+                    "test": float(np.mean(test)) if test and len(test) == len(dev) else None,
+                    "spread": float(np.std(dev)) if dev else None,
+                    "seeds": len(dev),
+                }
+            )
+        # every matrix is built from the same cells in the same order: they line up
+        matrix = _matrix(summary, directions, configs)
+        extra = {
+            name: _matrix([{**cell, "score": cell[name]} for cell in summary], directions, configs).scores
+            for name in ("test", "spread", "seeds")
+        }
+        costs = {}
+        for config in matrix.config_ids:
+            done = [row for row in rows if row["config_id"] == config and row["status"] == "done"]
+            times = [row["step_time_s"] for row in done if row["step_time_s"] is not None]
+            memory = [row["peak_memory_bytes"] for row in done if row["peak_memory_bytes"] is not None]
+            costs[config] = {
+                "step_time_s": float(np.median(times)) if times else None,
+                "peak_memory_bytes": max(memory) if memory else None,
+            }
+        return matrix._replace(
+            test_scores=extra["test"], spread=extra["spread"], seeds=extra["seeds"], costs=costs
+        )
 
 
 # ---------------------------------------------------------------------------------------------

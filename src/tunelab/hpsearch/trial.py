@@ -1,16 +1,20 @@
-"""One sweep trial, run in its own process: train a config, evaluate it on its eval set, write a result JSON.
+"""One sweep trial, run in its own process: train a config, evaluate it on its dev and test sets (at
+each of its ranks, for dylora), write a result JSON.
 
-    python -m tunelab.hpsearch.trial CONFIG.yaml METRIC RESULT.json
+    python -m tunelab.hpsearch.trial CONFIG.yaml METRIC RESULT.json [OPTIONS_JSON]
 
-RESULT.json holds {"score", "metrics", "peak_memory_bytes"} on success, {"error"} on failure. The
-executor (tunelab.hpsearch.executors) starts this process and records the result; it never trains
-in its own process, so a crash or an out-of-memory kill of one trial leaves the sweep running.
+OPTIONS_JSON: {"ranks": [...], "test": SPEC or null}. RESULT.json holds {"score", "rows", "metrics",
+"peak_memory_bytes", "step_time_s"} on success (one row per evaluated rank: rank, score, test_score,
+metrics, test_metrics; `score` and `metrics` are the first row's), {"error"} on failure. The executor
+(tunelab.hpsearch.executors) starts this process and records the result; it never trains in its own
+process, so a crash or an out-of-memory kill of one trial leaves the sweep running.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -18,23 +22,66 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tunelab.errors import TunelabError
 
+DEV_TEST_SEED = 0  # the permutation that splits an eval set without a test split into dev and test
 
-def run_trial(config_path: Path, metric: str) -> dict[str, Any]:
-    """Train `config_path` (replacing a leftover run in its output_dir) and score it on its data.eval."""
+
+def dev_test_indices(n: int, seed: int = DEV_TEST_SEED) -> tuple[list[int], list[int]]:
+    """Rows of an eval set of `n` split in two: dev (the first half of a seeded permutation, rounded
+    up) and test (the rest)."""
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return sorted(order[: (n + 1) // 2]), sorted(order[(n + 1) // 2 :])
+
+
+def median_step_time(metrics_file: Path) -> float | None:
+    """The median optimizer step time of a run, from its metrics.jsonl."""
+    times = [
+        record["step_time_s"]
+        for line in metrics_file.read_text().splitlines()
+        if line.strip() and "step_time_s" in (record := json.loads(line))
+    ]
+    return statistics.median(times) if times else None
+
+
+def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train `config_path` (replacing a leftover run in its output_dir) and score it on dev and test."""
     # torch comes in here, not at import: the sweep and recommend commands import this module
     from tunelab.config import load_config
-    from tunelab.data import eval_dataset
+    from tunelab.data import build_dataset, eval_dataset
     from tunelab.evaluate import evaluate_ranks
     from tunelab.reporting import peak_memory_bytes
+    from tunelab.rundir import RunDir
     from tunelab.train import train
 
+    options = options or {}
     config = load_config(config_path)
-    built = train(config, overwrite=True).tuned
-    dataset = eval_dataset(config.data, built.tokenizer, limit=config.data.eval_limit)
-    metrics = evaluate_ranks(built, dataset, None, with_exact_match=metric == "exact_match")[0]
-    return {"score": metrics[metric], "metrics": metrics, "peak_memory_bytes": peak_memory_bytes()}
+    trained = train(config, overwrite=True)
+    built = trained.tuned
+    dev = eval_dataset(config.data, built.tokenizer, limit=config.data.eval_limit)
+    if options.get("test"):
+        test = build_dataset(options["test"], built.tokenizer, config.data, limit=config.data.eval_limit)
+    else:
+        dev_rows, test_rows = dev_test_indices(len(dev))
+        dev, test = dev.subset(dev_rows), dev.subset(test_rows)
+    ranks = options.get("ranks") or None
+    with_exact_match = metric == "exact_match"
+    dev_metrics = evaluate_ranks(built, dev, ranks, with_exact_match)
+    test_metrics = evaluate_ranks(built, test, ranks, with_exact_match)
+    rows = [
+        {"rank": rank, "score": on_dev[metric], "test_score": on_test[metric], "metrics": on_dev,
+         "test_metrics": on_test}
+        for rank, on_dev, on_test in zip(ranks or [None], dev_metrics, test_metrics, strict=True)
+    ]  # fmt: skip
+    return {
+        "score": rows[0]["score"],
+        "metrics": rows[0]["metrics"],
+        "rows": rows,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "step_time_s": median_step_time(RunDir(trained.run_dir).metrics_file),
+    }
 
 
 def _exit_with_parent() -> None:
@@ -48,9 +95,10 @@ def _exit_with_parent() -> None:
 
 def main(argv: list[str]) -> int:
     config_path, metric, result_path = Path(argv[0]), argv[1], Path(argv[2])
+    options = json.loads(argv[3]) if len(argv) > 3 else {}
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     try:
-        result = run_trial(config_path, metric)
+        result = run_trial(config_path, metric, options)
     except Exception as exc:  # any failure is the trial's result, recorded with its message
         traceback.print_exc()
         message = str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"

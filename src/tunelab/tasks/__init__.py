@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from tunelab.errors import TunelabError
 
-SPLITS = ("train", "eval")
+# dev and test are the first and second half of eval: choose on dev, report on test
+SPLITS = ("train", "eval", "dev", "test")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,14 @@ def builtin_task_names() -> tuple[str, ...]:
     return tuple(builtin_tasks())
 
 
+def split_rows(task: Task, split: str) -> list[dict]:
+    """The rows of one of SPLITS."""
+    if split in ("dev", "test"):
+        rows = task.rows("eval")
+        return rows[: len(rows) // 2] if split == "dev" else rows[len(rows) // 2 :]
+    return task.rows(split)
+
+
 def parse_builtin(spec: str) -> tuple[Task, str] | None:
     """'gsm8k:train' -> (task, 'train'); None when `spec` does not name a built-in task."""
     name, sep, split = spec.partition(":")
@@ -50,5 +59,7 @@ def parse_builtin(spec: str) -> tuple[Task, str] | None:
     if not sep or name not in tasks:
         return None
     if split not in SPLITS:
-        raise TunelabError(f"dataset '{spec}': unknown split '{split}'; use {name}:train or {name}:eval")
+        raise TunelabError(
+            f"dataset '{spec}': unknown split '{split}'; use {', '.join(f'{name}:{s}' for s in SPLITS)}"
+        )
     return tasks[name], split
