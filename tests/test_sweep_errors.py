@@ -170,7 +170,7 @@ def _without_ray(monkeypatch) -> None:
             "{spec}: dataset 'add' train: '{tmp}/missing.jsonl' is neither a file, a folder, a hub id nor",
         ),
         ("{tmp}/rows.txt", [], "{spec}: dataset 'add' train: unsupported file type '.txt'"),
-        ("addition:valid", [], "{spec}: dataset 'add' train: dataset 'addition:valid': unknown split 'valid'"),
+        ("addition:val", [], "{spec}: dataset 'add' train: dataset 'addition:val': unknown split 'val'"),
         ("addition:train", ["--executor", "ray"], "pip install 'tunelab[ray]'"),
         ("addition:train", ["--db", "{tmp}/other.sqlite"], "other.sqlite is not a tunelab results database"),
         ("addition:train", ["--db", "{tmp}/rows.txt/r.sqlite"], "rows.txt is a file, not a folder"),
