@@ -151,3 +151,16 @@ def test_cbs_with_rank_coverage():
     assert ranked == [(0, (0, 1)), (2, (2,)), (3, ()), (1, ())]
     with pytest.raises(TunelabError, match="shape"):
         cbs_rank(scores, covers=covers[:, :2])
+
+
+def test_held_out_curve_ranks_without_the_dataset_it_scores():
+    from tunelab.hpsearch.cbs import held_out_curve
+
+    # three configs, three datasets; each config is best on one dataset
+    scores = np.array([[1.0, 0.5, 0.8], [0.6, 1.0, 0.5], [0.9, 0.9, 1.0]])
+    # worked out by hand at tau = 0.1 (covers: s/best >= 0.9; after coverage, by mean s/best):
+    #   without d0: c2 covers d1 and d2, then c1 (mean .75), c0 (.65); on d0: 0.9, 0.9, 1.0
+    #   without d1: c2 covers d0 and d2, then c0 (.9), c1 (.55); on d1: 0.9, 0.9, 1.0
+    #   without d2: c2 covers d0 and d1, then c1 (.8), c0 (.75); on d2: 1.0, 1.0, 1.0
+    curve = held_out_curve(scores, tau=0.1)
+    np.testing.assert_allclose(curve, [(0.9 + 0.9 + 1.0) / 3, (0.9 + 0.9 + 1.0) / 3, 1.0])

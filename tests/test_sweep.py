@@ -243,3 +243,57 @@ def test_errors(tmp_path, args, message):
     assert isinstance(result.exception, TunelabError), result.output
     assert message in str(result.exception)
     assert not (tmp_path / "spec.sqlite").exists()  # nothing ran
+
+
+def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_validates(
+    tmp_path, tiny_model_dir
+):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    spec = {
+        "base": {
+            "model": tiny_model_dir,
+            "method": {"name": "dylora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"max_length": 64},
+            "train": {"max_steps": 2, "batch_size": 4, "warmup_ratio": 0.0, "lr": 1e-2},
+        },
+        "datasets": [
+            {"name": name, "train": _jsonl(tmp_path / f"{name}.jsonl", rows),
+             "eval": str(tmp_path / f"{name}.jsonl"), "metric": "loss"}
+            for name, rows in (("add", ADD), ("rev", REVERSE))
+        ],
+        "seeds": [1, 2],
+        "ranks": [1, 4],
+    }  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    runner = CliRunner()
+    result = runner.invoke(app, ["sweep", str(path)])
+    assert result.exit_code == 0, result.output
+    with ResultsStore(tmp_path / "sweep.sqlite") as store:
+        rows = store.rows()
+    # 2 trainings per dataset (seeds), each evaluated at 2 ranks: a row per rank, an id per rank
+    assert len(rows) == 8 and {row["status"] for row in rows} == {"done"}
+    by_rank = {row["rank"]: row["config_id"] for row in rows}
+    assert set(by_rank) == {1, 4} and len(set(by_rank.values())) == 2
+    assert all(row["config_id"] == by_rank[row["rank"]] and row["test_score"] > 0 for row in rows)
+    assert all(row["config"]["method"]["rank"] == row["rank"] for row in rows)
+
+    out = tmp_path / "recommend.json"
+    configs = tmp_path / "configs"
+    result = runner.invoke(
+        app,
+        ["recommend", "--db", str(tmp_path / "sweep.sqlite"), "--cross-validate", "--json", str(out),
+         "--write-config", str(configs), "--top", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "start from config" in result.output and "held-out dataset" in result.output
+    ranking = json.loads(out.read_text())
+    assert len(ranking["held_out_curve"]) == 2 and ranking["held_out_curve"][-1] == pytest.approx(1.0)
+    first = ranking["ranking"][0]
+    assert first["seeds"] == {"add": 2, "rev": 2} and set(first["test"]) == {"add", "rev"}
+    written = configs / f"cbs-1-{first['config']}.yaml"
+    assert f"--rank {first['hyperparameters']['method.rank']}" in written.read_text().splitlines()[0]
+    assert load_config(written).method.name == "dylora"  # method.rank is not a config key

@@ -60,11 +60,17 @@ def rank_curve(summary: dict, path: Path, title: str = "") -> Path:
     return _save(fig, path)
 
 
-def coverage_curve(top_k: list[float], path: Path, title: str = "") -> Path:
-    """CBS: mean over datasets of the best normalized score among the top-K configs, against K."""
+def coverage_curve(
+    top_k: list[float], path: Path, title: str = "", held_out: list[float] | None = None
+) -> Path:
+    """CBS: mean over datasets of the best normalized score among the top-K configs, against K; with
+    `held_out`, the same for rankings that never saw the dataset scored (recommend --cross-validate)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ks = list(range(1, len(top_k) + 1))
-    ax.plot(ks, top_k, "o-", ms=3)
+    ax.plot(ks, top_k, "o-", ms=3, label="ranked on every dataset")
+    if held_out is not None:
+        ax.plot(ks, held_out, "s--", ms=3, label="ranked without the dataset scored")
+        ax.legend(loc="lower right")
     ax.set_xlabel("K (top configurations tried)")
     ax.set_ylabel("mean best score / dataset best")
     ax.set_ylim(min(0.0, min(top_k, default=0)), 1.02)

@@ -139,3 +139,20 @@ def top_k_curve(scores: np.ndarray, order: Sequence[int]) -> np.ndarray:
     order = np.asarray(order, dtype=np.int64)
     norm = normalized(scores)[order]
     return np.maximum.accumulate(norm, axis=0).mean(axis=1)
+
+
+def held_out_curve(scores: np.ndarray, tau: float = 0.05) -> np.ndarray:
+    """Leave-one-dataset-out transfer of a CBS ranking: curve[K − 1] = the mean over datasets d of the
+    best s/best on d among the first K configs of the ranking built *without* d.
+
+    Compared with `top_k_curve` of the full ranking (which has seen every dataset), it says how close
+    the top-K recommendation gets on a dataset that played no part in choosing it.
+    """
+    scores = _check_matrix(scores)
+    if scores.shape[1] < 2:
+        raise TunelabError("cross-validation leaves one dataset out: it needs results on 2 or more datasets")
+    curves = [
+        top_k_curve(scores[:, [d]], [entry.config for entry in cbs_rank(np.delete(scores, d, axis=1), tau)])
+        for d in range(scores.shape[1])
+    ]
+    return np.mean(curves, axis=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -27,14 +28,11 @@ from tunelab.errors import TunelabError
 from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
 from tunelab.hpsearch.ranking import rank_matrix
-from tunelab.hpsearch.spec import SweepSpec, Trial, check_datasets, expand, load_spec
+from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
 
 console = Console(emoji=False)
-err_console = Console(stderr=True, soft_wrap=True)  # log lines stay whole
-
-# config keys that place a trial rather than tune it (the same hyperparameters run on every dataset)
-
+err_console = Console(stderr=True, soft_wrap=True, emoji=False)  # log lines stay whole
 
 # ---------------------------------------------------------------------------------------------
 # output paths, checked before any work
@@ -264,8 +262,10 @@ def _recommend_published(model: str, method: str, json_path: Path | None, write_
 
 def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, title: str) -> Table:
     keys = _varying_keys([entry["hyperparameters"] for entry in ranking])
+    with_test = ranking[0]["test_mean_normalized"] is not None
     table = Table(title=title)
-    for column in ("#", "config", "hyperparameters", "newly covers", "covered", "mean s/best", "top-K score"):
+    columns = ["#", "config", "hyperparameters", "newly covers", "covered", "mean s/best", "top-K score"]
+    for column in columns + (["test s/best"] if with_test else []):
         left = column in ("hyperparameters", "newly covers")
         # ids are copied from here: never cut one short; long values wrap instead of ending in "…"
         table.add_column(
@@ -283,7 +283,71 @@ def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, tit
             f"{entry['covered_total']}/{n_datasets}",
             f"{entry['mean_normalized']:.3f}",
             f"{entry['top_k']:.3f}",
+            *([f"{entry['test_mean_normalized']:.3f}"] if with_test else []),
         )
+    return table
+
+
+def _start_from(entry: dict[str, Any], datasets: list[str]) -> Table:
+    """The top config on each dataset: dev score (mean ± spread over seeds), how close to the dataset's
+    best, and the test score it reports."""
+    table = Table(title=f"start from config {entry['config']}: {_describe(entry['hyperparameters'])}")
+    for column in ("dataset", "dev", "dev s/best", "test", "seeds"):
+        table.add_column(column, justify="left" if column == "dataset" else "right")
+    for dataset in datasets:
+        dev, spread, test = (
+            entry["dev"].get(dataset),
+            entry["spread"].get(dataset),
+            entry["test"].get(dataset),
+        )
+        table.add_row(
+            dataset,
+            "-" if dev is None else f"{dev:.4f}" + (f" ± {spread:.4f}" if spread else ""),
+            f"{entry['dev_normalized'][dataset]:.3f}",
+            "-" if test is None else f"{test:.4f}",
+            str(int(entry["seeds"].get(dataset) or 0)),
+        )
+    return table
+
+
+def _describe(hyperparameters: dict[str, Any]) -> str:
+    keys = ("method.name", "method.rank", "method.r", "method.density", "train.lr", "quantization")
+    return " ".join(f"{key}={hyperparameters[key]}" for key in keys if hyperparameters.get(key) is not None)
+
+
+def _costs_by_method(ranking: list[dict[str, Any]]) -> Table | None:
+    """Median step time and peak memory of each method's configs (what each method costs)."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for entry in ranking:
+        if entry["cost"] and entry["cost"]["step_time_s"] is not None:
+            by_method.setdefault(_method_label(entry["hyperparameters"]), []).append(entry["cost"])
+    if not by_method:
+        return None
+    table = Table(title="cost per method (median over its configs)")
+    for column in ("method", "configs", "s/step", "peak memory (GiB)"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method, costs in by_method.items():
+        memory = [cost["peak_memory_bytes"] for cost in costs if cost["peak_memory_bytes"]]
+        table.add_row(
+            method,
+            str(len(costs)),
+            f"{statistics.median(cost['step_time_s'] for cost in costs):.2f}",
+            f"{statistics.median(memory) / 2**30:.2f}" if memory else "-",
+        )
+    return table
+
+
+def _method_label(hyperparameters: dict[str, Any]) -> str:
+    nf4 = "nf4 " if hyperparameters.get("quantization") == "nf4" else ""
+    return f"{nf4}{hyperparameters.get('method.name', '?')}"
+
+
+def _held_out_table(ranking: Any, top: int) -> Table:
+    table = Table(title="does the ranking transfer? leave one dataset out, rank on the rest")
+    for column in ("K", "mean s/best, ranked on all", "on the held-out dataset"):
+        table.add_column(column, justify="right")
+    for k in range(min(top, len(ranking.top_k_curve))):
+        table.add_row(str(k + 1), f"{ranking.top_k_curve[k]:.3f}", f"{ranking.held_out_curve[k]:.3f}")
     return table
 
 
@@ -295,8 +359,9 @@ def _recommend_cbs(
     json_path: Path | None,
     write_config: Path | None,
     out: Path | None,
+    cross_validate: bool = False,
 ) -> None:
-    result = rank_matrix(matrix, tau)
+    result = rank_matrix(matrix, tau, cross_validate)
     ranking = result.entries
 
     # every config is validated before anything is written: a bad one leaves no partial output
@@ -310,11 +375,19 @@ def _recommend_cbs(
         result.top_k_curve,
         plot_dir / f"{source.stem}-coverage.png",
         title=f"{source.name}: top-K coverage (tau={tau})",
+        held_out=result.held_out_curve,
     )
     shape = f"{len(matrix.config_ids)} configs x {len(matrix.datasets)} datasets"
     console.print(
         _ranking_table(ranking, len(matrix.datasets), top, f"CBS ranking of {source.name} ({shape})")
     )
+    if ranking[0]["test"]:  # a sweep database: ranked on dev, test reported
+        console.print(_start_from(ranking[0], result.datasets))
+    costs = _costs_by_method(ranking)
+    if costs is not None:
+        console.print(costs)
+    if result.held_out_curve is not None:
+        console.print(_held_out_table(result, top))
     if result.uncovered:
         console.print(
             f"no config covers: {', '.join(result.uncovered)} (no positive score recorded)", highlight=False
@@ -338,7 +411,11 @@ def _cbs_config_files(ranking: list[dict[str, Any]], source: Path, folder: Path)
         covers = ", ".join(entry["covers"]) or "nothing new"
         comment = f"CBS rank {entry['rank']} of {source.name} (covers {covers})"
         where = f"{source}: config {entry['config']} (hyperparameters must be config keys, e.g. train.lr)"
-        files[path] = _train_config(nest(entry["hyperparameters"]), where, comment)
+        hyperparameters = dict(entry["hyperparameters"])
+        rank = hyperparameters.pop(EVAL_RANK_KEY, None)
+        if rank is not None:  # a dylora row: the config trains every rank; this one was chosen
+            comment += f"; evaluate and export at --rank {rank}"
+        files[path] = _train_config(nest(hyperparameters), where, comment)
     return files
 
 
@@ -376,6 +453,11 @@ def recommend(
     out: Path = typer.Option(
         None, "--out", help="folder for the coverage-curve PNG (default: next to the input)"
     ),
+    cross_validate: bool = typer.Option(
+        False,
+        "--cross-validate",
+        help="also rank without each dataset in turn and score the top K on it: does the ranking transfer?",
+    ),
 ) -> None:
     """Hyperparameters to start from: published configs, or the CBS ranking of a sweep or results table.
 
@@ -411,4 +493,4 @@ def recommend(
             raise TunelabError(f"{db} holds no trials yet; run `tunelab sweep` first")
     else:
         matrix = load_results_table(results)
-    _recommend_cbs(matrix, source, tau, top, json_path, write_config, out)
+    _recommend_cbs(matrix, source, tau, top, json_path, write_config, out, cross_validate)

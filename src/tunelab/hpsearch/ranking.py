@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.config import flatten
-from tunelab.hpsearch.cbs import cbs_rank, orient, top_k_curve
+from tunelab.hpsearch.cbs import cbs_rank, held_out_curve, normalized, orient, top_k_curve
 from tunelab.hpsearch.spec import PLACEMENT_KEYS
 from tunelab.hpsearch.store import ScoreMatrix
 
@@ -27,6 +27,7 @@ class Ranking:
     top_k_curve: list[float]  # mean over datasets of the best normalized score among the top K
     uncovered: list[str]  # datasets no config covers (no positive score recorded)
     missing_trials: int  # missing or failed trials, counted as covering nothing
+    held_out_curve: list[float] | None = None  # the same curve, each dataset ranked without itself
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -34,13 +35,28 @@ class Ranking:
             "datasets": self.datasets,
             "ranking": self.entries,
             "top_k_curve": self.top_k_curve,
+            "held_out_curve": self.held_out_curve,
         }
 
 
-def rank_matrix(matrix: ScoreMatrix, tau: float) -> Ranking:
+def _cells(matrix: ScoreMatrix, values: np.ndarray | None, row: int) -> dict[str, float | None]:
+    """One config's values by dataset name (None where missing)."""
+    if values is None:
+        return {}
+    return {d: (None if np.isnan(v) else float(v)) for d, v in zip(matrix.datasets, values[row], strict=True)}
+
+
+def rank_matrix(matrix: ScoreMatrix, tau: float, cross_validate: bool = False) -> Ranking:
+    """The CBS ranking of the dev scores, each entry with its dev and test scores, their spread over
+    seeds and its cost; with `cross_validate`, the leave-one-dataset-out curve too."""
     oriented = orient(matrix.scores, matrix.higher_is_better)
     ranked = cbs_rank(oriented, tau)
     curve = top_k_curve(oriented, [entry.config for entry in ranked])
+    test_normalized = (
+        normalized(orient(matrix.test_scores, matrix.higher_is_better))
+        if matrix.test_scores is not None
+        else None
+    )
     entries = [
         {
             "rank": rank,
@@ -51,6 +67,15 @@ def rank_matrix(matrix: ScoreMatrix, tau: float) -> Ranking:
             "mean_normalized": entry.mean_normalized,
             "top_k": float(curve[rank - 1]),
             "hyperparameters": hyperparameters(matrix.configs[matrix.config_ids[entry.config]]),
+            "dev": _cells(matrix, matrix.scores, entry.config),
+            "dev_normalized": _cells(matrix, normalized(oriented), entry.config),
+            "test": _cells(matrix, matrix.test_scores, entry.config),
+            "test_mean_normalized": (
+                float(test_normalized[entry.config].mean()) if test_normalized is not None else None
+            ),
+            "spread": _cells(matrix, matrix.spread, entry.config),
+            "seeds": _cells(matrix, matrix.seeds, entry.config),
+            "cost": (matrix.costs or {}).get(matrix.config_ids[entry.config]),
         }
         for rank, entry in enumerate(ranked, start=1)
     ]
@@ -61,4 +86,5 @@ def rank_matrix(matrix: ScoreMatrix, tau: float) -> Ranking:
         top_k_curve=curve.tolist(),
         uncovered=[name for j, name in enumerate(matrix.datasets) if not np.any(oriented[:, j] > 0)],
         missing_trials=int(np.isnan(matrix.scores).sum()),
+        held_out_curve=held_out_curve(oriented, tau).tolist() if cross_validate else None,
     )
