@@ -232,7 +232,7 @@ SHAREGPT_ROLES = {
 SKIP_HINT = "; fix the row, or set data.skip_bad_rows=true to skip such rows"
 
 
-def _as_text(where: str, value: object, field: str) -> str:
+def as_text(where: str, value: object, field: str) -> str:
     """A text field's value: strings as they are, numbers as written (`output: 42`)."""
     if isinstance(value, str):
         return value
@@ -252,10 +252,10 @@ def _text(where: str, row: dict, field: str, fmt: str) -> str:
             f"{SKIP_HINT}",
             "missing field",
         )
-    return _as_text(where, row[field], field)
+    return as_text(where, row[field], field)
 
 
-def _alpaca_prompt(instruction: str, context: str) -> str:
+def alpaca_prompt(instruction: str, context: str) -> str:
     if context:
         return f"### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
@@ -276,11 +276,11 @@ def _message_content(where: str, turn: int, message: dict) -> str | None:
                 f"{sorted({str(p.get('type')) for p in content if isinstance(p, dict)})}){SKIP_HINT}",
                 "non-text content",
             )
-        return "".join(_as_text(where, part.get("text"), "text") for part in content)
-    return _as_text(where, content, f"messages[{turn}].content")
+        return "".join(as_text(where, part.get("text"), "text") for part in content)
+    return as_text(where, content, f"messages[{turn}].content")
 
 
-def _clean_messages(
+def clean_messages(
     where: str, messages: object, tokenizer, need_assistant: bool = True
 ) -> tuple[list[dict], list[bool]]:
     """Messages as the chat template takes them, and for each whether it is a trained response
@@ -345,7 +345,7 @@ def sharegpt_messages(where: str, conversations: object) -> list[dict]:
     return messages
 
 
-def _chat(where: str, tokenizer, messages: list[dict], **options) -> str:
+def render_chat(where: str, tokenizer, messages: list[dict], **options) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except Exception as exc:  # jinja raises TemplateError and friends for what a template refuses
@@ -371,20 +371,20 @@ def _message_segments(where: str, messages: object, tokenizer) -> tuple[list[tup
             f"{where}: chat rows need a tokenizer with a chat template; this one has none: set "
             "data.chat_template to a template file"
         )
-    messages, trained = _clean_messages(where, messages, tokenizer)
-    full = _chat(where, tokenizer, messages)
+    messages, trained = clean_messages(where, messages, tokenizer)
+    full = render_chat(where, tokenizer, messages)
     segments, position = [], 0
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _chat(where, tokenizer, messages[:turn], add_generation_prompt=True)
+        prompt = render_chat(where, tokenizer, messages[:turn], add_generation_prompt=True)
         if not full.startswith(prompt) or len(prompt) < position:
             raise TunelabError(
                 f"{where}: the chat template renders the turns before assistant turn {turn + 1} "
                 "differently in the whole conversation; use format text, or a chat template "
                 "(data.chat_template) that renders earlier turns the same"
             )
-        upto, eos = _chat(where, tokenizer, messages[: turn + 1]), tokenizer.eos_token or ""
+        upto, eos = render_chat(where, tokenizer, messages[: turn + 1]), tokenizer.eos_token or ""
         if full.startswith(upto):
             end = len(upto)
         elif eos and eos in full[len(prompt) :]:
@@ -427,7 +427,7 @@ def _instruction_segments(
         return _message_segments(where, messages, tokenizer)
     eos = tokenizer.eos_token or ""
     if template == "alpaca":
-        return [(_alpaca_prompt(instruction, context), False), (response + eos, True)], response
+        return [(alpaca_prompt(instruction, context), False), (response + eos, True)], response
     prompt = f"{instruction}\n\n{context}" if context else instruction
     return [(prompt, False), (response + eos, True)], response
 
@@ -439,7 +439,7 @@ def render(
     exact match compares a generation with: no template markers, no end-of-sequence token).
     `template` (chat, alpaca, none) is how alpaca and prompt-completion rows become text."""
     if fmt == "alpaca":
-        context = _as_text(where, row["input"], "input") if row.get("input") is not None else ""
+        context = as_text(where, row["input"], "input") if row.get("input") is not None else ""
         instruction, output = _text(where, row, "instruction", fmt), _text(where, row, "output", fmt)
         return _instruction_segments(where, instruction, context, output, template, tokenizer)
     if fmt == "prompt-completion":

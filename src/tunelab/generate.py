@@ -11,7 +11,15 @@ from rich.console import Console
 
 from tunelab.assemble import TunedModel
 from tunelab.config import read_utf8
-from tunelab.data import Row, _alpaca_prompt, _as_text, _chat, _clean_messages, adds_special_tokens, load_rows
+from tunelab.data import (
+    Row,
+    adds_special_tokens,
+    alpaca_prompt,
+    as_text,
+    clean_messages,
+    load_rows,
+    render_chat,
+)
 from tunelab.errors import TunelabError
 from tunelab.evaluate import generation_options
 
@@ -22,23 +30,23 @@ def prompt_text(messages: list[dict], template: str, tokenizer) -> str:
     """A conversation ending with a user turn as the text the model continues: the chat template's
     generation prompt, or (alpaca, none: single-turn templates) the last user turn as the run trained."""
     if template == "chat":
-        return _chat("prompt", tokenizer, messages, add_generation_prompt=True)
+        return render_chat("prompt", tokenizer, messages, add_generation_prompt=True)
     user = messages[-1]["content"]
-    return _alpaca_prompt(user, "") if template == "alpaca" else user
+    return alpaca_prompt(user, "") if template == "alpaca" else user
 
 
 def row_messages(where: str, row: dict, system: str | None, tokenizer) -> list[dict]:
     """A prompt row ({prompt}, {instruction, input} or {messages} ending with a user turn) as chat
     messages, `system` first unless the row has its own system turn."""
     if "messages" in row:
-        messages, _ = _clean_messages(where, row["messages"], tokenizer, need_assistant=False)
+        messages, _ = clean_messages(where, row["messages"], tokenizer, need_assistant=False)
         if messages[-1]["role"] != "user":
             raise TunelabError(f"{where}: the conversation must end with a user turn to be continued")
     elif "prompt" in row or "instruction" in row:
         field = "prompt" if "prompt" in row else "instruction"
-        user = _as_text(where, row[field], field)
+        user = as_text(where, row[field], field)
         if row.get("input"):
-            user += "\n\n" + _as_text(where, row["input"], "input")
+            user += "\n\n" + as_text(where, row["input"], "input")
         messages = [{"role": "user", "content": user}]
     else:
         raise TunelabError(f"{where}: a prompt row needs a 'prompt', 'instruction' or 'messages' field")
