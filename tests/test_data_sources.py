@@ -157,11 +157,31 @@ def test_a_reasoning_template_trains_every_assistant_turn(tmp_path, smollm2_dir)
     )
 
 
-def test_a_missing_chat_template_file_is_named(smollm2_dir, tmp_path):
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (None, "nope.jinja file not found"),
+        ("{% for m in messages %}{{ m.content }", "cannot render a user and an assistant turn"),
+        ("{% for m in messages %}{{ m.role }}{% endfor %}", "does not write the assistant's content"),
+    ],
+)
+def test_a_bad_chat_template_file_is_named_not_the_data(smollm2_dir, tmp_path, template, message):
     from tunelab.models import load_tokenizer
 
-    with pytest.raises(TunelabError, match="data.chat_template: file not found: .*nope.jinja"):
-        load_tokenizer(smollm2_dir, str(tmp_path / "nope.jinja"))
+    path = tmp_path / "nope.jinja"
+    if template is not None:
+        path.write_text(template)
+    with pytest.raises(TunelabError, match=f"data.chat_template: .*{message}"):
+        load_tokenizer(smollm2_dir, str(path))
+
+
+def test_a_format_the_columns_do_not_have_blames_the_setting(tmp_path, tokenizer):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    with pytest.raises(
+        TunelabError, match=r"qa.jsonl:1: data.format=prompt-completion reads prompt, completion"
+    ):
+        train_dataset(DataConfig(train=str(path), format="prompt-completion"), tokenizer)
 
 
 def test_the_data_command_shows_rows_lengths_and_trained_tokens(tmp_path, tiny_model_dir):

@@ -289,3 +289,40 @@ def test_a_tracker_that_is_not_installed_is_named(tmp_path, tiny_model_dir, qa_j
         TunelabError, match="train.report_to.*wandb needs the wandb package: pip install wandb"
     ):
         tiny_config(tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.report_to": ["wandb"]})
+
+
+def test_an_alpaca_trained_run_exports_its_own_prompt_format(tmp_path, tiny_model_dir, qa_jsonl, capsys):
+    from transformers import AutoTokenizer
+
+    from conftest import assert_one_line_error, run_cli
+    from tunelab.data import alpaca_prompt
+    from tunelab.gguf_export import modelfile
+
+    config = tiny_config(
+        tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.max_steps": 2, "data.template": "alpaca"}
+    )
+    run_dir = train(config).run_dir
+    export_run(run_dir, "merged", tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    turns = [{"role": "user", "content": "Q: 1+2="}, {"role": "assistant", "content": " 3"}]
+    # what a server renders is what the run trained on: the alpaca prompt, the response, end of sequence
+    assert (
+        tokenizer.apply_chat_template(turns, tokenize=False) == alpaca_prompt("Q: 1+2=", "") + " 3<|im_end|>"
+    )
+    assert 'TEMPLATE """### Instruction:\n{{ .Prompt }}\n\n### Response:\n"""' in modelfile(
+        "m.gguf", tokenizer, "alpaca"
+    )
+    assert_one_line_error(
+        *run_cli(
+            capsys,
+            "export",
+            str(run_dir),
+            "--format",
+            "peft",
+            "--dtype",
+            "bf16",
+            "--out",
+            str(tmp_path / "p"),
+        ),
+        "--dtype applies to --format merged, not peft",
+    )

@@ -69,11 +69,13 @@ def train(
         run_config.output_dir = str(run.path.resolve())
     run_dir = run_training(run_config, resume=resume, overwrite=overwrite).run_dir
     err_console.print(f"[green]done[/green]: run directory {run_dir}")
+    evaluate = f"tunelab eval {run_dir}" + ("" if run_config.data.eval else " --data NAME|PATH")
     err_console.print(
-        f"next: tunelab eval {run_dir} | tunelab chat {run_dir} | "
-        f"tunelab export {run_dir} --format merged --out {run_dir}-merged",
+        f"next: {evaluate} | tunelab chat {run_dir} | tunelab export {run_dir} --format merged "
+        f"--out {run_dir}-merged",
         highlight=False,
         soft_wrap=True,
+        markup=False,
     )
 
 
@@ -159,10 +161,10 @@ def eval_command(
     )
     dataset = eval_dataset(options, built.tokenizer, limit=limit)
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
-    with Progress(console=err_console, transient=True) as progress:
+    with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         generated: list[list[str]] = []
         rows = evaluate_ranks(built, dataset, rank_list, with_exact_match, batch_size, progress, generated)
-    result: dict = {"data": spec, "examples": len(dataset)}
+    result: dict = {"run": str(run_dir.resolve()), "data": spec, "examples": len(dataset)}
     if ranks:
         summary = summarize_ranks(rows)
         plot = rank_curve(summary, run_dir / "rank_curve.png", title=f"{run_dir.name}: eval on {spec}")
@@ -197,14 +199,17 @@ def export(
     ),
     out: Path = typer.Option(..., "--out", help="directory to write (must not exist or be empty)"),
     rank: int = typer.Option(None, "--rank", help="dylora runs: export this rank (1..r)"),
-    dtype: str = typer.Option("fp32", "--dtype", help="merged: weight type, fp32 | bf16 | fp16"),
-    gguf_type: str = typer.Option("f16", "--gguf-type", help="gguf: f16 | q8_0"),
+    dtype: str = typer.Option(None, "--dtype", help="merged: weight type, fp32 (default) | bf16 | fp16"),
+    gguf_type: str = typer.Option(None, "--gguf-type", help="gguf: f16 (default) | q8_0"),
 ) -> None:
     """Export a run as a PEFT adapter, a merged HF model, a GGUF file (+ Ollama Modelfile), or a
     method's own format."""
     from tunelab.export import export_run
 
-    export_run(run_dir, fmt, out, rank, dtype, gguf_type)
+    for option, value, applies in (("--dtype", dtype, "merged"), ("--gguf-type", gguf_type, "gguf")):
+        if value is not None and fmt != applies:
+            raise TunelabError(f"{option} applies to --format {applies}, not {fmt}; drop it")
+    export_run(run_dir, fmt, out, rank, dtype or "fp32", gguf_type or "f16")
     console.print(f"[green]exported[/green] {fmt} to {out}")
     if fmt == "gguf":
         console.print(f"try it: cd {out} && ollama create {out.name} -f Modelfile && ollama run {out.name}")
@@ -248,6 +253,7 @@ def generate(
 
     from tunelab.evaluate import generate_answers
     from tunelab.generate import prompt_text, read_prompt_rows, row_messages, write_jsonl
+    from tunelab.reporting import plural
     from tunelab.rundir import check_writable
 
     if bool(prompt) == bool(file):
@@ -266,17 +272,17 @@ def generate(
         prompt_text(row_messages(where, row, system, built.tokenizer), template, built.tokenizer)
         for where, row in rows
     ]
-    with Progress(console=err_console, transient=True) as progress:
+    with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         generated = generate_answers(
             built.model, built.tokenizer, texts, max_new_tokens, batch_size, progress, temperature
         )
     if out is not None:
         write_jsonl(out, [{**row, "generated": text} for (_, row), text in zip(rows, generated, strict=True)])
-        err_console.print(f"wrote {len(rows)} generations to {out}")
+        err_console.print(f"wrote {plural(len(rows), 'generation')} to {out}")
         return
     for (where, _), text in zip(rows, generated, strict=True):
         console.rule(where, style="dim")
-        console.print(escape(text), highlight=False)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)  # as generated: no wrapping
 
 
 @app.command()
@@ -291,6 +297,11 @@ def chat(
     from tunelab.generate import chat as chat_loop
 
     built, template = _load_for_generation(run_dir, rank)
+    if system and template != "chat":
+        err_console.print(
+            f"[yellow]--system is ignored: this run trained with data.template {template}[/yellow]"
+        )
+        system = None
     chat_loop(built, template, console, system, max_new_tokens, temperature)
 
 
@@ -336,7 +347,10 @@ def datasets() -> None:
             task.name, f"{task.name}:train, {task.name}:eval", "exact_match, loss", task.description
         )
     console.print(table)
-    console.print("data.train / data.eval also take .jsonl, .json, .csv or .parquet files.")
+    console.print(
+        "data.train / data.eval also take .jsonl, .json, .csv or .parquet files, a datasets folder "
+        "(save_to_disk), or a hub dataset id; NAME:dev and NAME:test are the halves of NAME:eval."
+    )
 
 
 from tunelab.hpsearch.commands import recommend, sweep  # noqa: E402  (imports no torch)

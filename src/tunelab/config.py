@@ -72,7 +72,10 @@ class DataConfig(Section):
             if field not in fields:
                 close = difflib.get_close_matches(field, fields, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ValueError(f"unknown field '{field}'; {hint}fields are {', '.join(fields)}")
+                raise ValueError(
+                    f"unknown field '{field}'; {hint}the keys are the format's fields ({', '.join(fields)}), "
+                    "the values your columns: {instruction: question}"
+                )
         return columns
 
     @model_validator(mode="after")

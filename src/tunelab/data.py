@@ -128,7 +128,9 @@ def _read_file(path: Path) -> list[Row]:
     return readers[path.suffix](path, read_utf8(path))
 
 
-def _read_hf_dataset(spec: str, local: bool, split: str | None, subset: str | None) -> list[Row]:
+def _read_hf_dataset(
+    spec: str, local: bool, split: str | None, subset: str | None, split_key: str
+) -> list[Row]:
     """A `save_to_disk` folder, a dataset repository folder, or a hub id, through `datasets`. With
     several splits, `split` picks one (None: validation, else test)."""
     datasets = _quiet_datasets()
@@ -143,12 +145,11 @@ def _read_hf_dataset(spec: str, local: bool, split: str | None, subset: str | No
         ) from None
     label = spec
     if isinstance(loaded, datasets.DatasetDict):
-        key = "data.split" if split else "data.eval_split"
         chosen = split or next((name for name in ("validation", "test") if name in loaded), None)
         if chosen not in loaded:
             raise TunelabError(
                 f"dataset '{spec}' has splits {', '.join(loaded)}, not {chosen or 'validation or test'}; "
-                f"set {key} to one of them"
+                f"set {split_key} to one of them"
             )
         loaded, label = loaded[chosen], f"{spec} [{chosen}]"
     return [(f"{label} row {i + 1}", dict(row)) for i, row in enumerate(loaded)]
@@ -167,7 +168,7 @@ def _map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
 
 
 def load_rows(
-    spec: str, options: DataConfig | None = None, split: str | None = None
+    spec: str, options: DataConfig | None = None, split: str | None = None, split_key: str = "data.split"
 ) -> tuple[list[Row], Task | None]:
     """Rows of a built-in task (`gsm8k:train`), a local file or folder, or a hub dataset, with
     `options.columns` applied; and the task when built in. `split` picks a Hugging Face dataset's
@@ -180,7 +181,7 @@ def load_rows(
         return _map_columns(rows, options.columns), task
     path = Path(spec).expanduser()
     if path.is_dir():
-        rows = _read_hf_dataset(str(path), True, split, options.subset)
+        rows = _read_hf_dataset(str(path), True, split, options.subset, split_key)
     elif path.is_file():
         if path.suffix not in FILE_SUFFIXES:
             raise TunelabError(
@@ -189,7 +190,7 @@ def load_rows(
             )
         rows = _read_file(path)
     elif is_hub_id(spec):
-        rows = _read_hf_dataset(spec, False, split, options.subset)
+        rows = _read_hf_dataset(spec, False, split, options.subset, split_key)
     else:
         from tunelab.tasks import builtin_tasks
 
@@ -206,12 +207,21 @@ def load_rows(
 def detect_format(rows: list[Row], requested: str) -> str:
     where, first = rows[0]
     if requested != "auto":
+        missing = [field for field in FORMAT_FIELDS[requested] if field not in first]
+        if missing:  # the first row already disagrees: the setting, not the rows, is wrong
+            raise TunelabError(
+                f"{where}: data.format={requested} reads {', '.join(FORMAT_FIELDS[requested])}, but the data "
+                f"has columns {sorted(first)}; set data.format=auto, or map yours with data.columns"
+            )
         return requested
     for fmt, fields in FORMAT_FIELDS.items():
         if all(field in first for field in fields):
             return fmt
     needs = "; ".join(f"{fmt}: {', '.join(fields)}" for fmt, fields in FORMAT_FIELDS.items())
-    raise TunelabError(f"{where}: cannot tell the format from columns {sorted(first)}; rows need ({needs})")
+    raise TunelabError(
+        f"{where}: cannot tell the format from columns {sorted(first)}; rows need ({needs}), or name yours "
+        "with data.columns, e.g. {instruction: question, output: answer}"
+    )
 
 
 # -- rendering -------------------------------------------------------------------------------------
@@ -405,6 +415,20 @@ def _message_segments(where: str, messages: object, tokenizer) -> tuple[list[tup
     return segments, reference
 
 
+# a run trained with data.template alpaca or none, as a chat template: its exports carry this one, so
+# what serves them prompts the model the way it was trained
+TRAINED_CHAT_TEMPLATES = {
+    "alpaca": (
+        "{% for m in messages %}{% if m.role == 'user' %}### Instruction:\n{{ m.content }}\n\n### Response:\n"
+        "{% elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+    ),
+    "none": (
+        "{% for m in messages %}{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+
+
 def resolve_template(template: str, tokenizer) -> str:
     """`data.template` with auto decided: the chat template when the tokenizer has one."""
     if template == "auto":
@@ -543,6 +567,7 @@ def build_dataset(
     limit: int | None = None,
     split: str | None = None,
     quiet: bool = False,
+    split_key: str = "data.split",
 ) -> TokenizedDataset:
     """Load, render and tokenize `spec` as `options` say (columns, format, template, max_length,
     train_on_prompt, skip_bad_rows); `split` picks a Hugging Face dataset's split. Examples with no
@@ -550,7 +575,7 @@ def build_dataset(
     counted in one summary line on stderr (unless `quiet`: the caller reports them)."""
     options = options or DataConfig()
     max_length, train_on_prompt = options.max_length, options.train_on_prompt
-    rows, task = load_rows(spec, options, split)
+    rows, task = load_rows(spec, options, split, split_key)
     if limit is not None:
         rows = rows[:limit]
     fmt = detect_format(rows, options.format)
@@ -598,7 +623,9 @@ def eval_dataset(
     options: DataConfig, tokenizer, limit: int | None = None, quiet: bool = False
 ) -> TokenizedDataset:
     """data.eval (its data.eval_split), its first `limit` rows, as `options` say."""
-    return build_dataset(options.eval, tokenizer, options, limit=limit, split=options.eval_split, quiet=quiet)
+    return build_dataset(
+        options.eval, tokenizer, options, limit, options.eval_split, quiet, split_key="data.eval_split"
+    )
 
 
 def padded_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:

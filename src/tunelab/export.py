@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tunelab.assemble import load_run
+from tunelab.data import TRAINED_CHAT_TEMPLATES, resolve_template
 from tunelab.errors import TunelabError
 from tunelab.quant import dequantize_model
 from tunelab.rundir import atomic_directory, check_writable
@@ -44,6 +45,9 @@ def export_run(
         choices = f"{', '.join(formats[:-1])} or {formats[-1]}" if len(formats) > 1 else formats[0]
         raise TunelabError(f"method '{config.method.name}' exports as {choices}, not '{fmt}'")
     built.method.set_rank(built.model, rank)
+    template = resolve_template(config.data.template, built.tokenizer)
+    if template != "chat":  # what serves the export must prompt the model as the run trained it
+        built.tokenizer.chat_template = TRAINED_CHAT_TEMPLATES[template]
     with atomic_directory(out) as tmp:
         # every export carries the tokenizer and its chat template: what loads or serves it needs them
         built.tokenizer.save_pretrained(tmp)
@@ -51,7 +55,7 @@ def export_run(
             # from a 4-bit base this merges into the dequantized weights: a full-precision model
             merged = dequantize_model(built.method.merge(built.model, rank))
             if fmt == "gguf":
-                _write_gguf(merged, built.tokenizer, tmp, out.name, gguf_type)
+                _write_gguf(merged, built.tokenizer, tmp, out.name, gguf_type, template)
             else:
                 merged.to(MERGED_DTYPES[dtype]).save_pretrained(tmp)
         else:
@@ -59,10 +63,11 @@ def export_run(
     return out
 
 
-def _write_gguf(merged, tokenizer, folder: Path, name: str, gguf_type: str) -> None:
-    """`name`.gguf and an Ollama Modelfile in `folder` (which holds the saved tokenizer)."""
+def _write_gguf(merged, tokenizer, folder: Path, name: str, gguf_type: str, template: str) -> None:
+    """`name`.gguf and an Ollama Modelfile in `folder` (which holds the saved tokenizer); `template`:
+    the prompt format the run trained with."""
     from tunelab.gguf_export import known_pre_tokenizer, modelfile, write_gguf
 
     gguf_name = f"{name}.{gguf_type}.gguf"
     write_gguf(merged, tokenizer, folder, folder / gguf_name, gguf_type, known_pre_tokenizer(tokenizer))
-    (folder / "Modelfile").write_text(modelfile(gguf_name, tokenizer))
+    (folder / "Modelfile").write_text(modelfile(gguf_name, tokenizer, template))

@@ -102,17 +102,27 @@ def default_system_prompt(tokenizer) -> str | None:
     return None
 
 
-def modelfile(gguf_name: str, tokenizer) -> str:
-    """An Ollama Modelfile for the GGUF: the chat template as an Ollama template when it is a known
-    format (else Ollama reads the template inside the GGUF), its stop token and default system prompt."""
+# runs trained with data.template alpaca or none: one prompt, rendered as in training
+OLLAMA_PROMPT_TEMPLATES = {
+    "alpaca": "### Instruction:\n{{ .Prompt }}\n\n### Response:\n",
+    "none": "{{ .Prompt }}",
+}
+
+
+def modelfile(gguf_name: str, tokenizer, trained_template: str = "chat") -> str:
+    """An Ollama Modelfile for the GGUF: the prompt format the run trained with (`trained_template`:
+    the chat template as an Ollama template when it is a known format, else Ollama reads the template
+    inside the GGUF), its stop token and default system prompt."""
     lines = [f"FROM ./{gguf_name}"]
-    family = chat_template_family(tokenizer)
+    family = chat_template_family(tokenizer) if trained_template == "chat" else None
+    if trained_template != "chat":
+        lines.append(f'TEMPLATE """{OLLAMA_PROMPT_TEMPLATES[trained_template]}"""')
     if family:
         stop = CHAT_FORMATS[family][2]
         lines += [f'TEMPLATE """{ollama_template(family)}"""', f"PARAMETER stop {json.dumps(stop)}"]
     elif tokenizer.eos_token:
         lines.append(f"PARAMETER stop {json.dumps(tokenizer.eos_token)}")
-    system = default_system_prompt(tokenizer)
+    system = default_system_prompt(tokenizer) if trained_template == "chat" else None
     if system:
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n"

@@ -99,8 +99,6 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     """The model's tokenizer; `chat_template` (a Jinja file) replaces its chat template."""
     from transformers import AutoTokenizer
 
-    from tunelab.config import read_utf8
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # a damaged config.json or tokenizer.json raises many error types
@@ -110,10 +108,31 @@ def load_tokenizer(path: str, chat_template: str | None = None):
         ) from None
     fix_tokenizer(tokenizer)
     if chat_template:
-        if not Path(chat_template).is_file():
-            raise TunelabError(f"data.chat_template: file not found: {chat_template}")
-        tokenizer.chat_template = read_utf8(Path(chat_template))
+        set_chat_template(tokenizer, Path(chat_template))
     return tokenizer
+
+
+def set_chat_template(tokenizer, path: Path) -> None:
+    """Give `tokenizer` the Jinja chat template in `path`, once it has rendered a two-turn conversation
+    with the assistant's text in it (else the data would be blamed for the template's fault)."""
+    from tunelab.config import read_utf8
+
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "file not found"
+        raise TunelabError(f"data.chat_template: {path} {what}")
+    tokenizer.chat_template = read_utf8(path)
+    probe = [{"role": "user", "content": "QUESTION"}, {"role": "assistant", "content": "ANSWER"}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception as exc:  # jinja's syntax and render errors
+        raise TunelabError(
+            f"data.chat_template: {path} cannot render a user and an assistant turn "
+            f"({(str(exc).splitlines() or [type(exc).__name__])[0]}); fix the template"
+        ) from None
+    if "ANSWER" not in rendered:
+        raise TunelabError(
+            f"data.chat_template: {path} does not write the assistant's content; nothing would be trained"
+        )
 
 
 def has_native_bf16() -> bool:

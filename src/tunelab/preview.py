@@ -73,7 +73,8 @@ def print_dataset_report(
         console.print(f"  {low:>6}–{high:<6} {bar} {count}", highlight=False)
     if examples:
         legend = "trained tokens in green" if console.is_terminal else "trained tokens between [[ and ]]"
-        console.print(f"  first {min(examples, len(dataset))} examples ({legend}):")
+        shown = min(examples, len(dataset))
+        console.print(f"  the first {'example' if shown == 1 else f'{shown} examples'} ({legend}):")
     for index in range(min(examples, len(dataset))):
         text = Text()
         for tokens, is_trained in spans(dataset.features[index]):

@@ -144,15 +144,19 @@ class Reporter(TrainerCallback):
         runtime = runtimes[-1] if runtimes else None
         if state.is_world_process_zero and losses:
             took = f" in {runtime:.0f} s" if runtime else ""
-            console.print(
-                f"trained {state.global_step} steps{took}; loss {sum(losses) / len(losses):.4f} "
-                f"(mean of the last {len(losses)} steps)"
-            )
+            over = f"mean of the last {len(losses)} steps" if len(losses) > 1 else "the last step"
+            loss = sum(losses) / len(losses)
+            console.print(f"trained {plural(state.global_step, 'step')}{took}; loss {loss:.4f} ({over})")
 
     def close(self) -> None:
         """Stop the progress display (also when training ends by an exception: no frozen bar)."""
         if self.progress is not None:
             self.progress.stop()
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _describe(event: dict[str, Any]) -> str:

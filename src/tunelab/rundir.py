@@ -227,6 +227,15 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def default_permissions(path: Path) -> None:
+    """Give `path` (and everything below it) the permissions the umask gives new files and folders:
+    safetensors writes its files 0600, which a server running as another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_directory(target: Path):
     """Yield a temporary sibling of `target`; on success it replaces `target` in one rename, so a
@@ -237,6 +246,7 @@ def atomic_directory(target: Path):
     tmp.mkdir()
     try:
         yield tmp
+        default_permissions(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)

@@ -361,7 +361,7 @@ def _train_locked(
         eval_set = eval_dataset(config.data, tokenizer, limit=config.data.eval_limit)
     elif config.data.eval:
         # exists and reads: `tunelab eval` of this run will need it
-        load_rows(config.data.eval, config.data, config.data.eval_split)
+        load_rows(config.data.eval, config.data, config.data.eval_split, "data.eval_split")
     if untrained is None:
         # a spinner on a terminal, nothing in a log: the training line below follows the loading
         nf4 = " (4-bit nf4)" if config.quantization == "nf4" else ""

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.rundir import STATE_FILE, WEIGHTS_FILE
+from tunelab.rundir import STATE_FILE, WEIGHTS_FILE, default_permissions
 
 
 class Method:
@@ -77,6 +77,7 @@ class Method:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.checkpoint_tensors(model).items()}
         save_file(tensors, directory / WEIGHTS_FILE)
+        default_permissions(directory / WEIGHTS_FILE)
         torch.save(self.state_dict(), directory / STATE_FILE)
 
     def load(self, model: nn.Module, directory: Path) -> None:
