@@ -130,5 +130,8 @@ def test_gsm8k_builtin_split():
     assert task.extract_answer(first["completion"]) is not None
     assert task.extract_answer("so the total is 1,234.0 dollars") == "1234"
     assert task.extract_answer("#### -7") == "-7"
-    with pytest.raises(TunelabError, match="unknown split"):
-        load_rows("gsm8k:test")
+    # dev and test: the two halves of eval (choose on one, report on the other)
+    dev_rows, test_rows = load_rows("gsm8k:dev")[0], load_rows("gsm8k:test")[0]
+    assert [r for _, r in dev_rows + test_rows] == [r for _, r in eval_rows] and len(dev_rows) == 100
+    with pytest.raises(TunelabError, match="unknown split 'valid'; use gsm8k:train, gsm8k:eval, gsm8k:dev"):
+        load_rows("gsm8k:valid")

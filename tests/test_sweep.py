@@ -169,7 +169,7 @@ def test_recommend_from_db_imports_no_torch(killed_and_resumed):
     assert "no config covers:" in done.stdout and "bad" in done.stdout.split("no config covers:")[1]
     assert "5e-05" in done.stdout and "arXiv 2407.18990" in done.stdout  # the published Llama-3-8B LoRA
     ranking = json.loads((tmp / "ranking.json").read_text())
-    assert set(ranking) == {"tau", "datasets", "ranking", "top_k_curve"}
+    assert set(ranking) == {"tau", "datasets", "ranking", "top_k_curve", "held_out_curve"}
     assert [entry["rank"] for entry in ranking["ranking"]] == [1, 2]
     first = ranking["ranking"][0]
     expected_keys = {"config", "covers", "mean_normalized", "covered_total", "coverage", "hyperparameters"}

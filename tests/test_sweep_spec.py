@@ -60,7 +60,7 @@ def test_grid_times_zip_times_datasets(tmp_path):
         "reverse:train",
         "reverse:eval",
     )
-    assert first.config["name"] == f"add-{first.config_id}"
+    assert first.config["name"] == f"add-{first.config_id}-s{first.seed}"
     # the zip group moves r and alpha together
     assert [(t.config["method"]["r"], t.config["method"]["alpha"]) for t in trials[:6:2]] == [
         (4, 8.0), (8, 16.0), (16, 32.0),
