@@ -208,3 +208,15 @@ def test_the_data_command_shows_rows_lengths_and_trained_tokens(tmp_path, tiny_m
     assert length_histogram([1, 8, 9, 64, 64], 64) == [(1, 8, 2), (9, 16, 1)] + [
         (lo, lo + 7, 0) for lo in range(17, 57, 8)
     ] + [(57, 64, 2)]
+
+
+def test_a_dataset_repository_folder_is_read_by_datasets(tmp_path, tokenizer):
+    # a hub dataset cloned with git: data files by split name, no save_to_disk metadata
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    (folder / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS[:3]))
+    options = DataConfig(
+        train=str(folder), eval=str(folder), columns={"instruction": "question", "output": "answer"}
+    )
+    assert (len(train_dataset(options, tokenizer)), len(eval_dataset(options, tokenizer))) == (9, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,18 @@ def test_an_alpaca_trained_run_exports_its_own_prompt_format(tmp_path, tiny_mode
         ),
         "--dtype applies to --format merged, not peft",
     )
+
+
+def test_a_merged_export_in_bf16_is_half_the_size(lora_run, tmp_path):
+    from safetensors import safe_open
+
+    export_run(lora_run, "merged", tmp_path / "fp32")
+    export_run(lora_run, "merged", tmp_path / "bf16", dtype="bf16")
+    sizes = [(tmp_path / kind / "model.safetensors").stat().st_size for kind in ("fp32", "bf16")]
+    assert sizes[1] < 0.51 * sizes[0]
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    umask = os.umask(0)
+    os.umask(umask)
+    # readable as the umask says (safetensors itself writes 0600: a server as another user could not read it)
+    assert (tmp_path / "bf16" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
