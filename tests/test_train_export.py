@@ -342,3 +342,20 @@ def test_a_merged_export_in_bf16_is_half_the_size(lora_run, tmp_path):
     os.umask(umask)
     # readable as the umask says (safetensors itself writes 0600: a server as another user could not read it)
     assert (tmp_path / "bf16" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_eval_on_other_data_uses_the_runs_column_names_where_they_apply(tmp_path, tiny_model_dir, capsys):
+    from conftest import run_cli
+
+    data = tmp_path / "qa.csv"
+    data.write_text("question,answer\n" + "".join(f"Q: {a}+1=,{a + 1}\n" for a in range(8)))
+    columns = {"instruction": "question", "output": "answer"}
+    config = tiny_config(
+        tiny_model_dir, data, tmp_path / "run", **{"train.max_steps": 2, "data.columns": columns}
+    )
+    run_dir = train(config).run_dir
+    for other in (str(data), "addition:dev"):  # the run's own columns; a dataset without them
+        out = tmp_path / "eval.json"
+        code, err = run_cli(capsys, "eval", str(run_dir), "--data", other, "--limit", "4", "--json", str(out))
+        assert code == 0, err
+        assert json.loads(out.read_text())["examples"] == 4

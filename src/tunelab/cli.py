@@ -136,7 +136,7 @@ def eval_command(
     from rich.progress import Progress
 
     from tunelab.assemble import load_run, read_run_config
-    from tunelab.data import eval_dataset
+    from tunelab.data import eval_dataset, load_rows
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
     from tunelab.rundir import check_writable
@@ -153,12 +153,12 @@ def eval_command(
     spec = data or config.data.eval
     if not spec:
         raise TunelabError("the run has no data.eval; pass --data NAME|PATH")
-    # another dataset: its format is detected and its columns are its own
-    options = (
-        config.data.model_copy(update={"format": "auto", "columns": {}, "eval": spec})
-        if data
-        else config.data
-    )
+    options = config.data
+    if data:  # another dataset: its format is detected; the run's column names apply if it has them
+        options = config.data.model_copy(update={"format": "auto", "columns": {}, "eval": spec})
+        first = load_rows(spec, options, options.eval_split, "data.eval_split")[0][0][1]
+        if all(column in first for column in config.data.columns.values()):
+            options.columns = config.data.columns
     dataset = eval_dataset(options, built.tokenizer, limit=limit)
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
