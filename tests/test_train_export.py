@@ -359,3 +359,25 @@ def test_eval_on_other_data_uses_the_runs_column_names_where_they_apply(tmp_path
         code, err = run_cli(capsys, "eval", str(run_dir), "--data", other, "--limit", "4", "--json", str(out))
         assert code == 0, err
         assert json.loads(out.read_text())["examples"] == 4
+
+
+def test_what_the_terminal_shows_while_training(tmp_path, tiny_model_dir, qa_jsonl, capsys):
+    import yaml
+
+    from conftest import run_cli
+
+    config = tiny_config(
+        tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.max_steps": 4, "train.log_steps": 2}
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    code, err = run_cli(capsys, "train", str(path))
+    assert code == 0, err
+    lines = err.splitlines()
+    step_lines = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in step_lines] == ["1/4", "2/4", "4/4"]
+    assert all(" lr " in line and " tok/s " in line and " eta 0:00:" in line for line in step_lines)
+    assert any(
+        line.startswith("trained 4 steps in ") and "(mean of the last 2 steps)" in line for line in lines
+    )
+    assert any(line.startswith(f"next: tunelab eval {tmp_path / 'run'} | tunelab chat") for line in lines)

@@ -7,6 +7,7 @@ import json
 import math
 import resource
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ class Reporter(TrainerCallback):
         self.method, self.metrics, self.log_steps = method, metrics, log_steps
         self.step_started = 0.0
         self.tokens_before = 0  # tokens seen when the current step began
+        self.step_times: list[float] = []  # this process's steps, for the ETA of a log line
         self.pending: dict[str, Any] = {}
         self.progress: Progress | None = None
         self.task = None
@@ -111,12 +113,17 @@ class Reporter(TrainerCallback):
             speed = f" {record['tokens_per_s']:.0f} tok/s" if record.get("tokens_per_s") else ""
             info = f"loss {logs['loss']:.4f} lr {logs.get('learning_rate') or 0:.2e}{speed}{extra}"
             self.progress.update(self.task, completed=state.global_step, info=info)
+            self.step_times.append(record["step_time_s"])
             if not console.is_terminal and (
                 state.global_step % self.log_steps == 0 or state.global_step == 1
             ):
-                console.print(
-                    f"step {state.global_step}/{state.max_steps} {info} {record['step_time_s']:.2f}s/step"
+                # on a terminal the bar shows the ETA; a log line computes it from the steps so far
+                recent = self.step_times[-self.log_steps :]
+                eta = timedelta(
+                    seconds=round(sum(recent) / len(recent) * (state.max_steps - state.global_step))
                 )
+                step = f"step {state.global_step}/{state.max_steps}"
+                console.print(f"{step} {info} {record['step_time_s']:.2f}s/step eta {eta}")
         elif any(key.startswith("eval_") for key in logs):
             record = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
             self.metrics.write(record)
