@@ -84,7 +84,7 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, capsys, tiny_model_di
     assert_one_line_error(code, err, "cannot write to output directory")
     _, run_dir = finished_run
     code, err = run_cli(capsys, "eval", str(run_dir), "--json", str(blocker / "eval.json"))
-    assert_one_line_error(code, err, "cannot write to")
+    assert_one_line_error(code, err, "a-file is a file, not a folder")
     code, err = run_cli(capsys, "export", str(run_dir), "--format", "peft", "--out", str(blocker))
     assert_one_line_error(code, err, "is a file")
     code, err = run_cli(capsys, "eval", str(run_dir), "--json", str(tmp_path / "new" / "eval.json"))

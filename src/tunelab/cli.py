@@ -142,11 +142,9 @@ def eval_command(
     from tunelab.rundir import check_writable
 
     if json_path:  # before the evaluation, not after it
-        if json_path.is_dir():
-            raise TunelabError(f"--json {json_path} is a directory; name a file, e.g. {json_path}/eval.json")
-        if json_path.exists() and json_path.suffix != ".json":  # e.g. the run's own config.yaml
+        if json_path.exists() and json_path.suffix != ".json" and not json_path.is_dir():  # config.yaml
             raise TunelabError(f"--json {json_path} exists and is not a .json file; name another file")
-        check_writable(json_path.parent)
+        check_writable(json_path, "--json", folder=False)
     # the request is checked against the run before its model loads
     rank_list = parse_ranks(ranks, read_run_config(run_dir).method.evaluable_ranks()) if ranks else None
     config, built = load_run(run_dir)
@@ -187,6 +185,7 @@ def eval_command(
                 }
                 for i, example in enumerate(dataset.examples)
             ]
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))
         err_console.print(f"wrote {json_path}")
 
@@ -259,9 +258,9 @@ def generate(
     if bool(prompt) == bool(file):
         raise TunelabError("give prompts with --prompt TEXT (repeatable) or --file FILE, one of the two")
     if out is not None:
-        if out.suffix != ".jsonl" or out.is_dir():
+        if out.suffix != ".jsonl" and not out.is_dir():
             raise TunelabError(f"--out {out}: name a .jsonl file to write")
-        check_writable(out.parent)
+        check_writable(out, "--out", folder=False)
     rows = (
         read_prompt_rows(file)
         if file

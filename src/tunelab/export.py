@@ -36,7 +36,7 @@ def export_run(
         raise TunelabError(f"--dtype {dtype}: use one of {', '.join(MERGED_DTYPES)}")
     if gguf_type not in GGUF_TYPES:
         raise TunelabError(f"--gguf-type {gguf_type}: use one of {', '.join(GGUF_TYPES)}")
-    check_writable(out.parent)
+    check_writable(out, "--out", folder=True)
     config, built = load_run(run_dir, precision="fp32")  # merged into fp32 weights, whatever trained
     formats = built.method.export_formats()
     if "merged" in formats:

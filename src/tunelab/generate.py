@@ -67,6 +67,7 @@ def read_prompt_rows(path: Path) -> list[Row]:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Rows as JSON lines, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     tmp.replace(path)

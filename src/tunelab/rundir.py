@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -183,14 +182,19 @@ class RunDir:
                 self.path.rmdir()
 
 
-def check_writable(folder: Path) -> None:
-    """Create `folder` if needed and make sure a file can be written there, before any long work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise TunelabError(f"cannot write to {folder}: {exc.strerror or exc}; choose another path") from None
+def check_writable(path: Path, option: str, *, folder: bool) -> None:
+    """Fail now, naming `option`, when `path` (a file, or a folder when `folder`) cannot be written
+    later: before any long work, and without creating anything. Missing parent folders are fine (the
+    writer creates them) as long as the nearest existing one is a writable folder."""
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if existing == path and folder and not path.is_dir():
+        raise TunelabError(f"{option} {path} is a file, not a folder; give a folder (created if missing)")
+    if existing == path and not folder and path.is_dir():
+        raise TunelabError(f"{option} {path} is a folder; give a file path")
+    if existing != path and not existing.is_dir():
+        raise TunelabError(f"{option} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise TunelabError(f"{option} {path}: no permission to write in {existing}; choose another path")
 
 
 def _acquire(handle: IO[str], path: Path) -> None:

@@ -10,7 +10,6 @@ line and nothing written.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from datetime import timedelta
@@ -30,29 +29,13 @@ from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_conf
 from tunelab.hpsearch.ranking import rank_matrix
 from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
+from tunelab.rundir import check_writable
 
 console = Console(emoji=False)
 err_console = Console(stderr=True, soft_wrap=True, emoji=False)  # log lines stay whole
 
 # ---------------------------------------------------------------------------------------------
 # output paths, checked before any work
-
-
-def _check_writable(path: Path, option: str, *, folder: bool) -> None:
-    """Fail now when `path` (a file, or a folder when `folder`) cannot be written later.
-
-    Missing parent folders are fine (the writer creates them) as long as the nearest existing one is a
-    writable folder.
-    """
-    existing = next(parent for parent in (path, *path.parents) if parent.exists())
-    if existing == path and folder and not path.is_dir():
-        raise TunelabError(f"{option} {path} is a file, not a folder; give a folder (created if missing)")
-    if existing == path and not folder and path.is_dir():
-        raise TunelabError(f"{option} {path} is a folder; give a file path")
-    if existing != path and not existing.is_dir():
-        raise TunelabError(f"{option} {path}: {existing} is a file, not a folder; choose another path")
-    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
-        raise TunelabError(f"{option} {path}: no permission to write in {existing}; choose another path")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -102,7 +85,7 @@ def _check_sweep(spec: SweepSpec, spec_path: Path, executor: str, address: str |
         raise TunelabError("--address is for --executor ray; drop it or add --executor ray")
     if executor == "ray":
         check_ray()
-    _check_writable(db, "--db", folder=False)
+    check_writable(db, "--db", folder=False)
     if _work_dir(db).exists() and not _work_dir(db).is_dir():  # its parent is db's: writable, as checked
         raise TunelabError(
             f"--db {db}: the trials' runs folder {_work_dir(db)} is a file; move it or choose another --db"
@@ -471,9 +454,9 @@ def recommend(
             + (f"; got {' and '.join(sources)}" if sources else "")
         )
     if json_path:
-        _check_writable(json_path, "--json", folder=False)
+        check_writable(json_path, "--json", folder=False)
     if write_config:
-        _check_writable(write_config, "--write-config", folder=True)
+        check_writable(write_config, "--write-config", folder=True)
     if model or method:
         if not (model and method):
             raise TunelabError(
@@ -483,7 +466,7 @@ def recommend(
         return
     source = db or results
     _check_input(source, sources[0])
-    _check_writable(
+    check_writable(
         out or source.parent, "--out" if out else "--out (default: the input's folder)", folder=True
     )
     if db:
