@@ -290,6 +290,7 @@ def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_valid
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "start from config" in result.output and "held-out dataset" in result.output
+    assert "each method at its best config" in result.output
     ranking = json.loads(out.read_text())
     assert len(ranking["held_out_curve"]) == 2 and ranking["held_out_curve"][-1] == pytest.approx(1.0)
     first = ranking["ranking"][0]

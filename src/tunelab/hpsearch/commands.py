@@ -293,36 +293,48 @@ def _start_from(entry: dict[str, Any], datasets: list[str]) -> Table:
     return table
 
 
-def _describe(hyperparameters: dict[str, Any]) -> str:
-    keys = ("method.name", "method.rank", "method.r", "method.density", "train.lr", "quantization")
+def _describe(hyperparameters: dict[str, Any], brief: bool = False) -> str:
+    """The hyperparameters a reader looks for first; `brief`: those that differ within a method."""
+    keys = ("method.rank", "train.lr")
+    if not brief:
+        keys = ("method.name", "method.r", "method.num_tunable", "quantization", *keys)
     return " ".join(f"{key}={hyperparameters[key]}" for key in keys if hyperparameters.get(key) is not None)
 
 
-def _costs_by_method(ranking: list[dict[str, Any]]) -> Table | None:
-    """Median step time and peak memory of each method's configs (what each method costs)."""
+def _methods_table(ranking: list[dict[str, Any]]) -> Table | None:
+    """Which method: each method's best config (highest mean dev s/best), its test s/best, and what
+    the method costs (median step time and peak memory over its configs)."""
+    if not any("method.name" in entry["hyperparameters"] for entry in ranking):
+        return None  # a results table without tunelab's config keys
     by_method: dict[str, list[dict[str, Any]]] = {}
     for entry in ranking:
-        if entry["cost"] and entry["cost"]["step_time_s"] is not None:
-            by_method.setdefault(_method_label(entry["hyperparameters"]), []).append(entry["cost"])
-    if not by_method:
-        return None
-    table = Table(title="cost per method (median over its configs)")
-    for column in ("method", "configs", "s/step", "peak memory (GiB)"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for method, costs in by_method.items():
+        by_method.setdefault(_method_label(entry["hyperparameters"]), []).append(entry)
+    table = Table(title="each method at its best config (chosen on dev)")
+    for column in ("method", "configs", "best config", "dev s/best", "test s/best", "s/step", "peak GiB"):
+        table.add_column(column, justify="left" if column in ("method", "best config") else "right")
+    for method, entries in by_method.items():
+        best = max(entries, key=lambda entry: entry["mean_normalized"])
+        costs = [entry["cost"] for entry in entries if entry["cost"]]
+        times = [cost["step_time_s"] for cost in costs if cost["step_time_s"] is not None]
         memory = [cost["peak_memory_bytes"] for cost in costs if cost["peak_memory_bytes"]]
+        test = best["test_mean_normalized"]
         table.add_row(
             method,
-            str(len(costs)),
-            f"{statistics.median(cost['step_time_s'] for cost in costs):.2f}",
+            str(len(entries)),
+            f"{best['config']} {_describe(best['hyperparameters'], brief=True)}",
+            f"{best['mean_normalized']:.3f}",
+            "-" if test is None else f"{test:.3f}",
+            f"{statistics.median(times):.2f}" if times else "-",
             f"{statistics.median(memory) / 2**30:.2f}" if memory else "-",
         )
     return table
 
 
 def _method_label(hyperparameters: dict[str, Any]) -> str:
-    nf4 = "nf4 " if hyperparameters.get("quantization") == "nf4" else ""
-    return f"{nf4}{hyperparameters.get('method.name', '?')}"
+    name = hyperparameters.get("method.name", "?")
+    if name == "spiel":
+        name = f"spiel-{hyperparameters.get('method.regrowth', 'ag')}"
+    return f"nf4 {name}" if hyperparameters.get("quantization") == "nf4" else name
 
 
 def _held_out_table(ranking: Any, top: int) -> Table:
@@ -366,9 +378,9 @@ def _recommend_cbs(
     )
     if ranking[0]["test"]:  # a sweep database: ranked on dev, test reported
         console.print(_start_from(ranking[0], result.datasets))
-    costs = _costs_by_method(ranking)
-    if costs is not None:
-        console.print(costs)
+    methods = _methods_table(ranking)
+    if methods is not None:
+        console.print(methods)
     if result.held_out_curve is not None:
         console.print(_held_out_table(result, top))
     if result.uncovered:
