@@ -173,3 +173,12 @@ def test_dataset_files_become_absolute_paths_from_the_working_directory(tmp_path
     (trial,) = expand(load_spec(path))
     assert trial.config["data"] == {**trial.config["data"], "train": str(tmp_path / "data" / "a.jsonl"),
                                     "eval": "addition:eval"}  # fmt: skip
+
+
+def test_an_eval_set_without_a_test_split_is_halved_by_a_fixed_permutation():
+    from tunelab.hpsearch.trial import dev_test_indices
+
+    dev, test = dev_test_indices(7)
+    assert len(dev) == 4 and len(test) == 3 and sorted(dev + test) == list(range(7))
+    assert dev_test_indices(7) == (dev, test)  # the same split in every trial and every session
+    assert dev != [0, 1, 2, 3]  # a permutation, not the file's first rows
