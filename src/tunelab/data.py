@@ -197,7 +197,7 @@ def load_rows(
         names = ", ".join(f"{name}:train" for name in builtin_tasks())
         raise TunelabError(
             f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
-            f"({names}, or :eval)"
+            f"({names}, or :eval, :dev, :test)"
         )
     if not rows:
         raise TunelabError(f"{spec}: the dataset has no rows")
@@ -579,8 +579,11 @@ def build_dataset(
     if limit is not None:
         rows = rows[:limit]
     fmt = detect_format(rows, options.format)
-    template = {"alpaca": "", "prompt-completion": "", "text": "none"}.get(fmt, "chat")
-    template = template or resolve_template(options.template, tokenizer)
+    # data.template shapes alpaca and prompt-completion rows; chat rows always use the chat template
+    if fmt in ("alpaca", "prompt-completion"):
+        template = resolve_template(options.template, tokenizer)
+    else:
+        template = "none" if fmt == "text" else "chat"
     features, examples, report = [], [], RowReport()
     for where, row in rows:
         try:

@@ -231,13 +231,18 @@ def known_pre_tokenizer(tokenizer) -> str | None:
     """llama.cpp's pre-tokenizer name for this tokenizer, when its pre-tokenizer is the same as that
     of a built-in model (whose GGUF names it); None lets llama.cpp use its default rules."""
     import gguf
+    from transformers import AutoTokenizer
 
-    from tunelab.models import BUILTIN_MODELS, builtin_gguf, load_tokenizer, resolve_model
+    from tunelab.models import BUILTIN_MODELS, builtin_gguf
 
-    mine = tokenizer.backend_tokenizer.pre_tokenizer.__getstate__() if tokenizer.is_fast else None
+    if not tokenizer.is_fast:
+        return None
+    mine = tokenizer.backend_tokenizer.pre_tokenizer.__getstate__()
     for name in BUILTIN_MODELS:
-        theirs = load_tokenizer(resolve_model(name))
-        if mine and theirs.is_fast and theirs.backend_tokenizer.pre_tokenizer.__getstate__() == mine:
-            field = gguf.GGUFReader(str(builtin_gguf(name))).fields.get("tokenizer.ggml.pre")
+        path = builtin_gguf(name)
+        # the tokenizer straight from the GGUF: no conversion of the built-in model just to compare
+        theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        if theirs.is_fast and theirs.backend_tokenizer.pre_tokenizer.__getstate__() == mine:
+            field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
             return field.contents() if field else None
     return None

@@ -7,6 +7,7 @@ import json
 import math
 import resource
 import time
+from collections import deque
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class Reporter(TrainerCallback):
         self.method, self.metrics, self.log_steps = method, metrics, log_steps
         self.step_started = 0.0
         self.tokens_before = 0  # tokens seen when the current step began
-        self.step_times: list[float] = []  # this process's steps, for the ETA of a log line
+        self.step_times: deque[float] = deque(maxlen=log_steps)  # the recent steps: a log line's ETA
         self.pending: dict[str, Any] = {}
         self.progress: Progress | None = None
         self.task = None
@@ -118,10 +119,8 @@ class Reporter(TrainerCallback):
                 state.global_step % self.log_steps == 0 or state.global_step == 1
             ):
                 # on a terminal the bar shows the ETA; a log line computes it from the steps so far
-                recent = self.step_times[-self.log_steps :]
-                eta = timedelta(
-                    seconds=round(sum(recent) / len(recent) * (state.max_steps - state.global_step))
-                )
+                mean = sum(self.step_times) / len(self.step_times)
+                eta = timedelta(seconds=round(mean * (state.max_steps - state.global_step)))
                 step = f"step {state.global_step}/{state.max_steps}"
                 console.print(f"{step} {info} {record['step_time_s']:.2f}s/step eta {eta}")
         elif any(key.startswith("eval_") for key in logs):

@@ -270,7 +270,8 @@ def _dataset_problem(value: str, suffixes: tuple[str, ...], spec_dir: Path) -> s
         return None  # a datasets folder or a hub id: `datasets` checks it when a trial loads it
     if not path.is_file():
         names = ", ".join(f"{name}:train" for name in builtin_tasks())
-        problem = f"'{value}' is neither a file, a folder, a hub id nor a built-in ({names}, or :eval)"
+        builtins = f"{names}, or :eval, :dev, :test"
+        problem = f"'{value}' is neither a file, a folder, a hub id nor a built-in ({builtins})"
         if not path.is_absolute() and (spec_dir / path).is_file():
             # trials read data from the sweep's working directory, unlike `base`
             problem += (
