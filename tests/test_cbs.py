@@ -164,3 +164,38 @@ def test_held_out_curve_ranks_without_the_dataset_it_scores():
     #   without d2: c2 covers d0 and d1, then c1 (.8), c0 (.75); on d2: 1.0, 1.0, 1.0
     curve = held_out_curve(scores, tau=0.1)
     np.testing.assert_allclose(curve, [(0.9 + 0.9 + 1.0) / 3, (0.9 + 0.9 + 1.0) / 3, 1.0])
+
+
+def test_arms_split_a_method_by_what_varies_in_it_except_lr_and_rank():
+    from tunelab.hpsearch.ranking import arms, best_per_arm
+
+    def entry(config: str, mean: float, **hyperparameters) -> dict:
+        return {"config": config, "mean_normalized": mean, "hyperparameters": hyperparameters}
+
+    entries = [
+        entry("a", 0.9, **{"method.name": "lora", "method.r": 8, "train.lr": 1e-3}),
+        entry("b", 0.8, **{"method.name": "lora", "method.r": 8, "train.lr": 3e-3}),
+        entry("c", 0.7, **{"method.name": "lora", "method.r": 8, "quantization": "nf4", "train.lr": 1e-3}),
+        entry("d", 0.6, **{"method.name": "lora", "method.r": 16, "quantization": "nf4", "train.lr": 1e-3}),
+        entry(
+            "e", 0.5, **{"method.name": "dylora", "quantization": "nf4", "method.rank": 4, "train.lr": 1e-3}
+        ),
+        entry(
+            "f", 0.8, **{"method.name": "dylora", "quantization": "nf4", "method.rank": 8, "train.lr": 1e-3}
+        ),
+        entry("g", 0.4, **{"method.name": "spiel", "method.regrowth": "ag", "train.weight_decay": 0.0}),
+        entry("h", 0.3, **{"method.name": "spiel", "method.regrowth": "ag", "train.weight_decay": 3.0}),
+        entry("i", 0.2, **{"method.name": "spiel", "method.regrowth": "ma", "train.weight_decay": 0.0}),
+    ]
+    grouped = arms(entries)
+    assert {label: [e["config"] for e in group] for label, group in grouped.items()} == {
+        "lora": ["a", "b"],  # lr is what an arm tunes
+        "nf4 lora r=8": ["c"],  # r varies within nf4 lora, so it names the arm
+        "nf4 lora r=16": ["d"],
+        "nf4 dylora": ["e", "f"],  # an evaluated rank is tuned like the lr
+        "spiel-ag weight_decay=0.0": ["g"],
+        "spiel-ag weight_decay=3.0": ["h"],
+        "spiel-ma": ["i"],  # regrowth names the method; wd does not vary within spiel-ma
+    }
+    assert {label: best["config"] for label, best in best_per_arm(entries).items()}["nf4 dylora"] == "f"
+    assert best_per_arm(entries)["lora"]["config"] == "a"

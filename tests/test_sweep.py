@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -298,3 +299,32 @@ def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_valid
     written = configs / f"cbs-1-{first['config']}.yaml"
     assert f"--rank {first['hyperparameters']['method.rank']}" in written.read_text().splitlines()[0]
     assert load_config(written).method.name == "dylora"  # method.rank is not a config key
+
+
+def test_confirm_seeds_train_each_arms_best_config_again(tmp_path, tiny_model_dir):
+    path = _spec(tmp_path, tiny_model_dir, {"add": (ADD, "loss"), "rev": (REVERSE, "loss")})
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "seeds": [1], "confirm_seeds": [2]}))
+    runner = CliRunner()
+    result = runner.invoke(app, ["sweep", str(path)])
+    assert result.exit_code == 0, result.output
+    with ResultsStore(tmp_path / "sweep.sqlite") as store:
+        rows = store.rows()
+    first = [row for row in rows if row["seed"] == 1]
+    dev_loss = {}
+    for row in first:
+        dev_loss[row["config_id"]] = dev_loss.get(row["config_id"], 0) + row["score"]
+    # one arm (LoRA; the lr is what it tunes): its best config on the mean dev s/best; both configs differ
+    # enough in lr that the lower summed loss is that config too
+    best = min(dev_loss, key=dev_loss.get)
+    assert sorted((row["config_id"], row["dataset"]) for row in rows if row["seed"] == 2) == [
+        (best, "add"),
+        (best, "rev"),
+    ]
+    assert "confirm each arm's best config with seeds 2: 2 trials, 0 already done, 2 to run" in result.output
+
+    again = runner.invoke(app, ["sweep", str(path)])  # resumed: nothing left to train
+    assert again.exit_code == 0 and "2 trials, 2 already done, 0 to run" in again.output
+    result = runner.invoke(app, ["recommend", "--db", str(tmp_path / "sweep.sqlite")], env={"COLUMNS": "200"})
+    lora_row = next(line for line in result.output.splitlines() if line.startswith("│ lora "))
+    assert f"{best} train.lr=" in lora_row and re.search(r"│\s+2 │\s+±", lora_row)  # 2 seeds, their spread

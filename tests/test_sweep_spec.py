@@ -141,6 +141,8 @@ def test_defaults_written_or_not_give_the_same_id(tmp_path):
         ("grid: {method: [lora], method.r: [4]}\n" + DATASETS, "'grid.method.r' overlaps 'method'"),
         ("grid: {data.train: [a]}\n" + DATASETS, "'grid.data.train' is set per dataset"),
         ("base: missing.yaml\n" + DATASETS, "'base' file not found"),
+        ("seeds: [1]\nconfirm_seeds: [2, 1]\n" + DATASETS, "'confirm_seeds' lists seed 1, which every point"),
+        ("confirm_seeds: [2, 2]\n" + DATASETS, "'confirm_seeds' repeats a seed"),
     ],
 )
 def test_load_errors_name_the_file_and_key(tmp_path, text, message):

@@ -26,7 +26,7 @@ from tunelab.config import dump_config, nest, validate
 from tunelab.errors import TunelabError
 from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
-from tunelab.hpsearch.ranking import rank_matrix
+from tunelab.hpsearch.ranking import arms, best_per_arm, rank_matrix, varying_keys
 from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
 from tunelab.rundir import check_writable
@@ -172,10 +172,12 @@ def sweep(
     db = db or spec_path.with_suffix(".sqlite")
     work_dir = _work_dir(db)
     _check_sweep(spec, spec_path, executor, address, db)
-    with LazyStore(db) as store:
+
+    def run(what: str, trials: list[Trial], store: LazyStore) -> int:
+        """Run the unfinished `trials`; the number that failed."""
         pending = [trial for trial in trials if not store.finished(trial)]
         err_console.print(
-            f"sweep {spec_path}: {len(trials)} trials, {len(trials) - len(pending)} already done, "
+            f"{what}: {len(trials)} trials, {len(trials) - len(pending)} already done, "
             f"{len(pending)} to run -> {db} (runs in {work_dir})",
             highlight=False,
         )
@@ -189,26 +191,47 @@ def sweep(
                 run_local(pending, work_dir, on_result, max_parallel or 1)
             else:
                 run_ray(pending, work_dir, on_result, address, max_parallel, cpus_per_trial, gpus_per_trial)
-    if progress.failed:
+        return progress.failed
+
+    with LazyStore(db) as store:
+        failed = run(f"sweep {spec_path}", trials, store)
+        confirmed: set[str] = set()
+        # a best config's new seeds move its mean, and another config may become its arm's best: confirm
+        # until every arm's best has all confirm_seeds (each round adds a config, so this ends)
+        while spec.confirm_seeds and not failed and store.store is not None:
+            confirming = _confirmation_trials(spec, store.store)
+            if {trial.config_id for trial in confirming} <= confirmed:
+                break
+            confirmed |= {trial.config_id for trial in confirming}
+            seeds = ", ".join(map(str, spec.confirm_seeds))
+            failed = run(f"confirm each arm's best config with seeds {seeds}", confirming, store)
+    if failed:
         err_console.print(
-            f"[red]{progress.failed} of {len(pending)} trials failed[/red] (errors in {db}, logs in "
-            f"{work_dir}); run the same command again to retry them"
+            f"[red]{failed} trials failed[/red] (errors in {db}, logs in {work_dir}); run the same command "
+            "again to retry them"
         )
         raise typer.Exit(1)
     err_console.print(
         f"[green]sweep finished[/green]: {len(trials)} trials done; rank them with "
-        f"tunelab recommend --db {db}"
+        f"tunelab recommend --db {db}",
+        highlight=False,
     )
+
+
+def _confirmation_trials(spec: SweepSpec, store: ResultsStore) -> list[Trial]:
+    """The confirm_seeds trials of each arm's best config so far (highest mean dev s/best among the
+    spec's configs), on every dataset."""
+    trials = expand(spec, seeds=spec.confirm_seeds)
+    ids = {row_id for trial in trials for row_id in trial.row_ids()}
+    entries = [
+        entry for entry in rank_matrix(store.score_matrix(), tau=0.05).entries if entry["config"] in ids
+    ]
+    best = {entry["config"] for entry in best_per_arm(entries).values()}
+    return [trial for trial in trials if best & set(trial.row_ids())]
 
 
 # ---------------------------------------------------------------------------------------------
 # recommend
-
-
-def _varying_keys(hyperparameters: list[dict[str, Any]]) -> list[str]:
-    """The dotted keys whose values differ between configs: what the table shows for each."""
-    keys = list(dict.fromkeys(key for config in hyperparameters for key in config))
-    return [key for key in keys if len({json.dumps(config.get(key)) for config in hyperparameters}) > 1]
 
 
 def _train_config(config: dict[str, Any], source: str, comment: str) -> str:
@@ -244,7 +267,7 @@ def _recommend_published(model: str, method: str, json_path: Path | None, write_
 
 
 def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, title: str) -> Table:
-    keys = _varying_keys([entry["hyperparameters"] for entry in ranking])
+    keys = varying_keys([entry["hyperparameters"] for entry in ranking])
     with_test = ranking[0]["test_mean_normalized"] is not None
     table = Table(title=title)
     columns = ["#", "config", "hyperparameters", "newly covers", "covered", "mean s/best", "top-K score"]
@@ -301,40 +324,44 @@ def _describe(hyperparameters: dict[str, Any], brief: bool = False) -> str:
     return " ".join(f"{key}={hyperparameters[key]}" for key in keys if hyperparameters.get(key) is not None)
 
 
+def _relative_spread(entry: dict[str, Any]) -> float | None:
+    """How much the test score moves with the seed: the mean over datasets of its standard deviation over
+    seeds relative to its mean; None until some dataset has two seeds."""
+    ratios = [
+        spread / abs(entry["test"][dataset])
+        for dataset, spread in entry["test_spread"].items()
+        if spread is not None and (entry["seeds"].get(dataset) or 0) > 1 and entry["test"][dataset]
+    ]
+    return statistics.mean(ratios) if ratios else None
+
+
 def _methods_table(ranking: list[dict[str, Any]]) -> Table | None:
-    """Which method: each method's best config (highest mean dev s/best), its test s/best, and what
-    the method costs (median step time and peak memory over its configs)."""
+    """Which method: each arm's best config (highest mean dev s/best), its test s/best, how much that
+    moves with the seed, and what the arm costs (median step time and peak memory over its configs)."""
     if not any("method.name" in entry["hyperparameters"] for entry in ranking):
         return None  # a results table without tunelab's config keys
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    for entry in ranking:
-        by_method.setdefault(_method_label(entry["hyperparameters"]), []).append(entry)
     table = Table(title="each method at its best config (chosen on dev)")
-    for column in ("method", "configs", "best config", "dev s/best", "test s/best", "s/step", "peak GiB"):
+    columns = ("method", "configs", "best config", "dev s/best", "test s/best", "seeds", "seed spread")
+    for column in (*columns, "s/step", "peak GiB"):
         table.add_column(column, justify="left" if column in ("method", "best config") else "right")
-    for method, entries in by_method.items():
-        best = max(entries, key=lambda entry: entry["mean_normalized"])
-        costs = [entry["cost"] for entry in entries if entry["cost"]]
+    groups = arms(ranking)
+    for arm, best in best_per_arm(ranking).items():
+        costs = [entry["cost"] for entry in groups[arm] if entry["cost"]]
         times = [cost["step_time_s"] for cost in costs if cost["step_time_s"] is not None]
         memory = [cost["peak_memory_bytes"] for cost in costs if cost["peak_memory_bytes"]]
-        test = best["test_mean_normalized"]
+        test, spread = best["test_mean_normalized"], _relative_spread(best)
         table.add_row(
-            method,
-            str(len(entries)),
+            arm,
+            str(len(groups[arm])),
             f"{best['config']} {_describe(best['hyperparameters'], brief=True)}",
             f"{best['mean_normalized']:.3f}",
             "-" if test is None else f"{test:.3f}",
+            str(int(min((n for n in best["seeds"].values() if n), default=0))),
+            "-" if spread is None else f"±{spread:.1%}",
             f"{statistics.median(times):.2f}" if times else "-",
             f"{statistics.median(memory) / 2**30:.2f}" if memory else "-",
         )
     return table
-
-
-def _method_label(hyperparameters: dict[str, Any]) -> str:
-    name = hyperparameters.get("method.name", "?")
-    if name == "spiel":
-        name = f"spiel-{hyperparameters.get('method.regrowth', 'ag')}"
-    return f"nf4 {name}" if hyperparameters.get("quantization") == "nf4" else name
 
 
 def _held_out_table(ranking: Any, top: int) -> Table:

@@ -3,6 +3,7 @@ with each ranked config's hyperparameters and dataset names (what `recommend` pr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,13 +11,54 @@ import numpy as np
 
 from tunelab.config import flatten
 from tunelab.hpsearch.cbs import cbs_rank, held_out_curve, normalized, orient, top_k_curve
-from tunelab.hpsearch.spec import PLACEMENT_KEYS
+from tunelab.hpsearch.spec import EVAL_RANK_KEY, PLACEMENT_KEYS
 from tunelab.hpsearch.store import ScoreMatrix
 
 
 def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
     """A config as flat dotted keys, without the keys that only place a trial."""
     return {key: value for key, value in flatten(config).items() if key not in PLACEMENT_KEYS}
+
+
+def varying_keys(hyperparameters: list[dict[str, Any]]) -> list[str]:
+    """The dotted keys whose values differ between configs."""
+    keys = list(dict.fromkeys(key for config in hyperparameters for key in config))
+    return [key for key in keys if len({json.dumps(config.get(key)) for config in hyperparameters}) > 1]
+
+
+TUNED_KEYS = ("train.lr", EVAL_RANK_KEY)  # what an arm's best config is chosen over
+
+
+def method_label(hyperparameters: dict[str, Any]) -> str:
+    """'lora', 'nf4 dylora', 'spiel-ag', ...: the method, its SpIEL regrowth rule and a 4-bit base."""
+    name = hyperparameters.get("method.name", "?")
+    if name == "spiel":
+        name = f"spiel-{hyperparameters.get('method.regrowth', 'ag')}"
+    return f"nf4 {name}" if hyperparameters.get("quantization") == "nf4" else name
+
+
+def arms(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Ranking entries grouped into arms: the configs of one method that differ only in TUNED_KEYS (the
+    learning rate, a DyLoRA row's evaluated rank). An arm is named by its method and the other keys
+    that vary within that method, e.g. 'nf4 lora r=16' or 'spiel-ag weight_decay=3.0 max_grad_norm=0.0'."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        by_method.setdefault(method_label(entry["hyperparameters"]), []).append(entry)
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for label, group in by_method.items():
+        keys = [key for key in varying_keys([e["hyperparameters"] for e in group]) if key not in TUNED_KEYS]
+        for entry in group:
+            named = [f"{key.rsplit('.', 1)[-1]}={entry['hyperparameters'].get(key)}" for key in keys]
+            grouped.setdefault(" ".join([label, *named]), []).append(entry)
+    return grouped
+
+
+def best_per_arm(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each arm's best entry: the highest mean dev s/best (a missing trial counts 0)."""
+    return {
+        label: max(group, key=lambda entry: entry["mean_normalized"])
+        for label, group in arms(entries).items()
+    }
 
 
 @dataclass
@@ -74,6 +116,7 @@ def rank_matrix(matrix: ScoreMatrix, tau: float, cross_validate: bool = False) -
                 float(test_normalized[entry.config].mean()) if test_normalized is not None else None
             ),
             "spread": _cells(matrix, matrix.spread, entry.config),
+            "test_spread": _cells(matrix, matrix.test_spread, entry.config),
             "seeds": _cells(matrix, matrix.seeds, entry.config),
             "cost": (matrix.costs or {}).get(matrix.config_ids[entry.config]),
         }

@@ -9,11 +9,13 @@
     datasets:                            # eval: the dev split (every choice); test: reported only
       - {name: addition, train: "addition:train", eval: "addition:dev", test: "addition:test"}
     seeds: [1, 2]                        # each point trained once per seed (train.seed)
+    confirm_seeds: [3]                   # then each arm's best config again, with these seeds
     ranks: [1, 2, 4, 8, 16]              # dylora points: every rank evaluated, each a config of its own
 
 Points = product(grid keys) × product(zip groups); trials = points × datasets × seeds. A dataset
 without `test` has its eval rows split in two by a fixed seed: dev (the first half of a seeded
-permutation) and test (the rest).
+permutation) and test (the rest). An arm is one method's configs that differ only in the learning
+rate (and a DyLoRA row's rank): see hpsearch.ranking.arms.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class SweepSpec(BaseModel):
     zip: list[dict[str, list[Any]]] = Field(default_factory=list)
     datasets: list[DatasetSpec]
     seeds: list[int] = Field(default_factory=list)  # empty: the base config's train.seed
+    confirm_seeds: list[int] = Field(default_factory=list)  # each arm's best config: these seeds too
     ranks: list[int] = Field(default_factory=list)  # dylora trials: evaluate each of these ranks
     _source: str = PrivateAttr("sweep spec")  # the spec file, for error messages
 
@@ -105,8 +108,16 @@ class SweepSpec(BaseModel):
                 seen.add(key)
                 if not values:
                     raise ValueError(f"'{where}.{key}' is an empty list; give a value or remove the key")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("'seeds' repeats a seed; list each once")
+        for key in ("seeds", "confirm_seeds"):
+            if len(set(getattr(self, key))) != len(getattr(self, key)):
+                raise ValueError(f"'{key}' repeats a seed; list each once")
+        if self.seeds:
+            overlap = sorted(set(self.confirm_seeds) & set(self.seeds))
+            if overlap:
+                raise ValueError(
+                    f"'confirm_seeds' lists seed {overlap[0]}, which every point already trains with; "
+                    "list other seeds"
+                )
         if any(rank < 1 for rank in self.ranks) or len(set(self.ranks)) != len(self.ranks):
             raise ValueError("'ranks' must list distinct ranks of 1 or more")
         for i, group in enumerate(self.zip):
@@ -214,8 +225,9 @@ def _trial_data(value: str) -> str:
     return value if builtin else str(Path(value).expanduser().absolute())
 
 
-def expand(spec: SweepSpec) -> list[Trial]:
-    """All trials, point by point (datasets, then seeds inner), each config validated as a RunConfig.
+def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
+    """All trials, point by point (datasets, then seeds inner), each config validated as a RunConfig;
+    `seeds` replaces the spec's (confirm_seeds).
 
     Each trial's `name` is '<dataset>-<config_id>-s<seed>', so default run directories do not collide.
     """
@@ -244,7 +256,7 @@ def expand(spec: SweepSpec) -> list[Trial]:
                 f"trains ranks {evaluable[0]}..{evaluable[-1]}"
             )
         for dataset in spec.datasets:
-            for seed in spec.seeds or [resolved["train"]["seed"]]:
+            for seed in seeds or spec.seeds or [resolved["train"]["seed"]]:
                 config = deep_merge(
                     resolved,
                     {

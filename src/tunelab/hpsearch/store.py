@@ -58,6 +58,7 @@ class ScoreMatrix(NamedTuple):
     # a sweep database's extras (None for a results table):
     test_scores: np.ndarray | None = None  # like `scores`, on the test split
     spread: np.ndarray | None = None  # standard deviation of the dev score over seeds (0 for one seed)
+    test_spread: np.ndarray | None = None  # the same for the test score
     seeds: np.ndarray | None = None  # how many seeds each cell averages
     costs: dict[str, dict[str, float | None]] | None = None  # config id -> step_time_s, peak_memory_bytes
 
@@ -253,6 +254,7 @@ class ResultsStore:
                     "score": float(np.mean(dev)) if dev else None,
                     "test": float(np.mean(test)) if test and len(test) == len(dev) else None,
                     "spread": float(np.std(dev)) if dev else None,
+                    "test_spread": float(np.std(test)) if test and len(test) == len(dev) else None,
                     "seeds": len(dev),
                 }
             )
@@ -260,7 +262,7 @@ class ResultsStore:
         matrix = _matrix(summary, directions, configs)
         extra = {
             name: _matrix([{**cell, "score": cell[name]} for cell in summary], directions, configs).scores
-            for name in ("test", "spread", "seeds")
+            for name in ("test", "spread", "test_spread", "seeds")
         }
         costs = {}
         for config in matrix.config_ids:
@@ -272,7 +274,11 @@ class ResultsStore:
                 "peak_memory_bytes": max(memory) if memory else None,
             }
         return matrix._replace(
-            test_scores=extra["test"], spread=extra["spread"], seeds=extra["seeds"], costs=costs
+            test_scores=extra["test"],
+            spread=extra["spread"],
+            test_spread=extra["test_spread"],
+            seeds=extra["seeds"],
+            costs=costs,
         )
 
 
