@@ -4,7 +4,8 @@ give eager attention's logits and gradients."""
 import pytest
 import torch
 
-from tunelab.attention import CPU_MATH_BELOW, NAME
+from tunelab.attention import ENV, NAME
+from tunelab.errors import TunelabError
 from tunelab.models import load_model
 
 
@@ -21,17 +22,22 @@ def _flash_calls(model, input_ids, attention_mask) -> tuple[int, torch.Tensor, t
     return calls, logits.detach(), grad
 
 
-# the fused kernel accumulates blockwise in fp32: its gradients differ from eager's by ~1e-3 relative
+# 24 and 200 tokens: either side of the default switch at 192. Unpadded, SDPA runs with is_causal and no
+# mask. The fused kernel accumulates blockwise in fp32: its gradients differ from eager's by ~1e-3 relative.
 @pytest.mark.parametrize(
-    ("length", "fused", "grad_rtol"), [(24, False, 1e-5), (CPU_MATH_BELOW + 8, True, 5e-3)]
+    ("length", "padded", "fused", "grad_rtol"),
+    [(24, True, False, 1e-5), (24, False, False, 1e-5), (200, True, True, 5e-3)],
 )
-def test_short_sequences_take_the_math_path_with_eager_results(tiny_model_dir, length, fused, grad_rtol):
+def test_short_sequences_take_the_math_path_with_eager_results(
+    tiny_model_dir, length, padded, fused, grad_rtol
+):
     model = load_model(tiny_model_dir)
     assert model.config._attn_implementation == NAME
     torch.manual_seed(0)
     input_ids = torch.randint(0, 100, (2, length))
     attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, : length // 3] = 0  # left padding on the second row
+    if padded:
+        attention_mask[1, : length // 3] = 0  # left padding on the second row
     calls, logits, grad = _flash_calls(model, input_ids, attention_mask)
     assert (calls > 0) == fused
 
@@ -47,3 +53,9 @@ def test_the_choice_is_not_saved(tiny_model_dir, tmp_path):
     model.save_pretrained(tmp_path)
     assert NAME not in (tmp_path / "config.json").read_text()
     assert load_model(str(tmp_path)).config._attn_implementation == NAME
+
+
+def test_a_bad_switch_length_is_refused_at_load(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv(ENV, "short")
+    with pytest.raises(TunelabError, match=f"{ENV}='short' is not a number of tokens"):
+        load_model(tiny_model_dir)

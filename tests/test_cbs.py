@@ -197,5 +197,5 @@ def test_arms_split_a_method_by_what_varies_in_it_except_lr_and_rank():
         "spiel-ag weight_decay=3.0": ["h"],
         "spiel-ma": ["i"],  # regrowth names the method; wd does not vary within spiel-ma
     }
-    assert {label: best["config"] for label, best in best_per_arm(entries).items()}["nf4 dylora"] == "f"
-    assert best_per_arm(entries)["lora"]["config"] == "a"
+    assert {label: best["config"] for label, best in best_per_arm(grouped).items()}["nf4 dylora"] == "f"
+    assert best_per_arm(grouped)["lora"]["config"] == "a"

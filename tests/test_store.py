@@ -171,7 +171,9 @@ def test_seeds_are_averaged_with_their_spread_and_test_scores_and_costs(tmp_path
         matrix = store.score_matrix()
     np.testing.assert_allclose(matrix.scores[:, 0], [0.7, 0.9])  # b: the failed seed left out
     np.testing.assert_allclose(matrix.test_scores[:, 0], [0.6, 0.4])
-    np.testing.assert_allclose(matrix.spread[:, 0], [0.1, 0.0])
+    # sample standard deviation: |0.8 - 0.6| / sqrt(2) for two seeds; 0 for one
+    np.testing.assert_allclose(matrix.spread[:, 0], [0.2 / 2**0.5, 0.0])
+    np.testing.assert_allclose(matrix.test_spread[:, 0], [0.2 / 2**0.5, 0.0])
     np.testing.assert_allclose(matrix.seeds[:, 0], [2, 1])
     assert matrix.costs == {
         "a": {"step_time_s": 3.0, "peak_memory_bytes": None},

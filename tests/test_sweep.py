@@ -291,7 +291,7 @@ def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_valid
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "start from config" in result.output and "held-out dataset" in result.output
-    assert "each method at its best config" in result.output
+    assert "each arm at its best config" in result.output
     ranking = json.loads(out.read_text())
     assert len(ranking["held_out_curve"]) == 2 and ranking["held_out_curve"][-1] == pytest.approx(1.0)
     first = ranking["ranking"][0]
@@ -328,3 +328,29 @@ def test_confirm_seeds_train_each_arms_best_config_again(tmp_path, tiny_model_di
     result = runner.invoke(app, ["recommend", "--db", str(tmp_path / "sweep.sqlite")], env={"COLUMNS": "200"})
     lora_row = next(line for line in result.output.splitlines() if line.startswith("│ lora "))
     assert f"{best} train.lr=" in lora_row and re.search(r"│\s+2 │\s+±", lora_row)  # 2 seeds, their spread
+
+
+def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path, tiny_model_dir, monkeypatch):
+    """The confirm loop on made-up dev losses (the trial runner is replaced; nothing trains): lr 1e-3 is
+    the best on seed 1, its seed 2 is poor, so lr 1e-2 becomes the arm's best and is confirmed too; then
+    the best (1e-2, mean 1.15 against 1.5) has every seed and the sweep ends."""
+    from tunelab.hpsearch import commands
+    from tunelab.hpsearch.executors import TrialResult
+
+    dev_loss = {(1e-3, 1): 1.0, (1e-2, 1): 1.2, (1e-3, 2): 2.0, (1e-2, 2): 1.1}
+    trained = []
+
+    def made_up_results(trials, work_dir, on_result, max_parallel):
+        for trial in trials:
+            trained.append((trial.config["train"]["lr"], trial.seed))
+            loss = dev_loss[trained[-1]]
+            row = {"rank": None, "score": loss, "test_score": loss}
+            on_result(trial, TrialResult(score=loss, rows=[row], step_time_s=0.1))
+
+    monkeypatch.setattr(commands, "run_local", made_up_results)
+    path = _spec(tmp_path, tiny_model_dir, {"add": (ADD, "loss")})
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "seeds": [1], "confirm_seeds": [2]}))
+    result = CliRunner().invoke(app, ["sweep", str(path)])
+    assert result.exit_code == 0, result.output
+    assert trained == [(1e-3, 1), (1e-2, 1), (1e-3, 2), (1e-2, 2)]
+    assert "2 trials and 2 confirmations done" in result.output

@@ -167,6 +167,13 @@ def test_repeated_point_is_an_error(tmp_path):
         expand(load_spec(path))
 
 
+def test_confirm_seeds_without_seeds_must_differ_from_the_train_seed(tmp_path):
+    spec = load_spec(write(tmp_path, "base: {train: {seed: 7}}\nconfirm_seeds: [8, 7]\n" + DATASETS))
+    with pytest.raises(TunelabError, match="'confirm_seeds' lists seed 7, the train.seed every point"):
+        expand(spec, seeds=spec.confirm_seeds)
+    assert {trial.seed for trial in expand(spec)} == {7}
+
+
 def test_dataset_files_become_absolute_paths_from_the_working_directory(tmp_path, monkeypatch):
     """A trial's config is saved under the runs folder and loaded from there: its data paths must not
     depend on where that config lies."""

@@ -28,7 +28,7 @@ from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
 from tunelab.hpsearch.ranking import arms, best_per_arm, rank_matrix, varying_keys
 from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
-from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
+from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, select
 from tunelab.rundir import check_writable
 
 console = Console(emoji=False)
@@ -96,12 +96,12 @@ def _check_sweep(spec: SweepSpec, spec_path: Path, executor: str, address: str |
 class SweepProgress:
     """done / failed / remaining with an ETA: a progress bar on a terminal, one line per trial otherwise."""
 
-    def __init__(self, total: int, already_done: int, to_run: int) -> None:
+    def __init__(self, label: str, total: int, already_done: int, to_run: int) -> None:
         self.total, self.to_run = total, to_run
         self.done, self.failed, self.finished_now = already_done, 0, 0
         self.started = time.perf_counter()
         self.bar = Progress(
-            TextColumn("[bold]sweep"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[counts]}"),
@@ -173,15 +173,15 @@ def sweep(
     work_dir = _work_dir(db)
     _check_sweep(spec, spec_path, executor, address, db)
 
-    def run(what: str, trials: list[Trial], store: LazyStore) -> int:
-        """Run the unfinished `trials`; the number that failed."""
+    def run(what: str, label: str, trials: list[Trial], store: LazyStore) -> tuple[int, int]:
+        """Run the unfinished `trials`: how many failed, of how many run."""
         pending = [trial for trial in trials if not store.finished(trial)]
         err_console.print(
             f"{what}: {len(trials)} trials, {len(trials) - len(pending)} already done, "
             f"{len(pending)} to run -> {db} (runs in {work_dir})",
             highlight=False,
         )
-        with SweepProgress(len(trials), len(trials) - len(pending), len(pending)) as progress:
+        with SweepProgress(label, len(trials), len(trials) - len(pending), len(pending)) as progress:
 
             def on_result(trial: Trial, result: TrialResult) -> None:
                 store.record(trial, result)
@@ -191,43 +191,52 @@ def sweep(
                 run_local(pending, work_dir, on_result, max_parallel or 1)
             else:
                 run_ray(pending, work_dir, on_result, address, max_parallel, cpus_per_trial, gpus_per_trial)
-        return progress.failed
+        return progress.failed, len(pending)
 
     with LazyStore(db) as store:
-        failed = run(f"sweep {spec_path}", trials, store)
+        failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)
+        confirmations = expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
         confirmed: set[str] = set()
         # a best config's new seeds move its mean, and another config may become its arm's best: confirm
         # until every arm's best has all confirm_seeds (each round adds a config, so this ends)
-        while spec.confirm_seeds and not failed and store.store is not None:
-            confirming = _confirmation_trials(spec, store.store)
+        while confirmations and store.store is not None:
+            confirming = _best_of_each_arm(confirmations, spec, store.store)
             if {trial.config_id for trial in confirming} <= confirmed:
                 break
             confirmed |= {trial.config_id for trial in confirming}
             seeds = ", ".join(map(str, spec.confirm_seeds))
-            failed = run(f"confirm each arm's best config with seeds {seeds}", confirming, store)
+            more_failed, more_ran = run(
+                f"confirm each arm's best config with seeds {seeds}", "confirm", confirming, store
+            )
+            failed, ran = failed + more_failed, ran + more_ran
     if failed:
         err_console.print(
-            f"[red]{failed} trials failed[/red] (errors in {db}, logs in {work_dir}); run the same command "
-            "again to retry them"
+            f"[red]{failed} of {ran} trials failed[/red] (errors in {db}, logs in {work_dir}); run the same "
+            "command again to retry them"
         )
         raise typer.Exit(1)
     err_console.print(
-        f"[green]sweep finished[/green]: {len(trials)} trials done; rank them with "
-        f"tunelab recommend --db {db}",
+        f"[green]sweep finished[/green]: {len(trials)} trials and {len(confirmed) * len(spec.datasets)} "
+        f"confirmations done; rank them with tunelab recommend --db {db}",
         highlight=False,
     )
 
 
-def _confirmation_trials(spec: SweepSpec, store: ResultsStore) -> list[Trial]:
-    """The confirm_seeds trials of each arm's best config so far (highest mean dev s/best among the
-    spec's configs), on every dataset."""
-    trials = expand(spec, seeds=spec.confirm_seeds)
-    ids = {row_id for trial in trials for row_id in trial.row_ids()}
-    entries = [
-        entry for entry in rank_matrix(store.score_matrix(), tau=0.05).entries if entry["config"] in ids
-    ]
-    best = {entry["config"] for entry in best_per_arm(entries).values()}
-    return [trial for trial in trials if best & set(trial.row_ids())]
+def _best_of_each_arm(confirmations: list[Trial], spec: SweepSpec, store: ResultsStore) -> list[Trial]:
+    """The `confirmations` of each arm's best config so far: the highest mean dev s/best among the spec's
+    own configs on its own datasets (a database may hold other sweeps' trials too)."""
+    ids = {row_id for trial in confirmations for row_id in trial.row_ids()}
+    matrix = select(store.score_matrix(), ids, [dataset.name for dataset in spec.datasets])
+    if not matrix.config_ids:
+        return []
+    entries = rank_matrix(matrix, tau=0.05).entries  # tau orders the ranking, not the mean s/best
+    # an arm whose best config has a failed or missing trial is not confirmed: it would fail again
+    best = {
+        entry["config"]
+        for entry in best_per_arm(arms(entries)).values()
+        if all(score is not None for score in entry["dev"].values())
+    }
+    return [trial for trial in confirmations if best & set(trial.row_ids())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,17 +344,17 @@ def _relative_spread(entry: dict[str, Any]) -> float | None:
     return statistics.mean(ratios) if ratios else None
 
 
-def _methods_table(ranking: list[dict[str, Any]]) -> Table | None:
+def _arms_table(ranking: list[dict[str, Any]]) -> Table | None:
     """Which method: each arm's best config (highest mean dev s/best), its test s/best, how much that
     moves with the seed, and what the arm costs (median step time and peak memory over its configs)."""
     if not any("method.name" in entry["hyperparameters"] for entry in ranking):
         return None  # a results table without tunelab's config keys
-    table = Table(title="each method at its best config (chosen on dev)")
-    columns = ("method", "configs", "best config", "dev s/best", "test s/best", "seeds", "seed spread")
+    table = Table(title="each arm at its best config (chosen on dev)")
+    columns = ("arm", "configs", "best config", "dev s/best", "test s/best", "seeds", "seed spread")
     for column in (*columns, "s/step", "peak GiB"):
-        table.add_column(column, justify="left" if column in ("method", "best config") else "right")
+        table.add_column(column, justify="left" if column in ("arm", "best config") else "right")
     groups = arms(ranking)
-    for arm, best in best_per_arm(ranking).items():
+    for arm, best in best_per_arm(groups).items():
         costs = [entry["cost"] for entry in groups[arm] if entry["cost"]]
         times = [cost["step_time_s"] for cost in costs if cost["step_time_s"] is not None]
         memory = [cost["peak_memory_bytes"] for cost in costs if cost["peak_memory_bytes"]]
@@ -356,7 +365,7 @@ def _methods_table(ranking: list[dict[str, Any]]) -> Table | None:
             f"{best['config']} {_describe(best['hyperparameters'], brief=True)}",
             f"{best['mean_normalized']:.3f}",
             "-" if test is None else f"{test:.3f}",
-            str(int(min((n for n in best["seeds"].values() if n), default=0))),
+            str(int(min(seeds))) if (seeds := [n for n in best["seeds"].values() if n]) else "-",
             "-" if spread is None else f"±{spread:.1%}",
             f"{statistics.median(times):.2f}" if times else "-",
             f"{statistics.median(memory) / 2**30:.2f}" if memory else "-",
@@ -405,9 +414,9 @@ def _recommend_cbs(
     )
     if ranking[0]["test"]:  # a sweep database: ranked on dev, test reported
         console.print(_start_from(ranking[0], result.datasets))
-    methods = _methods_table(ranking)
-    if methods is not None:
-        console.print(methods)
+    arms_table = _arms_table(ranking)
+    if arms_table is not None:
+        console.print(arms_table)
     if result.held_out_curve is not None:
         console.print(_held_out_table(result, top))
     if result.uncovered:

@@ -247,6 +247,11 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
                 f"configuration ({point}); remove the repeated value"
             )
         seen_ids[point_id] = index
+        if seeds and not spec.seeds and resolved["train"]["seed"] in seeds:
+            raise TunelabError(
+                f"{spec._source}: 'confirm_seeds' lists seed {resolved['train']['seed']}, the train.seed "
+                "every point already trains with; list other seeds"
+            )
         evaluable = validate(resolved, spec._source).method.evaluable_ranks()
         ranks = tuple(spec.ranks) if evaluable else ()
         beyond = [rank for rank in ranks if rank not in evaluable]

@@ -57,10 +57,38 @@ class ScoreMatrix(NamedTuple):
     configs: dict[str, dict[str, Any]]  # config id -> its config (or its hyperparameter columns)
     # a sweep database's extras (None for a results table):
     test_scores: np.ndarray | None = None  # like `scores`, on the test split
-    spread: np.ndarray | None = None  # standard deviation of the dev score over seeds (0 for one seed)
+    spread: np.ndarray | None = None  # sample standard deviation of the dev score over seeds (0 for one)
     test_spread: np.ndarray | None = None  # the same for the test score
     seeds: np.ndarray | None = None  # how many seeds each cell averages
     costs: dict[str, dict[str, float | None]] | None = None  # config id -> step_time_s, peak_memory_bytes
+
+
+def select(matrix: ScoreMatrix, config_ids: set[str], datasets: list[str]) -> ScoreMatrix:
+    """The part of `matrix` with these configs and datasets (each kept in the matrix's order)."""
+    rows = [i for i, config in enumerate(matrix.config_ids) if config in config_ids]
+    columns = [j for j, dataset in enumerate(matrix.datasets) if dataset in datasets]
+
+    def cut(values: np.ndarray | None) -> np.ndarray | None:
+        return None if values is None else values[np.ix_(rows, columns)]
+
+    kept = [matrix.config_ids[i] for i in rows]
+    return ScoreMatrix(
+        config_ids=kept,
+        datasets=[matrix.datasets[j] for j in columns],
+        scores=cut(matrix.scores),
+        higher_is_better=matrix.higher_is_better[columns],
+        configs={config: matrix.configs[config] for config in kept},
+        test_scores=cut(matrix.test_scores),
+        spread=cut(matrix.spread),
+        test_spread=cut(matrix.test_spread),
+        seeds=cut(matrix.seeds),
+        costs=None if matrix.costs is None else {config: matrix.costs[config] for config in kept},
+    )
+
+
+def _sample_std(values: list[float]) -> float:
+    """The sample standard deviation (n - 1); 0 for a single value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def _now() -> str:
@@ -253,8 +281,8 @@ class ResultsStore:
                     "dataset": dataset,
                     "score": float(np.mean(dev)) if dev else None,
                     "test": float(np.mean(test)) if test and len(test) == len(dev) else None,
-                    "spread": float(np.std(dev)) if dev else None,
-                    "test_spread": float(np.std(test)) if test and len(test) == len(dev) else None,
+                    "spread": _sample_std(dev) if dev else None,
+                    "test_spread": _sample_std(test) if test and len(test) == len(dev) else None,
                     "seeds": len(dev),
                 }
             )
