@@ -199,3 +199,14 @@ def test_arms_split_a_method_by_what_varies_in_it_except_lr_and_rank():
     }
     assert {label: best["config"] for label, best in best_per_arm(grouped).items()}["nf4 dylora"] == "f"
     assert best_per_arm(grouped)["lora"]["config"] == "a"
+
+
+def test_varying_keys_leave_out_a_key_one_method_sets_at_one_value():
+    from tunelab.hpsearch.ranking import varying_keys
+
+    configs = [
+        {"method.name": "lora", "method.r": 8, "method.alpha": 16, "train.lr": 1e-3},
+        {"method.name": "lora", "method.r": 16, "method.alpha": 16, "train.lr": 1e-3},
+        {"method.name": "spiel", "method.accumulation_steps": 5, "train.lr": 1e-4},
+    ]
+    assert varying_keys(configs) == ["method.name", "method.r", "train.lr"]

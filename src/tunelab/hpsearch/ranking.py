@@ -21,9 +21,15 @@ def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def varying_keys(hyperparameters: list[dict[str, Any]]) -> list[str]:
-    """The dotted keys whose values differ between configs."""
+    """The dotted keys whose values differ among the configs that set them: a key only one method has,
+    at one value (SpIEL's accumulation_steps next to LoRA configs), tells configs apart no better than
+    method.name does."""
     keys = list(dict.fromkeys(key for config in hyperparameters for key in config))
-    return [key for key in keys if len({json.dumps(config.get(key)) for config in hyperparameters}) > 1]
+    return [
+        key
+        for key in keys
+        if len({json.dumps(config[key]) for config in hyperparameters if config.get(key) is not None}) > 1
+    ]
 
 
 TUNED_KEYS = ("train.lr", EVAL_RANK_KEY)  # what an arm's best config is chosen over
