@@ -10,6 +10,7 @@ model keeps transformers' plain "sdpa" (some of transformers' GPU features check
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -36,13 +37,18 @@ def _math_below() -> int:
 
 
 def sdpa_by_length(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *args: Any,
+    math_below: int,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' SDPA attention, on CPU through the math path for short keys. The backward pass
-    follows the forward's choice."""
+    """transformers' SDPA attention, on CPU through the math path for keys shorter than `math_below`.
+    The backward pass follows the forward's choice."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if key.device.type == "cpu" and key.shape[-2] < _math_below():
+    if key.device.type == "cpu" and key.shape[-2] < math_below:
         with sdpa_kernel(SDPBackend.MATH):
             return sdpa_attention_forward(module, query, key, *args, **kwargs)
     return sdpa_attention_forward(module, query, key, *args, **kwargs)
@@ -57,8 +63,8 @@ def use_sdpa_by_length(model: PreTrainedModel) -> None:
 
     if torch.cuda.is_available() or getattr(model.config, "_attn_implementation", None) != "sdpa":
         return
-    _math_below()  # a bad ENV value fails here, before any work
-    AttentionInterface.register(NAME, sdpa_by_length)
+    # ENV is read (and a bad value refused) here, once, not in every layer's forward
+    AttentionInterface.register(NAME, functools.partial(sdpa_by_length, math_below=_math_below()))
     # transformers builds no padding mask for an attention it has no mask function for
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)

@@ -216,8 +216,9 @@ def sweep(
         )
         raise typer.Exit(1)
     err_console.print(
-        f"[green]sweep finished[/green]: {len(trials)} trials and {len(confirmed) * len(spec.datasets)} "
-        f"confirmations done; rank them with tunelab recommend --db {db}",
+        f"[green]sweep finished[/green]: {len(trials)} trials and "
+        f"{sum(trial.config_id in confirmed for trial in confirmations)} confirmations done; rank them with "
+        f"tunelab recommend --db {db}",
         highlight=False,
     )
 
