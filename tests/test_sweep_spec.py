@@ -2,7 +2,10 @@
 
 import hashlib
 import json
+import sqlite3
 import textwrap
+from contextlib import closing
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +194,57 @@ def test_an_eval_set_without_a_test_split_is_halved_by_a_fixed_permutation():
     assert len(dev) == 4 and len(test) == 3 and sorted(dev + test) == list(range(7))
     assert dev_test_indices(7) == (dev, test)  # the same split in every trial and every session
     assert dev != [0, 1, 2, 3]  # a permutation, not the file's first rows
+
+
+def test_arms_add_up_and_cross_the_grid(tmp_path):
+    path = write(
+        tmp_path,
+        textwrap.dedent("""
+        base: {train: {weight_decay: 0.1}}
+        grid: {train.epochs: [1, 2]}
+        arms:
+          - {method: [{name: lora, r: 8}], train.lr: [1.0e-4, 1.0e-3]}
+          - {method: [{name: full}], train.lr: [1.0e-5], train.weight_decay: [0.0]}
+          - {method: [{name: lora, r: 4}], train.lr: [3.0e-4]}
+        """)
+        + DATASETS,
+    )
+    points = [
+        (t.config["method"].get("r"), *(t.config["train"][key] for key in ("lr", "epochs", "weight_decay")))
+        for t in expand(load_spec(path))[::2]
+    ]  # fmt: skip
+    # the arms take turns (each arm's own product), the grid inside; weight_decay keeps its base value in
+    # the lora arms
+    assert points == [
+        (8, 1e-4, 1, 0.1), (8, 1e-4, 2, 0.1), (None, 1e-5, 1, 0.0), (None, 1e-5, 2, 0.0),
+        (4, 3e-4, 1, 0.1), (4, 3e-4, 2, 0.1), (8, 1e-3, 1, 0.1), (8, 1e-3, 2, 0.1),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("arms: [{}]\n", "'arms[0]' is empty"),
+        ("arms: [{train.lr: []}]\n", "'arms[0].train.lr' is an empty list"),
+        ("grid: {train.lr: [1]}\narms: [{train.lr: [2]}]\n", "'arms[0].train.lr' is swept twice"),
+        ("grid: {method: [lora]}\narms: [{method.r: [4]}]\n", "'arms[0].method.r' overlaps 'method'"),
+        ("arms: [{train.seed: [3]}]\n", "'arms[0].train.seed' is set per dataset and trial"),
+        ("arms: [{train.lr: 0.001}]\n", "'arms.0.train.lr' must be a list"),
+    ],
+)
+def test_arm_errors(tmp_path, text, message):
+    with pytest.raises(TunelabError, match="sweep.yaml") as caught:
+        load_spec(write(tmp_path, text + DATASETS))
+    assert message in str(caught.value)
+
+
+def test_the_committed_comparison_spec_resumes_its_database():
+    # RESULTS.md's tables come from this database; re-running the spec must find its trials, not start
+    # new configs beside them (an edited spec would give other config ids)
+    results = Path(__file__).parent.parent / "results"
+    trials = expand(load_spec(results / "comparison-small-tasks.yaml"))
+    spec_rows = {row_id for trial in trials for row_id in trial.row_ids()}
+    database = results / "comparison-small-tasks.sqlite"
+    with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        stored = {config for (config,) in db.execute("SELECT DISTINCT config_id FROM trials")}
+    assert len(stored) > 20 and stored <= spec_rows

@@ -1,4 +1,4 @@
-"""Sweep spec: a base train config, a grid of dotted-key values, zipped groups, and datasets.
+"""Sweep spec: a base train config, a grid of dotted-key values, zipped groups, arms, and datasets.
 
     base: configs/quickstart.yaml        # or an inline mapping; a path is relative to this file
     grid:                                # cartesian product over the keys
@@ -6,16 +6,21 @@
       train.epochs: [1, 3]
     zip:                                 # each group: values taken together, index by index
       - {method.r: [8, 64], method.alpha: [16, 128]}
+    arms:                                # each arm a grid of its own; the arms take turns
+      - {method: [{name: lora, r: 8}], train.lr: [3.0e-4, 1.0e-3]}
+      - {method: [{name: spiel, regrowth: ma}], train.lr: [1.0e-3, 3.0e-3], train.weight_decay: [0, 30]}
     datasets:                            # eval: the dev split (every choice); test: reported only
       - {name: addition, train: "addition:train", eval: "addition:dev", test: "addition:test"}
     seeds: [1, 2]                        # each point trained once per seed (train.seed)
     confirm_seeds: [3]                   # then each arm's best config again, with these seeds
     ranks: [1, 2, 4, 8, 16]              # dylora points: every rank evaluated, each a config of its own
 
-Points = product(grid keys) × product(zip groups); trials = points × datasets × seeds. A dataset
-without `test` has its eval rows split in two by a fixed seed: dev (the first half of a seeded
-permutation) and test (the rest). An arm is one method's configs that differ only in the learning
-rate (and a DyLoRA row's rank): see hpsearch.ranking.arms.
+Points = (the arms' points, taking turns) × product(grid keys) × product(zip groups); trials = points ×
+datasets × seeds. A key set in an arm keeps its base value in the other arms. A dataset without `test`
+has its eval rows split in two by a fixed seed: dev (the first half of a seeded permutation) and test
+(the rest). `recommend` groups results into arms of its own: one method's configs that differ only in
+the learning rate (and a DyLoRA row's rank), see hpsearch.ranking.arms; a spec arm that is one method
+and its lr list is one of those.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class SweepSpec(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict)  # a path in the YAML is read into a mapping
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     zip: list[dict[str, list[Any]]] = Field(default_factory=list)
+    arms: list[dict[str, list[Any]]] = Field(default_factory=list)  # each a grid of its own; points add up
     datasets: list[DatasetSpec]
     seeds: list[int] = Field(default_factory=list)  # empty: the base config's train.seed
     confirm_seeds: list[int] = Field(default_factory=list)  # each arm's best config: these seeds too
@@ -91,23 +97,14 @@ class SweepSpec(BaseModel):
         repeated = [name for name in names if names.count(name) > 1]
         if repeated:
             raise ValueError(f"dataset name '{repeated[0]}' appears twice in 'datasets'; make names unique")
-        seen: set[str] = set()
-        groups = [("grid", self.grid)] + [(f"zip[{i}]", group) for i, group in enumerate(self.zip)]
-        for where, group in groups:
-            for key, values in group.items():
-                if key in PLACEMENT_KEYS:
-                    fix = "list datasets under 'datasets'" if key.startswith("data.") else "the sweep sets it"
-                    raise ValueError(f"'{where}.{key}' is set per dataset and trial; {fix}")
-                if key in seen:
-                    raise ValueError(f"'{where}.{key}' is swept twice; keep it in one place")
-                nested = [
-                    other for other in seen if other.startswith(key + ".") or key.startswith(other + ".")
-                ]
-                if nested:
-                    raise ValueError(f"'{where}.{key}' overlaps '{nested[0]}'; sweep only the inner keys")
-                seen.add(key)
-                if not values:
-                    raise ValueError(f"'{where}.{key}' is an empty list; give a value or remove the key")
+        swept: set[str] = set()
+        zipped = [(f"zip[{i}]", group) for i, group in enumerate(self.zip)]
+        for where, group in [("grid", self.grid), *zipped]:
+            swept |= _checked_keys(where, group, swept)
+        for i, arm in enumerate(self.arms):
+            if not arm:
+                raise ValueError(f"'arms[{i}]' is empty; give each arm at least one key and its values")
+            _checked_keys(f"arms[{i}]", arm, swept)
         for key in ("seeds", "confirm_seeds"):
             if len(set(getattr(self, key))) != len(getattr(self, key)):
                 raise ValueError(f"'{key}' repeats a seed; list each once")
@@ -126,6 +123,25 @@ class SweepSpec(BaseModel):
                 listed = ", ".join(f"{key} has {n}" for key, n in lengths.items())
                 raise ValueError(f"'zip[{i}]' lists must have equal lengths ({listed}); make them match")
         return self
+
+
+def _checked_keys(where: str, group: dict[str, list[Any]], swept: set[str]) -> set[str]:
+    """The keys `group` sweeps, after checking that none is placed per trial, empty, or already in `swept`
+    (the same key, or one nested in the other)."""
+    seen = set(swept)
+    for key, values in group.items():
+        if key in PLACEMENT_KEYS:
+            fix = "list datasets under 'datasets'" if key.startswith("data.") else "the sweep sets it"
+            raise ValueError(f"'{where}.{key}' is set per dataset and trial; {fix}")
+        if key in seen:
+            raise ValueError(f"'{where}.{key}' is swept twice; keep it in one place")
+        nested = [other for other in seen if other.startswith(key + ".") or key.startswith(other + ".")]
+        if nested:
+            raise ValueError(f"'{where}.{key}' overlaps '{nested[0]}'; sweep only the inner keys")
+        if not values:
+            raise ValueError(f"'{where}.{key}' is an empty list; give a value or remove the key")
+        seen.add(key)
+    return seen - swept
 
 
 @dataclass(frozen=True)
@@ -192,12 +208,22 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 def _points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every point of the sweep as a flat {dotted key: value}: product of grid keys and zip groups."""
+    """Every point of the sweep as a flat {dotted key: value}: the arms' points × product(grid keys) ×
+    product(zip groups). The arms take turns (every arm's first point, then every arm's second, ...), so
+    that a sweep stopped early has tried every arm."""
     factors = [[{key: value} for value in values] for key, values in spec.grid.items()]
     for group in spec.zip:
         keys = list(group)
         factors.append([dict(zip(keys, values, strict=True)) for values in zip(*group.values(), strict=True)])
+    if spec.arms:
+        per_arm = [_product(arm) for arm in spec.arms]
+        turns = itertools.zip_longest(*per_arm)
+        factors.insert(0, [point for turn in turns for point in turn if point is not None])
     return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*factors)]
+
+
+def _product(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
 def config_id(config: dict[str, Any]) -> str:
