@@ -156,10 +156,11 @@ def test_generate_and_chat_answer_as_the_run_trained(lora_run, tmp_path, capsys)
     from tunelab.cli import app
 
     result = CliRunner().invoke(
-        app, ["chat", str(lora_run), "--max-new-tokens", "4"], input="Q: 1+2=\n/exit\n"
+        app, ["chat", str(lora_run), "--max-new-tokens", "4"], input="Q: 1+2=\n/rest\n/quit\n"
     )
     assert result.exit_code == 0, result.output
     assert expected[0].strip() in result.output and "you>" in result.output
+    assert "unknown command /rest: /reset clears" in result.output and result.output.count("you>") == 3
 
 
 def test_generate_refuses_bad_requests(lora_run, tmp_path, capsys):

@@ -4,6 +4,7 @@ batches (`tunelab generate`) or as a streaming chat (`tunelab chat`)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from tunelab.data import (
 from tunelab.errors import TunelabError
 from tunelab.evaluate import generation_options
 
-COMMANDS = "/reset clears the conversation, /exit (or Ctrl-D) quits"
+COMMANDS = "/reset clears the conversation, /exit or /quit (or Ctrl-D) quits"
 
 
 def prompt_text(messages: list[dict], template: str, tokenizer) -> str:
@@ -97,12 +98,16 @@ def chat(
         except EOFError:
             console.print()
             return
-        if line.strip() == "/exit":
+        command = line.strip()
+        if command in ("/exit", "/quit"):
             return
-        if line.strip() == "/reset":
+        if command == "/reset":
             messages = list(start)
             continue
-        if not line.strip():
+        if re.fullmatch(r"/\w+", command):  # a mistyped command is not a prompt for the model
+            console.print(f"[dim]unknown command {command}: {COMMANDS}[/dim]")
+            continue
+        if not command:
             continue
         messages.append({"role": "user", "content": line})
         text = prompt_text(messages, template, tokenizer)
