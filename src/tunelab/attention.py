@@ -1,11 +1,17 @@
-"""Scaled dot-product attention with the faster CPU kernel for each sequence length.
+"""Attention on CPU as chunked matmuls, faster there than PyTorch's fused SDPA kernel.
 
-On CPU, PyTorch's fused (flash) SDPA kernel is slower than its math path for short sequences: at
-SmolLM2's shapes (batch 8, 9 heads of 64) forward + backward in bf16 take 5.0 ms against 1.8 ms at 40
-tokens and 16 against 9 at 128; the two meet near 192 and the fused kernel wins above (58 against 79 ms
-at 384). `python -m benchmarks.attention` measures it on this machine; TUNELAB_CPU_MATH_ATTENTION_BELOW
-(tokens, 0: always the fused kernel) moves the switch. GPUs keep PyTorch's own choice, and there the
-model keeps transformers' plain "sdpa" (some of transformers' GPU features check for that name).
+On CPU, the fused (flash) SDPA kernel gains nothing from bf16 and its math path upcasts to fp32.
+`grouped_attention` computes softmax(q·kᵀ·scale + mask)·v as batched matmuls in the input dtype with the
+softmax in fp32 (the numerics of transformers' eager attention), over the key/value heads without
+repeating them (the query heads that share a key/value head are one matmul), a few batch rows at a time
+so that a chunk's scores stay in cache. `python -m benchmarks.attention` compares the kernels: on this
+machine's 2 cores, tunelab's takes 0.11-0.48x the fused kernel's time in bf16 from 40 to 512 tokens, and
+0.7-0.9x in fp32 up to 256 tokens but 1.15x at 384. It keeps the probabilities (B·H·L·L·2 bytes a layer in
+bf16) for its backward, where the fused kernel keeps O(L). So it runs for keys up to 512 tokens in bf16 and
+256 in fp32 (TUNELAB_CPU_ATTENTION_MAX_LENGTH sets one limit for both; 0: never), and SDPA runs the rest:
+longer keys, other dtypes, and what this kernel does not do (dropout, decoding steps, position biases,
+paged caches). GPUs keep transformers' plain "sdpa" (some of transformers' GPU features check for that
+name).
 """
 
 from __future__ import annotations
@@ -15,56 +21,138 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tunelab.errors import TunelabError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-NAME = "tunelab_sdpa"  # the attn_implementation a loaded model is switched to
-ENV = "TUNELAB_CPU_MATH_ATTENTION_BELOW"
+NAME = "tunelab_cpu_attention"  # the attn_implementation a loaded model is switched to
+ENV = "TUNELAB_CPU_ATTENTION_MAX_LENGTH"
+MAX_LENGTH = {torch.bfloat16: 512, torch.float32: 256}  # where benchmarks.attention has it ahead
+CHUNK_SCORES_BYTES = 5 << 20  # a chunk's fp32 scores: about what stays in this machine's caches
+MASKED = torch.finfo(torch.float32).min  # finite, as in eager attention: a row with no key left stays finite
 
 
-def _math_below() -> int:
-    """The key length under which the math path is faster on CPU (benchmarks.attention): 192, or ENV."""
-    value = os.environ.get(ENV, "192")
+def _rows_per_chunk(query: torch.Tensor, keys: int) -> int:
+    batch, heads, length, _ = query.shape
+    return max(1, min(batch, CHUNK_SCORES_BYTES // (heads * length * keys * 4)))
+
+
+class GroupedAttention(torch.autograd.Function):
+    """softmax(q·kᵀ·scale, masked where `keep` is False)·v for q [B, H, L, D] and k, v [B, G, S, D]
+    (G key/value heads, each shared by H/G query heads); `keep` [B or 1, 1, L, S] bool, or None."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, keep, scale):
+        batch, heads, length, dim = query.shape
+        groups = key.shape[1]
+        # the H/G query heads of one key/value head (repeat_kv's order) as one [H/G·L, D] matrix
+        grouped = query.reshape(batch, groups, heads // groups * length, dim)
+        drop = None if keep is None else ~keep.unsqueeze(2)  # [B or 1, 1, 1, L, S]
+        outputs, probabilities = [], []
+        rows = _rows_per_chunk(query, key.shape[2])
+        for start in range(0, batch, rows):
+            chunk = slice(start, start + rows)
+            scores = torch.matmul(grouped[chunk], key[chunk].transpose(-1, -2)).float().mul_(scale)
+            if drop is not None:
+                by_head = scores.view(scores.shape[0], groups, heads // groups, length, -1)
+                by_head.masked_fill_(drop[chunk] if drop.shape[0] > 1 else drop, MASKED)
+            probability = torch.softmax(scores, dim=-1).to(query.dtype)
+            probabilities.append(probability)
+            outputs.append(torch.matmul(probability, value[chunk]))
+        output = torch.cat(outputs).view(batch, heads, length, dim)
+        ctx.save_for_backward(grouped, key, value, output, *probabilities)
+        ctx.scale, ctx.rows = scale, rows
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grouped, key, value, output, *probabilities = ctx.saved_tensors
+        batch, heads, length, dim = output.shape
+        grad = grad_output.reshape(grouped.shape)
+        # softmax backward: dS = P ∘ (dP − rowsum(dP ∘ P)), and rowsum(dP ∘ P) = rowsum(dO ∘ O)
+        row_dot = (grad.float() * output.reshape(grouped.shape).float()).sum(-1, keepdim=True)
+        grad_query, grad_key, grad_value = [], [], []
+        for index, start in enumerate(range(0, batch, ctx.rows)):
+            chunk, probability = slice(start, start + ctx.rows), probabilities[index]
+            grad_value.append(torch.matmul(probability.transpose(-1, -2), grad[chunk]))
+            grad_scores = torch.matmul(grad[chunk], value[chunk].transpose(-1, -2)).float()
+            grad_scores = grad_scores.sub_(row_dot[chunk]).mul_(probability).mul_(ctx.scale).to(grouped.dtype)
+            grad_query.append(torch.matmul(grad_scores, key[chunk]))
+            grad_key.append(torch.matmul(grad_scores.transpose(-1, -2), grouped[chunk]))
+        grad_query = torch.cat(grad_query).view(batch, heads, length, dim)
+        return grad_query, torch.cat(grad_key), torch.cat(grad_value), None, None
+
+
+def grouped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    return GroupedAttention.apply(query, key, value, keep, scale)
+
+
+def cpu_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    *,
+    max_length: dict[torch.dtype, int],
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: `grouped_attention` on CPU for keys up to `max_length[dtype]`
+    tokens, SDPA otherwise (and for what grouped_attention does not do)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    length = query.shape[2]
+    supported = (
+        key.device.type == "cpu"
+        and 1 < length == key.shape[2] <= max_length.get(query.dtype, 0)  # training and prefill, not decoding
+        and dropout == 0.0
+        and (attention_mask is None or attention_mask.dtype == torch.bool)
+        and all(kwargs.get(name) is None for name in ("position_bias", "cache", "softcap"))
+    )
+    if not supported:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+    keep = attention_mask
+    if keep is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+        keep = (
+            torch.ones(length, length, dtype=torch.bool, device=query.device)
+            .tril()
+            .view(1, 1, length, length)
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return grouped_attention(query, key, value, keep, scale).transpose(1, 2).contiguous(), None
+
+
+def _max_length() -> dict[torch.dtype, int]:
+    value = os.environ.get(ENV)
+    if value is None:
+        return MAX_LENGTH
     if not value.isdigit():
         raise TunelabError(
             f"{ENV}={value!r} is not a number of tokens; set a whole number (0: never) or unset it"
         )
-    return int(value)
+    return dict.fromkeys(MAX_LENGTH, int(value))
 
 
-def sdpa_by_length(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    *args: Any,
-    math_below: int,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' SDPA attention, on CPU through the math path for keys shorter than `math_below`.
-    The backward pass follows the forward's choice."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if key.device.type == "cpu" and key.shape[-2] < math_below:
-        with sdpa_kernel(SDPBackend.MATH):
-            return sdpa_attention_forward(module, query, key, *args, **kwargs)
-    return sdpa_attention_forward(module, query, key, *args, **kwargs)
-
-
-def use_sdpa_by_length(model: PreTrainedModel) -> None:
+def use_cpu_attention(model: PreTrainedModel) -> None:
     """On a machine without a GPU, switch a model that uses transformers' SDPA attention to
-    `sdpa_by_length` (other choices, e.g. eager, are kept). Saved configs are unchanged: the choice is
-    not serialized."""
+    `cpu_attention_forward` (other choices, e.g. eager, are kept). Saved configs are unchanged: the
+    choice is not serialized."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if torch.cuda.is_available() or getattr(model.config, "_attn_implementation", None) != "sdpa":
         return
     # ENV is read (and a bad value refused) here, once, not in every layer's forward
-    AttentionInterface.register(NAME, functools.partial(sdpa_by_length, math_below=_math_below()))
+    AttentionInterface.register(NAME, functools.partial(cpu_attention_forward, max_length=_max_length()))
     # transformers builds no padding mask for an attention it has no mask function for
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tunelab.attention import use_sdpa_by_length
+from tunelab.attention import use_cpu_attention
 from tunelab.errors import TunelabError
 
 # Built-in models ship inside PyPI wheels as GGUF files: (distribution, file inside it).
@@ -181,5 +181,5 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, **kwargs):
             f"(e.g. {sorted(missing)[0]}): "
             "its weight files are incomplete or do not match config.json; copy or save the model again"
         )
-    use_sdpa_by_length(model)
+    use_cpu_attention(model)
     return model
