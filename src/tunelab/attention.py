@@ -108,10 +108,12 @@ def cpu_attention_forward(
     tokens, SDPA otherwise (and for what grouped_attention does not do)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    length = query.shape[2]
+    length, device = query.shape[2], query.device.type
+    # under autocast (full fine-tuning's fp32 weights) eager attention would multiply in the autocast dtype
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     supported = (
-        key.device.type == "cpu"
-        and 1 < length == key.shape[2] <= max_length.get(query.dtype, 0)  # training and prefill, not decoding
+        device == "cpu"
+        and 1 < length == key.shape[2] <= max_length.get(dtype, 0)  # training and prefill, not decoding
         and dropout == 0.0
         and (attention_mask is None or attention_mask.dtype == torch.bool)
         and all(kwargs.get(name) is None for name in ("position_bias", "cache", "softcap"))
@@ -128,7 +130,9 @@ def cpu_attention_forward(
             .view(1, 1, length, length)
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return grouped_attention(query, key, value, keep, scale).transpose(1, 2).contiguous(), None
+    with torch.autocast(device, enabled=False):  # one dtype through forward and backward
+        output = grouped_attention(query.to(dtype), key.to(dtype), value.to(dtype), keep, scale)
+    return output.transpose(1, 2).contiguous(), None
 
 
 def _max_length() -> dict[torch.dtype, int]:
