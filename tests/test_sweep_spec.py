@@ -229,7 +229,7 @@ def test_arms_add_up_and_cross_the_grid(tmp_path):
         ("grid: {train.lr: [1]}\narms: [{train.lr: [2]}]\n", "'arms[0].train.lr' is swept twice"),
         ("grid: {method: [lora]}\narms: [{method.r: [4]}]\n", "'arms[0].method.r' overlaps 'method'"),
         ("arms: [{train.seed: [3]}]\n", "'arms[0].train.seed' is set per dataset and trial"),
-        ("arms: [{train.lr: 0.001}]\n", "'arms.0.train.lr' must be a list"),
+        ("arms: [{train.lr: 0.001}]\n", "'arms.0.train.lr' must be a list (got 0.001); write [0.001] for"),
     ],
 )
 def test_arm_errors(tmp_path, text, message):

@@ -185,7 +185,10 @@ def _format_error(err: dict, source: str) -> str:
         return f"{source}: '{key}' is required"
     if kind in ("list_type", "dict_type"):
         shape = "list" if kind == "list_type" else "mapping of key: value"
-        return f"{source}: '{key}' must be a {shape} (got {err['input']!r})"
+        # a grid's or an arm's key lists its values: one value is still a list
+        swept = err["loc"][0] in ("grid", "arms", "zip")
+        fix = f"; write [{err['input']!r}] for that one value" if swept else ""
+        return f"{source}: '{key}' must be a {shape} (got {err['input']!r}){fix}"
     return f"{source}: '{key}': {err['msg']} (got {err['input']!r})"
 
 
