@@ -1,7 +1,8 @@
 """CPU attention kernels side by side: forward + backward time of SDPA's fused (flash) kernel, SDPA's math
 path and tunelab's `grouped_attention`, at SmolLM2-135M's attention shapes (batch 8, 9 query heads sharing
-3 key/value heads, 64 dims, causal), by sequence length. SDPA gets the key/value heads repeated (what
-transformers passes it on CPU); tunelab's kernel takes them as they are.
+3 key/value heads, 64 dims, causal), by sequence length. Every kernel takes the key/value heads as they
+are (SDPA with enable_gqa, as transformers calls it for a batch without padding; a padded batch gets them
+repeated, which costs SDPA more).
 
     python -m benchmarks.attention [--lengths 40,64,128,256,384,512] [--repeats 10]
 
@@ -26,9 +27,8 @@ HEADS, GROUPS, DIM = 9, 3, 64
 
 def _sdpa(backend: SDPBackend) -> Callable:
     def attend(query, key, value):
-        key, value = (t.repeat_interleave(HEADS // GROUPS, 1) for t in (key, value))
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(query, key, value, is_causal=True)
+            return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
 
     return attend
 

@@ -138,8 +138,8 @@ def test_defaults_written_or_not_give_the_same_id(tmp_path):
             "datasets:\n  - {name: a, train: x, eval: y}\n  - {name: a, train: z, eval: w}\n",
             "dataset name 'a' appears twice",
         ),
-        ("datasets:\n  - {name: a, train: x, eval: y, metrc: loss}\n", "unknown key 'datasets.0.metrc'"),
-        ("datasets:\n  - {name: a, train: x, eval: y, metric: bleu}\n", "datasets.0.metric"),
+        ("datasets:\n  - {name: a, train: x, eval: y, metrc: loss}\n", "unknown key 'datasets[0].metrc'"),
+        ("datasets:\n  - {name: a, train: x, eval: y, metric: bleu}\n", "datasets[0].metric"),
         ("grid: {train.lr: [1]}\nzip: [{train.lr: [2]}]\n" + DATASETS, "'zip[0].train.lr' is swept twice"),
         ("grid: {method: [lora], method.r: [4]}\n" + DATASETS, "'grid.method.r' overlaps 'method'"),
         ("grid: {data.train: [a]}\n" + DATASETS, "'grid.data.train' is set per dataset"),
@@ -229,7 +229,7 @@ def test_arms_add_up_and_cross_the_grid(tmp_path):
         ("grid: {train.lr: [1]}\narms: [{train.lr: [2]}]\n", "'arms[0].train.lr' is swept twice"),
         ("grid: {method: [lora]}\narms: [{method.r: [4]}]\n", "'arms[0].method.r' overlaps 'method'"),
         ("arms: [{train.seed: [3]}]\n", "'arms[0].train.seed' is set per dataset and trial"),
-        ("arms: [{train.lr: 0.001}]\n", "'arms.0.train.lr' must be a list (got 0.001); write [0.001] for"),
+        ("arms: [{train.lr: 0.001}]\n", "'arms[0].train.lr' must be a list (got 0.001); write [0.001] for"),
     ],
 )
 def test_arm_errors(tmp_path, text, message):

@@ -1,17 +1,18 @@
-"""Attention on CPU as chunked matmuls, faster there than PyTorch's fused SDPA kernel.
+"""Attention on CPU in bf16 as chunked matmuls, faster there than PyTorch's fused SDPA kernel.
 
 On CPU, the fused (flash) SDPA kernel gains nothing from bf16 and its math path upcasts to fp32.
-`grouped_attention` computes softmax(q·kᵀ·scale + mask)·v as batched matmuls in the input dtype with the
-softmax in fp32 (the numerics of transformers' eager attention), over the key/value heads without
-repeating them (the query heads that share a key/value head are one matmul), a few batch rows at a time
-so that a chunk's scores stay in cache. `python -m benchmarks.attention` compares the kernels: on this
-machine's 2 cores, tunelab's takes 0.11-0.48x the fused kernel's time in bf16 from 40 to 512 tokens, and
-0.7-0.9x in fp32 up to 256 tokens but 1.15x at 384. It keeps the probabilities (B·H·L·L·2 bytes a layer in
-bf16) for its backward, where the fused kernel keeps O(L). So it runs for keys up to 512 tokens in bf16 and
-256 in fp32 (TUNELAB_CPU_ATTENTION_MAX_LENGTH sets one limit for both; 0: never), and SDPA runs the rest:
-longer keys, other dtypes, and what this kernel does not do (dropout, decoding steps, position biases,
-paged caches). GPUs keep transformers' plain "sdpa" (some of transformers' GPU features check for that
-name).
+`grouped_attention` computes softmax(q·kᵀ·scale + mask)·v as batched matmuls in bf16 (whose GEMMs run
+~4.6x faster than fp32 on CPUs with native bf16) with the softmax in fp32, as transformers' eager
+attention does in its forward (the backward starts from the saved bf16 probabilities, where eager's keeps
+them in fp32). It takes the query heads that share a key/value head as one matmul (no repeated key/value
+heads), a few batch rows at a time so that a chunk's scores stay in cache. `python -m benchmarks.attention`
+compares the kernels: on this machine's 2 cores, in bf16 it takes 0.12-0.62x the fused kernel's time from
+40 to 512 tokens; in fp32 it is no faster, so fp32 keeps SDPA. It keeps the probabilities (B·H·L·L·2
+bytes a layer) for its backward, where the fused kernel keeps O(L): it runs for keys up to 512 tokens
+(TUNELAB_CPU_ATTENTION_MAX_LENGTH; 0: never), and SDPA runs the rest: longer keys, other dtypes, and what
+this kernel does not do (dropout, queries and keys of different lengths as in decoding, float masks, value
+heads of another size, position biases, paged caches). GPUs keep transformers' plain "sdpa" (some of
+transformers' GPU features check for that name).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 NAME = "tunelab_cpu_attention"  # the attn_implementation a loaded model is switched to
 ENV = "TUNELAB_CPU_ATTENTION_MAX_LENGTH"
-MAX_LENGTH = {torch.bfloat16: 512, torch.float32: 256}  # where benchmarks.attention has it ahead
+MAX_LENGTH = 512  # benchmarks.attention: still 0.6x the fused kernel's time there; memory grows as L²
 CHUNK_SCORES_BYTES = 5 << 20  # a chunk's fp32 scores: about what stays in this machine's caches
 MASKED = torch.finfo(torch.float32).min  # finite, as in eager attention: a row with no key left stays finite
 
@@ -101,10 +102,10 @@ def cpu_attention_forward(
     scaling: float | None = None,
     is_causal: bool | None = None,
     *,
-    max_length: dict[torch.dtype, int],
+    max_length: int,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention interface: `grouped_attention` on CPU for keys up to `max_length[dtype]`
+    """transformers' attention interface: `grouped_attention` on CPU in bf16 for keys up to `max_length`
     tokens, SDPA otherwise (and for what grouped_attention does not do)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -113,8 +114,10 @@ def cpu_attention_forward(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     supported = (
         device == "cpu"
-        and 1 < length == key.shape[2] <= max_length.get(dtype, 0)  # training and prefill, not decoding
+        and dtype == torch.bfloat16
+        and 1 < length == key.shape[2] <= max_length  # training and prefill, not decoding
         and dropout == 0.0
+        and value.shape[-1] == query.shape[-1]  # not MLA's (DeepSeek-V2/V3) narrower value heads
         and (attention_mask is None or attention_mask.dtype == torch.bool)
         and all(kwargs.get(name) is None for name in ("position_bias", "cache", "softcap"))
     )
@@ -130,20 +133,20 @@ def cpu_attention_forward(
             .view(1, 1, length, length)
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    with torch.autocast(device, enabled=False):  # one dtype through forward and backward
+    # the inputs cast to one dtype; autocast off, so that the kernel's matmuls keep it (its backward, run
+    # by autograd outside autocast, then sees the same dtypes)
+    with torch.autocast(device, enabled=False):
         output = grouped_attention(query.to(dtype), key.to(dtype), value.to(dtype), keep, scale)
     return output.transpose(1, 2).contiguous(), None
 
 
-def _max_length() -> dict[torch.dtype, int]:
-    value = os.environ.get(ENV)
-    if value is None:
-        return MAX_LENGTH
+def _max_length() -> int:
+    value = os.environ.get(ENV, str(MAX_LENGTH))
     if not value.isdigit():
         raise TunelabError(
             f"{ENV}={value!r} is not a number of tokens; set a whole number (0: never) or unset it"
         )
-    return dict.fromkeys(MAX_LENGTH, int(value))
+    return int(value)
 
 
 def use_cpu_attention(model: PreTrainedModel) -> None:

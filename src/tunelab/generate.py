@@ -104,8 +104,9 @@ def chat(
         if command == "/reset":
             messages = list(start)
             continue
-        if re.fullmatch(r"/\w+", command):  # a mistyped command is not a prompt for the model
-            console.print(f"[dim]unknown command {command}: {COMMANDS}[/dim]")
+        if re.fullmatch(r"/\w+", command):  # /help, or a mistyped command: not a prompt for the model
+            unknown = "" if command == "/help" else f"unknown command {command}; "
+            console.print(f"[dim]{unknown}commands: {COMMANDS}[/dim]")
             continue
         if not command:
             continue

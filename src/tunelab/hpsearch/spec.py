@@ -100,11 +100,12 @@ class SweepSpec(BaseModel):
         swept: set[str] = set()
         zipped = [(f"zip[{i}]", group) for i, group in enumerate(self.zip)]
         for where, group in [("grid", self.grid), *zipped]:
-            swept |= _checked_keys(where, group, swept)
+            _check_keys(where, group, swept)
+            swept |= set(group)
         for i, arm in enumerate(self.arms):
             if not arm:
                 raise ValueError(f"'arms[{i}]' is empty; give each arm at least one key and its values")
-            _checked_keys(f"arms[{i}]", arm, swept)
+            _check_keys(f"arms[{i}]", arm, swept)
         for key in ("seeds", "confirm_seeds"):
             if len(set(getattr(self, key))) != len(getattr(self, key)):
                 raise ValueError(f"'{key}' repeats a seed; list each once")
@@ -125,8 +126,8 @@ class SweepSpec(BaseModel):
         return self
 
 
-def _checked_keys(where: str, group: dict[str, list[Any]], swept: set[str]) -> set[str]:
-    """The keys `group` sweeps, after checking that none is placed per trial, empty, or already in `swept`
+def _check_keys(where: str, group: dict[str, list[Any]], swept: set[str]) -> None:
+    """Refuse a key of `group` that is placed per trial, empty, or already swept in `group` or `swept`
     (the same key, or one nested in the other)."""
     seen = set(swept)
     for key, values in group.items():
@@ -141,7 +142,6 @@ def _checked_keys(where: str, group: dict[str, list[Any]], swept: set[str]) -> s
         if not values:
             raise ValueError(f"'{where}.{key}' is an empty list; give a value or remove the key")
         seen.add(key)
-    return seen - swept
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def rank_config(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
 
 
 def _format_error(err: dict, source: str) -> str:
-    key = ".".join(str(part) for part in err["loc"])
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"]).lstrip(".")
     kind = err["type"]
     if kind == "value_error":
         return f"{source}: {err['msg'].removeprefix('Value error, ')}"
@@ -185,9 +185,9 @@ def _format_error(err: dict, source: str) -> str:
         return f"{source}: '{key}' is required"
     if kind in ("list_type", "dict_type"):
         shape = "list" if kind == "list_type" else "mapping of key: value"
-        # a grid's or an arm's key lists its values: one value is still a list
-        swept = err["loc"][0] in ("grid", "arms", "zip")
-        fix = f"; write [{err['input']!r}] for that one value" if swept else ""
+        # a grid's or an arm's key lists its values: one value is still a list (JSON is YAML too)
+        one_value = kind == "list_type" and err["loc"][0] in ("grid", "arms", "zip")
+        fix = f"; write [{json.dumps(err['input'])}] for that one value" if one_value else ""
         return f"{source}: '{key}' must be a {shape} (got {err['input']!r}){fix}"
     return f"{source}: '{key}': {err['msg']} (got {err['input']!r})"
 
