@@ -82,7 +82,7 @@ class SweepSpec(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict)  # a path in the YAML is read into a mapping
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     zip: list[dict[str, list[Any]]] = Field(default_factory=list)
-    arms: list[dict[str, list[Any]]] = Field(default_factory=list)  # each a grid of its own; points add up
+    arms: list[dict[str, list[Any]]] = Field(default_factory=list)  # each a grid of its own; they take turns
     datasets: list[DatasetSpec]
     seeds: list[int] = Field(default_factory=list)  # empty: the base config's train.seed
     confirm_seeds: list[int] = Field(default_factory=list)  # each arm's best config: these seeds too
@@ -214,7 +214,7 @@ def _points(spec: SweepSpec) -> list[dict[str, Any]]:
     """Every point of the sweep as a flat {dotted key: value}: the arms' points × product(grid keys) ×
     product(zip groups). The arms take turns (every arm's first point, then every arm's second, ...), so
     that a sweep stopped early has tried every arm."""
-    factors = [[{key: value} for value in values] for key, values in spec.grid.items()]
+    factors = [_product(spec.grid)]
     for group in spec.zip:
         keys = list(group)
         factors.append([dict(zip(keys, values, strict=True)) for values in zip(*group.values(), strict=True)])
