@@ -123,6 +123,10 @@ class TrainConfig(Section):
     # batches of similar length (random order of groups): gsm8k:train at batch 8 carries 32% padding
     # in random batches, 1.8% grouped (benchmarks.padding); the loss per real token does not change
     group_by_length: bool = True
+    # torch.compile each decoder layer: fuses norms, activations and dropout into fewer kernels
+    # (a bf16 LoRA step on this 2-core CPU: BENCHMARKS.md), at the price of compiling first (~45 s
+    # here the first time, cached after) and again for a new sequence length
+    compile: bool = False
 
     @field_validator("report_to", mode="before")
     @classmethod
