@@ -82,7 +82,6 @@ MODEL_CASES = {
         "lora-r8-compiled",
         "qlora-r64-compiled",
         "qdylora-r64-compiled",
-        "spiel-ag-compiled",
     ],
     "llama3-8b-shapes": ["lora-r8", "lora-r64", "qlora-r64", "qdylora-r64", "spiel-ag", "spiel-ma"],
 }

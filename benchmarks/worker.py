@@ -71,10 +71,6 @@ CASES: dict[str, dict] = {
         },
         "ref": ("tunelab-eager", 64, True),
     },
-    "spiel-ag-compiled": {
-        "ours": {"method": {"name": "spiel", "regrowth": "ag"}, "train": {"compile": True}},
-        "ref": ("tunelab-eager", 8, False),
-    },
 }
 # references tunelab runs itself, at its default precision: SpIEL's LoRA at the same trainable count,
 # and a compiled case's own config uncompiled

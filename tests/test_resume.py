@@ -19,7 +19,7 @@ from conftest import tiny_config
 from tunelab.config import dump_config
 from tunelab.errors import TunelabError
 from tunelab.rundir import COMPLETE_MARKER, RunDir
-from tunelab.train import train
+from tunelab.train import _check_resumable, train
 
 METHODS = {
     "lora": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
@@ -100,6 +100,16 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_model_dir, qa_jsonl):
     changed.train.lr = 0.5
     with pytest.raises(TunelabError, match="'train' differs from"):
         train(changed, resume=True)
+
+
+def test_a_run_saved_before_a_key_existed_resumes(tmp_path, tiny_model_dir, qa_jsonl):
+    path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, "run", METHODS["lora"])
+    run_dir = config.resolved_output_dir()
+    run_dir.mkdir(parents=True)
+    saved = yaml.safe_load(dump_config(config))
+    del saved["train"]["compile"]  # as an older tunelab wrote it
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    _check_resumable(config, RunDir(run_dir))  # the default fills in: nothing differs
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_model_dir, qa_jsonl):

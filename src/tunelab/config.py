@@ -371,6 +371,11 @@ def validate(
             f"with method {config.method.name} (4-bit weights do not train); use lora, dylora or spiel on "
             "a 4-bit base, or quantization: none"
         )
+    if config.train.compile and config.method.not_compilable:
+        raise TunelabError(
+            f"{_where('train.compile', source, text, overridden)}: method {config.method.name} cannot be "
+            f"compiled ({config.method.not_compilable}); set train.compile: false"
+        )
     return config
 
 

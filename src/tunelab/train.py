@@ -24,7 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.assemble import TunedModel, build
-from tunelab.config import RunConfig, dump_config
+from tunelab.config import RunConfig, dump_config, validate
 from tunelab.data import TokenizedDataset, collator, eval_dataset, load_rows, train_dataset
 from tunelab.errors import RunInterrupted, TunelabError
 from tunelab.evaluate import loss_and_perplexity
@@ -147,7 +147,7 @@ class CompiledLayers(TrainerCallback):
         self.dynamic_ints = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
         self.dynamic_ints.__enter__()
         for layer in self.layers:  # forward, not the whole call: hooks stay eager (draw_masks_ahead)
-            layer.forward = torch.compile(layer.forward)
+            layer.forward = torch.compile(layer.forward, dynamic=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         for layer in self.layers:
@@ -330,7 +330,10 @@ def _check_resumable(config: RunConfig, run: RunDir) -> None:
     """Resume only a run that exists, with the run's own config (wherever the folder now lives)."""
     if not run.config_file.is_file():
         raise TunelabError(f"--resume: {run} holds no run to resume (no {CONFIG_FILE}); drop --resume")
-    saved = yaml.safe_load(run.config_file.read_text()) or {}
+    # through the schema: a key that a newer tunelab added (with its default) is not a change
+    saved = validate(yaml.safe_load(run.config_file.read_text()) or {}, str(run.config_file)).model_dump(
+        mode="json"
+    )
     current = config.model_dump(mode="json")
     # where the run lives and what it is called may change when its folder is moved
     changed = [key for key in current if key not in RELOCATABLE_KEYS and current[key] != saved.get(key)]
