@@ -27,22 +27,15 @@ from pathlib import Path
 from rich.console import Console
 
 from benchmarks.flops import gemm_rates
-from benchmarks.worker import CASES, TUNELAB_REFERENCES
+from benchmarks.worker import CASES
 
 console = Console(stderr=True)
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE_NAMES = {
-    "peft": "PEFT LoRA + Trainer",
-    "full": "Trainer full FT",
-    "tunelab-lora": "tunelab LoRA",
-    "tunelab-eager": "tunelab, not compiled",
-}
+REFERENCE_NAMES = {"peft": "PEFT LoRA + Trainer", "full": "Trainer full FT", "tunelab-lora": "tunelab LoRA"}
 
 
 def reference_name(reference: tuple) -> str:
     kind, rank, quantized = reference
-    if kind == "tunelab-eager":
-        return REFERENCE_NAMES[kind]
     if quantized:
         return f"PEFT QLoRA r{rank} (bnb nf4) + Trainer"
     return f"{REFERENCE_NAMES[kind]}" + (f" r{rank}" if rank else "")
@@ -73,16 +66,7 @@ LLAMA3_8B_SHAPES = dict(
 )
 MODEL_CASES = {
     "tiny": list(CASES),
-    "smollm2": [
-        "lora-r8",
-        "full",
-        "qlora-r64",
-        "qdylora-r64",
-        "spiel-ag",
-        "lora-r8-compiled",
-        "qlora-r64-compiled",
-        "qdylora-r64-compiled",
-    ],
+    "smollm2": ["lora-r8", "full", "qlora-r64", "qdylora-r64", "spiel-ag"],
     "llama3-8b-shapes": ["lora-r8", "lora-r64", "qlora-r64", "qdylora-r64", "spiel-ag", "spiel-ma"],
 }
 # bf16 dense peak of the GPU, for MFU (H100/H200 SXM datasheet figure)
@@ -249,9 +233,7 @@ def main() -> None:
         for case in MODEL_CASES[name]:
             if wanted and case not in wanted:
                 continue
-            sides = ["ours", "ref"] + (
-                ["ref-bf16"] if CASES[case]["ref"][0] not in TUNELAB_REFERENCES else []
-            )
+            sides = ["ours", "ref"] + (["ref-bf16"] if CASES[case]["ref"][0] != "tunelab-lora" else [])
             runs: dict[str, list[dict]] = {side: [] for side in sides}
             for round_index in range(args.rounds):
                 shift = round_index % len(sides)  # rotate who goes first: noise hits every side alike

@@ -50,31 +50,7 @@ CASES: dict[str, dict] = {
     # SpIEL against tunelab's own LoRA r8 at the same number of trainable parameters
     "spiel-ag": {"ours": {"method": {"name": "spiel", "regrowth": "ag"}}, "ref": ("tunelab-lora", 8, False)},
     "spiel-ma": {"ours": {"method": {"name": "spiel", "regrowth": "ma"}}, "ref": ("tunelab-lora", 8, False)},
-    # train.compile against the same config uncompiled
-    "lora-r8-compiled": {
-        "ours": {"method": {"name": "lora", "r": 8, "alpha": 16}, "train": {"compile": True}},
-        "ref": ("tunelab-eager", 8, False),
-    },
-    "qlora-r64-compiled": {
-        "ours": {
-            "method": {"name": "lora", "r": 64, "alpha": 16},
-            "quantization": "nf4",
-            "train": {"compile": True},
-        },
-        "ref": ("tunelab-eager", 64, True),
-    },
-    "qdylora-r64-compiled": {
-        "ours": {
-            "method": {"name": "dylora", "r": 64, "alpha": 16},
-            "quantization": "nf4",
-            "train": {"compile": True},
-        },
-        "ref": ("tunelab-eager", 64, True),
-    },
 }
-# references tunelab runs itself, at its default precision: SpIEL's LoRA at the same trainable count,
-# and a compiled case's own config uncompiled
-TUNELAB_REFERENCES = ("tunelab-lora", "tunelab-eager")
 
 
 SIDE_PRECISION = {"ours": "auto", "ref": "fp32", "ref-bf16": "bf16"}
@@ -148,18 +124,17 @@ def measure(case: str, side: str, model_dir: str, steps: int, warmup: int, batch
     spec = CASES[case]
     total_steps = steps + warmup
     kind, rank, quantized = spec["ref"]
-    precision = "auto" if kind in TUNELAB_REFERENCES else SIDE_PRECISION[side]
+    # a tunelab reference (SpIEL's LoRA at the same trainable count) runs at tunelab's default too
+    precision = "auto" if kind == "tunelab-lora" else SIDE_PRECISION[side]
     config = run_config(model_dir, spec["ours"], batch, total_steps, precision)
     if side != "ours" and kind == "tunelab-lora":
         config = run_config(
             model_dir, {"method": {"name": "lora", "r": rank, "alpha": 16}}, batch, total_steps, precision
         )
-    if side != "ours" and kind == "tunelab-eager":
-        config.train.compile = False
-    if config.method.name == "spiel":
+    if side == "ours" and config.method.name == "spiel":
         config.method.num_tunable = lora_trainable_count(model_dir, spec["ref"][1])
     timer = StepTimer()
-    if side == "ours" or kind in TUNELAB_REFERENCES:
+    if side == "ours" or kind == "tunelab-lora":
         built = build(config)
         model = built.model
         train_on_fixed_batches(config, built, length, [timer])

@@ -134,10 +134,6 @@ def test_what_a_method_can_do_is_checked_with_the_config(tmp_path):
     with pytest.raises(TunelabError, match=r"^override quantization=nf4: quantization: nf4 cannot"):
         load_config(_write(tmp_path, "method: full\n"), ["quantization=nf4"])
     assert load_config(None, ["method.name=dylora", "method.r=3"]).method.evaluable_ranks() == [1, 2, 3]
-    path = _write(tmp_path, "method: spiel\ntrain:\n  compile: true\n")
-    with pytest.raises(TunelabError, match=rf"^{path}:3: method spiel cannot be compiled \(its sparse"):
-        load_config(path)
-    assert load_config(None, ["method.name=dylora", "train.compile=true"]).train.compile
     assert load_config(None, ["method.name=lora"]).method.evaluable_ranks() == []
 
 

@@ -123,10 +123,6 @@ class TrainConfig(Section):
     # batches of similar length (random order of groups): gsm8k:train at batch 8 carries 32% padding
     # in random batches, 1.8% grouped (benchmarks.padding); the loss per real token does not change
     group_by_length: bool = True
-    # torch.compile each decoder layer: fuses norms, activations and dropout into fewer kernels
-    # (a bf16 LoRA step on this 2-core CPU: BENCHMARKS.md), at the price of compiling first (~45 s
-    # here the first time, cached after) and again for a new sequence length
-    compile: bool = False
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -370,11 +366,6 @@ def validate(
             f"{_where('quantization', source, text, overridden)}: quantization: nf4 cannot be combined "
             f"with method {config.method.name} (4-bit weights do not train); use lora, dylora or spiel on "
             "a 4-bit base, or quantization: none"
-        )
-    if config.train.compile and config.method.not_compilable:
-        raise TunelabError(
-            f"{_where('train.compile', source, text, overridden)}: method {config.method.name} cannot be "
-            f"compiled ({config.method.not_compilable}); set train.compile: false"
         )
     return config
 

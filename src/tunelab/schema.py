@@ -29,8 +29,6 @@ class MethodSection(Section):
     implementation: ClassVar[str]  # "module:Class" of its `methods.base.Method`, imported when built
     # True: the base model's own weights train (so they cannot be 4-bit, and stay fp32 under bf16)
     trains_base_weights: ClassVar[bool] = False
-    # why its layers cannot run under torch.compile (train.compile), or None where they can
-    not_compilable: ClassVar[str | None] = None
 
     def evaluable_ranks(self) -> list[int]:
         """The ranks one trained adapter can be evaluated at (DyLoRA: every rank); [] for none."""

@@ -19,7 +19,6 @@ import yaml
 from rich.markup import escape
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -127,32 +126,6 @@ class StopOnSignal(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
-
-
-class CompiledLayers(TrainerCallback):
-    """torch.compile every decoder layer for training (`train.compile`), and back to eager after it:
-    evaluating a DyLoRA run at each rank would otherwise compile again for each."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        if not self.layers:
-            console.print(
-                "[yellow]train.compile: this model has no decoder layers tunelab knows; "
-                "training runs uncompiled[/yellow]"
-            )
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        # an int attribute that changes from step to step (DyLoRA's rank) becomes a symbol after one
-        # recompile, instead of a recompile for each value (~20 s a step at SmolLM2's size)
-        self.dynamic_ints = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
-        self.dynamic_ints.__enter__()
-        for layer in self.layers:  # forward, not the whole call: hooks stay eager (draw_masks_ahead)
-            layer.forward = torch.compile(layer.forward, dynamic=True)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        for layer in self.layers:
-            del layer.forward  # the class's own again
-        self.dynamic_ints.__exit__(None, None, None)
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):
@@ -313,8 +286,6 @@ def make_trainer(
         method=built.method,
         chunked_loss=config.train.chunked_loss,
     )
-    if config.train.compile:
-        trainer.add_callback(CompiledLayers(built.model))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if "tensorboard" in config.train.report_to:

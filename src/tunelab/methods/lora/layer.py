@@ -7,12 +7,10 @@ rank b: that is why one DyLoRA run can be evaluated and exported at any rank 1..
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
@@ -86,7 +84,6 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
         self.rank = r  # active rank b
         self.train_last_rank_only = False  # DyLoRA "frozen" mode
-        self.next_drop: torch.Tensor | None = None  # the dropout mask drawn ahead (draw_masks_ahead)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.rank
@@ -97,40 +94,13 @@ class LoRALinear(nn.Module):
             lora_B = torch.cat([lora_B[:, :-1].detach(), lora_B[:, -1:]], dim=1)
         scale, drop = self.alpha / b, None
         if self.training and self.dropout > 0:
-            drop = self.next_drop  # not cleared here: the forward must not change the module
-            if drop is None or drop.shape != x.shape:  # none drawn ahead for this input
-                drop = dropout_mask(x.shape, self.dropout, x.device)
+            drop = dropout_mask(x.shape, self.dropout, x.device)
             scale /= 1 - self.dropout
         return self.base_layer(x) + LoRAUpdate.apply(x, lora_A, lora_B, scale, drop)
 
     def delta_weight(self, rank: int | None = None) -> torch.Tensor:
         b = rank or self.rank
         return (self.lora_B[:, :b] @ self.lora_A[:b]) * (self.alpha / b)
-
-
-def draw_masks_ahead(model: nn.Module) -> None:
-    """Draw the dropout masks of a decoder layer's adapters as the layer starts, in a forward pre-hook,
-    which runs outside the layer's forward. A compiled layer (`train.compile`) then runs as one graph:
-    a mask drawn inside would break it (under checkpointing the whole layer falls back to eager), and
-    the compiler's own rand < p took 3x as long here."""
-    for block in model.modules():
-        if not isinstance(block, GradientCheckpointingLayer):
-            continue
-        adapters = [m for m in block.modules() if isinstance(m, LoRALinear) and m.dropout > 0]
-        if adapters:
-            block.register_forward_pre_hook(partial(_draw_masks, adapters), with_kwargs=True)
-
-
-def _draw_masks(adapters: list[LoRALinear], block: nn.Module, args: tuple, kwargs: dict) -> None:
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    for adapter in adapters:  # every projection of a decoder layer reads one vector per token
-        shape = torch.Size((*hidden.shape[:-1], adapter.in_features)) if hidden is not None else None
-        # a fresh mask per forward; a checkpointed layer's recompute reads it again (or, where it
-        # reruns this hook, draws it again from the restored RNG). None outside training: evaluation
-        # holds no masks and a stale one is never reused
-        adapter.next_drop = (
-            dropout_mask(shape, adapter.dropout, hidden.device) if block.training and shape else None
-        )
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

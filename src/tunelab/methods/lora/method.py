@@ -12,7 +12,7 @@ from torch import nn
 from tunelab.errors import TunelabError
 from tunelab.methods.base import Method
 from tunelab.methods.lora.config import DyLoraConfig, LoraConfig
-from tunelab.methods.lora.layer import LoRALinear, draw_masks_ahead, lora_layers, set_rank
+from tunelab.methods.lora.layer import LoRALinear, lora_layers, set_rank
 from tunelab.methods.surgery import replace_module, target_linear_names
 from tunelab.quant import dequantized_linear
 
@@ -27,7 +27,6 @@ class LoraMethod(Method):
             layer = LoRALinear(base, self.config.r, self.config.alpha, self.config.dropout)
             device = next(base.parameters()).device
             replace_module(model, name, layer.to(device))
-        draw_masks_ahead(model)
 
     # -- ranks: a plain LoRA has one ---------------------------------------------------------
     def resolve_rank(self, rank: int | None) -> int:

@@ -11,9 +11,6 @@ class SpielConfig(MethodSection):
     """SpIEL sparse fine-tuning: per weight matrix k (index, delta) pairs; update -> prune -> regrow."""
 
     implementation: ClassVar[str] = "tunelab.methods.spiel.method:SpielMethod"
-    not_compilable: ClassVar[str | None] = (
-        "its sparse layers merge and re-select indices with data-dependent shapes, which break the graph"
-    )
     name: Literal["spiel"] = "spiel"
     # budget: a fraction of all model parameters, or an absolute count (num_tunable wins when set)
     density: float | None = Field(0.01, gt=0, le=1)
