@@ -91,6 +91,15 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert RunDir(tmp_path).latest_checkpoint().name == "checkpoint-5"
 
 
+def test_a_users_copy_of_a_checkpoint_is_not_one(tmp_path):
+    for name in ("checkpoint-5", "checkpoint-5 copy", "checkpoint-9.bak"):  # a file manager's copies
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / COMPLETE_MARKER).touch()
+    run = RunDir(tmp_path)
+    assert run.latest_checkpoint().name == "checkpoint-5"  # and no crash on the copies' names
+    assert run.foreign_entries() == ["checkpoints/checkpoint-5 copy", "checkpoints/checkpoint-9.bak"]
+
+
 def test_resume_refuses_a_different_config(tmp_path, tiny_model_dir, qa_jsonl):
     path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, "run", METHODS["lora"])
     run_dir = config.resolved_output_dir()

@@ -26,6 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"  # train.report_to: tensorboard's event files
+CHECKPOINT_PREFIX = "checkpoint-"  # checkpoints/checkpoint-N, as transformers' Trainer names them
 COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint directory
 LOCK_FILE = ".tunelab.lock"
 WEIGHTS_FILE = "trained.safetensors"  # what Method.save writes into final/ and each checkpoint
@@ -91,13 +92,17 @@ class RunDir:
             foreign += [
                 f"{CHECKPOINTS_DIR}/{p.name}"
                 for p in self.checkpoints_dir.iterdir()
-                if not (p.is_dir() and p.name.removeprefix("checkpoint-").isdigit())
+                if not (p.is_dir() and checkpoint_step(p) is not None)
             ]
         return sorted(foreign)
 
     def latest_checkpoint(self) -> Path | None:
         """The newest checkpoint written completely (a kill mid-save leaves no marker)."""
-        complete = [p for p in self.checkpoints_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+        complete = [
+            p
+            for p in self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")
+            if checkpoint_step(p) is not None and (p / COMPLETE_MARKER).is_file()
+        ]  # not a copy such as "checkpoint-5 copy", which is the user's
         return max(complete, key=checkpoint_step, default=None)
 
     def require_finished(self) -> None:
@@ -221,8 +226,10 @@ def _listing(names: list[str], most: int = 3) -> str:
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[-1])
+def checkpoint_step(checkpoint: Path) -> int | None:
+    """N of a folder named checkpoint-N (transformers' name for it); None for any other name."""
+    number = checkpoint.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(number) if checkpoint.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
 
 
 def write_atomically(path: Path, text: str) -> None:

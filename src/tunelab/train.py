@@ -32,6 +32,7 @@ from tunelab.methods.base import Method
 from tunelab.models import compute_dtype, load_tokenizer, resolve_model
 from tunelab.reporting import MetricsWriter, Reporter, console
 from tunelab.rundir import (
+    CHECKPOINT_PREFIX,
     COMPLETE_MARKER,
     CONFIG_FILE,
     RunDir,
@@ -201,7 +202,7 @@ class TunelabTrainer(Trainer):
             return
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            checkpoint = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
             (checkpoint / COMPLETE_MARKER).touch()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
