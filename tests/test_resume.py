@@ -92,12 +92,19 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
 
 
 def test_a_users_copy_of_a_checkpoint_is_not_one(tmp_path):
-    for name in ("checkpoint-5", "checkpoint-5 copy", "checkpoint-9.bak"):  # a file manager's copies
+    for name in (
+        "checkpoint-5",
+        "checkpoint-5 copy",
+        "checkpoint-9.bak",
+        "checkpoint-²",
+    ):  # copies, odd names
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / COMPLETE_MARKER).touch()
     run = RunDir(tmp_path)
     assert run.latest_checkpoint().name == "checkpoint-5"  # and no crash on the copies' names
-    assert run.foreign_entries() == ["checkpoints/checkpoint-5 copy", "checkpoints/checkpoint-9.bak"]
+    assert run.foreign_entries() == [
+        f"checkpoints/{name}" for name in ("checkpoint-5 copy", "checkpoint-9.bak", "checkpoint-²")
+    ]
 
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_model_dir, qa_jsonl):
@@ -119,6 +126,11 @@ def test_a_run_saved_before_a_key_existed_resumes(tmp_path, tiny_model_dir, qa_j
     del saved["train"]["group_by_length"]  # as a tunelab from before that key wrote it
     (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     _check_resumable(config, RunDir(run_dir))  # the default fills in: nothing differs
+    text = (run_dir / "config.yaml").read_text().replace("batch_size:", "batchsize:")  # edited by hand
+    (run_dir / "config.yaml").write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "batchsize:" in row)
+    with pytest.raises(TunelabError, match=rf"config.yaml:{line}: unknown key 'train.batchsize'"):
+        _check_resumable(config, RunDir(run_dir))
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_model_dir, qa_jsonl):

@@ -98,11 +98,12 @@ class RunDir:
 
     def latest_checkpoint(self) -> Path | None:
         """The newest checkpoint written completely (a kill mid-save leaves no marker)."""
+        # not a copy such as "checkpoint-5 copy": that one is the user's
         complete = [
             p
-            for p in self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")
+            for p in self.checkpoints_dir.glob("*")
             if checkpoint_step(p) is not None and (p / COMPLETE_MARKER).is_file()
-        ]  # not a copy such as "checkpoint-5 copy", which is the user's
+        ]
         return max(complete, key=checkpoint_step, default=None)
 
     def require_finished(self) -> None:
@@ -229,7 +230,8 @@ def _listing(names: list[str], most: int = 3) -> str:
 def checkpoint_step(checkpoint: Path) -> int | None:
     """N of a folder named checkpoint-N (transformers' name for it); None for any other name."""
     number = checkpoint.name.removeprefix(CHECKPOINT_PREFIX)
-    return int(number) if checkpoint.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
+    # isdecimal, not isdigit: int() refuses digits such as '²'
+    return int(number) if checkpoint.name.startswith(CHECKPOINT_PREFIX) and number.isdecimal() else None
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -302,10 +302,10 @@ def _check_resumable(config: RunConfig, run: RunDir) -> None:
     """Resume only a run that exists, with the run's own config (wherever the folder now lives)."""
     if not run.config_file.is_file():
         raise TunelabError(f"--resume: {run} holds no run to resume (no {CONFIG_FILE}); drop --resume")
-    # through the schema: a key that a newer tunelab added (with its default) is not a change
-    saved = validate(yaml.safe_load(run.config_file.read_text()) or {}, str(run.config_file)).model_dump(
-        mode="json"
-    )
+    # through the schema: a key that a newer tunelab added (with its default) is not a change, and an
+    # edited file's mistake is named by its line
+    text = run.config_file.read_text()
+    saved = validate(yaml.safe_load(text) or {}, str(run.config_file), text).model_dump(mode="json")
     current = config.model_dump(mode="json")
     # where the run lives and what it is called may change when its folder is moved
     changed = [key for key in current if key not in RELOCATABLE_KEYS and current[key] != saved.get(key)]
