@@ -4,18 +4,27 @@ during a few training steps (the kernel's high-water mark is reset when training
 /proc/self/clear_refs). The steps are `tunelab train`'s own (make_trainer: hooks, loss, optimizer).
 
     python -m benchmarks.memory --quantization nf4 [--gradient-checkpointing] [--model smollm2-135m]
+    python -m benchmarks.memory --data gsm8k:train --max-length 384 --steps 60
 
-Batch 8 × 128 tokens, first half a masked prompt, LoRA r8 all-linear.
+Batch 8 × 128 tokens, first half a masked prompt, LoRA r8 all-linear. With --data, batches of that
+data as `tunelab train` makes them (its collator, lengths grouped), and a line per step: the batch's
+padded length, the resident memory after the step and the peak so far. Allocator settings come from
+the environment (e.g. MALLOC_MMAP_THRESHOLD_), so one command compares them.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
+from pathlib import Path
 
 from transformers import TrainerCallback
 
 from benchmarks.worker import StepTimer, run_config, train_on_fixed_batches
 from tunelab.assemble import build
+from tunelab.data import collator, train_dataset
+from tunelab.train import make_trainer
 
 
 def status_bytes(field: str) -> int:
@@ -42,6 +51,37 @@ class ResetPeakAtStart(TrainerCallback):
             clear.write("5")  # reset the peak: what follows is the training steps alone
 
 
+class MemoryTrace(TrainerCallback):
+    """Per step: the padded length of the batch just trained, resident memory now, the peak so far."""
+
+    def __init__(self, collate) -> None:
+        self.collate, self.lengths, self.rows = collate, [], []
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        self.lengths.append(batch["input_ids"].shape[1])  # the loader collates a batch ahead
+        return batch
+
+    def on_step_end(self, args, state, control, **kwargs):
+        length = self.lengths[state.global_step - 1]  # grad_accum 1: one batch a step
+        row = (state.global_step, length, status_bytes("VmRSS"), status_bytes("VmHWM"))
+        self.rows.append(row)
+        resident, peak = row[2] / 2**30, row[3] / 2**30
+        print(f"step {row[0]:4d} length {row[1]:4d} resident {resident:.2f} GiB peak {peak:.2f} GiB")
+
+
+def train_on_data(config, built, callbacks: list[TrainerCallback]) -> MemoryTrace:
+    """`config.train.max_steps` steps on config.data.train, batched as `tunelab train` batches it."""
+    trace = MemoryTrace(collator(built.tokenizer))
+    data = train_dataset(config.data, built.tokenizer, quiet=True)
+    with tempfile.TemporaryDirectory() as out:
+        callbacks = [*callbacks, trace]
+        trainer = make_trainer(config, built, Path(out), data, callbacks=callbacks, data_collator=trace)
+        trainer.args.logging_strategy = "no"
+        trainer.train()
+    return trace
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -49,6 +89,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--data", help="train on this data (a tunelab data spec) instead of fixed batches")
+    parser.add_argument("--max-length", type=int, default=384, help="data.max_length, with --data")
     args = parser.parse_args()
     config = run_config(
         args.model,
@@ -56,6 +98,7 @@ def main() -> None:
             "quantization": args.quantization,
             "method": {"name": "lora", "r": 8},
             "train": {"gradient_checkpointing": args.gradient_checkpointing, "precision": args.precision},
+            **({"data": {"train": args.data, "max_length": args.max_length}} if args.data else {}),
         },
         batch=8,
         steps=args.steps,
@@ -64,7 +107,10 @@ def main() -> None:
     loaded_peak, resident = status_bytes("VmHWM"), status_bytes("VmRSS")
     checkpoint_pages = resident_file_bytes(".safetensors")
     timer = StepTimer()
-    train_on_fixed_batches(config, built, 128, [ResetPeakAtStart(), timer])
+    if args.data:
+        train_on_data(config, built, [ResetPeakAtStart(), timer])
+    else:
+        train_on_fixed_batches(config, built, 128, [ResetPeakAtStart(), timer])
     print(
         f"quantization={args.quantization} gradient_checkpointing={args.gradient_checkpointing} "
         f"precision={args.precision}: "
@@ -72,7 +118,7 @@ def main() -> None:
         f"resident after loading {resident / 2**30:.2f} GiB "
         f"(checkpoint file pages {checkpoint_pages / 2**30:.2f} GiB), "
         f"peak while training {status_bytes('VmHWM') / 2**30:.2f} GiB, "
-        f"last step {timer.times[-1]:.2f} s"
+        f"last step {timer.times[-1]:.2f} s, median step {statistics.median(timer.times):.2f} s"
     )
 
 

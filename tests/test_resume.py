@@ -107,6 +107,28 @@ def test_a_users_copy_of_a_checkpoint_is_not_one(tmp_path):
     ]
 
 
+def test_removing_old_checkpoints_leaves_the_users_and_unfinished_ones(tmp_path):
+    for name in ("checkpoint-5", "checkpoint-10", "checkpoint-15", "checkpoint-5 copy"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / COMPLETE_MARKER).touch()
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir()  # unfinished: the Trainer may still be writing
+    RunDir(tmp_path).remove_old_checkpoints(keep=2)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["checkpoint-10", "checkpoint-15", "checkpoint-2", "checkpoint-5 copy"]
+
+
+def test_keep_checkpoints_keeps_the_newest_and_resumes_from_them(tmp_path, tiny_model_dir, qa_jsonl):
+    config = tiny_config(
+        tiny_model_dir,
+        qa_jsonl,
+        tmp_path / "run",
+        **{"train.max_steps": 20, "train.save_steps": 5, "train.keep_checkpoints": 2},
+    )
+    run = RunDir(train(config).run_dir)
+    assert [p.name for p in run.complete_checkpoints()] == ["checkpoint-15", "checkpoint-20"]
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["checkpoint-15", "checkpoint-20"]
+
+
 def test_resume_refuses_a_different_config(tmp_path, tiny_model_dir, qa_jsonl):
     path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, "run", METHODS["lora"])
     run_dir = config.resolved_output_dir()

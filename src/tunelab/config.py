@@ -111,6 +111,8 @@ class TrainConfig(Section):
     # writes into the run's logs/ folder
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(default_factory=list)
     save_steps: int = Field(0, ge=0)
+    # the newest N checkpoints kept, older ones removed as each is saved (0: all kept)
+    keep_checkpoints: int = Field(0, ge=0)
     eval_steps: int = Field(0, ge=0)
     log_steps: int = Field(10, gt=0)
     # auto: bf16 on a GPU that supports it, else fp32

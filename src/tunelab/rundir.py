@@ -96,15 +96,25 @@ class RunDir:
             ]
         return sorted(foreign)
 
-    def latest_checkpoint(self) -> Path | None:
-        """The newest checkpoint written completely (a kill mid-save leaves no marker)."""
+    def complete_checkpoints(self) -> list[Path]:
+        """The checkpoints written completely (a kill mid-save leaves no marker), oldest first."""
         # not a copy such as "checkpoint-5 copy": that one is the user's
         complete = [
             p
             for p in self.checkpoints_dir.glob("*")
             if checkpoint_step(p) is not None and (p / COMPLETE_MARKER).is_file()
         ]
-        return max(complete, key=checkpoint_step, default=None)
+        return sorted(complete, key=checkpoint_step)
+
+    def latest_checkpoint(self) -> Path | None:
+        complete = self.complete_checkpoints()
+        return complete[-1] if complete else None
+
+    def remove_old_checkpoints(self, keep: int) -> None:
+        """All but the newest `keep` complete checkpoints removed (the newest is always kept)."""
+        for old in self.complete_checkpoints()[: -max(keep, 1)]:
+            (old / COMPLETE_MARKER).unlink()  # first: a half-removed checkpoint is never resumed from
+            shutil.rmtree(old)
 
     def require_finished(self) -> None:
         """For eval and export: a finished run, or a clear error."""

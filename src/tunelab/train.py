@@ -5,6 +5,8 @@ This module never asks which method it runs; it calls the method's hooks.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 import signal
@@ -146,13 +148,35 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the pages of freed CPU memory back to the system. glibc keeps them, and a batch longer
+    than the last one does not fit all its tensors into the holes shorter batches left, so each return
+    to a long batch raised the peak (BENCHMARKS.md change 9)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class TunelabTrainer(Trainer):
     """Trainer that drives its method's hooks, and whose checkpoints hold only what the method
     trains (plus the method's state)."""
 
-    def __init__(self, *args, method: Method, chunked_loss: bool = True, **kwargs) -> None:
+    def __init__(
+        self, *args, method: Method, chunked_loss: bool = True, keep_checkpoints: int = 0, **kwargs
+    ) -> None:
         self.method = method
         self.chunked_loss = chunked_loss
+        self.keep_checkpoints = keep_checkpoints
+        self.last_batch_length = 0
         self.nonfinite_step: int | None = None
         # not optional: without them DyLoRA draws no rank and SpIEL never reselects
         kwargs["callbacks"] = [MethodHooks(method), *(kwargs.get("callbacks") or [])]
@@ -175,6 +199,15 @@ class TunelabTrainer(Trainer):
             seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
             return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
         return sampler
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # lengths fall within a group of batches and jump at the next group: release before the jump
+        # (a few times an epoch; every step would cost ~20% of the step in page faults)
+        length = inputs["input_ids"].shape[-1]
+        if length > self.last_batch_length:
+            release_free_memory()
+        self.last_batch_length = length
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # a wrapped model (DDP) must be called through its wrapper for gradient sync
@@ -204,6 +237,8 @@ class TunelabTrainer(Trainer):
         if self.args.should_save:
             checkpoint = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
             (checkpoint / COMPLETE_MARKER).touch()
+            if self.keep_checkpoints:
+                RunDir(checkpoint.parent.parent).remove_old_checkpoints(self.keep_checkpoints)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         self.method.load(model or self.model, Path(resume_from_checkpoint))
@@ -286,6 +321,7 @@ def make_trainer(
         callbacks=callbacks,
         method=built.method,
         chunked_loss=config.train.chunked_loss,
+        keep_checkpoints=config.train.keep_checkpoints,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
