@@ -114,6 +114,13 @@ def test_config_id_is_sha256_of_sorted_json_without_placement_keys():
     assert config_id({**config, "data": {"max_length": 128}}) != expected
 
 
+def test_a_key_added_later_keeps_the_ids_at_its_default():
+    config = {"train": {"lr": 1e-4}, "method": {"name": "lora"}}
+    before = config_id(config)  # as a tunelab without train.keep_checkpoints resolved it
+    assert config_id({**config, "train": {"lr": 1e-4, "keep_checkpoints": 0}}) == before
+    assert config_id({**config, "train": {"lr": 1e-4, "keep_checkpoints": 2}}) != before
+
+
 def test_defaults_written_or_not_give_the_same_id(tmp_path):
     implicit = write(tmp_path, "grid: {train.lr: [2.0e-4]}\n" + DATASETS, "a.yaml")
     explicit = write(

@@ -55,6 +55,10 @@ TRIAL_METRICS = ("exact_match", "loss", "perplexity")
 # they are set per trial, and left out of config ids and of the hyperparameters a recommendation lists
 PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval", "train.seed")
 EVAL_RANK_KEY = "method.rank"  # the rank a dylora trial's row was evaluated at
+# config keys added after sweeps had run, with their defaults: at the default a key stays out of the
+# config id, so a database written before the key existed still matches its spec (every key is in a
+# resolved config, so a new one would otherwise change every id and restart every trial)
+KEYS_ADDED_LATER = {"train.keep_checkpoints": 0}
 
 
 class DatasetSpec(BaseModel):
@@ -237,7 +241,11 @@ def config_id(config: dict[str, Any]) -> str:
     out and a default left implicit give the same id.
     """
     hyperparameters = nest(
-        {key: value for key, value in flatten(config).items() if key not in PLACEMENT_KEYS}
+        {
+            key: value
+            for key, value in flatten(config).items()
+            if key not in PLACEMENT_KEYS and not (key in KEYS_ADDED_LATER and value == KEYS_ADDED_LATER[key])
+        }
     )
     canonical = json.dumps(hyperparameters, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
