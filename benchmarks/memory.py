@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from benchmarks.worker import StepTimer, run_config, train_on_fixed_batches
-from tunelab.assemble import build
+from tunelab.assemble import TunedModel, build
+from tunelab.config import RunConfig
 from tunelab.data import collator, train_dataset
 from tunelab.train import make_trainer
 
@@ -54,8 +56,8 @@ class ResetPeakAtStart(TrainerCallback):
 class MemoryTrace(TrainerCallback):
     """Per step: the padded length of the batch just trained, resident memory now, the peak so far."""
 
-    def __init__(self, collate) -> None:
-        self.collate, self.lengths, self.rows = collate, [], []
+    def __init__(self, collate: Callable[[list[dict]], dict]) -> None:
+        self.collate, self.lengths = collate, []
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collate(examples)
@@ -64,13 +66,12 @@ class MemoryTrace(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         length = self.lengths[state.global_step - 1]  # grad_accum 1: one batch a step
-        row = (state.global_step, length, status_bytes("VmRSS"), status_bytes("VmHWM"))
-        self.rows.append(row)
-        resident, peak = row[2] / 2**30, row[3] / 2**30
-        print(f"step {row[0]:4d} length {row[1]:4d} resident {resident:.2f} GiB peak {peak:.2f} GiB")
+        resident, peak = status_bytes("VmRSS") / 2**30, status_bytes("VmHWM") / 2**30
+        memory = f"resident {resident:.2f} GiB peak {peak:.2f} GiB"
+        print(f"step {state.global_step:4d} length {length:4d} {memory}")
 
 
-def train_on_data(config, built, callbacks: list[TrainerCallback]) -> MemoryTrace:
+def train_on_data(config: RunConfig, built: TunedModel, callbacks: list[TrainerCallback]) -> None:
     """`config.train.max_steps` steps on config.data.train, batched as `tunelab train` batches it."""
     trace = MemoryTrace(collator(built.tokenizer))
     data = train_dataset(config.data, built.tokenizer, quiet=True)
@@ -79,7 +80,6 @@ def train_on_data(config, built, callbacks: list[TrainerCallback]) -> MemoryTrac
         trainer = make_trainer(config, built, Path(out), data, callbacks=callbacks, data_collator=trace)
         trainer.args.logging_strategy = "no"
         trainer.train()
-    return trace
 
 
 def main() -> None:
@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--data", help="train on this data (a tunelab data spec) instead of fixed batches")
     parser.add_argument("--max-length", type=int, default=384, help="data.max_length, with --data")
     args = parser.parse_args()
+    if args.max_length != parser.get_default("max_length") and not args.data:
+        parser.error("--max-length sets the length of --data's rows; give --data too")
     config = run_config(
         args.model,
         {

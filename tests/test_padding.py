@@ -93,3 +93,29 @@ def test_evaluation_loss_is_transformers_own_loss_token_weighted(tmp_path, token
         tokens += count
     got = loss_and_perplexity(model, dataset, tokenizer, batch_size=8)["loss"]
     torch.testing.assert_close(got, total / tokens, rtol=1e-5, atol=0)
+
+
+def test_free_memory_is_released_before_each_longer_batch_only(tmp_path, tiny_model_dir, monkeypatch):
+    data = _varied_lengths(tmp_path / "varied.jsonl")
+    releases = []
+    monkeypatch.setattr("tunelab.train.release_free_memory", lambda: releases.append(1))
+    for grouped in (True, False):
+        releases.clear()
+        config = tiny_config(
+            tiny_model_dir, data, tmp_path / "run", **{"train.group_by_length": grouped, "train.seed": 3}
+        )
+        built = build(config)
+        dataset = build_dataset(str(data), built.tokenizer, config.data)
+        trainer = make_trainer(config, built, tmp_path / "run", dataset)
+        order = list(trainer._get_train_sampler(dataset))
+        size = config.train.batch_size
+        lengths = [
+            max(len(dataset.features[i]["input_ids"]) for i in order[start : start + size])
+            for start in range(0, config.train.max_steps * size, size)
+        ]
+        trainer.train()
+        longer = sum(1 for before, now in zip([0, *lengths[:-1]], lengths, strict=True) if now > before)
+        # grouped: before the first batch and at each group's return to long batches, not every step
+        assert len(releases) == (longer if grouped else 0)
+        if grouped:
+            assert 1 < longer < config.train.max_steps, lengths

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from tunelab.config import dump_config
 from tunelab.errors import TunelabError
-from tunelab.rundir import COMPLETE_MARKER, RunDir
+from tunelab.rundir import COMPLETE_MARKER, RunDir, mark_complete
 from tunelab.train import _check_resumable, train
 
 METHODS = {
@@ -38,6 +38,7 @@ def _config_file(tmp_path, model_dir, data, name, method):
         **{
             "train.max_steps": STEPS,
             "train.save_steps": SAVE_EVERY,
+            "train.keep_checkpoints": 2,  # old checkpoints go while the killed run saves new ones
             "train.batch_size": 16,
             "train.lr": 1e-2,
         },
@@ -107,17 +108,40 @@ def test_a_users_copy_of_a_checkpoint_is_not_one(tmp_path):
     ]
 
 
-def test_removing_old_checkpoints_leaves_the_users_and_unfinished_ones(tmp_path):
-    for name in ("checkpoint-5", "checkpoint-10", "checkpoint-15", "checkpoint-5 copy"):
-        (tmp_path / "checkpoints" / name).mkdir(parents=True)
-        (tmp_path / "checkpoints" / name / COMPLETE_MARKER).touch()
+def _checkpoint(run_dir, name, files=("trained.safetensors", "optimizer.pt")):
+    folder = run_dir / "checkpoints" / name
+    folder.mkdir(parents=True)
+    for file in files:
+        (folder / file).write_text("x")
+    mark_complete(folder)
+    return folder
+
+
+def test_removing_old_checkpoints_leaves_what_tunelab_did_not_write(tmp_path):
+    for step in (5, 10, 15, 20):
+        _checkpoint(tmp_path, f"checkpoint-{step}")
+    (tmp_path / "checkpoints" / "checkpoint-10" / "notes.txt").write_text("mine")  # added later
+    _checkpoint(tmp_path, "checkpoint-5 copy")
+    _checkpoint(tmp_path, "checkpoint-05")  # a copy too: the Trainer writes no leading zero
+    elsewhere = _checkpoint(tmp_path / "elsewhere", "checkpoint-1")
+    (tmp_path / "checkpoints" / "checkpoint-1").symlink_to(elsewhere)
     (tmp_path / "checkpoints" / "checkpoint-2").mkdir()  # unfinished: the Trainer may still be writing
-    RunDir(tmp_path).remove_old_checkpoints(keep=2)
-    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert left == ["checkpoint-10", "checkpoint-15", "checkpoint-2", "checkpoint-5 copy"]
+
+    left = RunDir(tmp_path).remove_old_checkpoints(keep=2)
+
+    assert left == ["checkpoint-10/notes.txt"]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == [
+        "checkpoint-05", "checkpoint-1", "checkpoint-10", "checkpoint-15", "checkpoint-2", "checkpoint-20",
+        "checkpoint-5 copy",
+    ]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "checkpoint-10").iterdir()) == ["notes.txt"]
+    linked = sorted(p.name for p in elsewhere.iterdir())
+    assert linked == [COMPLETE_MARKER, "optimizer.pt", "trained.safetensors"]
+    assert RunDir(tmp_path).latest_checkpoint().name == "checkpoint-20"
 
 
-def test_keep_checkpoints_keeps_the_newest_and_resumes_from_them(tmp_path, tiny_model_dir, qa_jsonl):
+def test_keep_checkpoints_keeps_the_newest(tmp_path, tiny_model_dir, qa_jsonl):
     config = tiny_config(
         tiny_model_dir,
         qa_jsonl,
@@ -125,8 +149,17 @@ def test_keep_checkpoints_keeps_the_newest_and_resumes_from_them(tmp_path, tiny_
         **{"train.max_steps": 20, "train.save_steps": 5, "train.keep_checkpoints": 2},
     )
     run = RunDir(train(config).run_dir)
-    assert [p.name for p in run.complete_checkpoints()] == ["checkpoint-15", "checkpoint-20"]
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["checkpoint-15", "checkpoint-20"]
+
+
+def test_keep_checkpoints_may_change_on_resume(tmp_path, tiny_model_dir, qa_jsonl):
+    path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, "run", METHODS["lora"])
+    run_dir = config.resolved_output_dir()
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    changed = config.model_copy(deep=True)
+    changed.train.keep_checkpoints = 1  # the disk is filling up
+    _check_resumable(changed, RunDir(run_dir))
 
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_model_dir, qa_jsonl):
@@ -136,7 +169,7 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_model_dir, qa_jsonl):
     (run_dir / "config.yaml").write_text(dump_config(config))
     changed = config.model_copy(deep=True)
     changed.train.lr = 0.5
-    with pytest.raises(TunelabError, match="'train' differs from"):
+    with pytest.raises(TunelabError, match="'train.lr' differs from"):
         train(changed, resume=True)
 
 

@@ -111,7 +111,8 @@ class TrainConfig(Section):
     # writes into the run's logs/ folder
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(default_factory=list)
     save_steps: int = Field(0, ge=0)
-    # the newest N checkpoints kept, older ones removed as each is saved (0: all kept)
+    # the newest N checkpoints kept (those of save_steps and of a Ctrl-C alike), older ones removed as
+    # each is saved, as far as tunelab wrote them (0: all kept); may change on --resume
     keep_checkpoints: int = Field(0, ge=0)
     eval_steps: int = Field(0, ge=0)
     log_steps: int = Field(10, gt=0)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.memory import release_free_memory
 
 try:  # bitsandbytes is a dependency, but keep plain-LoRA use working where it fails to import
     import bitsandbytes as bnb
@@ -86,9 +87,7 @@ def release_loading_memory(model: nn.Module) -> int:
             cursor = max(cursor, live_end)
             if cursor >= end:
                 break
-    if hasattr(libc, "malloc_trim"):  # glibc; musl has none
-        libc.malloc_trim.argtypes = (ctypes.c_size_t,)
-        libc.malloc_trim(0)
+    release_free_memory()
     return released
 
 

@@ -98,23 +98,36 @@ class RunDir:
 
     def complete_checkpoints(self) -> list[Path]:
         """The checkpoints written completely (a kill mid-save leaves no marker), oldest first."""
-        # not a copy such as "checkpoint-5 copy": that one is the user's
+        # not a copy such as "checkpoint-5 copy", nor a link to a folder elsewhere: those are the user's
         complete = [
             p
             for p in self.checkpoints_dir.glob("*")
-            if checkpoint_step(p) is not None and (p / COMPLETE_MARKER).is_file()
+            if checkpoint_step(p) is not None and not p.is_symlink() and (p / COMPLETE_MARKER).is_file()
         ]
         return sorted(complete, key=checkpoint_step)
 
     def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
         complete = self.complete_checkpoints()
         return complete[-1] if complete else None
 
-    def remove_old_checkpoints(self, keep: int) -> None:
-        """All but the newest `keep` complete checkpoints removed (the newest is always kept)."""
-        for old in self.complete_checkpoints()[: -max(keep, 1)]:
-            (old / COMPLETE_MARKER).unlink()  # first: a half-removed checkpoint is never resumed from
-            shutil.rmtree(old)
+    def remove_old_checkpoints(self, keep: int) -> list[str]:
+        """All but the newest `keep` complete checkpoints removed, each as far as its marker lists the
+        files it was written with; returns what was left in place (a file the user added)."""
+        kept_back = []
+        for old in self.complete_checkpoints()[:-keep]:
+            marker = old / COMPLETE_MARKER
+            written = marker.read_text().split("\n")
+            marker.unlink()  # first: a half-removed checkpoint is never resumed from
+            for name in filter(None, written):
+                if name != COMPLETE_MARKER and "/" not in name:
+                    (old / name).unlink(missing_ok=True)
+            left = sorted(p.name for p in old.iterdir())
+            if left:
+                kept_back += [f"{old.name}/{name}" for name in left]
+            else:
+                old.rmdir()
+        return kept_back
 
     def require_finished(self) -> None:
         """For eval and export: a finished run, or a clear error."""
@@ -238,10 +251,19 @@ def _listing(names: list[str], most: int = 3) -> str:
 
 
 def checkpoint_step(checkpoint: Path) -> int | None:
-    """N of a folder named checkpoint-N (transformers' name for it); None for any other name."""
+    """N of a folder named checkpoint-N (transformers' name for it); None for any other name, also
+    for 'checkpoint-05' or other digits than 0-9 (a user's copy, never one the Trainer wrote)."""
     number = checkpoint.name.removeprefix(CHECKPOINT_PREFIX)
-    # isdecimal, not isdigit: int() refuses digits such as '²'
-    return int(number) if checkpoint.name.startswith(CHECKPOINT_PREFIX) and number.isdecimal() else None
+    # isdecimal first: int() refuses digits such as '²'
+    written = checkpoint.name.startswith(CHECKPOINT_PREFIX) and number.isdecimal()
+    return int(number) if written and number == str(int(number)) else None
+
+
+def mark_complete(checkpoint: Path) -> None:
+    """The COMPLETE marker, listing the files the checkpoint was written with (what removing it may
+    delete: anything added later is the user's)."""
+    names = sorted(p.name for p in checkpoint.iterdir() if p.is_file())
+    write_atomically(checkpoint / COMPLETE_MARKER, "".join(f"{name}\n" for name in names))
 
 
 def write_atomically(path: Path, text: str) -> None:

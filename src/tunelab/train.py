@@ -5,8 +5,6 @@ This module never asks which method it runs; it calls the method's hooks.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 import os
 import signal
@@ -25,26 +23,28 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.assemble import TunedModel, build
-from tunelab.config import RunConfig, dump_config, validate
+from tunelab.config import RunConfig, dump_config, flatten, validate
 from tunelab.data import TokenizedDataset, collator, eval_dataset, load_rows, train_dataset
 from tunelab.errors import RunInterrupted, TunelabError
 from tunelab.evaluate import loss_and_perplexity
 from tunelab.loss import causal_lm_loss, supports_head_loss
+from tunelab.memory import release_free_memory
 from tunelab.methods.base import Method
 from tunelab.models import compute_dtype, load_tokenizer, resolve_model
 from tunelab.reporting import MetricsWriter, Reporter, console
 from tunelab.rundir import (
     CHECKPOINT_PREFIX,
-    COMPLETE_MARKER,
     CONFIG_FILE,
     RunDir,
     atomic_directory,
     checkpoint_step,
+    mark_complete,
     write_atomically,
 )
 
-# config keys that may differ when a run is resumed: where its folder lives and what it is called
-RELOCATABLE_KEYS = ("output_dir", "name")
+# config keys that may differ when a run is resumed: where its folder lives, what it is called, and
+# how many checkpoints it keeps (a disk filling up mid-run)
+RESUMABLE_CHANGES = ("output_dir", "name", "train.keep_checkpoints")
 
 
 class MethodHooks(TrainerCallback):
@@ -148,39 +148,28 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (macOS, musl, Windows)."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand the pages of freed CPU memory back to the system. glibc keeps them, and a batch longer
-    than the last one does not fit all its tensors into the holes shorter batches left, so each return
-    to a long batch raised the peak (BENCHMARKS.md change 9)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 class TunelabTrainer(Trainer):
     """Trainer that drives its method's hooks, and whose checkpoints hold only what the method
     trains (plus the method's state)."""
 
     def __init__(
-        self, *args, method: Method, chunked_loss: bool = True, keep_checkpoints: int = 0, **kwargs
+        self,
+        *args,
+        method: Method,
+        chunked_loss: bool = True,
+        keep_checkpoints: int = 0,
+        grouped_lengths: bool = False,
+        **kwargs,
     ) -> None:
         self.method = method
         self.chunked_loss = chunked_loss
         self.keep_checkpoints = keep_checkpoints
-        self.last_batch_length = 0
         self.nonfinite_step: int | None = None
+        self.last_batch_length = 0
         # not optional: without them DyLoRA draws no rank and SpIEL never reselects
         kwargs["callbacks"] = [MethodHooks(method), *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
+        self.release_memory = grouped_lengths and self.args.device.type == "cpu"
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Token-weighted mean loss over the labelled tokens: the number `tunelab eval` reports (the
@@ -201,10 +190,11 @@ class TunelabTrainer(Trainer):
         return sampler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # lengths fall within a group of batches and jump at the next group: release before the jump
-        # (a few times an epoch; every step would cost ~20% of the step in page faults)
-        length = inputs["input_ids"].shape[-1]
-        if length > self.last_batch_length:
+        # grouped lengths fall within a group of batches and jump at the next: release before the jump,
+        # a few times an epoch (every step cost ~20% of the step in page faults, BENCHMARKS.md change 9;
+        # random order jumps every other step, and is not measured)
+        length = inputs["input_ids"].shape[-1] if "input_ids" in inputs else 0
+        if self.release_memory and length > self.last_batch_length:
             release_free_memory()
         self.last_batch_length = length
         return super().training_step(model, inputs, num_items_in_batch)
@@ -234,11 +224,18 @@ class TunelabTrainer(Trainer):
             self.control.should_training_stop = True
             return
         super()._save_checkpoint(model, trial)
+        # every process writes its own RNG state into the checkpoint: complete once all have
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoint = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-            (checkpoint / COMPLETE_MARKER).touch()
+            mark_complete(checkpoint)
             if self.keep_checkpoints:
-                RunDir(checkpoint.parent.parent).remove_old_checkpoints(self.keep_checkpoints)
+                left = RunDir(checkpoint.parent.parent).remove_old_checkpoints(self.keep_checkpoints)
+                if left:
+                    console.print(
+                        f"[yellow]train.keep_checkpoints: left in place what tunelab did not write: "
+                        f"{escape(', '.join(left))}[/yellow]"
+                    )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         self.method.load(model or self.model, Path(resume_from_checkpoint))
@@ -322,6 +319,7 @@ def make_trainer(
         method=built.method,
         chunked_loss=config.train.chunked_loss,
         keep_checkpoints=config.train.keep_checkpoints,
+        grouped_lengths=config.train.group_by_length,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -341,10 +339,10 @@ def _check_resumable(config: RunConfig, run: RunDir) -> None:
     # through the schema: a key that a newer tunelab added (with its default) is not a change, and an
     # edited file's mistake is named by its line
     text = run.config_file.read_text()
-    saved = validate(yaml.safe_load(text) or {}, str(run.config_file), text).model_dump(mode="json")
-    current = config.model_dump(mode="json")
-    # where the run lives and what it is called may change when its folder is moved
-    changed = [key for key in current if key not in RELOCATABLE_KEYS and current[key] != saved.get(key)]
+    saved = flatten(validate(yaml.safe_load(text) or {}, str(run.config_file), text).model_dump(mode="json"))
+    current = flatten(config.model_dump(mode="json"))
+    keys = sorted(set(saved) | set(current))
+    changed = [key for key in keys if key not in RESUMABLE_CHANGES and current.get(key) != saved.get(key)]
     if changed:
         raise TunelabError(
             f"--resume: '{changed[0]}' differs from {run.config_file}; resume with the run's own "
