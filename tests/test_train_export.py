@@ -380,6 +380,9 @@ def test_what_the_terminal_shows_while_training(tmp_path, tiny_model_dir, qa_jso
     assert [line.split()[1] for line in step_lines] == ["1/4", "2/4", "4/4"]
     assert all(" lr " in line and " tok/s " in line and " eta 0:00:" in line for line in step_lines)
     assert any(
-        line.startswith("trained 4 steps in ") and "(mean of the last 2 steps)" in line for line in lines
+        line.startswith("trained 4 steps in ")
+        and "(mean of the last 2 steps); peak memory " in line
+        and line.endswith(" GiB")
+        for line in lines
     )
     assert any(line.startswith(f"next: tunelab eval {tmp_path / 'run'} | tunelab chat") for line in lines)

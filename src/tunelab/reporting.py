@@ -152,7 +152,11 @@ class Reporter(TrainerCallback):
             took = f" in {runtime:.0f} s" if runtime else ""
             over = f"mean of the last {len(losses)} steps" if len(losses) > 1 else "the last step"
             loss = sum(losses) / len(losses)
-            console.print(f"trained {plural(state.global_step, 'step')}{took}; loss {loss:.4f} ({over})")
+            where = "GPU memory" if torch.cuda.is_available() else "memory"  # as peak_memory_bytes counts
+            peak = f"peak {where} {peak_memory_bytes() / 2**30:.2f} GiB"
+            console.print(
+                f"trained {plural(state.global_step, 'step')}{took}; loss {loss:.4f} ({over}); {peak}"
+            )
 
     def close(self) -> None:
         """Stop the progress display (also when training ends by an exception: no frozen bar)."""
