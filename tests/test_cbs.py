@@ -210,3 +210,17 @@ def test_varying_keys_leave_out_a_key_one_method_sets_at_one_value():
         {"method.name": "spiel", "method.accumulation_steps": 5, "train.lr": 1e-4},
     ]
     assert varying_keys(configs) == ["method.name", "method.r", "train.lr"]
+
+
+def test_usual_values_name_a_majority_once_but_never_the_method_or_the_tuned_keys():
+    from tunelab.hpsearch.ranking import usual_values
+
+    configs = [
+        {"method.name": "lora", "train.lr": 1e-3, "train.max_grad_norm": 1.0, "train.weight_decay": 0.0},
+        {"method.name": "lora", "train.lr": 1e-3, "train.max_grad_norm": 1.0, "train.weight_decay": 0.1},
+        {"method.name": "lora", "train.lr": 1e-4, "train.max_grad_norm": 0.0, "train.weight_decay": 0.2},
+        {"method.name": "spiel", "train.lr": 1e-3, "train.max_grad_norm": 1.0, "train.weight_decay": 0.2},
+    ]
+    keys = ["method.name", "train.lr", "train.max_grad_norm", "train.weight_decay"]
+    # lr 1e-3 is 3 of 4 but a tuned key; weight_decay's 0.2 is 2 of 4, not more than half
+    assert usual_values(configs, keys) == {"train.max_grad_norm": 1.0}

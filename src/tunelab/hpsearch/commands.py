@@ -26,7 +26,7 @@ from tunelab.config import dump_config, nest, validate
 from tunelab.errors import TunelabError
 from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
-from tunelab.hpsearch.ranking import arms, best_per_arm, rank_matrix, varying_keys
+from tunelab.hpsearch.ranking import arms, best_per_arm, rank_matrix, usual_values, varying_keys
 from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, select
 from tunelab.rundir import check_writable
@@ -278,8 +278,11 @@ def _recommend_published(model: str, method: str, json_path: Path | None, write_
 
 def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, title: str) -> Table:
     keys = varying_keys([entry["hyperparameters"] for entry in ranking])
+    usual = usual_values([entry["hyperparameters"] for entry in ranking], keys)
     with_test = ranking[0]["test_mean_normalized"] is not None
     table = Table(title=title)
+    if usual:
+        table.caption = "where a row does not say: " + " ".join(f"{k}={v}" for k, v in usual.items())
     columns = ["#", "config", "hyperparameters", "newly covers", "covered", "mean s/best", "top-K score"]
     for column in columns + (["test s/best"] if with_test else []):
         left = column in ("hyperparameters", "newly covers")
@@ -293,7 +296,10 @@ def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, tit
             entry["config"],
             # a key another method has and this one lacks reads None: leave it out
             " ".join(
-                f"{key}={value}" for key in keys if (value := entry["hyperparameters"].get(key)) is not None
+                f"{key}={value}"
+                for key in keys
+                if (value := entry["hyperparameters"].get(key)) is not None
+                and (key not in usual or value != usual[key])
             ),
             ", ".join(entry["covers"]) or "-",
             f"{entry['covered_total']}/{n_datasets}",

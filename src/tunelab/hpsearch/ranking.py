@@ -35,6 +35,21 @@ def varying_keys(hyperparameters: list[dict[str, Any]]) -> list[str]:
 TUNED_KEYS = ("train.lr", EVAL_RANK_KEY)  # what an arm's best config is chosen over
 
 
+def usual_values(hyperparameters: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    """For each of `keys` but the method's and TUNED_KEYS, the value most configs that set it share,
+    where more than half of them do (max_grad_norm=1.0 beside one recipe arm's 0.0): a table can name
+    it once instead of on every row."""
+    usual = {}
+    for key in keys:
+        if key in TUNED_KEYS or key.startswith("method.") or key == "quantization":
+            continue
+        values = [json.dumps(config[key]) for config in hyperparameters if config.get(key) is not None]
+        top = max(set(values), key=values.count)
+        if values.count(top) * 2 > len(values):
+            usual[key] = json.loads(top)
+    return usual
+
+
 def method_label(hyperparameters: dict[str, Any]) -> str:
     """'lora', 'nf4 dylora', 'spiel-ag', ...: the method, its SpIEL regrowth rule and a 4-bit base."""
     name = hyperparameters.get("method.name", "?")
