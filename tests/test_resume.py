@@ -126,15 +126,20 @@ def test_removing_old_checkpoints_leaves_what_tunelab_did_not_write(tmp_path):
     elsewhere = _checkpoint(tmp_path / "elsewhere", "checkpoint-1")
     (tmp_path / "checkpoints" / "checkpoint-1").symlink_to(elsewhere)
     (tmp_path / "checkpoints" / "checkpoint-2").mkdir()  # unfinished: the Trainer may still be writing
+    (_checkpoint(tmp_path, "checkpoint-3") / COMPLETE_MARKER).write_text("")  # an older tunelab's marker
 
     left = RunDir(tmp_path).remove_old_checkpoints(keep=2)
 
-    assert left == ["checkpoint-10/notes.txt"]
+    assert left == [
+        "checkpoint-3 (from an older tunelab: which files are its own is unknown)",
+        "checkpoint-10/notes.txt",
+    ]
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == [
         "checkpoint-05", "checkpoint-1", "checkpoint-10", "checkpoint-15", "checkpoint-2", "checkpoint-20",
-        "checkpoint-5 copy",
+        "checkpoint-3", "checkpoint-5 copy",
     ]  # fmt: skip
+    assert len(list((tmp_path / "checkpoints" / "checkpoint-3").iterdir())) == 3  # untouched
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "checkpoint-10").iterdir()) == ["notes.txt"]
     linked = sorted(p.name for p in elsewhere.iterdir())
     assert linked == [COMPLETE_MARKER, "optimizer.pt", "trained.safetensors"]

@@ -113,11 +113,15 @@ class RunDir:
 
     def remove_old_checkpoints(self, keep: int) -> list[str]:
         """All but the newest `keep` complete checkpoints removed, each as far as its marker lists the
-        files it was written with; returns what was left in place (a file the user added)."""
+        files it was written with; returns what was left in place (a file the user added, a checkpoint
+        whose marker lists nothing)."""
         kept_back = []
         for old in self.complete_checkpoints()[:-keep]:
             marker = old / COMPLETE_MARKER
             written = marker.read_text().split("\n")
+            if not any(written):  # an empty marker, as tunelab wrote them before it listed the files
+                kept_back.append(f"{old.name} (from an older tunelab: which files are its own is unknown)")
+                continue
             marker.unlink()  # first: a half-removed checkpoint is never resumed from
             for name in filter(None, written):
                 if name != COMPLETE_MARKER and "/" not in name:
