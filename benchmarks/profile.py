@@ -4,7 +4,7 @@ pass, deduplicated by storage, grouped by the module that saved it). The steps a
 own (make_trainer: the method's hooks and optimizer, tunelab's loss).
 
     python -m benchmarks.profile [--model smollm2-135m] [--quantization nf4] [--method lora|dylora|full|spiel]
-        [--precision auto|fp32|bf16] [--length 128]
+        [--precision auto|fp32|bf16] [--length 128] [--shapes N]
 
 Batch 8 × LENGTH tokens, first half a masked prompt (as in benchmarks.run). Step 1 warms up, step 2
 counts saved tensors, step 3 is profiled. Prints two markdown tables.
@@ -74,13 +74,15 @@ class SavedTensorCensus(TrainerCallback):
 
 
 class ProfileStep(TrainerCallback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
+    def __init__(self, at_step: int, record_shapes: bool = False) -> None:
+        self.at_step, self.record_shapes = at_step, record_shapes
         self.profiler: torch.profiler.profile | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.at_step:
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=self.record_shapes
+            )
             self.profiler.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--shapes", type=int, default=0, help="each top operator's N heaviest input shapes")
     args = parser.parse_args()
     method = {"name": args.method}
     if args.method in ("lora", "dylora"):
@@ -107,7 +110,8 @@ def main() -> None:
         args.model, {"quantization": args.quantization, "method": method, "train": train}, batch=8, steps=3
     )
     built = build(config)
-    census, profile = SavedTensorCensus(built.model, at_step=1), ProfileStep(at_step=2)
+    census = SavedTensorCensus(built.model, at_step=1)
+    profile = ProfileStep(at_step=2, record_shapes=args.shapes > 0)
     train_on_fixed_batches(config, built, args.length, [census, profile])
 
     by_module = census.by_module
@@ -124,6 +128,16 @@ def main() -> None:
     for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
         share = event.self_cpu_time_total / total_us
         print(f"| {event.key} | {event.count} | {event.self_cpu_time_total / 1e3:.0f} | {share:.0%} |")
+    if args.shapes:
+        print("\n### The heaviest input shapes of those operators\n")
+        print("| operator | input shapes | calls | self CPU ms |\n|---|---|---|---|")
+        top = {e.key for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]}
+        by_shape = [e for e in profile.profiler.key_averages(group_by_input_shape=True) if e.key in top]
+        for key in sorted(top, key=lambda k: -sum(e.self_cpu_time_total for e in by_shape if e.key == k)):
+            heaviest = sorted((e for e in by_shape if e.key == key), key=lambda e: -e.self_cpu_time_total)
+            for event in heaviest[: args.shapes]:
+                ms = event.self_cpu_time_total / 1e3
+                print(f"| {key} | {event.input_shapes} | {event.count} | {ms:.0f} |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluate import parse_ranks
 from tunelab.methods.lora.config import DyLoraConfig, LoraConfig
 from tunelab.methods.lora.dylora import DyLoraMethod, rank_probabilities, sample_rank
-from tunelab.methods.lora.layer import LoRALinear, dropout_mask, lora_layers
+from tunelab.methods.lora.layer import LoRALinear, dropout_mask, keep_bits, lora_layers, zero_dropped
 from tunelab.methods.lora.method import LoraMethod
 
 
@@ -84,6 +84,20 @@ def test_dropout_mask_is_unbiased_in_every_lane(p):
     torch.manual_seed(0)
     lanes = dropout_mask(torch.Size([400_000]), p, torch.device("cpu")).view(-1, 4).double().mean(0)
     torch.testing.assert_close(lanes, torch.full((4,), p, dtype=torch.float64), atol=0.003, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_zeroing_dropped_entries_by_their_bits_equals_masked_fill(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(64, 33).to(dtype)
+    x[0, :3] = torch.tensor([float("nan"), float("-inf"), -0.0])
+    drop = dropout_mask(x.shape, 0.3, x.device)
+    drop[0, :3] = True
+    bits = keep_bits(drop, dtype)
+    zeroed = zero_dropped(x, bits)
+    assert zeroed.dtype == dtype
+    # bit for bit, the dropped NaN, -inf and -0.0 included: +0.0 where dropped, x elsewhere
+    assert torch.equal(zeroed.view(bits.dtype), x.masked_fill(drop, 0).view(bits.dtype))
 
 
 def test_attach_trains_only_lora_parameters():

@@ -11,8 +11,11 @@ from tunelab.data import IGNORE_INDEX
 from tunelab.loss import causal_lm_loss, linear_cross_entropy
 
 
+@pytest.mark.parametrize("softmax_rows", [4, 16])
 @pytest.mark.parametrize("chunk", [3, 1024])
-def test_linear_cross_entropy_matches_dense(chunk):
+def test_linear_cross_entropy_matches_dense(monkeypatch, chunk, softmax_rows):
+    # 10 rows: several chunks and softmax blocks, the last of each partly filled
+    monkeypatch.setattr("tunelab.loss.SOFTMAX_BLOCK_ROWS", softmax_rows)
     torch.manual_seed(0)
     hidden = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(17, 6, dtype=torch.float64, requires_grad=True)

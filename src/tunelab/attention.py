@@ -50,15 +50,24 @@ class GroupedAttention(torch.autograd.Function):
         groups = key.shape[1]
         # the H/G query heads of one key/value head (repeat_kv's order) as one [H/G·L, D] matrix
         grouped = query.reshape(batch, groups, heads // groups * length, dim)
-        drop = None if keep is None else ~keep.unsqueeze(2)  # [B or 1, 1, 1, L, S]
+        # the mask as an additive fp32 bias (as eager attention adds its mask), one value per query and key:
+        # adding it while the bf16 scores are scaled into fp32 is one pass, where masked_fill_ was the
+        # forward's slowest operator on CPU
+        bias = None
+        if keep is not None:
+            bias = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+            bias = bias.masked_fill_(~keep, MASKED).unsqueeze(2)  # [B or 1, 1, 1, L, S]
         outputs, probabilities = [], []
         rows = _rows_per_chunk(query, key.shape[2])
         for start in range(0, batch, rows):
             chunk = slice(start, start + rows)
-            scores = torch.matmul(grouped[chunk], key[chunk].transpose(-1, -2)).float().mul_(scale)
-            if drop is not None:
+            scores = torch.matmul(grouped[chunk], key[chunk].transpose(-1, -2))
+            if bias is None:
+                scores = scores.float().mul_(scale)
+            else:
                 by_head = scores.view(scores.shape[0], groups, heads // groups, length, -1)
-                by_head.masked_fill_(drop[chunk] if drop.shape[0] > 1 else drop, MASKED)
+                scores = torch.add(bias[chunk] if bias.shape[0] > 1 else bias, by_head, alpha=scale)
+                scores = scores.view(-1, groups, heads // groups * length, scores.shape[-1])
             probability = torch.softmax(scores, dim=-1).to(query.dtype)
             probabilities.append(probability)
             outputs.append(torch.matmul(probability, value[chunk]))
@@ -78,8 +87,10 @@ class GroupedAttention(torch.autograd.Function):
         for index, start in enumerate(range(0, batch, ctx.rows)):
             chunk, probability = slice(start, start + ctx.rows), probabilities[index]
             grad_value.append(torch.matmul(probability.transpose(-1, -2), grad[chunk]))
-            grad_scores = torch.matmul(grad[chunk], value[chunk].transpose(-1, -2)).float()
-            grad_scores = grad_scores.sub_(row_dot[chunk]).mul_(probability).mul_(ctx.scale).to(grouped.dtype)
+            grad_probability = torch.matmul(grad[chunk], value[chunk].transpose(-1, -2))
+            # fp32 from the subtraction's type promotion, scaled before rounding to bf16
+            grad_scores = torch.sub(grad_probability, row_dot[chunk]).mul_(probability).mul_(ctx.scale)
+            grad_scores = grad_scores.to(grouped.dtype)
             grad_query.append(torch.matmul(grad_scores, key[chunk]))
             grad_key.append(torch.matmul(grad_scores.transpose(-1, -2), grouped[chunk]))
         grad_query = torch.cat(grad_query).view(batch, heads, length, dim)

@@ -14,6 +14,7 @@ from torch import nn
 from tunelab.data import IGNORE_INDEX
 
 DEFAULT_CHUNK_TOKENS = 1024
+SOFTMAX_BLOCK_ROWS = 16  # 3 MiB of fp32 logits at a 49k vocabulary
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -25,22 +26,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros_like(weight, dtype=compute_dtype) if need_weight_grad else None
+        rows = torch.arange(SOFTMAX_BLOCK_ROWS, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = hidden[start : start + chunk_tokens]
             chunk_targets = targets[start : start + chunk_tokens]
-            logits = (chunk @ weight.T).to(compute_dtype)
-            log_normalizer = logits.logsumexp(dim=-1)
-            total += (log_normalizer - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d(sum of losses)/d(logits) = softmax - one_hot, formed in place in the logits buffer
-            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
-            grad_logits[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1
-            grad_logits = grad_logits.to(hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[start : start + chunk_tokens] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T.to(compute_dtype), chunk.to(compute_dtype))
+            logits = chunk @ weight.T
+            # softmax a few rows at a time in fp32, so each block's passes stay in cache; the
+            # gradient softmax - one_hot is written back into the logits
+            for row in range(0, len(logits), SOFTMAX_BLOCK_ROWS):
+                block = logits[row : row + SOFTMAX_BLOCK_ROWS]
+                block_targets = chunk_targets[row : row + SOFTMAX_BLOCK_ROWS, None]
+                probs = block.to(compute_dtype)  # a copy for bf16; fp32 works in place
+                target_logits = probs.gather(1, block_targets).squeeze(1)
+                row_max = probs.amax(dim=-1, keepdim=True)
+                row_sum = probs.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+                total += (row_max + row_sum.log()).sum() - target_logits.sum()
+                if need_hidden_grad or need_weight_grad:
+                    probs.div_(row_sum)
+                    probs[rows[: len(block)], block_targets.squeeze(1)] -= 1
+                    block.copy_(probs)
+            if need_hidden_grad:
+                grad_hidden[start : start + chunk_tokens] = logits @ weight
+            if need_weight_grad:
+                grad_weight.addmm_(logits.T.to(compute_dtype), chunk.to(compute_dtype))
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
