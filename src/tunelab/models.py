@@ -13,6 +13,7 @@ from rich.console import Console
 
 from tunelab.attention import use_cpu_attention
 from tunelab.errors import TunelabError
+from tunelab.norm import use_rms_norm
 
 # Built-in models ship inside PyPI wheels as GGUF files: (distribution, file inside it).
 BUILTIN_MODELS = {
@@ -182,4 +183,5 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, **kwargs):
             "its weight files are incomplete or do not match config.json; copy or save the model again"
         )
     use_cpu_attention(model)
+    use_rms_norm(model)
     return model
