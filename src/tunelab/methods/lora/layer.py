@@ -66,16 +66,13 @@ class LoRAUpdate(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             dropped = x.to(dtype) if drop is None else zero_dropped(x.to(dtype), keep_bits(drop, dtype))
             scaled_down = F.linear(dropped, lora_A.to(dtype)).mul_(scale)
-            ctx.scale, ctx.dtype, ctx.base_dtype = scale, dtype, base.dtype
-            ctx.save_for_backward(x, drop, lora_A, lora_B, scaled_down)
-            fresh = base._base is None and not (base.is_leaf and base.requires_grad)
-            if fresh and base.dtype == dtype and base.is_contiguous():
-                # the frozen layer's output is a new tensor that no one saves: accumulate into it,
-                # sparing the copy an out-of-place addmm makes
-                token_rows(base).addmm_(token_rows(scaled_down), lora_B.to(dtype).T)
-                ctx.mark_dirty(base)
-                return base
-            out = torch.addmm(token_rows(base.to(dtype)), token_rows(scaled_down), lora_B.to(dtype).T)
+            update_B = lora_B.to(dtype).T
+            if base.dtype == dtype:
+                out = torch.addmm(token_rows(base), token_rows(scaled_down), update_B)
+            else:  # a base layer computing in another dtype: promote, as base + update would
+                out = token_rows(base) + token_rows(scaled_down) @ update_B
+        ctx.save_for_backward(x, drop, lora_A, lora_B, scaled_down)
+        ctx.scale, ctx.dtype, ctx.base_dtype = scale, dtype, base.dtype
         return out.view(*base.shape[:-1], out.shape[-1])
 
     @staticmethod
