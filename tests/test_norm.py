@@ -44,35 +44,35 @@ def test_a_switched_model_gives_the_same_logits_and_close_gradients(dtype):
     torch.testing.assert_close(norm_grad_switched, norm_grad, **tolerance)
 
 
-class OnePlusWeightRMSNorm(nn.Module):
-    """Gemma's norm: (1 + weight) scales the rows, so rms_norm would compute something else."""
-
-    def __init__(self, size: int) -> None:
+class VariantRMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(size))
+        self.weight = nn.Parameter(weight)
         self.variance_epsilon = 1e-6
 
+    def normed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+class OnePlusWeightRMSNorm(VariantRMSNorm):
+    """Gemma's norm: (1 + weight) scales the rows, so rms_norm would compute something else."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return (self.normed(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class WeightBeforeRoundingRMSNorm(nn.Module):
+class WeightBeforeRoundingRMSNorm(VariantRMSNorm):
     """Olmo2's norm: the weight multiplies before the rounding to the input's dtype. With weights of 1, or
     inputs as wide as the weights, it agrees with Llama's; with fp32 weights and bf16 inputs it does not."""
 
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.variance_epsilon = 1e-6
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return (self.weight * normed).to(x.dtype)
+        return (self.weight * self.normed(x)).to(x.dtype)
 
 
 def test_a_norm_that_computes_something_else_keeps_its_forward():
-    model = nn.Sequential(OnePlusWeightRMSNorm(8), WeightBeforeRoundingRMSNorm(8), nn.LayerNorm(8))
+    model = nn.Sequential(
+        OnePlusWeightRMSNorm(torch.randn(8)), WeightBeforeRoundingRMSNorm(torch.ones(8)), nn.LayerNorm(8)
+    )
     assert use_rms_norm(model) == 0
     assert not any("forward" in vars(module) for module in model)
 
