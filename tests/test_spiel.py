@@ -14,7 +14,7 @@ from conftest import random_llama
 from tunelab.methods import create_method
 from tunelab.methods.spiel import selection
 from tunelab.methods.spiel.config import SpielConfig
-from tunelab.methods.spiel.layer import SparseDeltaLinear
+from tunelab.methods.spiel.layer import SparseDeltaLinear, weight_grad_at
 from tunelab.methods.spiel.method import parameter_count
 from tunelab.methods.spiel.optim import SparseAdamW, SparseSM3, adamw_seed_state
 from tunelab.methods.spiel.selection import (
@@ -224,6 +224,19 @@ def assert_matches_dense_reference(layer, effective: torch.Tensor, bias: torch.T
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
     delta_grad = w64.grad.flatten()[layer.indices.long()]
     torch.testing.assert_close(layer.values.grad.double(), delta_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the SDDMM path; one 16-bit GEMM
+def test_weight_gradient_at_positions_matches_the_dense_product(dtype):
+    torch.manual_seed(0)
+    grad_out, inputs = torch.randn(40, 12), torch.randn(40, 9)
+    first, second = (torch.randperm(12 * 9)[:k].sort().values for k in (20, 7))
+    got = weight_grad_at(grad_out.to(dtype), inputs.to(dtype), (12, 9), first, second)
+    dense = (grad_out.to(dtype).double().T @ inputs.to(dtype).double()).flatten()
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.01, "atol": 0.05}
+    for grad, indices in zip(got, (first, second), strict=True):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad.double(), dense[indices], **tolerance)
 
 
 def test_delta_gradient_matches_dense_reference():

@@ -24,17 +24,30 @@ from tunelab.quant import dequantize_weight, dequantized_linear, is_4bit
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
-def sampled_weight_grad(
+def weight_grad_at(
+    grad_out: torch.Tensor, inputs: torch.Tensor, shape: tuple[int, int], *index_sets: torch.Tensor
+) -> list[torch.Tensor]:
+    """(grad_out^T @ inputs) at each set of sorted flat positions, in fp32; grad_out: (tokens, m),
+    inputs: (tokens, n).
+
+    In fp32, torch.sparse.sampled_addmm (SDDMM) computes only the k dot products of each set, reading the
+    sorted positions as a CSR pattern. Measured on 2 CPU cores, 2048 tokens, a 2048 x 2048 weight: 11 ms
+    at 0.5% density, 37 ms at 2%, 84 ms at 5%, against ~170 ms for the dense fp32 product + gather;
+    gathering rows/columns and reducing was 2-25x slower. In bf16 or fp16 the dense product is a 16-bit
+    GEMM (~4.6x the fp32 rate on CPUs with native bf16), while the SDDMM's CPU kernel needs fp32 copies
+    of both operands, transposed: there one GEMM and a gather take 0.3-0.5x its time at SmolLM2's shapes
+    and 2.3% density (BENCHMARKS.md, change 12), and the gradient is rounded to bf16 as autocast's
+    weight gradients are.
+    """
+    if grad_out.dtype in (torch.bfloat16, torch.float16) and inputs.dtype == grad_out.dtype:
+        dense = (grad_out.T @ inputs).view(-1)
+        return [dense[indices].float() for indices in index_sets]
+    return [_sampled_product(grad_out, inputs, indices, shape) for indices in index_sets]
+
+
+def _sampled_product(
     grad_out: torch.Tensor, inputs: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]
 ) -> torch.Tensor:
-    """(grad_out^T @ inputs) at the sorted flat positions `indices`, in fp32, without the dense product.
-
-    grad_out: (tokens, m), inputs: (tokens, n). The sorted indices are a CSR pattern, and
-    torch.sparse.sampled_addmm (SDDMM) computes only those k dot products. Measured on 2 CPU cores,
-    2048 tokens, a 2048 x 2048 weight: 11 ms at 0.5% density, 37 ms at 2%, 84 ms at 5%, against
-    ~170 ms for the dense product + gather; gathering rows/columns and reducing was 2-25x slower.
-    fp32 because the CPU kernel has no bf16.
-    """
     num_rows, num_cols = shape
     crow = torch.zeros(num_rows + 1, dtype=indices.dtype, device=indices.device)
     crow[1:] = torch.bincount(indices // num_cols, minlength=num_rows).cumsum(0)
@@ -162,7 +175,7 @@ class SparseDeltaLinear(nn.Module):
         """d loss / d values for one micro-batch (grad_out: tokens x m, inputs: tokens x n); inside a
         SpIEL-AG phase also accumulates the candidates' statistics."""
         if not self.accumulating:
-            return sampled_weight_grad(grad_out, inputs, self.indices, self.weight_shape)
+            return weight_grad_at(grad_out, inputs, self.weight_shape, self.indices)[0]
         if self.candidates is None:
             # the phase's first micro-batch: the one dense gradient, to pick the candidates
             dense = average_across_processes(grad_out.float().T @ inputs.float()).view(-1)
@@ -170,11 +183,13 @@ class SparseDeltaLinear(nn.Module):
             grad = dense[candidates]
             self.candidates = CandidateStats(candidates, grad, grad * grad, 1)
             return dense[self.indices]
-        grad = sampled_weight_grad(grad_out, inputs, self.candidates.indices, self.weight_shape)
+        grad, values_grad = weight_grad_at(
+            grad_out, inputs, self.weight_shape, self.candidates.indices, self.indices
+        )
         self.candidates.grad_sum += grad
         self.candidates.grad_sq_sum.addcmul_(grad, grad)
         self.candidates.samples += 1
-        return sampled_weight_grad(grad_out, inputs, self.indices, self.weight_shape)
+        return values_grad
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={len(self.indices)}"
