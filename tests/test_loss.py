@@ -53,3 +53,16 @@ def test_causal_lm_loss_equals_the_models_loss(num_items):
     torch.testing.assert_close(got, expected, check_dtype=False, rtol=1e-6, atol=1e-6)
     for got_grad, expected_grad in zip((p.grad for p in model.parameters()), expected_grads, strict=True):
         torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_gradients_are_close_to_float64():
+    # bf16 GEMMs (as under autocast), softmax and sums in fp32: within bf16 rounding of the reference
+    torch.manual_seed(0)
+    hidden64, weight64 = torch.randn(40, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    targets = torch.randint(0, 50, (40,))
+    hidden, weight = (t.bfloat16().requires_grad_() for t in (hidden64, weight64))
+    linear_cross_entropy(hidden, weight, targets, chunk_tokens=16).backward()
+    reference = [t.bfloat16().double().requires_grad_() for t in (hidden64, weight64)]
+    F.cross_entropy(reference[0] @ reference[1].T, targets, reduction="sum").backward()
+    for got, expected in zip((hidden.grad, weight.grad), reference, strict=True):
+        torch.testing.assert_close(got.double(), expected.grad, rtol=0.02, atol=0.02)

@@ -48,7 +48,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_hidden_grad:
                 grad_hidden[start : start + chunk_tokens] = logits @ weight
             if need_weight_grad:
-                grad_weight.addmm_(logits.T.to(compute_dtype), chunk.to(compute_dtype))
+                # in the logits' dtype (bf16 under autocast, as autocast computes weight gradients: 4.6x
+                # the fp32 GEMM rate on CPUs with native bf16), summed over chunks in fp32
+                grad_weight += (logits.T @ chunk.to(logits.dtype)).to(compute_dtype)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
