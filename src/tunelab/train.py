@@ -233,7 +233,7 @@ class TunelabTrainer(Trainer):
                 left = RunDir(checkpoint.parent.parent).remove_old_checkpoints(self.keep_checkpoints)
                 if left:
                     console.print(
-                        f"[yellow]train.keep_checkpoints: left in place what tunelab did not write: "
+                        f"[yellow]train.keep_checkpoints: left in place, not known to be tunelab's: "
                         f"{escape(', '.join(left))}[/yellow]"
                     )
 
