@@ -7,7 +7,10 @@ own (make_trainer: the method's hooks and optimizer, tunelab's loss).
         [--precision auto|fp32|bf16] [--length 128] [--shapes N]
 
 Batch 8 × LENGTH tokens, first half a masked prompt (as in benchmarks.run). Step 1 warms up, step 2
-counts saved tensors, step 3 is profiled. Prints two markdown tables.
+counts saved tensors, step 3 is profiled. Prints two markdown tables. With --shapes, a fourth step is
+profiled recording input shapes, for a third table: recording shapes keeps tensors' memory from being
+reused, so that step's large elementwise operators ran several times slower (fresh pages faulted in),
+and its times only rank the shapes; the operator table's times always come from step 3.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quantization", default="none", choices=("none", "nf4"))
     parser.add_argument("--method", default="lora")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA / DyLoRA rank")
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
@@ -104,15 +108,15 @@ def main() -> None:
     args = parser.parse_args()
     method = {"name": args.method}
     if args.method in ("lora", "dylora"):
-        method |= {"r": 8, "dropout": args.dropout}
+        method |= {"r": args.rank, "dropout": args.dropout}
     train = {"gradient_checkpointing": args.gradient_checkpointing, "precision": args.precision}
-    config = run_config(
-        args.model, {"quantization": args.quantization, "method": method, "train": train}, batch=8, steps=3
-    )
+    overrides = {"quantization": args.quantization, "method": method, "train": train}
+    config = run_config(args.model, overrides, batch=8, steps=4 if args.shapes else 3)
     built = build(config)
     census = SavedTensorCensus(built.model, at_step=1)
-    profile = ProfileStep(at_step=2, record_shapes=args.shapes > 0)
-    train_on_fixed_batches(config, built, args.length, [census, profile])
+    profile = ProfileStep(at_step=2)
+    shapes = ProfileStep(at_step=3, record_shapes=True)
+    train_on_fixed_batches(config, built, args.length, [census, profile] + ([shapes] if args.shapes else []))
 
     by_module = census.by_module
     total = sum(by_module.values())
@@ -129,10 +133,10 @@ def main() -> None:
         share = event.self_cpu_time_total / total_us
         print(f"| {event.key} | {event.count} | {event.self_cpu_time_total / 1e3:.0f} | {share:.0%} |")
     if args.shapes:
-        print("\n### The heaviest input shapes of those operators\n")
-        print("| operator | input shapes | calls | self CPU ms |\n|---|---|---|---|")
+        print("\n### The heaviest input shapes of those operators (from a step recording shapes)\n")
+        print("| operator | input shapes | calls | self CPU ms, inflated |\n|---|---|---|---|")
         top = {e.key for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]}
-        by_shape = [e for e in profile.profiler.key_averages(group_by_input_shape=True) if e.key in top]
+        by_shape = [e for e in shapes.profiler.key_averages(group_by_input_shape=True) if e.key in top]
         for key in sorted(top, key=lambda k: -sum(e.self_cpu_time_total for e in by_shape if e.key == k)):
             heaviest = sorted((e for e in by_shape if e.key == key), key=lambda e: -e.self_cpu_time_total)
             for event in heaviest[: args.shapes]:
