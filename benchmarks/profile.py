@@ -8,9 +8,10 @@ own (make_trainer: the method's hooks and optimizer, tunelab's loss).
 
 Batch 8 × LENGTH tokens, first half a masked prompt (as in benchmarks.run). Step 1 warms up, step 2
 counts saved tensors, step 3 is profiled. Prints two markdown tables. With --shapes, a fourth step is
-profiled recording input shapes, for a third table: recording shapes keeps tensors' memory from being
-reused, so that step's large elementwise operators ran several times slower (fresh pages faulted in),
-and its times only rank the shapes; the operator table's times always come from step 3.
+profiled recording input shapes, for a third table. Recording shapes made that step's large
+elementwise operators several times slower (NF4 LoRA r64: bitwise_and on 8 × 256 × 1536 took 820 ms
+there, against 98 ms for all its shapes in step 3; the cause was not looked into), so its times only
+rank the shapes; the operator table's times always come from step 3.
 """
 
 from __future__ import annotations
