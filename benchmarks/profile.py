@@ -3,7 +3,8 @@ by self CPU time) and where the activation memory goes (every tensor autograd sa
 pass, deduplicated by storage, grouped by the module that saved it). The steps are `tunelab train`'s
 own (make_trainer: the method's hooks and optimizer, tunelab's loss).
 
-    python -m benchmarks.profile [--model smollm2-135m] [--quantization nf4] [--method lora|dylora|full|spiel]
+    python -m benchmarks.profile [--model smollm2-135m] [--quantization nf4 --gradient-checkpointing]
+        [--method lora|dylora|full|spiel] [--rank 8] [--dropout 0.05]
         [--precision auto|fp32|bf16] [--length 128] [--shapes N]
 
 Batch 8 × LENGTH tokens, first half a masked prompt (as in benchmarks.run). Step 1 warms up, step 2

@@ -386,3 +386,13 @@ def test_what_the_terminal_shows_while_training(tmp_path, tiny_model_dir, qa_jso
         for line in lines
     )
     assert any(line.startswith(f"next: tunelab eval {tmp_path / 'run'} | tunelab chat") for line in lines)
+
+
+def test_time_left_is_not_swung_by_one_suspended_step():
+    from datetime import timedelta
+
+    from tunelab.reporting import time_left
+
+    # 2 s steps, one of which spanned an hour's pause: 10 steps left are ~20 s, not ~2 hours
+    assert time_left([2.0, 2.0, 3600.0, 2.0, 2.0], 10) == timedelta(seconds=20)
+    assert time_left([1.0, 3.0], 4) == timedelta(seconds=8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import statistics
 import time
 from collections import deque
 from datetime import timedelta
@@ -27,6 +28,12 @@ from transformers import TrainerCallback
 from tunelab.methods.base import Method
 
 console = Console(stderr=True, soft_wrap=True, emoji=False)  # one message, one line, whatever the width
+
+
+def time_left(step_times: list[float] | deque[float], steps_left: int) -> timedelta:
+    """The median of the recent steps' times, times the steps left: a step that took long because the
+    process was suspended (Ctrl-Z, SIGSTOP) or the machine busy does not swing the estimate."""
+    return timedelta(seconds=round(statistics.median(step_times) * steps_left))
 
 
 def peak_memory_bytes() -> int:
@@ -119,8 +126,7 @@ class Reporter(TrainerCallback):
                 state.global_step % self.log_steps == 0 or state.global_step == 1
             ):
                 # on a terminal the bar shows the ETA; a log line computes it from the steps so far
-                mean = sum(self.step_times) / len(self.step_times)
-                eta = timedelta(seconds=round(mean * (state.max_steps - state.global_step)))
+                eta = time_left(self.step_times, state.max_steps - state.global_step)
                 step = f"step {state.global_step}/{state.max_steps}"
                 console.print(f"{step} {info} {record['step_time_s']:.2f}s/step eta {eta}")
         elif any(key.startswith("eval_") for key in logs):
