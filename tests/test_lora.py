@@ -90,20 +90,31 @@ def test_dropout_mask_is_unbiased_in_every_lane(p):
 
 
 def test_dropout_mask_follows_torch_seed():
-    shape = torch.Size([600_001])  # a tail that is not a whole 64-bit word
+    cpu = torch.device("cpu")
     torch.manual_seed(3)
-    first = dropout_mask(shape, 0.05, torch.device("cpu"))
+    first = dropout_mask(torch.Size([600_001]), 0.05, cpu)  # a tail that is not a whole 64-bit word
+    assert first.dtype == torch.bool and first.shape == (600_001,) and first.is_contiguous()
     torch.manual_seed(3)
-    assert torch.equal(first, dropout_mask(shape, 0.05, torch.device("cpu")))
-    assert not torch.equal(first, dropout_mask(shape, 0.05, torch.device("cpu")))  # the generator moved on
-    for part in first.chunk(4):  # every part drops at rate p, the tail included (SE ~6e-4)
+    assert torch.equal(first, dropout_mask(torch.Size([600_001]), 0.05, cpu))
+    assert not torch.equal(first, dropout_mask(torch.Size([600_001]), 0.05, cpu))  # the generator moved on
+    torch.manual_seed(3)  # the tail's entry is the one a whole last word gives it
+    assert torch.equal(first, dropout_mask(torch.Size([600_004]), 0.05, cpu)[:600_001])
+    for part in first.chunk(4):  # every part drops at rate p (SE ~6e-4)
         assert abs(part.double().mean().item() - 0.05) < 0.003
 
 
-def test_gradient_checkpointing_recomputes_the_same_dropout_masks():
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(monkeypatch):
     """The recompute draws its masks again from torch's restored RNG state: the gradients must be those
     of the first forward, bit for bit."""
-    grads = []
+    import tunelab.methods.lora.layer as lora_layer
+
+    grads, draws = [], []
+
+    def counted_mask(*args):
+        draws[-1] += 1
+        return dropout_mask(*args)
+
+    monkeypatch.setattr(lora_layer, "dropout_mask", counted_mask)
     for checkpointing in (False, True):
         model = random_llama(hidden_size=64, intermediate_size=128)
         LoraMethod(LoraConfig(r=4, dropout=0.3)).attach(model)
@@ -114,8 +125,10 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_masks():
             enable({"use_reentrant": False})
         model.train()
         torch.manual_seed(7)
+        draws.append(0)
         model(input_ids=torch.randint(0, 64, (2, 48)), labels=torch.randint(0, 64, (2, 48))).loss.backward()
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert draws == [14, 28]  # 7 adapters in each of 2 layers; checkpointed, each mask is drawn again
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 

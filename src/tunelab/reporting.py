@@ -62,7 +62,8 @@ class Reporter(TrainerCallback):
         self.method, self.metrics, self.log_steps = method, metrics, log_steps
         self.step_started = 0.0
         self.tokens_before = 0  # tokens seen when the current step began
-        self.step_times: deque[float] = deque(maxlen=log_steps)  # the recent steps: a log line's ETA
+        # the recent steps, for a log line's ETA: at least 5, so that one slow step is not the median
+        self.step_times: deque[float] = deque(maxlen=max(log_steps, 5))
         self.pending: dict[str, Any] = {}
         self.progress: Progress | None = None
         self.task = None
