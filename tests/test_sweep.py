@@ -122,6 +122,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(killed_and_resum
     resumed = killed_and_resumed["resumed"]
     assert "6 trials, 2 already done, 4 to run" in resumed.stderr
     assert "done 4, failed 2, remaining 0" in resumed.stderr
+    started = [line for line in resumed.stderr.splitlines() if line.startswith("started ")]
+    assert len(started) == 4  # each trial that runs says so, and where its log is
+    assert all(line.endswith("-s42.log") and "train.lr=" in line for line in started)
 
 
 def test_killed_sweep_leaves_no_orphan_trial(killed_and_resumed):

@@ -26,7 +26,14 @@ from tunelab.config import dump_config, nest, validate
 from tunelab.errors import TunelabError
 from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
-from tunelab.hpsearch.ranking import arms, best_per_arm, rank_matrix, usual_values, varying_keys
+from tunelab.hpsearch.ranking import (
+    arms,
+    best_per_arm,
+    hyperparameters,
+    rank_matrix,
+    usual_values,
+    varying_keys,
+)
 from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, select
 from tunelab.rundir import check_writable
@@ -134,6 +141,12 @@ class SweepProgress:
             line = f"[{self.done + self.failed}/{self.total}] {line} | {counts}"
         err_console.print(line, highlight=False)
 
+    def start(self, trial: Trial, log: Path) -> None:
+        """Which trial runs now and where its log is: a trial can take longer than a person waits for."""
+        what = _describe(hyperparameters(trial.config))
+        line = f"started {trial.dataset} {trial.config_id} ({what}, seed {trial.seed}): log {log}"
+        err_console.print(escape(line), highlight=False)
+
     def __enter__(self) -> SweepProgress:
         self.bar.start()
         return self
@@ -188,7 +201,7 @@ def sweep(
                 progress.update(trial, result)
 
             if executor == "local":
-                run_local(pending, work_dir, on_result, max_parallel or 1)
+                run_local(pending, work_dir, on_result, max_parallel or 1, progress.start)
             else:
                 run_ray(pending, work_dir, on_result, address, max_parallel, cpus_per_trial, gpus_per_trial)
         return progress.failed, len(pending)

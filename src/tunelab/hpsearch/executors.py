@@ -57,6 +57,7 @@ class TrialResult:
 
 
 OnResult = Callable[[Trial, TrialResult], None]
+OnStart = Callable[[Trial, Path], None]  # a trial and its log file, as it starts
 
 
 def _now() -> str:
@@ -72,6 +73,11 @@ def trial_dir(work_dir: Path, trial: Trial) -> Path:
     return work_dir / trial.dataset / trial.run_name
 
 
+def trial_log(run_dir: Path) -> Path:
+    """The trial process's stdout and stderr, beside its run folder."""
+    return run_dir.with_name(f"{run_dir.name}.log")
+
+
 def run_trial_process(trial: Trial, run_dir: Path, threads: int, cwd: str | None = None) -> TrialResult:
     """Train and evaluate `trial` in a child process writing into `run_dir`; a failed trial does not raise.
 
@@ -80,7 +86,7 @@ def run_trial_process(trial: Trial, run_dir: Path, threads: int, cwd: str | None
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config_path = run_dir.with_name(f"{run_dir.name}.yaml")
     result_path = run_dir.with_name(f"{run_dir.name}.result.json")
-    log_path = run_dir.with_name(f"{run_dir.name}.log")
+    log_path = trial_log(run_dir)
     result_path.unlink(missing_ok=True)  # from an earlier attempt
     config_path.write_text(yaml.safe_dump({**trial.config, "output_dir": str(run_dir)}, sort_keys=False))
     env = {
@@ -139,14 +145,26 @@ def record(store: ResultsStore, trial: Trial, result: TrialResult) -> None:
     )
 
 
-def run_local(trials: list[Trial], work_dir: Path, on_result: OnResult, max_parallel: int = 1) -> None:
-    """Run `trials`, at most `max_parallel` at once; `on_result` runs in this thread as each one finishes."""
+def run_local(
+    trials: list[Trial],
+    work_dir: Path,
+    on_result: OnResult,
+    max_parallel: int = 1,
+    on_start: OnStart | None = None,
+) -> None:
+    """Run `trials`, at most `max_parallel` at once; `on_result` runs in this thread as each one finishes,
+    `on_start` in a worker thread as each one starts."""
     # OMP_NUM_THREADS set by the user (e.g. on a machine shared with other work) wins
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, available_cores() // max_parallel))
+
+    def run(trial: Trial) -> TrialResult:
+        run_dir = trial_dir(work_dir, trial)
+        if on_start is not None:
+            on_start(trial, trial_log(run_dir))
+        return run_trial_process(trial, run_dir, threads)
+
     pool = ThreadPoolExecutor(max_parallel)
-    futures = {
-        pool.submit(run_trial_process, trial, trial_dir(work_dir, trial), threads): trial for trial in trials
-    }
+    futures = {pool.submit(run, trial): trial for trial in trials}
     try:
         for future in as_completed(futures):
             on_result(futures[future], future.result())
