@@ -14,7 +14,7 @@ from conftest import random_llama
 from tunelab.methods import create_method
 from tunelab.methods.spiel import selection
 from tunelab.methods.spiel.config import SpielConfig
-from tunelab.methods.spiel.layer import SparseDeltaLinear, weight_grad_at
+from tunelab.methods.spiel.layer import SparseDeltaLinear, dense_weight_grad, weight_grad_at
 from tunelab.methods.spiel.method import parameter_count
 from tunelab.methods.spiel.optim import SparseAdamW, SparseSM3, adamw_seed_state
 from tunelab.methods.spiel.selection import (
@@ -237,6 +237,9 @@ def test_weight_gradient_at_positions_matches_the_dense_product(dtype):
     for grad, indices in zip(got, (first, second), strict=True):
         assert grad.dtype == torch.float32
         torch.testing.assert_close(grad.double(), dense[indices], **tolerance)
+    whole = dense_weight_grad(grad_out.to(dtype), inputs.to(dtype))  # a SpIEL-AG phase's first micro-batch
+    assert whole.dtype == torch.float32 and whole.shape == (12, 9)
+    torch.testing.assert_close(whole.double().flatten(), dense, **tolerance)
 
 
 def test_delta_gradient_matches_dense_reference():

@@ -39,10 +39,22 @@ def weight_grad_at(
     and 2.3% density (BENCHMARKS.md, change 12), and the gradient is rounded to bf16 as autocast's
     weight gradients are.
     """
-    if grad_out.dtype in (torch.bfloat16, torch.float16) and inputs.dtype == grad_out.dtype:
+    if _is_16_bit(grad_out, inputs):
         dense = (grad_out.T @ inputs).view(-1)
-        return [dense[indices].float() for indices in index_sets]
+        return [dense[indices].float() for indices in index_sets]  # only the k entries widened
     return [_sampled_product(grad_out, inputs, indices, shape) for indices in index_sets]
+
+
+def dense_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """grad_out^T @ inputs, all of it, in fp32 (a SpIEL-AG phase's first micro-batch picks its candidates
+    from it): with 16-bit operands a 16-bit GEMM, as in weight_grad_at, else an fp32 one."""
+    if _is_16_bit(grad_out, inputs):
+        return (grad_out.T @ inputs).float()
+    return grad_out.float().T @ inputs.float()
+
+
+def _is_16_bit(grad_out: torch.Tensor, inputs: torch.Tensor) -> bool:
+    return grad_out.dtype in (torch.bfloat16, torch.float16) and inputs.dtype == grad_out.dtype
 
 
 def _sampled_product(
@@ -178,7 +190,7 @@ class SparseDeltaLinear(nn.Module):
             return weight_grad_at(grad_out, inputs, self.weight_shape, self.indices)[0]
         if self.candidates is None:
             # the phase's first micro-batch: the one dense gradient, to pick the candidates
-            dense = average_across_processes(grad_out.float().T @ inputs.float()).view(-1)
+            dense = average_across_processes(dense_weight_grad(grad_out, inputs)).view(-1)
             candidates = ag_candidates(dense, len(self.indices))
             grad = dense[candidates]
             self.candidates = CandidateStats(candidates, grad, grad * grad, 1)
