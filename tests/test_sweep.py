@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -330,6 +332,26 @@ def test_confirm_seeds_train_each_arms_best_config_again(tmp_path, tiny_model_di
     result = runner.invoke(app, ["recommend", "--db", str(tmp_path / "sweep.sqlite")], env={"COLUMNS": "200"})
     lora_row = next(line for line in result.output.splitlines() if line.startswith("│ lora "))
     assert f"{best} train.lr=" in lora_row and re.search(r"│\s+2 │\s+±", lora_row)  # 2 seeds, their spread
+    assert "provisional" not in result.output
+
+    # the same sweep with one confirmation trial, or one grid trial, taken out of its database (without
+    # the first, the arm's best may change, and with it the trials confirming it: 0 or 1 of 2 are done)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    spec_copy, db_copy = shutil.copy(path, partial / "sweep.yaml"), partial / "sweep.sqlite"
+    resume = f"resume with tunelab sweep {spec_copy}"
+    for where, expected in (
+        ("seed = 2 AND dataset = 'add'", f"the grid of {spec_copy} is done, "),
+        (f"seed = 1 AND dataset = 'rev' AND config_id != '{best}'", f"3 of the 4 trials of {spec_copy}"),
+    ):
+        shutil.copy(tmp_path / "sweep.sqlite", db_copy)
+        with sqlite3.connect(db_copy) as db:
+            db.execute(f"DELETE FROM trials WHERE {where}")
+        result = runner.invoke(app, ["recommend", "--db", str(db_copy)], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        assert "(2 configs x 2 datasets; provisional, the sweep is not finished)" in result.output
+        assert f"provisional: {expected}" in result.output and resume in result.output
+        assert ("of 2 trials confirming each arm's best" in result.output) == where.startswith("seed = 2")
 
 
 def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path, tiny_model_dir, monkeypatch):

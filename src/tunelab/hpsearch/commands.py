@@ -411,6 +411,7 @@ def _recommend_cbs(
     write_config: Path | None,
     out: Path | None,
     cross_validate: bool = False,
+    unfinished: str | None = None,
 ) -> None:
     result = rank_matrix(matrix, tau, cross_validate)
     ranking = result.entries
@@ -429,6 +430,8 @@ def _recommend_cbs(
         held_out=result.held_out_curve,
     )
     shape = f"{len(matrix.config_ids)} configs x {len(matrix.datasets)} datasets"
+    if unfinished:
+        shape += "; provisional, the sweep is not finished"
     console.print(
         _ranking_table(ranking, len(matrix.datasets), top, f"CBS ranking of {source.name} ({shape})")
     )
@@ -446,6 +449,11 @@ def _recommend_cbs(
     if result.missing_trials:
         console.print(
             f"{result.missing_trials} missing or failed trials count as covering nothing", highlight=False
+        )
+    if unfinished:
+        console.print(
+            f"[yellow]provisional[/yellow]: {escape(unfinished)}; the ranking covers the trials done so far",
+            highlight=False,
         )
     console.print(f"coverage curve: {plot}", highlight=False)
     if json_path:
@@ -537,11 +545,39 @@ def recommend(
     check_writable(
         out or source.parent, "--out" if out else "--out (default: the input's folder)", folder=True
     )
+    unfinished = None
     if db:
         with ResultsStore(db, read_only=True) as store:
             matrix = store.score_matrix()
+            unfinished = _unfinished_sweep(db, store)
         if not matrix.config_ids:
             raise TunelabError(f"{db} holds no trials yet; run `tunelab sweep` first")
     else:
         matrix = load_results_table(results)
-    _recommend_cbs(matrix, source, tau, top, json_path, write_config, out, cross_validate)
+    _recommend_cbs(matrix, source, tau, top, json_path, write_config, out, cross_validate, unfinished)
+
+
+def _unfinished_sweep(db: Path, store: ResultsStore) -> str | None:
+    """How much of its sweep is still to run, when the spec lies beside the database (SPEC.yaml for
+    SPEC.sqlite, as `tunelab sweep` names it); None when it is done or there is no spec to read."""
+    spec_path = next((p for p in map(db.with_suffix, (".yaml", ".yml")) if p.is_file()), None)
+    if spec_path is None:
+        return None
+    try:
+        spec = load_spec(spec_path)
+    except TunelabError as exc:
+        return f"{spec_path} does not load ({exc}), so how much of its sweep is done is not known"
+    resume = f"resume with tunelab sweep {spec_path}"
+    grid = expand(spec)
+    done = sum(store.finished(trial.row_ids(), trial.dataset, trial.seed) for trial in grid)
+    if done < len(grid):
+        return f"{done} of the {len(grid)} trials of {spec_path} are done ({resume})"
+    if spec.confirm_seeds:
+        confirming = _best_of_each_arm(expand(spec, seeds=spec.confirm_seeds), spec, store)
+        confirmed = sum(store.finished(trial.row_ids(), trial.dataset, trial.seed) for trial in confirming)
+        if confirmed < len(confirming):
+            return (
+                f"the grid of {spec_path} is done, {confirmed} of {len(confirming)} trials confirming each "
+                f"arm's best with more seeds are ({resume})"
+            )
+    return None
