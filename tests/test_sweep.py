@@ -352,6 +352,10 @@ def test_confirm_seeds_train_each_arms_best_config_again(tmp_path, tiny_model_di
         assert "(2 configs x 2 datasets; provisional, the sweep is not finished)" in result.output
         assert f"provisional: {expected}" in result.output and resume in result.output
         assert ("of 2 trials confirming each arm's best" in result.output) == where.startswith("seed = 2")
+    spec_copy.write_text("grid: {train.lr: [1]}\n")  # not the sweep's spec any more: progress unknown
+    result = runner.invoke(app, ["recommend", "--db", str(db_copy)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0 and "provisional" not in result.output
+    assert f"note: {spec_copy} does not load (" in result.output
 
 
 def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path, tiny_model_dir, monkeypatch):

@@ -14,7 +14,7 @@ import statistics
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import typer
 from rich.console import Console
@@ -411,7 +411,7 @@ def _recommend_cbs(
     write_config: Path | None,
     out: Path | None,
     cross_validate: bool = False,
-    unfinished: str | None = None,
+    progress: SweepStatus | None = None,
 ) -> None:
     result = rank_matrix(matrix, tau, cross_validate)
     ranking = result.entries
@@ -430,7 +430,7 @@ def _recommend_cbs(
         held_out=result.held_out_curve,
     )
     shape = f"{len(matrix.config_ids)} configs x {len(matrix.datasets)} datasets"
-    if unfinished:
+    if progress and progress.finished is False:
         shape += "; provisional, the sweep is not finished"
     console.print(
         _ranking_table(ranking, len(matrix.datasets), top, f"CBS ranking of {source.name} ({shape})")
@@ -450,11 +450,13 @@ def _recommend_cbs(
         console.print(
             f"{result.missing_trials} missing or failed trials count as covering nothing", highlight=False
         )
-    if unfinished:
+    if progress and progress.finished is False:
         console.print(
-            f"[yellow]provisional[/yellow]: {escape(unfinished)}; the ranking covers the trials done so far",
+            f"[yellow]provisional[/yellow]: {escape(progress.text)}; the ranking covers the trials done",
             highlight=False,
         )
+    elif progress:
+        console.print(f"note: {escape(progress.text)}", highlight=False)
     console.print(f"coverage curve: {plot}", highlight=False)
     if json_path:
         _write_text(json_path, json.dumps(result.as_json(), indent=2))
@@ -545,39 +547,45 @@ def recommend(
     check_writable(
         out or source.parent, "--out" if out else "--out (default: the input's folder)", folder=True
     )
-    unfinished = None
+    progress = None
     if db:
         with ResultsStore(db, read_only=True) as store:
             matrix = store.score_matrix()
-            unfinished = _unfinished_sweep(db, store)
+            progress = _sweep_status(db, store)
         if not matrix.config_ids:
             raise TunelabError(f"{db} holds no trials yet; run `tunelab sweep` first")
     else:
         matrix = load_results_table(results)
-    _recommend_cbs(matrix, source, tau, top, json_path, write_config, out, cross_validate, unfinished)
+    _recommend_cbs(matrix, source, tau, top, json_path, write_config, out, cross_validate, progress)
 
 
-def _unfinished_sweep(db: Path, store: ResultsStore) -> str | None:
+class SweepStatus(NamedTuple):
+    finished: bool | None  # None: not known
+    text: str
+
+
+def _sweep_status(db: Path, store: ResultsStore) -> SweepStatus | None:
     """How much of its sweep is still to run, when the spec lies beside the database (SPEC.yaml for
-    SPEC.sqlite, as `tunelab sweep` names it); None when it is done or there is no spec to read."""
+    SPEC.sqlite, as `tunelab sweep` names it); None when it is all done or there is no spec."""
     spec_path = next((p for p in map(db.with_suffix, (".yaml", ".yml")) if p.is_file()), None)
     if spec_path is None:
         return None
     try:
         spec = load_spec(spec_path)
+        grid = expand(spec)
     except TunelabError as exc:
-        return f"{spec_path} does not load ({exc}), so how much of its sweep is done is not known"
+        return SweepStatus(None, f"{spec_path} does not load ({exc}): how much of its sweep ran is unknown")
     resume = f"resume with tunelab sweep {spec_path}"
-    grid = expand(spec)
     done = sum(store.finished(trial.row_ids(), trial.dataset, trial.seed) for trial in grid)
     if done < len(grid):
-        return f"{done} of the {len(grid)} trials of {spec_path} are done ({resume})"
+        return SweepStatus(False, f"{done} of the {len(grid)} trials of {spec_path} are done ({resume})")
     if spec.confirm_seeds:
         confirming = _best_of_each_arm(expand(spec, seeds=spec.confirm_seeds), spec, store)
         confirmed = sum(store.finished(trial.row_ids(), trial.dataset, trial.seed) for trial in confirming)
         if confirmed < len(confirming):
-            return (
+            text = (
                 f"the grid of {spec_path} is done, {confirmed} of {len(confirming)} trials confirming each "
                 f"arm's best with more seeds are ({resume})"
             )
+            return SweepStatus(False, text)
     return None
