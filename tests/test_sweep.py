@@ -334,28 +334,41 @@ def test_confirm_seeds_train_each_arms_best_config_again(tmp_path, tiny_model_di
     assert f"{best} train.lr=" in lora_row and re.search(r"│\s+2 │\s+±", lora_row)  # 2 seeds, their spread
     assert "provisional" not in result.output
 
-    # the same sweep with one confirmation trial, or one grid trial, taken out of its database (without
-    # the first, the arm's best may change, and with it the trials confirming it: 0 or 1 of 2 are done)
+    # the same sweep with one confirmation trial, or one grid trial, taken out of its database or failed
+    # (without the first, the arm's best may change, and with it the trials confirming it: 0 or 1 of 2 done)
     partial = tmp_path / "partial"
     partial.mkdir()
     spec_copy, db_copy = shutil.copy(path, partial / "sweep.yaml"), partial / "sweep.sqlite"
-    resume = f"resume with tunelab sweep {spec_copy}"
-    for where, expected in (
-        ("seed = 2 AND dataset = 'add'", f"the grid of {spec_copy} is done, "),
-        (f"seed = 1 AND dataset = 'rev' AND config_id != '{best}'", f"3 of the 4 trials of {spec_copy}"),
+    other_grid, three_done = (
+        f"seed = 1 AND dataset = 'rev' AND config_id != '{best}'",
+        f"3 of the 4 trials of {spec_copy} are done",
+    )
+    for change, expected in (
+        ("DELETE FROM trials WHERE seed = 2 AND dataset = 'add'", f"the grid of {spec_copy} is done, "),
+        (f"DELETE FROM trials WHERE {other_grid}", f"{three_done} ("),
+        (f"UPDATE trials SET status = 'failed' WHERE {other_grid}", f"{three_done}, 1 failed ("),
     ):
         shutil.copy(tmp_path / "sweep.sqlite", db_copy)
-        with sqlite3.connect(db_copy) as db:
-            db.execute(f"DELETE FROM trials WHERE {where}")
-        result = runner.invoke(app, ["recommend", "--db", str(db_copy)], env={"COLUMNS": "300"})
+        db = sqlite3.connect(db_copy)
+        with db:
+            db.execute(change)
+        db.close()  # its write-ahead log folded in and gone before the next copy
+        result = runner.invoke(app, ["recommend", "--db", str(db_copy)], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
-        assert "(2 configs x 2 datasets; provisional, the sweep is not finished)" in result.output
-        assert f"provisional: {expected}" in result.output and resume in result.output
-        assert ("of 2 trials confirming each arm's best" in result.output) == where.startswith("seed = 2")
-    spec_copy.write_text("grid: {train.lr: [1]}\n")  # not the sweep's spec any more: progress unknown
-    result = runner.invoke(app, ["recommend", "--db", str(db_copy)], env={"COLUMNS": "300"})
+        output = " ".join(result.output.split())  # wrapping aside
+        assert "(2 configs x 2 datasets; provisional, the sweep is not finished)" in output
+        assert f"provisional: {expected}" in output
+        assert f"tunelab sweep {spec_copy} runs what is missing or failed" in output
+        assert ("of 2 trials confirming each arm's best" in output) == ("seed = 2" in change)
+    # a spec beside the database that is not its sweep's: how much ran is not known
+    spec_copy.write_text(yaml.safe_dump({**spec, "grid": {"train.lr": [0.5]}}))
+    result = runner.invoke(app, ["recommend", "--db", str(db_copy)], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "provisional" not in result.output
-    assert f"note: {spec_copy} does not load (" in result.output
+    assert f"note: no trial of {spec_copy} is in {db_copy}" in " ".join(result.output.split())
+    spec_copy.write_text("grid: {train.lr: [1]}\n")
+    result = runner.invoke(app, ["recommend", "--db", str(db_copy)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "provisional" not in result.output
+    assert f"note: {spec_copy} does not load (" in " ".join(result.output.split())
 
 
 def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path, tiny_model_dir, monkeypatch):
@@ -368,7 +381,7 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
     dev_loss = {(1e-3, 1): 1.0, (1e-2, 1): 1.2, (1e-3, 2): 2.0, (1e-2, 2): 1.1}
     trained = []
 
-    def made_up_results(trials, work_dir, on_result, max_parallel):
+    def made_up_results(trials, work_dir, on_result, max_parallel, on_start=None):
         for trial in trials:
             trained.append((trial.config["train"]["lr"], trial.seed))
             loss = dev_loss[trained[-1]]

@@ -454,9 +454,10 @@ def _recommend_cbs(
         console.print(
             f"[yellow]provisional[/yellow]: {escape(progress.text)}; the ranking covers the trials done",
             highlight=False,
+            soft_wrap=True,  # one line: the command in it stays whole for copying
         )
     elif progress:
-        console.print(f"note: {escape(progress.text)}", highlight=False)
+        console.print(f"note: {escape(progress.text)}", highlight=False, soft_wrap=True)
     console.print(f"coverage curve: {plot}", highlight=False)
     if json_path:
         _write_text(json_path, json.dumps(result.as_json(), indent=2))
@@ -573,19 +574,31 @@ def _sweep_status(db: Path, store: ResultsStore) -> SweepStatus | None:
     try:
         spec = load_spec(spec_path)
         grid = expand(spec)
+        confirmations = expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
     except TunelabError as exc:
         return SweepStatus(None, f"{spec_path} does not load ({exc}): how much of its sweep ran is unknown")
-    resume = f"resume with tunelab sweep {spec_path}"
-    done = sum(store.finished(trial.row_ids(), trial.dataset, trial.seed) for trial in grid)
+    status = {(row["config_id"], row["dataset"], row["seed"]): row["status"] for row in store.rows()}
+
+    def state(trial: Trial) -> str | None:  # done only when every row is, as `tunelab sweep` counts
+        found = {status.get((row_id, trial.dataset, trial.seed)) for row_id in trial.row_ids()}
+        return "done" if found == {"done"} else "failed" if "failed" in found else None
+
+    states = [state(trial) for trial in grid]
+    done, failed = states.count("done"), states.count("failed")
+    if not done + failed:
+        return SweepStatus(None, f"no trial of {spec_path} is in {db}: is that another sweep's spec?")
+    resume = f"tunelab sweep {spec_path} runs what is missing or failed"
     if done < len(grid):
-        return SweepStatus(False, f"{done} of the {len(grid)} trials of {spec_path} are done ({resume})")
-    if spec.confirm_seeds:
-        confirming = _best_of_each_arm(expand(spec, seeds=spec.confirm_seeds), spec, store)
-        confirmed = sum(store.finished(trial.row_ids(), trial.dataset, trial.seed) for trial in confirming)
-        if confirmed < len(confirming):
-            text = (
-                f"the grid of {spec_path} is done, {confirmed} of {len(confirming)} trials confirming each "
-                f"arm's best with more seeds are ({resume})"
-            )
-            return SweepStatus(False, text)
+        failures = f", {failed} failed" if failed else ""
+        return SweepStatus(
+            False, f"{done} of the {len(grid)} trials of {spec_path} are done{failures} ({resume})"
+        )
+    confirming = _best_of_each_arm(confirmations, spec, store) if confirmations else []
+    confirmed = sum(state(trial) == "done" for trial in confirming)
+    if confirmed < len(confirming):
+        text = (
+            f"the grid of {spec_path} is done, {confirmed} of {len(confirming)} trials confirming each arm's "
+            f"best with more seeds are ({resume})"
+        )
+        return SweepStatus(False, text)
     return None
