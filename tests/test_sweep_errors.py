@@ -198,6 +198,23 @@ def test_sweep_fails_before_writing_anything(tmp_path, monkeypatch, capsys, trai
     assert message.format(**paths) in line
 
 
+def test_sweep_checks_its_confirmation_seeds_before_the_grid(tmp_path, monkeypatch, capsys):
+    from tunelab.hpsearch import commands
+
+    def no_trials(*args, **kwargs):
+        raise AssertionError("the sweep started its trials")
+
+    monkeypatch.setattr(commands, "run_local", no_trials)
+    spec = tmp_path / "sweep.yaml"
+    dataset = {"name": "add", "train": "addition:train", "eval": "addition:eval", "metric": "loss"}
+    # 42 is the default train.seed, which every grid point already trains with
+    spec.write_text(
+        yaml.safe_dump({"grid": {"train.lr": [1e-4]}, "confirm_seeds": [42], "datasets": [dataset]})
+    )
+    line = _error_line(monkeypatch, capsys, tmp_path, ["sweep", str(spec)])
+    assert "'confirm_seeds' lists seed 42, the train.seed every point already trains with" in line
+
+
 def test_sweep_creates_its_database_with_the_first_result(tmp_path, monkeypatch, capsys):
     """No empty database before a trial finished (a sweep stopped earlier leaves none); resume still works."""
     from tunelab.hpsearch import commands

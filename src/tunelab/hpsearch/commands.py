@@ -182,6 +182,8 @@ def sweep(
     """
     spec = load_spec(spec_path)
     trials = expand(spec)
+    # expanded now, so that a bad confirm_seeds stops the sweep before the grid, not after it
+    confirmations = expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
     db = db or spec_path.with_suffix(".sqlite")
     work_dir = _work_dir(db)
     _check_sweep(spec, spec_path, executor, address, db)
@@ -208,7 +210,6 @@ def sweep(
 
     with LazyStore(db) as store:
         failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)
-        confirmations = expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
         confirmed: set[str] = set()
         # a best config's new seeds move its mean, and another config may become its arm's best: confirm
         # until every arm's best has all confirm_seeds (each round adds a config, so this ends)
