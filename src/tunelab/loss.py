@@ -50,7 +50,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_weight_grad:
                 # in the logits' dtype (bf16 under autocast, as autocast computes weight gradients: 4.6x
                 # the fp32 GEMM rate on CPUs with native bf16), summed over chunks in fp32
-                grad_weight += (logits.T @ chunk.to(logits.dtype)).to(compute_dtype)
+                if logits.dtype == compute_dtype:  # accumulated inside the GEMM, no temporary
+                    grad_weight.addmm_(logits.T, chunk.to(compute_dtype))
+                else:
+                    grad_weight += (logits.T @ chunk.to(logits.dtype)).to(compute_dtype)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total

@@ -578,11 +578,9 @@ def _sweep_status(db: Path, store: ResultsStore) -> SweepStatus | None:
         confirmations = expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
     except TunelabError as exc:
         return SweepStatus(None, f"{spec_path} does not load ({exc}): how much of its sweep ran is unknown")
-    status = {(row["config_id"], row["dataset"], row["seed"]): row["status"] for row in store.rows()}
 
-    def state(trial: Trial) -> str | None:  # done only when every row is, as `tunelab sweep` counts
-        found = {status.get((row_id, trial.dataset, trial.seed)) for row_id in trial.row_ids()}
-        return "done" if found == {"done"} else "failed" if "failed" in found else None
+    def state(trial: Trial) -> str | None:
+        return store.trial_state(trial.row_ids(), trial.dataset, trial.seed)
 
     states = [state(trial) for trial in grid]
     done, failed = states.count("done"), states.count("failed")

@@ -231,16 +231,22 @@ class ResultsStore:
         }
         return tuple(cells[column] for column in _COLUMNS)
 
-    def finished(self, config_ids: list[str], dataset: str, seed: int) -> bool:
-        """True when every row of a trial (its config ids) completed with a score (failed trials are
-        run again)."""
+    def trial_state(self, config_ids: list[str], dataset: str, seed: int) -> str | None:
+        """'done' when every row of a trial (its config ids) completed with a score, 'failed' when one
+        failed (failed trials are run again), None when the trial is not (all) here."""
         with self._sqlite_errors():
-            done = self._conn.execute(
-                f"SELECT COUNT(*) FROM trials WHERE dataset = ? AND seed = ? AND status = 'done' "
+            statuses = self._conn.execute(
+                f"SELECT status FROM trials WHERE dataset = ? AND seed = ? "
                 f"AND config_id IN ({', '.join('?' * len(config_ids))})",
                 (dataset, seed, *config_ids),
-            ).fetchone()[0]
-        return done == len(set(config_ids))
+            ).fetchall()
+        found = [status for (status,) in statuses]
+        if "failed" in found:
+            return "failed"
+        return "done" if len(found) == len(set(config_ids)) else None
+
+    def finished(self, config_ids: list[str], dataset: str, seed: int) -> bool:
+        return self.trial_state(config_ids, dataset, seed) == "done"
 
     def rows(self) -> list[dict[str, Any]]:
         """Every trial as a dict of its columns (config_json parsed into `config`), in insertion order."""

@@ -19,8 +19,8 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
 
     Each entry compares 16 bits of a random 64-bit word with p: on CPU that is 2.5x faster than
     comparing torch.rand with p, itself 1.5x faster than bernoulli_ (the masks were 26% of a bf16 LoRA
-    step: benchmarks.profile). On CPU the words and the comparison are numpy's (SFC64): 1.66 against
-    2.65 ms for torch's mt19937 random_ and comparison (one 8 x 256 x 1536 mask, 2 threads, BENCHMARKS.md
+    step: benchmarks.profile). On CPU the words and the comparison are numpy's (SFC64): 1.47 against
+    2.61 ms for torch's mt19937 random_ and comparison (one 8 x 256 x 1536 mask, 2 threads, BENCHMARKS.md
     change 14). Each mask's generator is seeded from torch's CPU generator, so torch.manual_seed, a
     checkpoint's saved RNG state and gradient checkpointing's recompute all give the same mask.
     """
