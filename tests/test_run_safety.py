@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import assert_one_line_error, run_cli, tiny_config, tree_digest
 from tunelab.config import dump_config
 from tunelab.rundir import RunDir
-from tunelab.train import train
+from tunelab.train import StopOnSignal, train
 
 
 def _config_file(tmp_path, model_dir, data, out, **overrides):
@@ -159,6 +159,19 @@ def test_sigint_saves_a_checkpoint_and_a_moved_copy_resumes_to_the_same_weights(
     got = load_file(copy.final_dir / "trained.safetensors")
     for name in reference:
         torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_second_sigterm_still_waits_for_the_checkpoint_and_a_second_ctrl_c_does_not():
+    """A trial of a sweep stopped by SIGTERM may get one from the sweep as well as its own."""
+    stop = StopOnSignal()
+    with stop.installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # Python runs a handler between bytecodes of the main thread
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
 
 
 def test_a_users_config_yaml_does_not_make_a_folder_a_run(tmp_path, capsys, tiny_model_dir, qa_jsonl):

@@ -22,7 +22,10 @@ from typer.testing import CliRunner
 from tunelab.cli import app
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
+from tunelab.hpsearch.executors import trial_log
+from tunelab.hpsearch.spec import expand, load_spec
 from tunelab.hpsearch.store import ResultsStore
+from tunelab.rundir import RunDir
 
 ADD = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in range(4) for b in range(2)]
 REVERSE = [{"prompt": f"reverse {word}:", "completion": word[::-1]} for word in ("abc", "tune", "lab", "xyz")]
@@ -395,3 +398,67 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
     assert result.exit_code == 0, result.output
     assert trained == [(1e-3, 1), (1e-2, 1), (1e-3, 2), (1e-2, 2)]
     assert "2 trials and 2 confirmations done" in result.output
+
+
+def _one_trial_spec(tmp: Path, model_dir: str, steps: int) -> tuple[Path, Path]:
+    """A sweep of one LoRA trial of `steps` steps on `add`, and that trial's run folder."""
+    path = _spec(tmp, model_dir, {"add": (ADD, "loss")})
+    spec = yaml.safe_load(path.read_text())
+    spec["grid"] = {"train.lr": [1.0e-3]}
+    spec["base"]["train"]["max_steps"] = steps
+    path.write_text(yaml.safe_dump(spec))
+    (run,) = [Path(f"{tmp}/sweep-runs/add/{trial.run_name}") for trial in expand(load_spec(path))]
+    return path, run
+
+
+def _steps_logged(run: Path) -> list[int]:
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return [record["step"] for line in lines if "loss" in (record := json.loads(line))]
+
+
+@pytest.mark.parametrize("signal_to", ["ctrl-c (the whole process group)", "sigterm to the sweep alone"])
+def test_a_stopped_sweep_resumes_its_running_trial_from_a_checkpoint(tmp_path, tiny_model_dir, signal_to):
+    steps = 300
+    spec, run = _one_trial_spec(tmp_path, tiny_model_dir, steps)
+    db = tmp_path / "sweep.sqlite"
+    # a session of its own: the signals go to the sweep and its trial, not to the test runner
+    sweep = subprocess.Popen(
+        _sweep_command(spec, db), env=TRIAL_ENV, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert _wait_until(lambda: len(_steps_logged(run)) >= 3 or sweep.poll() is not None, seconds=120)
+    if signal_to.startswith("ctrl-c"):
+        os.killpg(sweep.pid, signal.SIGINT)
+    else:
+        sweep.send_signal(signal.SIGTERM)
+    stderr = sweep.communicate(timeout=120)[1]
+    assert sweep.returncode == 130, stderr[-2000:]
+    assert "stopping: each running trial saves a checkpoint after its current step" in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"sweep stopped; its finished trials are in {db}.")
+    stopped_at = _steps_logged(run)[-1]
+    assert 3 <= stopped_at < steps and RunDir(run).latest_checkpoint().name == f"checkpoint-{stopped_at}"
+    assert not db.exists()  # no trial finished, so no database was created
+
+    resumed = subprocess.run(_sweep_command(spec, db), env=TRIAL_ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (
+        f"resuming from {run / 'checkpoints' / f'checkpoint-{stopped_at}'}"
+        in run.with_suffix(".log").read_text()
+    )
+    assert _steps_logged(run) == list(range(1, steps + 1))
+    assert [row["status"] for row in _rows(db).values()] == ["done"]
+
+
+def test_a_trained_trial_that_was_not_recorded_is_evaluated_without_training_again(tmp_path, tiny_model_dir):
+    spec, run = _one_trial_spec(tmp_path, tiny_model_dir, steps=2)
+    db = tmp_path / "sweep.sqlite"
+    runner = CliRunner()
+    assert runner.invoke(app, ["sweep", str(spec)]).exit_code == 0
+    (first,) = _rows(db).values()
+    trained = (run / "final" / "trained.safetensors").stat().st_mtime_ns
+    db.unlink()  # as if the sweep had stopped between the trial's training and its result
+    assert runner.invoke(app, ["sweep", str(spec)]).exit_code == 0
+    (again,) = _rows(db).values()
+    assert (run / "final" / "trained.safetensors").stat().st_mtime_ns == trained
+    assert "nothing to resume" in trial_log(run).read_text()
+    assert (again["score"], again["test_score"]) == (first["score"], first["test_score"])

@@ -96,7 +96,9 @@ class TruncateMetricsOnStart(TrainerCallback):
 class StopOnSignal(TrainerCallback):
     """Ctrl-C / SIGTERM: finish the current optimizer step, save a resumable checkpoint, stop.
 
-    A second signal stops at once (nothing more is saved; resume starts from the last checkpoint)."""
+    A second Ctrl-C stops at once (nothing more is saved; resume starts from the last checkpoint). A
+    second SIGTERM does not: schedulers follow theirs with SIGKILL, and a trial of a sweep stopped by
+    SIGTERM may get one from the sweep as well as its own."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -106,7 +108,9 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested = True
         console.print(
             "[yellow]stopping after this step (saving a checkpoint); press Ctrl-C again to abort[/yellow]"
@@ -349,6 +353,19 @@ def _check_resumable(config: RunConfig, run: RunDir) -> None:
             f"--resume: '{changed[0]}' differs from {run.config_file}; resume with the run's own "
             f"config: tunelab train {run.config_file} --resume"
         )
+
+
+def can_resume(config: RunConfig) -> bool:
+    """Whether `config`'s output_dir holds a run of this same config that `train(config, resume=True)`
+    takes up: stopped with a complete checkpoint, or finished."""
+    run = RunDir(config.resolved_output_dir())
+    if not (run.is_finished() or run.latest_checkpoint()):
+        return False
+    try:
+        _check_resumable(config, run)
+    except TunelabError:
+        return False
+    return True
 
 
 def _is_main_process() -> bool:

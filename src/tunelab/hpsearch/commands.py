@@ -10,8 +10,12 @@ line and nothing written.
 from __future__ import annotations
 
 import json
+import signal
 import statistics
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -23,8 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tunelab.config import dump_config, nest, validate
-from tunelab.errors import TunelabError
-from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray
+from tunelab.errors import RunInterrupted, TunelabError
+from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray, stop_running
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
 from tunelab.hpsearch.ranking import (
     arms,
@@ -98,6 +102,38 @@ def _check_sweep(spec: SweepSpec, spec_path: Path, executor: str, address: str |
             f"--db {db}: the trials' runs folder {_work_dir(db)} is a file; move it or choose another --db"
         )
     check_datasets(spec)
+
+
+@contextmanager
+def _stopping_on_signals() -> Iterator[None]:
+    """Ctrl-C or SIGTERM stops the sweep the way it stops a training: each running trial finishes its
+    optimizer step and saves a checkpoint, which the next sweep resumes. Ctrl-C reaches the trials
+    from the terminal; a SIGTERM may have reached the sweep alone, so it is passed on to them."""
+    if threading.current_thread() is not threading.main_thread():  # only there can Python handle signals
+        yield
+        return
+    signals = 0
+
+    def handle(signum, frame) -> None:
+        nonlocal signals
+        signals += 1
+        if signum == signal.SIGTERM:
+            stop_running()
+        if signals == 1:
+            err_console.print(
+                "[yellow]stopping: each running trial saves a checkpoint after its current step; "
+                "press Ctrl-C again to abort[/yellow]"
+            )
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:  # the trials got this one too: they stop at once
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class SweepProgress:
@@ -208,21 +244,28 @@ def sweep(
                 run_ray(pending, work_dir, on_result, address, max_parallel, cpus_per_trial, gpus_per_trial)
         return progress.failed, len(pending)
 
-    with LazyStore(db) as store:
-        failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)
-        confirmed: set[str] = set()
-        # a best config's new seeds move its mean, and another config may become its arm's best: confirm
-        # until every arm's best has all confirm_seeds (each round adds a config, so this ends)
-        while confirmations and store.store is not None:
-            confirming = _best_of_each_arm(confirmations, spec, store.store)
-            if {trial.config_id for trial in confirming} <= confirmed:
-                break
-            confirmed |= {trial.config_id for trial in confirming}
-            seeds = ", ".join(map(str, spec.confirm_seeds))
-            more_failed, more_ran = run(
-                f"confirm each arm's best config with seeds {seeds}", "confirm", confirming, store
-            )
-            failed, ran = failed + more_failed, ran + more_ran
+    stopping = _stopping_on_signals() if executor == "local" else nullcontext()
+    try:
+        with LazyStore(db) as store, stopping:
+            failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)
+            confirmed: set[str] = set()
+            # a best config's new seeds move its mean, and another config may become its arm's best: confirm
+            # until every arm's best has all confirm_seeds (each round adds a config, so this ends)
+            while confirmations and store.store is not None:
+                confirming = _best_of_each_arm(confirmations, spec, store.store)
+                if {trial.config_id for trial in confirming} <= confirmed:
+                    break
+                confirmed |= {trial.config_id for trial in confirming}
+                seeds = ", ".join(map(str, spec.confirm_seeds))
+                more_failed, more_ran = run(
+                    f"confirm each arm's best config with seeds {seeds}", "confirm", confirming, store
+                )
+                failed, ran = failed + more_failed, ran + more_ran
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"sweep stopped; its finished trials are in {db}. Run the same command to go on: it skips "
+            "them, and a trial stopped mid-way goes on from its checkpoint if it saved one"
+        ) from None
     if failed:
         err_console.print(
             f"[red]{failed} of {ran} trials failed[/red] (errors in {db}, logs in {work_dir}); run the same "

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,6 +56,9 @@ class TrialResult:
     def failed(self) -> bool:
         return self.error is not None
 
+
+# the trial processes this process has running, for stop_running
+_running: set[subprocess.Popen] = set()
 
 OnResult = Callable[[Trial, TrialResult], None]
 OnStart = Callable[[Trial, Path], None]  # a trial and its log file, as it starts
@@ -106,7 +110,12 @@ def run_trial_process(trial: Trial, run_dir: Path, threads: int, cwd: str | None
     ]
     started_at, start = _now(), time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, check=False)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        _running.add(process)
+        try:
+            process.wait()
+        finally:
+            _running.discard(process)
     timing = {"started_at": started_at, "finished_at": _now(), "duration_s": time.perf_counter() - start}
     if not result_path.is_file():  # killed (e.g. out of memory) or crashed before writing its result
         error = f"trial process exited with code {process.returncode} without a result; see {log_path}"
@@ -145,6 +154,13 @@ def record(store: ResultsStore, trial: Trial, result: TrialResult) -> None:
     )
 
 
+def stop_running() -> None:
+    """SIGTERM to this process's running trial processes: each stops after its current optimizer step and
+    saves a checkpoint, which the trial's next attempt resumes."""
+    for process in list(_running):
+        process.send_signal(signal.SIGTERM)
+
+
 def run_local(
     trials: list[Trial],
     work_dir: Path,
@@ -153,7 +169,10 @@ def run_local(
     on_start: OnStart | None = None,
 ) -> None:
     """Run `trials`, at most `max_parallel` at once; `on_result` runs in this thread as each one finishes,
-    `on_start` in a worker thread as each one starts."""
+    `on_start` in a worker thread as each one starts.
+
+    On KeyboardInterrupt no queued trial starts; the running ones, which got the Ctrl-C too (or a
+    SIGTERM from stop_running), are waited for while they save their checkpoints, then it is re-raised."""
     # OMP_NUM_THREADS set by the user (e.g. on a machine shared with other work) wins
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, available_cores() // max_parallel))
 
@@ -168,8 +187,10 @@ def run_local(
     try:
         for future in as_completed(futures):
             on_result(futures[future], future.result())
+    except KeyboardInterrupt:
+        pool.shutdown(wait=True, cancel_futures=True)  # a second Ctrl-C stops the trials at once
+        raise
     finally:
-        # on Ctrl-C the running trial processes get the signal too; start no queued one
         pool.shutdown(wait=False, cancel_futures=True)
 
 

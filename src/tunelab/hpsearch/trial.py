@@ -47,19 +47,23 @@ def median_step_time(metrics_file: Path) -> float | None:
 
 
 def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train `config_path` (replacing a leftover run in its output_dir) and score it on dev and test."""
+    """Train `config_path` (resuming an earlier attempt's run in its output_dir, else replacing what is
+    there) and score it on dev and test."""
     # torch comes in here, not at import: the sweep and recommend commands import this module
+    from tunelab.assemble import load_run
     from tunelab.config import load_config
     from tunelab.data import build_dataset, eval_dataset
     from tunelab.evaluate import evaluate_ranks
     from tunelab.reporting import peak_memory_bytes
     from tunelab.rundir import RunDir
-    from tunelab.train import train
+    from tunelab.train import can_resume, train
 
     options = options or {}
     config = load_config(config_path)
-    trained = train(config, overwrite=True)
-    built = trained.tuned
+    # an attempt at this trial that a stopped sweep left (Ctrl-C, SIGTERM) goes on from its checkpoint;
+    # one that finished training but not its evaluation is only evaluated
+    trained = train(config, resume=can_resume(config), overwrite=True)
+    built = trained.tuned or load_run(trained.run_dir)[1]
     dev = eval_dataset(config.data, built.tokenizer, limit=config.data.eval_limit)
     if options.get("test"):
         test = build_dataset(options["test"], built.tokenizer, config.data, limit=config.data.eval_limit)
