@@ -604,6 +604,11 @@ def recommend(
     _recommend_cbs(matrix, source, tau, top, json_path, write_config, out, cross_validate, progress)
 
 
+def _are(count: int) -> str:
+    """The verb after "N of the M trials": "1 of the 3 trials is done", "2 of the 3 trials are done"."""
+    return "is" if count == 1 else "are"
+
+
 class SweepStatus(NamedTuple):
     finished: bool | None  # None: not known
     text: str
@@ -633,14 +638,14 @@ def _sweep_status(db: Path, store: ResultsStore) -> SweepStatus | None:
     if done < len(grid):
         failures = f", {failed} failed" if failed else ""
         return SweepStatus(
-            False, f"{done} of the {len(grid)} trials of {spec_path} are done{failures} ({resume})"
+            False, f"{done} of the {len(grid)} trials of {spec_path} {_are(done)} done{failures} ({resume})"
         )
     confirming = _best_of_each_arm(confirmations, spec, store) if confirmations else []
     confirmed = sum(state(trial) == "done" for trial in confirming)
     if confirmed < len(confirming):
         text = (
-            f"the grid of {spec_path} is done, {confirmed} of {len(confirming)} trials confirming each arm's "
-            f"best with more seeds are ({resume})"
+            f"the grid of {spec_path} is done; {confirmed} of the {len(confirming)} trials confirming each "
+            f"arm's best with more seeds {_are(confirmed)} done ({resume})"
         )
         return SweepStatus(False, text)
     return None
