@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -389,7 +390,7 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
     dev_loss = {(1e-3, 1): 1.0, (1e-2, 1): 1.2, (1e-3, 2): 2.0, (1e-2, 2): 1.1}
     trained = []
 
-    def made_up_results(trials, work_dir, on_result, max_parallel, on_start=None):
+    def made_up_results(trials, work_dir, on_result, max_parallel, on_start=None, processes=None):
         for trial in trials:
             trained.append((trial.config["train"]["lr"], trial.seed))
             loss = dev_loss[trained[-1]]
@@ -405,15 +406,15 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
     assert "2 trials and 2 confirmations done" in result.output
 
 
-def _one_trial_spec(tmp: Path, model_dir: str, steps: int) -> tuple[Path, Path]:
-    """A sweep of one LoRA trial of `steps` steps on `add`, and that trial's run folder."""
+def _trials_spec(tmp: Path, model_dir: str, steps: list[int], **train: Any) -> tuple[Path, list[Path]]:
+    """A sweep of one LoRA trial per entry of `steps` (its max_steps) on `add`, with `train` settings, and
+    their run folders in the order the sweep runs them."""
     path = _spec(tmp, model_dir, {"add": (ADD, "loss")})
     spec = yaml.safe_load(path.read_text())
-    spec["grid"] = {"train.lr": [1.0e-3]}
-    spec["base"]["train"]["max_steps"] = steps
+    spec["grid"] = {"train.max_steps": steps}
+    spec["base"]["train"].update(train)
     path.write_text(yaml.safe_dump(spec))
-    (run,) = [Path(f"{tmp}/sweep-runs/add/{trial.run_name}") for trial in expand(load_spec(path))]
-    return path, run
+    return path, [Path(f"{tmp}/sweep-runs/add/{trial.run_name}") for trial in expand(load_spec(path))]
 
 
 def _steps_logged(run: Path) -> list[int]:
@@ -422,40 +423,40 @@ def _steps_logged(run: Path) -> list[int]:
     return [record["step"] for line in lines if "loss" in (record := json.loads(line))]
 
 
-@pytest.mark.parametrize("signal_to", ["ctrl-c (the whole process group)", "sigterm to the sweep alone"])
-def test_a_stopped_sweep_resumes_its_running_trial_from_a_checkpoint(tmp_path, tiny_model_dir, signal_to):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm to the sweep alone", "sigterm to its process group"])
+def test_a_stopped_sweep_resumes_its_running_trial_from_a_checkpoint(tmp_path, tiny_model_dir, stop):
     steps = 300
-    spec, run = _one_trial_spec(tmp_path, tiny_model_dir, steps)
+    spec, (run, queued) = _trials_spec(tmp_path, tiny_model_dir, [steps, 2])
     db = tmp_path / "sweep.sqlite"
     # a session of its own: the signals go to the sweep and its trial, not to the test runner
     sweep = subprocess.Popen(
         _sweep_command(spec, db), env=TRIAL_ENV, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     assert _wait_until(lambda: len(_steps_logged(run)) >= 3 or sweep.poll() is not None, seconds=120)
-    if signal_to.startswith("ctrl-c"):
-        os.killpg(sweep.pid, signal.SIGINT)
-    else:
+    if stop == "sigterm to the sweep alone":
         sweep.send_signal(signal.SIGTERM)
+    else:  # what a terminal's Ctrl-C, or a scheduler's SIGTERM, does
+        os.killpg(sweep.pid, signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
     stderr = sweep.communicate(timeout=120)[1]
+    assert str(tmp_path) not in _process_list()  # the sweep ended after its trial, not before
     assert sweep.returncode == 130, stderr[-2000:]
-    assert "stopping: each running trial saves a checkpoint after its current step" in stderr
+    assert "stopping: no new trial starts, and each running trial saves a checkpoint" in stderr
     assert stderr.strip().splitlines()[-1].startswith(f"sweep stopped; its finished trials are in {db}.")
     stopped_at = _steps_logged(run)[-1]
     assert 3 <= stopped_at < steps and RunDir(run).latest_checkpoint().name == f"checkpoint-{stopped_at}"
+    assert not trial_log(queued).exists()  # the next trial did not start
     assert not db.exists()  # no trial finished, so no database was created
 
     resumed = subprocess.run(_sweep_command(spec, db), env=TRIAL_ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert (
-        f"resuming from {run / 'checkpoints' / f'checkpoint-{stopped_at}'}"
-        in run.with_suffix(".log").read_text()
-    )
+    checkpoint = run / "checkpoints" / f"checkpoint-{stopped_at}"
+    assert f"resuming from {checkpoint}" in trial_log(run).read_text()
     assert _steps_logged(run) == list(range(1, steps + 1))
-    assert [row["status"] for row in _rows(db).values()] == ["done"]
+    assert [row["status"] for row in _rows(db).values()] == ["done", "done"]
 
 
 def test_a_trained_trial_that_was_not_recorded_is_evaluated_without_training_again(tmp_path, tiny_model_dir):
-    spec, run = _one_trial_spec(tmp_path, tiny_model_dir, steps=2)
+    spec, (run,) = _trials_spec(tmp_path, tiny_model_dir, [2])
     db = tmp_path / "sweep.sqlite"
     runner = CliRunner()
     assert runner.invoke(app, ["sweep", str(spec)]).exit_code == 0
@@ -467,3 +468,21 @@ def test_a_trained_trial_that_was_not_recorded_is_evaluated_without_training_aga
     assert (run / "final" / "trained.safetensors").stat().st_mtime_ns == trained
     assert "nothing to resume" in trial_log(run).read_text()
     assert (again["score"], again["test_score"]) == (first["score"], first["test_score"])
+
+
+def test_a_trial_whose_checkpoint_does_not_load_starts_over(tmp_path, tiny_model_dir):
+    spec, (run,) = _trials_spec(tmp_path, tiny_model_dir, [4], save_steps=2)
+    runner = CliRunner()
+    assert runner.invoke(app, ["sweep", str(spec)]).exit_code == 0
+    # as if stopped after step 4's checkpoint, and that checkpoint then damaged on disk
+    shutil.rmtree(run / "final")
+    (tmp_path / "sweep.sqlite").unlink()
+    checkpoint = RunDir(run).latest_checkpoint()
+    for weights in checkpoint.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    result = runner.invoke(app, ["sweep", str(spec)])
+    assert result.exit_code == 0, result.output
+    log = trial_log(run).read_text()
+    assert f"resuming from {checkpoint}" in log and "resuming failed (above); starting this trial over" in log
+    assert _steps_logged(run) == [1, 2, 3, 4] and (run / "final").is_dir()
+    assert [row["status"] for row in _rows(tmp_path / "sweep.sqlite").values()] == ["done"]

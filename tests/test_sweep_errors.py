@@ -225,7 +225,7 @@ def test_sweep_creates_its_database_with_the_first_result(tmp_path, monkeypatch,
     spec.write_text(yaml.safe_dump({"grid": {"train.lr": [1e-4, 1e-3]}, "datasets": [dataset]}))
     started: list[int] = []
 
-    def fake_run_local(trials, work_dir, on_result, max_parallel, on_start=None):  # scores each at once
+    def fake_run_local(trials, work_dir, on_result, max_parallel, on_start=None, processes=None):
         if not started:  # the first run: nothing written before the first result
             assert not (tmp_path / "sweep.sqlite").exists()
         started.append(len(trials))

@@ -363,7 +363,7 @@ def can_resume(config: RunConfig) -> bool:
         return False
     try:
         _check_resumable(config, run)
-    except TunelabError:
+    except Exception:  # another config, or a config.yaml that does not read: not this run to resume
         return False
     return True
 

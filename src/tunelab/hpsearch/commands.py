@@ -10,8 +10,10 @@ line and nothing written.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +30,14 @@ from rich.table import Table
 
 from tunelab.config import dump_config, nest, validate
 from tunelab.errors import RunInterrupted, TunelabError
-from tunelab.hpsearch.executors import TrialResult, check_ray, record, run_local, run_ray, stop_running
+from tunelab.hpsearch.executors import (
+    TrialProcesses,
+    TrialResult,
+    check_ray,
+    record,
+    run_local,
+    run_ray,
+)
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
 from tunelab.hpsearch.ranking import (
     arms,
@@ -104,29 +113,30 @@ def _check_sweep(spec: SweepSpec, spec_path: Path, executor: str, address: str |
     check_datasets(spec)
 
 
+STOPPING = (
+    b"stopping: no new trial starts, and each running trial saves a checkpoint after its current step; "
+    b"press Ctrl-C again to stop them at once\n"
+)
+
+
 @contextmanager
-def _stopping_on_signals() -> Iterator[None]:
-    """Ctrl-C or SIGTERM stops the sweep the way it stops a training: each running trial finishes its
-    optimizer step and saves a checkpoint, which the next sweep resumes. Ctrl-C reaches the trials
-    from the terminal; a SIGTERM may have reached the sweep alone, so it is passed on to them."""
+def _stopping_on_signals(processes: TrialProcesses) -> Iterator[None]:
+    """Ctrl-C or SIGTERM stops a sweep the way it stops a training: each running trial finishes its
+    optimizer step and saves a checkpoint, which the next sweep resumes. A Ctrl-C in the terminal
+    reaches the trials too, a signal sent to the sweep alone does not: each is passed on as SIGTERM
+    (a trial ignores a second one). A second Ctrl-C is passed on as SIGINT: the trials stop at once.
+
+    The handler only passes signals on and writes one line (not through rich, whose console it may
+    have interrupted): the sweep sees `processes.stopping` when its running trials have ended."""
     if threading.current_thread() is not threading.main_thread():  # only there can Python handle signals
         yield
         return
-    signals = 0
 
     def handle(signum, frame) -> None:
-        nonlocal signals
-        signals += 1
-        if signum == signal.SIGTERM:
-            stop_running()
-        if signals == 1:
-            err_console.print(
-                "[yellow]stopping: each running trial saves a checkpoint after its current step; "
-                "press Ctrl-C again to abort[/yellow]"
-            )
-            raise KeyboardInterrupt
-        if signum == signal.SIGINT:  # the trials got this one too: they stop at once
-            raise KeyboardInterrupt
+        again = processes.stopping
+        processes.stop(signal.SIGINT if again and signum == signal.SIGINT else signal.SIGTERM)
+        if not again:
+            os.write(sys.stderr.fileno(), STOPPING)
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -239,33 +249,33 @@ def sweep(
                 progress.update(trial, result)
 
             if executor == "local":
-                run_local(pending, work_dir, on_result, max_parallel or 1, progress.start)
+                run_local(pending, work_dir, on_result, max_parallel or 1, progress.start, processes)
             else:
                 run_ray(pending, work_dir, on_result, address, max_parallel, cpus_per_trial, gpus_per_trial)
         return progress.failed, len(pending)
 
-    stopping = _stopping_on_signals() if executor == "local" else nullcontext()
-    try:
-        with LazyStore(db) as store, stopping:
-            failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)
-            confirmed: set[str] = set()
-            # a best config's new seeds move its mean, and another config may become its arm's best: confirm
-            # until every arm's best has all confirm_seeds (each round adds a config, so this ends)
-            while confirmations and store.store is not None:
-                confirming = _best_of_each_arm(confirmations, spec, store.store)
-                if {trial.config_id for trial in confirming} <= confirmed:
-                    break
-                confirmed |= {trial.config_id for trial in confirming}
-                seeds = ", ".join(map(str, spec.confirm_seeds))
-                more_failed, more_ran = run(
-                    f"confirm each arm's best config with seeds {seeds}", "confirm", confirming, store
-                )
-                failed, ran = failed + more_failed, ran + more_ran
-    except KeyboardInterrupt:
+    processes = TrialProcesses()
+    stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
+    with LazyStore(db) as store, stopping:
+        failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)
+        confirmed: set[str] = set()
+        # a best config's new seeds move its mean, and another config may become its arm's best: confirm
+        # until every arm's best has all confirm_seeds (each round adds a config, so this ends)
+        while confirmations and store.store is not None and not processes.stopping:
+            confirming = _best_of_each_arm(confirmations, spec, store.store)
+            if {trial.config_id for trial in confirming} <= confirmed:
+                break
+            confirmed |= {trial.config_id for trial in confirming}
+            seeds = ", ".join(map(str, spec.confirm_seeds))
+            more_failed, more_ran = run(
+                f"confirm each arm's best config with seeds {seeds}", "confirm", confirming, store
+            )
+            failed, ran = failed + more_failed, ran + more_ran
+    if processes.stopping:
         raise RunInterrupted(
-            f"sweep stopped; its finished trials are in {db}. Run the same command to go on: it skips "
-            "them, and a trial stopped mid-way goes on from its checkpoint if it saved one"
-        ) from None
+            f"sweep stopped; its finished trials are in {db}. Run the same command to go on: it skips them, "
+            "and each stopped trial resumes from its checkpoint"
+        )
     if failed:
         err_console.print(
             f"[red]{failed} of {ran} trials failed[/red] (errors in {db}, logs in {work_dir}); run the same "

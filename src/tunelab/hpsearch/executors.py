@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -57,8 +58,44 @@ class TrialResult:
         return self.error is not None
 
 
-# the trial processes this process has running, for stop_running
-_running: set[subprocess.Popen] = set()
+NOT_STARTED = "not started: the sweep was stopping"
+
+
+class TrialProcesses:
+    """The trial processes a local sweep has running. After stop() no new one starts: a trial about to
+    start gets a failed result instead (`stopping` tells it from a real failure)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # a process starts, or the stop reaches it: never a mix
+        self._running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def start(self, command: list[str], log_path: Path, **popen_args: Any) -> subprocess.Popen | None:
+        """`command` started with its output into `log_path` (replaced), or None once stopping."""
+        with self._lock:
+            if self.stopping:
+                return None
+            with open(log_path, "w") as log:
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **popen_args)
+            self._running.add(process)
+            return process
+
+    def wait(self, process: subprocess.Popen) -> None:
+        try:
+            process.wait()
+        finally:
+            with self._lock:
+                self._running.discard(process)
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Start no more trials, and send `signum` to the running ones: on SIGTERM a trial finishes its
+        optimizer step and saves a checkpoint, which its next attempt resumes; a SIGINT after that
+        stops it at once."""
+        with self._lock:
+            self.stopping = True
+            for process in self._running:
+                process.send_signal(signum)
+
 
 OnResult = Callable[[Trial, TrialResult], None]
 OnStart = Callable[[Trial, Path], None]  # a trial and its log file, as it starts
@@ -82,11 +119,21 @@ def trial_log(run_dir: Path) -> Path:
     return run_dir.with_name(f"{run_dir.name}.log")
 
 
-def run_trial_process(trial: Trial, run_dir: Path, threads: int, cwd: str | None = None) -> TrialResult:
+def run_trial_process(
+    trial: Trial,
+    run_dir: Path,
+    threads: int,
+    cwd: str | None = None,
+    processes: TrialProcesses | None = None,
+) -> TrialResult:
     """Train and evaluate `trial` in a child process writing into `run_dir`; a failed trial does not raise.
 
-    Relative paths in the trial's config are read from `cwd` (default: this process's).
+    Relative paths in the trial's config are read from `cwd` (default: this process's). The process is
+    one of `processes` (default: a set of its own), so it does not start once they are stopping.
     """
+    processes = processes or TrialProcesses()
+    if processes.stopping:  # before anything of an earlier attempt is touched
+        return TrialResult(error=NOT_STARTED)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config_path = run_dir.with_name(f"{run_dir.name}.yaml")
     result_path = run_dir.with_name(f"{run_dir.name}.result.json")
@@ -109,13 +156,10 @@ def run_trial_process(trial: Trial, run_dir: Path, threads: int, cwd: str | None
         json.dumps({"ranks": list(trial.ranks), "test": trial.test}),
     ]
     started_at, start = _now(), time.perf_counter()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _running.add(process)
-        try:
-            process.wait()
-        finally:
-            _running.discard(process)
+    process = processes.start(command, log_path, env=env, cwd=cwd)
+    if process is None:
+        return TrialResult(error=NOT_STARTED)
+    processes.wait(process)
     timing = {"started_at": started_at, "finished_at": _now(), "duration_s": time.perf_counter() - start}
     if not result_path.is_file():  # killed (e.g. out of memory) or crashed before writing its result
         error = f"trial process exited with code {process.returncode} without a result; see {log_path}"
@@ -154,43 +198,40 @@ def record(store: ResultsStore, trial: Trial, result: TrialResult) -> None:
     )
 
 
-def stop_running() -> None:
-    """SIGTERM to this process's running trial processes: each stops after its current optimizer step and
-    saves a checkpoint, which the trial's next attempt resumes."""
-    for process in list(_running):
-        process.send_signal(signal.SIGTERM)
-
-
 def run_local(
     trials: list[Trial],
     work_dir: Path,
     on_result: OnResult,
     max_parallel: int = 1,
     on_start: OnStart | None = None,
+    processes: TrialProcesses | None = None,
 ) -> None:
-    """Run `trials`, at most `max_parallel` at once; `on_result` runs in this thread as each one finishes,
-    `on_start` in a worker thread as each one starts.
+    """Run `trials`, at most `max_parallel` at once, as `processes` (default: a set of its own);
+    `on_result` runs in this thread as each one finishes, `on_start` in a worker thread as each starts.
 
-    On KeyboardInterrupt no queued trial starts; the running ones, which got the Ctrl-C too (or a
-    SIGTERM from stop_running), are waited for while they save their checkpoints, then it is re-raised."""
+    Once `processes` are stopping, no trial starts and this returns when the running ones have ended;
+    their failed results (stopped, or not started) are not handed on: the next attempt resumes them."""
+    processes = processes or TrialProcesses()
     # OMP_NUM_THREADS set by the user (e.g. on a machine shared with other work) wins
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, available_cores() // max_parallel))
 
     def run(trial: Trial) -> TrialResult:
         run_dir = trial_dir(work_dir, trial)
+        if processes.stopping:
+            return TrialResult(error=NOT_STARTED)
         if on_start is not None:
             on_start(trial, trial_log(run_dir))
-        return run_trial_process(trial, run_dir, threads)
+        return run_trial_process(trial, run_dir, threads, processes=processes)
 
     pool = ThreadPoolExecutor(max_parallel)
-    futures = {pool.submit(run, trial): trial for trial in trials}
     try:
+        futures = {pool.submit(run, trial): trial for trial in trials}
         for future in as_completed(futures):
-            on_result(futures[future], future.result())
-    except KeyboardInterrupt:
-        pool.shutdown(wait=True, cancel_futures=True)  # a second Ctrl-C stops the trials at once
-        raise
+            result = future.result()
+            if not (processes.stopping and result.failed):
+                on_result(futures[future], result)
     finally:
+        # after an exception (a KeyboardInterrupt where no handler stops the processes): start no queued one
         pool.shutdown(wait=False, cancel_futures=True)
 
 
