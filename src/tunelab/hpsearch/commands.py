@@ -135,8 +135,8 @@ def _stopping_on_signals(processes: TrialProcesses) -> Iterator[None]:
     def handle(signum, frame) -> None:
         again = processes.stopping
         processes.stop(signal.SIGINT if again and signum == signal.SIGINT else signal.SIGTERM)
-        if not again:
-            os.write(sys.stderr.fileno(), STOPPING)
+        if not again:  # on a terminal, over the progress bar's line (it is drawn again below)
+            os.write(sys.stderr.fileno(), (b"\r\x1b[2K" if sys.stderr.isatty() else b"") + STOPPING)
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -114,7 +114,8 @@ def main(argv: list[str]) -> int:
     try:
         result = run_trial(config_path, metric, options)
     except Exception as exc:  # any failure is the trial's result, recorded with its message
-        traceback.print_exc()
+        if not isinstance(exc, RunInterrupted):  # a stop is no failure: its message says all
+            traceback.print_exc()
         message = str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
         result = {"error": message}
     # write then rename: the executor never reads half a file
