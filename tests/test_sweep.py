@@ -208,6 +208,8 @@ def test_ray_executor_on_two_local_workers(tmp_path, tiny_model_dir):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
+    started = [line for line in done.stderr.splitlines() if line.startswith("started add ")]
+    assert len(started) == 2 and all(line.endswith("-s42.log") for line in started), done.stderr
     rows = list(_rows(tmp_path / "ray.sqlite").values())
     assert [row["status"] for row in rows] == ["done", "done"], [row["error"] for row in rows]
     first, second = sorted(rows, key=lambda row: row["started_at"])

@@ -251,7 +251,10 @@ def sweep(
             if executor == "local":
                 run_local(pending, work_dir, on_result, max_parallel or 1, progress.start, processes)
             else:
-                run_ray(pending, work_dir, on_result, address, max_parallel, cpus_per_trial, gpus_per_trial)
+                run_ray(
+                    pending, work_dir, on_result, address, max_parallel, cpus_per_trial, gpus_per_trial,
+                    progress.start,
+                )  # fmt: skip
         return progress.failed, len(pending)
 
     processes = TrialProcesses()

@@ -265,8 +265,10 @@ def run_ray(
     max_parallel: int | None = None,
     cpus_per_trial: float = 1,
     gpus_per_trial: float = 0,
+    on_start: OnStart | None = None,
 ) -> None:
-    """Run `trials` as Ray Tune trials; `on_result` runs in this process as each one completes."""
+    """Run `trials` as Ray Tune trials; `on_result` and `on_start` run in this process as each one
+    completes or starts (the log file `on_start` names is on the node that runs the trial)."""
     check_ray()
     import ray
     from ray import tune
@@ -282,15 +284,22 @@ def run_ray(
     result_keys = [field.name for field in fields(TrialResult)]
 
     class RecordResults(tune.Callback):
-        """Hands each completed Tune trial's result to `on_result`, in this (the driver's) process."""
+        """Hands each completed Tune trial's result to `on_result`, and each started one's log to
+        `on_start`, in this (the driver's) process. Both are attributes, not closure variables: Tune
+        pickles this class by value."""
 
-        def __init__(self, on_result: OnResult, trials: list[Trial]) -> None:
-            self.on_result, self.trials = on_result, trials
+        def __init__(self, on_result: OnResult, on_start: OnStart | None, trials: list[Trial]) -> None:
+            self.on_result, self.on_start, self.trials = on_result, on_start, trials
 
         def __getstate__(self) -> dict:
             # Tune pickles its run config for Tuner.restore, which tunelab does not use (the db is what
             # resumes a sweep); the store and display behind on_result cannot be pickled.
             return {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if self.on_start is not None:
+                started = self.trials[trial.config["index"]]
+                self.on_start(started, trial_log(trial_dir(work_dir, started)))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = TrialResult(**{key: trial.last_result.get(key) for key in result_keys})
@@ -309,7 +318,7 @@ def run_ray(
             run_config=tune.RunConfig(
                 storage_path=str(work_dir / "ray"),
                 verbose=0,
-                callbacks=[RecordResults(on_result, trials)],
+                callbacks=[RecordResults(on_result, on_start, trials)],
             ),
         )
         tuner.fit()
