@@ -232,3 +232,22 @@ def test_a_model_missing_weights_is_refused(tmp_path, capsys, tiny_model_dir, qa
     path, _ = _config_file(tmp_path, str(model), qa_jsonl, tmp_path / "run")
     code, err = run_cli(capsys, "train", str(path))
     assert_one_line_error(code, err, "lacks 1 weight(s)", dropped)
+
+
+def test_a_checkpoint_that_does_not_load_stops_resume_with_one_line_and_nothing_changed(
+    tmp_path, tiny_model_dir, qa_jsonl, capsys
+):
+    path, config = _config_file(
+        tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.max_steps": 4, "train.save_steps": 2}
+    )
+    run = RunDir(train(config).run_dir)
+    shutil.rmtree(run.final_dir)  # as if stopped after step 4's checkpoint
+    checkpoint = run.latest_checkpoint()
+    (checkpoint / "optimizer.pt").write_bytes(b"not a torch file")
+    before = tree_digest(run.path)
+    code, err = run_cli(capsys, "train", str(path), "--resume")
+    progress, last = err.strip().rsplit("\n", 1)  # the lines before the error say what it was doing
+    assert_one_line_error(
+        code, last, f"--resume: {checkpoint} did not load (UnpicklingError: ", "--overwrite"
+    )
+    assert "Traceback" not in progress and tree_digest(run.path) == before

@@ -14,3 +14,7 @@ class TunelabError(Exception):
 
 class RunInterrupted(TunelabError):
     """Training stopped on Ctrl-C/SIGTERM after saving a resumable checkpoint (exit code 130)."""
+
+
+class ResumeFailed(TunelabError):
+    """A resumed training failed before its first step: its checkpoint did not load."""

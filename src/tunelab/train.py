@@ -25,7 +25,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from tunelab.assemble import TunedModel, build
 from tunelab.config import RunConfig, dump_config, flatten, validate
 from tunelab.data import TokenizedDataset, collator, eval_dataset, load_rows, train_dataset
-from tunelab.errors import RunInterrupted, TunelabError
+from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError
 from tunelab.evaluate import loss_and_perplexity
 from tunelab.loss import causal_lm_loss, supports_head_loss
 from tunelab.memory import release_free_memory
@@ -91,6 +91,17 @@ class TruncateMetricsOnStart(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.run.truncate_metrics(self.last_step)
+
+
+class FirstStep(TrainerCallback):
+    """Whether training reached its first step: what failed before it, on resume, is the checkpoint's
+    loading (the Trainer loads the RNG state only after on_train_begin)."""
+
+    def __init__(self) -> None:
+        self.begun = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.begun = True
 
 
 class StopOnSignal(TrainerCallback):
@@ -447,6 +458,8 @@ def _train_locked(
     if resume and args.should_save:
         # once the checkpoint has loaded (a damaged one stops the run before anything changes)
         trainer.add_callback(TruncateMetricsOnStart(run, checkpoint_step(checkpoint) if checkpoint else 0))
+    first_step = FirstStep()
+    trainer.add_callback(first_step)
     console.print(
         f"training [bold]{config.method.name}[/bold] on {escape(config.model)} ({len(train_set)} examples, "
         f"{'bf16' if args.bf16 else 'fp32'}) -> {escape(str(run))}"
@@ -454,6 +467,10 @@ def _train_locked(
     with stop_request.installed():
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except Exception as exc:
+            if checkpoint is not None and not first_step.begun:
+                raise _resume_failed(checkpoint, exc) from exc
+            raise
         finally:
             reporter.close()
     if guard.bad or trainer.nonfinite_step:
@@ -476,6 +493,19 @@ def _train_locked(
             built.method.save(built.model, tmp)
     built.model.eval()
     return TrainedRun(run.path, built)
+
+
+def _resume_failed(checkpoint: Path, exc: Exception) -> ResumeFailed:
+    """What failed before the first step of a resumed run, said as the checkpoint's fault."""
+    if isinstance(exc, TunelabError):  # already says which file and how to fix it
+        return ResumeFailed(str(exc))
+    reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[
+        0
+    ]  # torch's advice after it does not apply
+    return ResumeFailed(
+        f"--resume: {checkpoint} did not load ({type(exc).__name__}: {reason}); remove that folder to "
+        "resume from the checkpoint before it, or start over with --overwrite"
+    )
 
 
 def check_replicas(tensors: dict[str, torch.Tensor]) -> None:

@@ -236,6 +236,8 @@ def sweep(
 
     def run(what: str, label: str, trials: list[Trial], store: LazyStore) -> tuple[int, int]:
         """Run the unfinished `trials`: how many failed, of how many run."""
+        if processes.stopping:  # stopped while the confirmations were being chosen
+            return 0, 0
         pending = [trial for trial in trials if not store.finished(trial)]
         err_console.print(
             f"{what}: {len(trials)} trials, {len(trials) - len(pending)} already done, "

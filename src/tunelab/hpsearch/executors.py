@@ -66,7 +66,9 @@ class TrialProcesses:
     start gets a failed result instead (`stopping` tells it from a real failure)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # a process starts, or the stop reaches it: never a mix
+        # a process starts, or the stop reaches it, never a mix; reentrant, since a second signal may
+        # run the handler's stop() inside the first one's
+        self._lock = threading.RLock()
         self._running: set[subprocess.Popen] = set()
         self.stopping = False
 

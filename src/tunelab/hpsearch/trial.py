@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.errors import RunInterrupted, TunelabError
+from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError
 
 DEV_TEST_SEED = 0  # the permutation that splits an eval set without a test split into dev and test
 
@@ -62,16 +62,10 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     config = load_config(config_path)
     # an attempt at this trial that a stopped sweep left (Ctrl-C, SIGTERM) goes on from its checkpoint;
     # one that finished training but not its evaluation is only evaluated
-    resume = can_resume(config)
     try:
-        trained = train(config, resume=resume, overwrite=True)
-    except RunInterrupted:
-        raise
-    except Exception:
-        if not resume:
-            raise
-        traceback.print_exc()
-        print("resuming failed (above); starting this trial over", flush=True)
+        trained = train(config, resume=can_resume(config), overwrite=True)
+    except ResumeFailed as exc:
+        print(f"{exc}\nstarting this trial over", flush=True)
         trained = train(config, overwrite=True)
     built = trained.tuned or load_run(trained.run_dir)[1]
     dev = eval_dataset(config.data, built.tokenizer, limit=config.data.eval_limit)
