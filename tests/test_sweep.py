@@ -448,6 +448,9 @@ def test_a_stopped_sweep_resumes_its_running_trial_from_a_checkpoint(
     stderr = sweep.communicate(timeout=120)[1]
     assert str(tmp_path) not in _process_list()  # the sweep ended after its trial, not before
     assert sweep.returncode == 130, stderr[-2000:]
+    assert (
+        f"started add {run.name.rsplit('-s', 1)[0]} (train.max_steps={steps}, seed 42)" in stderr
+    )  # what varies
     assert "stopping: no new trial starts, and each running trial saves a checkpoint" in stderr
     assert stderr.strip().splitlines()[-1].startswith(f"sweep stopped; its finished trials are in {db}.")
     stopped_at = _steps_logged(run)[-1]

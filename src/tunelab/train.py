@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 import os
 import signal
-import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from tunelab.rundir import (
     mark_complete,
     write_atomically,
 )
+from tunelab.signals import handling_stop_signals
 
 # config keys that may differ when a run is resumed: where its folder lives, what it is called, and
 # how many checkpoints it keeps (a disk filling up mid-run)
@@ -111,8 +111,6 @@ class StopOnSignal(TrainerCallback):
     second SIGTERM does not: schedulers follow theirs with SIGKILL, and a trial of a sweep stopped by
     SIGTERM may get one from the sweep as well as its own."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self) -> None:
         self.requested = False
         self.stopped_at: int | None = None
@@ -127,17 +125,8 @@ class StopOnSignal(TrainerCallback):
             "[yellow]stopping after this step (saving a checkpoint); press Ctrl-C again to abort[/yellow]"
         )
 
-    @contextmanager
     def installed(self):
-        if threading.current_thread() is not threading.main_thread():  # only there can Python handle signals
-            yield self
-            return
-        previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        return handling_stop_signals(self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -294,7 +283,7 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
         eval_steps=t.eval_steps or None,
         bf16=bf16,
-        # the fused kernel, also on CPU: full fine-tuning's AdamW step takes 0.04 s instead of 0.27 s
+        # the fused kernel, also on CPU: SmolLM2's full AdamW step 57 ms instead of 210 (BENCHMARKS.md 16)
         optim="paged_adamw_32bit" if on_gpu_4bit else "adamw_torch_fused",
         **{checkpointing_arg: checkpointing},
         **sampling,
@@ -499,9 +488,8 @@ def _resume_failed(checkpoint: Path, exc: Exception) -> ResumeFailed:
     """What failed before the first step of a resumed run, said as the checkpoint's fault."""
     if isinstance(exc, TunelabError):  # already says which file and how to fix it
         return ResumeFailed(str(exc))
-    reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[
-        0
-    ]  # torch's advice after it does not apply
+    # its first sentence: what torch advises after it (to load untrusted pickles) is not for a damaged file
+    reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
     return ResumeFailed(
         f"--resume: {checkpoint} did not load ({type(exc).__name__}: {reason}); remove that folder to "
         "resume from the checkpoint before it, or start over with --overwrite"

@@ -14,7 +14,6 @@ import os
 import signal
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -50,6 +49,7 @@ from tunelab.hpsearch.ranking import (
 from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, select
 from tunelab.rundir import check_writable
+from tunelab.signals import handling_stop_signals
 
 console = Console(emoji=False)
 err_console = Console(stderr=True, soft_wrap=True, emoji=False)  # log lines stay whole
@@ -128,9 +128,6 @@ def _stopping_on_signals(processes: TrialProcesses) -> Iterator[None]:
 
     The handler only passes signals on and writes one line (not through rich, whose console it may
     have interrupted): the sweep sees `processes.stopping` when its running trials have ended."""
-    if threading.current_thread() is not threading.main_thread():  # only there can Python handle signals
-        yield
-        return
 
     def handle(signum, frame) -> None:
         again = processes.stopping
@@ -138,19 +135,17 @@ def _stopping_on_signals(processes: TrialProcesses) -> Iterator[None]:
         if not again:  # on a terminal, over the progress bar's line (it is drawn again below)
             os.write(sys.stderr.fileno(), (b"\r\x1b[2K" if sys.stderr.isatty() else b"") + STOPPING)
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling_stop_signals(handle):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class SweepProgress:
     """done / failed / remaining with an ETA: a progress bar on a terminal, one line per trial otherwise."""
 
-    def __init__(self, label: str, total: int, already_done: int, to_run: int) -> None:
-        self.total, self.to_run = total, to_run
+    def __init__(self, label: str, trials: list[Trial], already_done: int, to_run: int) -> None:
+        self.total, self.to_run = len(trials), to_run
+        # what tells this sweep's trials apart, for the start lines
+        self.keys = varying_keys([hyperparameters(trial.config) for trial in trials])
         self.done, self.failed, self.finished_now = already_done, 0, 0
         self.started = time.perf_counter()
         self.bar = Progress(
@@ -162,7 +157,9 @@ class SweepProgress:
             console=err_console,
             disable=not err_console.is_terminal,
         )
-        self.task = self.bar.add_task("sweep", total=total, completed=already_done, counts=self._counts())
+        self.task = self.bar.add_task(
+            "sweep", total=self.total, completed=already_done, counts=self._counts()
+        )
 
     def _counts(self) -> str:
         remaining = self.to_run - self.finished_now
@@ -189,7 +186,9 @@ class SweepProgress:
 
     def start(self, trial: Trial, log: Path) -> None:
         """Which trial runs now and where its log is: a trial can take longer than a person waits for."""
-        what = _describe(hyperparameters(trial.config))
+        settings = hyperparameters(trial.config)
+        varying = [f"{key}={settings[key]}" for key in self.keys if settings.get(key) is not None]
+        what = " ".join(varying) or _describe(settings)
         line = f"started {trial.dataset} {trial.config_id} ({what}, seed {trial.seed}): log {log}"
         err_console.print(escape(line), highlight=False)
 
@@ -233,6 +232,7 @@ def sweep(
     db = db or spec_path.with_suffix(".sqlite")
     work_dir = _work_dir(db)
     _check_sweep(spec, spec_path, executor, address, db)
+    processes = TrialProcesses()
 
     def run(what: str, label: str, trials: list[Trial], store: LazyStore) -> tuple[int, int]:
         """Run the unfinished `trials`: how many failed, of how many run."""
@@ -244,7 +244,7 @@ def sweep(
             f"{len(pending)} to run -> {db} (runs in {work_dir})",
             highlight=False,
         )
-        with SweepProgress(label, len(trials), len(trials) - len(pending), len(pending)) as progress:
+        with SweepProgress(label, trials, len(trials) - len(pending), len(pending)) as progress:
 
             def on_result(trial: Trial, result: TrialResult) -> None:
                 store.record(trial, result)
@@ -259,7 +259,6 @@ def sweep(
                 )  # fmt: skip
         return progress.failed, len(pending)
 
-    processes = TrialProcesses()
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
     with LazyStore(db) as store, stopping:
         failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)

@@ -134,8 +134,6 @@ def run_trial_process(
     one of `processes` (default: a set of its own), so it does not start once they are stopping.
     """
     processes = processes or TrialProcesses()
-    if processes.stopping:  # before anything of an earlier attempt is touched
-        return TrialResult(error=NOT_STARTED)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config_path = run_dir.with_name(f"{run_dir.name}.yaml")
     result_path = run_dir.with_name(f"{run_dir.name}.result.json")
