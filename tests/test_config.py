@@ -72,6 +72,28 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch):
+    from tunelab.data import load_rows
+    from tunelab.models import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "run.yaml").write_text("model: smollm2-135m\n")
+    with pytest.raises(TunelabError, match=r"config file not found: run\.yml; did you mean run\.yaml\?$"):
+        load_config("run.yml")
+    for written, meant in [("data/trian.jsonl", "data/train.jsonl"), ("dta/train.jsonl", "data/train.jsonl")]:
+        spec = load_config(None, [f"data.train={written}"]).data.train  # made absolute, as a config does
+        with pytest.raises(TunelabError, match=f"did you mean {tmp_path / meant}\\?$"):
+            load_rows(spec)
+    with pytest.raises(TunelabError, match=r"'gsm9k:train' is neither .* did you mean gsm8k:train\?$"):
+        load_rows(load_config(None, ["data.train=gsm9k:train"]).data.train)
+    with pytest.raises(TunelabError, match=r"model not found: smollm2-13m; .* did you mean smollm2-135m\?$"):
+        resolve_model("smollm2-13m")
+    with pytest.raises(TunelabError, match=r"or :eval, :dev, :test\)$"):  # nothing near: no guess
+        load_rows(str(tmp_path / "other" / "rows.csv"))
+
+
 def _cli(*args, cwd):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(

@@ -208,6 +208,21 @@ def test_the_data_command_shows_rows_lengths_and_trained_tokens(tmp_path, tiny_m
     assert length_histogram([1, 8, 9, 64, 64], 64) == [(1, 8, 2), (9, 16, 1)] + [
         (lo, lo + 7, 0) for lo in range(17, 57, 8)
     ] + [(57, 64, 2)]
+    # a data file given alone is checked as data.train of a default config, with the same report
+    alone = CliRunner().invoke(
+        app,
+        [
+            "data",
+            str(tmp_path / "d.jsonl"),
+            f"model={tiny_model_dir}",
+            "data.skip_bad_rows=true",
+            "data.max_length=64",
+            "--examples",
+            "1",
+        ],
+    )
+    assert alone.exit_code == 0, alone.output
+    assert alone.output == out
 
 
 def test_a_dataset_repository_folder_is_read_by_datasets(tmp_path, tokenizer):

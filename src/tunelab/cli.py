@@ -81,17 +81,23 @@ def train(
 
 @app.command("data")
 def data_command(
-    config: Path = typer.Argument(..., help="run config YAML"),
+    config: str = typer.Argument(..., help="run config YAML, or a data file or built-in dataset alone"),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. data.max_length=256"),
     examples: int = typer.Option(2, "--examples", min=0, help="examples to print with trained tokens marked"),
 ) -> None:
-    """Dry run of CONFIG's data: rows used and skipped, token lengths, examples as trained."""
-    from tunelab.config import load_config
+    """Dry run of CONFIG's data: rows used and skipped, token lengths, examples as trained.
+
+    Given a data file (.jsonl, .json, .csv, .parquet) or a built-in dataset (gsm8k:train) instead,
+    checks it as `data.train` of a default config; overrides still apply (model=..., data.format=...)."""
+    from tunelab.config import FILE_SUFFIXES, load_config
     from tunelab.data import eval_dataset, train_dataset
     from tunelab.models import load_tokenizer, resolve_model
     from tunelab.preview import print_dataset_report
 
-    run_config = load_config(config, overrides or [])
+    if Path(config).suffix.lower() in FILE_SUFFIXES or (":" in config and not Path(config).exists()):
+        run_config = load_config(None, [f"data.train={config}", *(overrides or [])])
+    else:
+        run_config = load_config(config, overrides or [])
     options = run_config.data
     tokenizer = load_tokenizer(resolve_model(run_config.model), options.chat_template)
     print_dataset_report(

@@ -5,14 +5,13 @@ Every error names the key (and the YAML line when it comes from a file) and says
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, closest, did_you_mean
 from tunelab.methods import METHOD_CONFIGS
 from tunelab.methods.lora.config import LoraConfig
 from tunelab.schema import Section
@@ -70,8 +69,8 @@ class DataConfig(Section):
         fields = [f for names in ROW_FIELDS.values() for f in names] + list(OPTIONAL_FIELDS)
         for field in columns:
             if field not in fields:
-                close = difflib.get_close_matches(field, fields, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
+                close = closest(field, fields)
+                hint = f"did you mean '{close}'? " if close else ""
                 raise ValueError(
                     f"unknown field '{field}'; {hint}the keys are the format's fields ({', '.join(fields)}), "
                     "the values your columns: {instruction: question}"
@@ -228,8 +227,8 @@ def _format_error(err: dict, data: Any, source: str, text: str, overridden: dict
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(RunConfig, data, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+        close = closest(str(loc[-1]), allowed)
+        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close])}'?" if close else ""
         valid = f"valid keys here: {', '.join(allowed)}" if allowed else ""
         return f"{where}: unknown key '{key}'; " + (hint or valid)
     if kind == "union_tag_invalid":
@@ -318,7 +317,7 @@ def read_yaml(path: str | Path) -> tuple[dict, str]:
     """Read a YAML mapping; returns (data, text). Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise TunelabError(f"config file not found: {path}")
+        raise TunelabError(f"config file not found: {path}{did_you_mean(path)}")
     try:
         text = read_utf8(path)
     except OSError as exc:
@@ -394,7 +393,13 @@ def _absolute_paths(data: dict, base: Path) -> dict:
             except TunelabError:
                 builtin = True  # a built-in name with a bad split: data.py says so later
             path = base / Path(value).expanduser()
-            if builtin is None and (key == "chat_template" or path.exists() or not is_hub_id(value)):
+            # 'gsm9k:train' names no file: kept as written, so its error can suggest the built-in meant
+            mistyped_builtin = ":" in value and "/" not in value and not path.exists()
+            if (
+                builtin is None
+                and not mistyped_builtin
+                and (key == "chat_template" or path.exists() or not is_hub_id(value))
+            ):
                 section[key] = str(path.resolve())
         data["data"] = section
     return data

@@ -25,7 +25,7 @@ from rich.markup import escape
 
 from tunelab.config import FILE_SUFFIXES, DataConfig, is_hub_id, read_utf8
 from tunelab.config import ROW_FIELDS as FORMAT_FIELDS
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, closest, did_you_mean
 from tunelab.tasks import Task, parse_builtin, split_rows
 
 IGNORE_INDEX = -100
@@ -195,9 +195,12 @@ def load_rows(
         from tunelab.tasks import builtin_tasks
 
         names = ", ".join(f"{name}:train" for name in builtin_tasks())
+        name, colon, split = spec.partition(":")
+        task = closest(name, builtin_tasks()) if colon else None
+        hint = f"; did you mean {task}:{split}?" if task else did_you_mean(path)
         raise TunelabError(
             f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
-            f"({names}, or :eval, :dev, :test)"
+            f"({names}, or :eval, :dev, :test){hint}"
         )
     if not rows:
         raise TunelabError(f"{spec}: the dataset has no rows")
@@ -220,7 +223,8 @@ def detect_format(rows: list[Row], requested: str) -> str:
     needs = "; ".join(f"{fmt}: {', '.join(fields)}" for fmt, fields in FORMAT_FIELDS.items())
     raise TunelabError(
         f"{where}: cannot tell the format from columns {sorted(first)}; rows need ({needs}), or name yours "
-        "with data.columns, e.g. {instruction: question, output: answer}"
+        "with data.columns, e.g. {instruction: question, output: answer} (on the command line: "
+        "data.columns.instruction=question data.columns.output=answer)"
     )
 
 

@@ -1,4 +1,12 @@
-"""The one exception type the CLI turns into a single clear line and exit code 2."""
+"""The one exception type the CLI turns into a single clear line and exit code 2, and the hints its
+messages give for a likely typo."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from itertools import islice
+from pathlib import Path
 
 
 class TunelabError(Exception):
@@ -18,3 +26,33 @@ class RunInterrupted(TunelabError):
 
 class ResumeFailed(TunelabError):
     """A resumed training failed before its first step: its checkpoint did not load."""
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate that `word`, a likely typo, was probably meant to be; None when none is close."""
+    matches = difflib.get_close_matches(word, list(candidates), n=1)
+    return matches[0] if matches else None
+
+
+def did_you_mean(path: str | Path) -> str:
+    """'; did you mean NEAR?' for a path that does not exist, where one near it does; else ''.
+
+    The first missing part of the path is compared with the names in the folder above it, so a
+    typo in a folder's name is found as well as one in the file's."""
+    path = Path(path).expanduser()
+    parts = path.parts
+    for depth in range(1, len(parts) + 1):
+        if not Path(*parts[:depth]).exists():
+            break
+    else:
+        return ""
+    parent = Path(*parts[: depth - 1]) if depth > 1 else Path(".")
+    try:
+        names = [entry.name for entry in islice(parent.iterdir(), 10_000)]  # a huge folder: its first
+    except OSError:
+        return ""
+    near = closest(parts[depth - 1], names)
+    if near is None:
+        return ""
+    suggestion = parent / near / Path(*parts[depth:]) if depth < len(parts) else parent / near
+    return f"; did you mean {suggestion}?" if suggestion.exists() else ""

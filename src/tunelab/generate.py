@@ -21,7 +21,7 @@ from tunelab.data import (
     load_rows,
     render_chat,
 )
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, did_you_mean
 from tunelab.evaluate import generation_options
 
 COMMANDS = "/reset clears the conversation, /exit or /quit (or Ctrl-D) quits"
@@ -59,7 +59,7 @@ def row_messages(where: str, row: dict, system: str | None, tokenizer) -> list[d
 def read_prompt_rows(path: Path) -> list[Row]:
     """Prompt rows of a .jsonl/.json/.csv/.parquet file, or one prompt per line of a .txt file."""
     if not path.is_file():
-        raise TunelabError(f"--file {path}: file not found")
+        raise TunelabError(f"--file {path}: file not found{did_you_mean(path)}")
     if path.suffix == ".txt":
         lines = read_utf8(path).splitlines()
         return [(f"{path}:{n}", {"prompt": line}) for n, line in enumerate(lines, 1) if line.strip()]

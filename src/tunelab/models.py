@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from tunelab.attention import use_cpu_attention
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, closest, did_you_mean
 from tunelab.norm import use_rms_norm
 
 # Built-in models ship inside PyPI wheels as GGUF files: (distribution, file inside it).
@@ -80,10 +80,12 @@ def resolve_model(name: str) -> str:
                 f"model directory {path} has no config.json; point model: at a HF model folder"
             )
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    builtin = closest(name, BUILTIN_MODELS) if "/" not in name else None
+    if builtin or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        hint = f"; did you mean {builtin}?" if builtin else did_you_mean(path)
         raise TunelabError(
             f"model not found: {name}; use a built-in ({', '.join(BUILTIN_MODELS)}), a local model "
-            "directory, or a hub id like org/name"
+            f"directory, or a hub id like org/name{hint}"
         )
     return name
 
@@ -120,7 +122,7 @@ def set_chat_template(tokenizer, path: Path) -> None:
     from tunelab.config import read_utf8
 
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "file not found"
+        what = "is a folder, not a file" if path.is_dir() else f"file not found{did_you_mean(path)}"
         raise TunelabError(f"data.chat_template: {path} {what}")
     tokenizer.chat_template = read_utf8(path)
     probe = [{"role": "user", "content": "QUESTION"}, {"role": "assistant", "content": "ANSWER"}]

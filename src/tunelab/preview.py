@@ -48,7 +48,8 @@ def print_dataset_report(
     console.print(
         Text.assemble(
             (f"{key}: ", "bold"),
-            f"{spec} — {dataset.rows} rows, format {dataset.format}, template {dataset.template}; "
+            f"{spec} — {dataset.rows} row{'' if dataset.rows == 1 else 's'}, format {dataset.format}, "
+            f"template {dataset.template}; "
             f"{len(dataset)} used",
         ),
         soft_wrap=True,

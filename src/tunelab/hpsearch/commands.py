@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tunelab.config import dump_config, nest, validate
-from tunelab.errors import RunInterrupted, TunelabError
+from tunelab.errors import RunInterrupted, TunelabError, did_you_mean
 from tunelab.hpsearch.executors import (
     TrialProcesses,
     TrialResult,
@@ -547,7 +547,8 @@ _INPUT_HINTS = {
 
 def _check_input(path: Path, option: str) -> None:
     if not path.exists():
-        raise TunelabError(f"{option}: file not found: {path}; {_INPUT_HINTS[option]}")
+        hint = did_you_mean(path) or f"; {_INPUT_HINTS[option]}"
+        raise TunelabError(f"{option}: file not found: {path}{hint}")
     if not path.is_file():
         raise TunelabError(f"{option} {path} is a folder, not a file; {_INPUT_HINTS[option]}")
 

@@ -25,7 +25,6 @@ and its lr list is one of those.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
@@ -44,7 +43,7 @@ from pydantic import (
 )
 
 from tunelab.config import FILE_SUFFIXES, deep_merge, flatten, is_hub_id, nest, read_yaml, validate
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, closest, did_you_mean
 from tunelab.tasks import builtin_tasks, parse_builtin
 
 # metric name -> higher is better (DatasetSpec.metric lists the same names); sweep trials compute
@@ -182,8 +181,8 @@ def _format_error(err: dict, source: str) -> str:
         return f"{source}: {err['msg'].removeprefix('Value error, ')}"
     if kind == "extra_forbidden":
         allowed = list(DatasetSpec.model_fields if err["loc"][0] == "datasets" else SweepSpec.model_fields)
-        close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(allowed)}"
+        close = closest(str(err["loc"][-1]), allowed)
+        hint = f"did you mean '{close}'?" if close else f"valid keys here: {', '.join(allowed)}"
         return f"{source}: unknown key '{key}'; {hint}"
     if kind == "missing":
         return f"{source}: '{key}' is required"
@@ -204,7 +203,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     if isinstance(base, str):
         base_path = path.parent / base
         if not base_path.is_file():
-            raise TunelabError(f"{path}: 'base' file not found: {base_path}; give it relative to {path.name}")
+            hint = did_you_mean(base_path) or f"; give it relative to {path.name}"
+            raise TunelabError(f"{path}: 'base' file not found: {base_path}{hint}")
         data = {**data, "base": read_yaml(base_path)[0]}
     try:
         spec = SweepSpec.model_validate(data)
