@@ -223,6 +223,10 @@ def test_the_data_command_shows_rows_lengths_and_trained_tokens(tmp_path, tiny_m
     )
     assert alone.exit_code == 0, alone.output
     assert alone.output == out
+    # a run directory: its config.yaml (as `tunelab train RUN_DIR --resume` reads it)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(config.read_text().replace("d.jsonl", "../d.jsonl"))
+    assert CliRunner().invoke(app, ["data", str(tmp_path / "run"), "--examples", "1"]).output == out
 
 
 def test_a_dataset_repository_folder_is_read_by_datasets(tmp_path, tokenizer):

@@ -87,17 +87,23 @@ def data_command(
 ) -> None:
     """Dry run of CONFIG's data: rows used and skipped, token lengths, examples as trained.
 
-    Given a data file (.jsonl, .json, .csv, .parquet) or a built-in dataset (gsm8k:train) instead,
-    checks it as `data.train` of a default config; overrides still apply (model=..., data.format=...)."""
+    Given a run directory, checks the data of its config.yaml. Given a data file (.jsonl, .json, .csv,
+    .parquet), a datasets folder or a built-in dataset (gsm8k:train) instead, checks it as `data.train`
+    of a default config; overrides still apply (model=..., data.format=...)."""
     from tunelab.config import FILE_SUFFIXES, load_config
     from tunelab.data import eval_dataset, train_dataset
     from tunelab.models import load_tokenizer, resolve_model
     from tunelab.preview import print_dataset_report
+    from tunelab.rundir import CONFIG_FILE
 
-    if Path(config).suffix.lower() in FILE_SUFFIXES or (":" in config and not Path(config).exists()):
+    path = Path(config)
+    if (path / CONFIG_FILE).is_file():
+        path = path / CONFIG_FILE
+    is_data = path.suffix.lower() in FILE_SUFFIXES or path.is_dir() or (":" in config and not path.exists())
+    if is_data:
         run_config = load_config(None, [f"data.train={config}", *(overrides or [])])
     else:
-        run_config = load_config(config, overrides or [])
+        run_config = load_config(path, overrides or [])
     options = run_config.data
     tokenizer = load_tokenizer(resolve_model(run_config.model), options.chat_template)
     print_dataset_report(
