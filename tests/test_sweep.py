@@ -425,41 +425,54 @@ def _steps_logged(run: Path) -> list[int]:
     return [record["step"] for line in lines if "loss" in (record := json.loads(line))]
 
 
-# how a stopped trial resumes does not depend on the signal that stopped it: resumed once
+# how a stopped trial resumes does not depend on the signal that stopped it: resumed once; the group
+# SIGTERM case runs two trials at once, both of which must save a checkpoint
 @pytest.mark.parametrize(
-    "stop, then_resume",
-    [("ctrl-c", True), ("sigterm to the sweep alone", False), ("sigterm to its process group", False)],
+    "stop, parallel, then_resume",
+    [
+        ("ctrl-c", 1, True),
+        ("sigterm to the sweep alone", 1, False),
+        ("sigterm to its process group", 2, False),
+    ],
 )
 def test_a_stopped_sweep_resumes_its_running_trial_from_a_checkpoint(
-    tmp_path, tiny_model_dir, stop, then_resume
+    tmp_path, tiny_model_dir, stop, parallel, then_resume
 ):
     steps = 300
-    spec, (run, queued) = _trials_spec(tmp_path, tiny_model_dir, [steps, 2])
+    spec, runs = _trials_spec(tmp_path, tiny_model_dir, [steps + i for i in range(parallel)] + [2])
+    (*running, queued), run = runs, runs[0]
     db = tmp_path / "sweep.sqlite"
     # a session of its own: the signals go to the sweep and its trial, not to the test runner
     sweep = subprocess.Popen(
-        _sweep_command(spec, db), env=TRIAL_ENV, stderr=subprocess.PIPE, text=True, start_new_session=True
+        _sweep_command(spec, db, "--max-parallel", str(parallel)),
+        env=TRIAL_ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert _wait_until(lambda: len(_steps_logged(run)) >= 3 or sweep.poll() is not None, seconds=120)
+    training = lambda: all(len(_steps_logged(r)) >= 3 for r in running)  # noqa: E731
+    assert _wait_until(lambda: training() or sweep.poll() is not None, seconds=120)
     if stop == "sigterm to the sweep alone":
         sweep.send_signal(signal.SIGTERM)
     else:  # what a terminal's Ctrl-C, or a scheduler's SIGTERM, does
         os.killpg(sweep.pid, signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
     stderr = sweep.communicate(timeout=120)[1]
-    assert str(tmp_path) not in _process_list()  # the sweep ended after its trial, not before
+    assert str(tmp_path) not in _process_list()  # the sweep ended after its trials, not before
     assert sweep.returncode == 130, stderr[-2000:]
     assert (
         f"started add {run.name.rsplit('-s', 1)[0]} (train.max_steps={steps}, seed 42)" in stderr
     )  # what varies
     assert "stopping: no new trial starts, and each running trial saves a checkpoint" in stderr
     assert stderr.strip().splitlines()[-1].startswith(f"sweep stopped; its finished trials are in {db}.")
-    stopped_at = _steps_logged(run)[-1]
-    assert 3 <= stopped_at < steps and RunDir(run).latest_checkpoint().name == f"checkpoint-{stopped_at}"
+    for each in running:
+        last = _steps_logged(each)[-1]
+        assert 3 <= last < steps and RunDir(each).latest_checkpoint().name == f"checkpoint-{last}"
     assert not trial_log(queued).exists()  # the next trial did not start
     assert not db.exists()  # no trial finished, so no database was created
     if not then_resume:
         return
 
+    stopped_at = _steps_logged(run)[-1]
     resumed = CliRunner().invoke(app, ["sweep", str(spec), "--db", str(db)])
     assert resumed.exit_code == 0, resumed.output[-2000:]
     checkpoint = run / "checkpoints" / f"checkpoint-{stopped_at}"
