@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,33 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, capsys, tiny_model_di
     assert_one_line_error(code, err, "is a file")
     code, err = run_cli(capsys, "eval", str(run_dir), "--json", str(tmp_path / "new" / "eval.json"))
     assert code == 0 and (tmp_path / "new" / "eval.json").is_file(), err
+    # where root may write by access() but not in fact (/sys): found by a real write, before the work
+    code, err = run_cli(capsys, "eval", str(run_dir), "--json", "/sys/eval.json")
+    assert_one_line_error(code, err, "--json /sys/eval.json: cannot write in /sys")
+
+
+def test_reports_replace_their_own_earlier_output_but_never_a_users_file(
+    tmp_path, capsys, monkeypatch, qa_jsonl, finished_run
+):
+    _, run_dir = finished_run
+    data = tmp_path / "data.json"  # a data file in a format tunelab reads, and an eval report's suffix
+    data.write_text('[{"instruction": "Add 1 and 1.", "output": "2"}]\n')
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(Path(qa_jsonl).read_text())
+    before = tree_digest(tmp_path)
+    code, err = run_cli(capsys, "eval", str(run_dir), "--json", str(data))
+    assert_one_line_error(code, err, f"--json {data} exists and tunelab did not write it")
+    code, err = run_cli(capsys, "generate", str(run_dir), "--prompt", "hi", "--out", str(answers))
+    assert_one_line_error(code, err, f"--out {answers} exists and tunelab did not write it")
+    assert tree_digest(tmp_path) == before
+    for _ in range(2):  # the second run replaces the first one's output
+        assert run_cli(capsys, "eval", str(run_dir), "--json", str(tmp_path / "eval.json"))[0] == 0
+        generate = ("generate", str(run_dir), "--prompt", "hi", "--max-new-tokens", "2")
+        assert run_cli(capsys, *generate, "--out", str(tmp_path / "gen.jsonl"))[0] == 0
+    # a write that fails after the checks passed (a disk that filled up, say) still ends in one line
+    monkeypatch.setattr("tunelab.rundir.check_writable", lambda *args, **kwargs: None)
+    code, err = run_cli(capsys, "eval", str(run_dir), "--json", "/sys/eval.json")
+    assert_one_line_error(code, err, "error: /sys/eval.json: ")
 
 
 def test_a_moved_run_is_self_contained(tmp_path, capsys, monkeypatch, tiny_model_dir, qa_jsonl):

@@ -3,6 +3,7 @@ light commands (recommend, datasets) start fast."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -151,12 +152,10 @@ def eval_command(
     from tunelab.data import eval_dataset, load_rows
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
-    from tunelab.rundir import check_writable
+    from tunelab.rundir import check_writable, json_report
 
-    if json_path:  # before the evaluation, not after it
-        if json_path.exists() and json_path.suffix != ".json" and not json_path.is_dir():  # config.yaml
-            raise TunelabError(f"--json {json_path} exists and is not a .json file; name another file")
-        check_writable(json_path, "--json", folder=False)
+    if json_path:  # before the evaluation, not after it; an earlier `tunelab eval --json` is replaced
+        check_writable(json_path, "--json", folder=False, ours=json_report("run"))
     # the request is checked against the run before its model loads
     rank_list = parse_ranks(ranks, read_run_config(run_dir).method.evaluable_ranks()) if ranks else None
     config, built = load_run(run_dir)
@@ -263,7 +262,7 @@ def generate(
     from rich.progress import Progress
 
     from tunelab.evaluate import generate_answers
-    from tunelab.generate import prompt_text, read_prompt_rows, row_messages, write_jsonl
+    from tunelab.generate import is_generations, prompt_text, read_prompt_rows, row_messages, write_jsonl
     from tunelab.reporting import plural
     from tunelab.rundir import check_writable
 
@@ -272,7 +271,7 @@ def generate(
     if out is not None:
         if out.suffix != ".jsonl" and not out.is_dir():
             raise TunelabError(f"--out {out}: name a .jsonl file to write")
-        check_writable(out, "--out", folder=False)
+        check_writable(out, "--out", folder=False, ours=is_generations)
     rows = (
         read_prompt_rows(file)
         if file
@@ -370,6 +369,9 @@ app.command()(sweep)
 app.command()(recommend)
 
 
+_FILE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
 def main() -> None:
     # transformers' per-tensor loading bars are noise next to our own progress display
     import os
@@ -386,3 +388,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except OSError as exc:  # a write the checks before the work could not foresee (disk full, a mount)
+        if exc.errno not in _FILE_ERRNOS or not exc.filename:
+            raise
+        hint = "; free some space and run it again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        message = f"{exc.filename}: {exc.strerror}{hint}"
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(2)

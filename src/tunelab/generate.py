@@ -66,6 +66,17 @@ def read_prompt_rows(path: Path) -> list[Row]:
     return load_rows(str(path))[0]
 
 
+def is_generations(path: Path) -> bool:
+    """Whether `path` is what `write_jsonl` wrote: JSON lines whose first row has a 'generated' text."""
+    with path.open("rb") as handle:
+        first = handle.readline()
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and "generated" in row
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Rows as JSON lines, written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ import json
 import math
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -215,10 +217,14 @@ class RunDir:
                 self.path.rmdir()
 
 
-def check_writable(path: Path, option: str, *, folder: bool) -> None:
+def check_writable(
+    path: Path, option: str, *, folder: bool, ours: Callable[[Path], bool] | None = None
+) -> None:
     """Fail now, naming `option`, when `path` (a file, or a folder when `folder`) cannot be written
-    later: before any long work, and without creating anything. Missing parent folders are fine (the
-    writer creates them) as long as the nearest existing one is a writable folder."""
+    later: before any long work, and leaving nothing behind. Missing parent folders are fine (the
+    writer creates them) as long as the nearest existing one is a writable folder. An existing file is
+    replaced only when `ours` says, from its first bytes, that tunelab wrote it (a re-run's output):
+    a file of the user's, a data file say, is never overwritten."""
     existing = next(parent for parent in (path, *path.parents) if parent.exists())
     if existing == path and folder and not path.is_dir():
         raise TunelabError(f"{option} {path} is a file, not a folder; give a folder (created if missing)")
@@ -226,8 +232,35 @@ def check_writable(path: Path, option: str, *, folder: bool) -> None:
         raise TunelabError(f"{option} {path} is a folder; give a file path")
     if existing != path and not existing.is_dir():
         raise TunelabError(f"{option} {path}: {existing} is a file, not a folder; choose another path")
-    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
-        raise TunelabError(f"{option} {path}: no permission to write in {existing}; choose another path")
+    try:
+        if existing == path and not folder and ours is not None:
+            if not ours(path):
+                raise TunelabError(
+                    f"{option} {path} exists and tunelab did not write it; name a new file (tunelab "
+                    "replaces only its own output)"
+                )
+        # a real write, not os.access: root passes access() where writes still fail (/sys, some mounts)
+        if existing.is_dir():
+            tempfile.TemporaryFile(dir=existing).close()  # unnamed where the filesystem allows
+        else:
+            path.open("a").close()  # appending nothing changes neither the file nor its times
+    except OSError as exc:
+        raise TunelabError(
+            f"{option} {path}: cannot write in {existing} ({exc.strerror}); choose another path"
+        ) from None
+
+
+def json_report(*first_keys: str) -> Callable[[Path], bool]:
+    """Recognises a JSON report tunelab wrote (json.dumps with indent=2) by its first key, one of
+    `first_keys`: what `check_writable` may replace on a re-run."""
+    heads = [f'{{\n  "{key}": '.encode() for key in first_keys]
+
+    def written_by_tunelab(path: Path) -> bool:
+        with path.open("rb") as handle:
+            head = handle.read(max(map(len, heads)))
+        return any(head.startswith(expected) for expected in heads)
+
+    return written_by_tunelab
 
 
 def _acquire(handle: IO[str], path: Path) -> None:

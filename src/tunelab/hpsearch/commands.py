@@ -48,7 +48,7 @@ from tunelab.hpsearch.ranking import (
 )
 from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, select
-from tunelab.rundir import check_writable
+from tunelab.rundir import check_writable, json_report
 from tunelab.signals import handling_stop_signals
 
 console = Console(emoji=False)
@@ -592,7 +592,7 @@ def recommend(
             + (f"; got {' and '.join(sources)}" if sources else "")
         )
     if json_path:
-        check_writable(json_path, "--json", folder=False)
+        check_writable(json_path, "--json", folder=False, ours=json_report("tau", "published"))
     if write_config:
         check_writable(write_config, "--write-config", folder=True)
     if model or method:
