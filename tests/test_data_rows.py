@@ -176,6 +176,29 @@ def test_a_malformed_row_is_an_error_naming_file_and_line_or_is_skipped_and_coun
     assert f"1 of 3 rows used; 2 skipped: {reason} (first: {path}:2)" in summary
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])  # JSON lines in a .json file too
+def test_a_line_that_is_no_json_object_is_an_error_or_is_skipped_and_counted(
+    tmp_path, tokenizer, capsys, suffix
+):
+    path = tmp_path / f"rows{suffix}"
+    path.write_text('{"q": "2+3?", "a": "5"}\n{"q": "1+1?", a: 2}\n[1, 2]\n{"q": "2+2?", "a": "4"}\n')
+    options = DataConfig(columns={"instruction": "q", "output": "a"})
+    with pytest.raises(TunelabError, match=rf"{path}:2: invalid JSON .*, or set data.skip_bad_rows=true"):
+        build_dataset(str(path), tokenizer, options)
+    dataset = build_dataset(str(path), tokenizer, options.model_copy(update={"skip_bad_rows": True}))
+    assert [example.reference for example in dataset.examples] == ["5", "4"]
+    summary = capsys.readouterr().err.replace("\n", "")
+    assert (
+        f"2 of 4 rows used; 1 skipped: invalid JSON (first: {path}:2); 1 skipped: not a JSON object"
+        in summary
+    )
+    path.write_text("{x\n[1]\n")
+    with pytest.raises(
+        TunelabError, match=rf"{path}:1: no line holds a row \(2 skipped as bad, the first for"
+    ):
+        build_dataset(str(path), tokenizer, DataConfig(skip_bad_rows=True))
+
+
 def test_truncated_and_dropped_rows_are_counted(tmp_path, tokenizer, capsys):
     long_prompt = {"prompt": "word " * 80, "completion": " 5"}  # the response lies beyond max_length
     long_answer = {"prompt": "2+3=", "completion": " five" * 80}  # kept, cut short

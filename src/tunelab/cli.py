@@ -149,7 +149,7 @@ def eval_command(
     from rich.progress import Progress
 
     from tunelab.assemble import load_run, read_run_config
-    from tunelab.data import eval_dataset, load_rows
+    from tunelab.data import eval_dataset, first_row, load_rows
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
     from tunelab.rundir import check_writable, json_report
@@ -165,7 +165,7 @@ def eval_command(
     options = config.data
     if data:  # another dataset: its format is detected; the run's column names apply if it has them
         options = config.data.model_copy(update={"format": "auto", "columns": {}, "eval": spec})
-        first = load_rows(spec, options, options.eval_split, "data.eval_split")[0][0][1]
+        first = first_row(load_rows(spec, options, options.eval_split, "data.eval_split")[0])[1]
         if all(column in first for column in config.data.columns.values()):
             options.columns = config.data.columns
     dataset = eval_dataset(options, built.tokenizer, limit=limit)

@@ -30,7 +30,9 @@ from tunelab.tasks import Task, parse_builtin, split_rows
 
 IGNORE_INDEX = -100
 
-Row = tuple[str, dict]  # (where it came from: "file:line", the row)
+# (where it came from: "file:line", the row); with data.skip_bad_rows, a line that is no row (invalid
+# JSON) stays in place as its BadRow, to be skipped and counted with the other bad rows
+Row = tuple[str, "dict | BadRow"]
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -44,21 +46,35 @@ class BadRow(TunelabError):
         self.reason = reason
 
 
-def _read_jsonl(path: Path, text: str) -> list[Row]:
-    rows = []
+def _read_jsonl(path: Path, text: str, keep_bad: bool = False) -> list[Row]:
+    rows: list[Row] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise TunelabError(
-                f"{path}:{number}: invalid JSON ({exc.msg}); each line must be one JSON object"
-            ) from None
-        if not isinstance(row, dict):
-            raise TunelabError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((f"{path}:{number}", row))
+            message = f"{where}: invalid JSON ({exc.msg}); each line must be one JSON object"
+            row = BadRow(message + LINE_SKIP_HINT, "invalid JSON")
+        if not isinstance(row, dict | BadRow):
+            message = f"{where}: expected a JSON object, got {type(row).__name__}"
+            row = BadRow(message + LINE_SKIP_HINT, "not a JSON object")
+        if isinstance(row, BadRow) and not keep_bad:
+            raise row
+        rows.append((where, row))
     return rows
+
+
+def first_row(rows: list[Row]) -> tuple[str, dict]:
+    """The first row that is one (what the format is told from), passing over lines kept as bad."""
+    for where, row in rows:
+        if not isinstance(row, BadRow):
+            return where, row
+    where, bad = rows[0]
+    raise TunelabError(
+        f"{where}: no line holds a row ({len(rows)} skipped as bad, the first for {bad.reason}); fix the file"
+    )
 
 
 def _read_csv(path: Path, text: str) -> list[Row]:
@@ -82,14 +98,14 @@ def _read_csv(path: Path, text: str) -> list[Row]:
     return rows
 
 
-def _read_json(path: Path, text: str) -> list[Row]:
+def _read_json(path: Path, text: str, keep_bad: bool = False) -> list[Row]:
     """A JSON list of objects, {"data": [...]}, or JSON lines in a .json file."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if text.lstrip().startswith("["):  # one JSON array, not JSON lines: say where it breaks
             raise TunelabError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
-        return _read_jsonl(path, text)
+        return _read_jsonl(path, text, keep_bad)
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
@@ -121,11 +137,13 @@ def _read_parquet(path: Path) -> list[Row]:
     return [(f"{path} row {i + 1}", dict(row)) for i, row in enumerate(table)]
 
 
-def _read_file(path: Path) -> list[Row]:
+def _read_file(path: Path, keep_bad: bool) -> list[Row]:
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-    return readers[path.suffix](path, read_utf8(path))
+    if path.suffix == ".csv":
+        return _read_csv(path, read_utf8(path))
+    read = _read_jsonl if path.suffix == ".jsonl" else _read_json
+    return read(path, read_utf8(path), keep_bad)
 
 
 def _read_hf_dataset(
@@ -157,14 +175,21 @@ def _read_hf_dataset(
 
 def _map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
     """Rows with each format field read from the dataset's own column (`data.columns`)."""
-    where, first = rows[0]
+    if not columns:
+        return rows
+    where, first = first_row(rows)
     for field, column in columns.items():
         if column not in first:
             raise TunelabError(
                 f"{where}: data.columns.{field} names column '{column}', which the data does not have "
                 f"(its columns: {', '.join(map(str, first))})"
             )
-    return [(where, {**row, **{f: row[c] for f, c in columns.items() if c in row}}) for where, row in rows]
+    mapped = []
+    for where, row in rows:
+        if isinstance(row, dict):
+            row = {**row, **{field: row[column] for field, column in columns.items() if column in row}}
+        mapped.append((where, row))
+    return mapped
 
 
 def load_rows(
@@ -188,7 +213,7 @@ def load_rows(
                 f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}, or a "
                 "datasets folder"
             )
-        rows = _read_file(path)
+        rows = _read_file(path, options.skip_bad_rows)
     elif is_hub_id(spec):
         rows = _read_hf_dataset(spec, False, split, options.subset, split_key)
     else:
@@ -208,7 +233,7 @@ def load_rows(
 
 
 def detect_format(rows: list[Row], requested: str) -> str:
-    where, first = rows[0]
+    where, first = first_row(rows)
     if requested != "auto":
         missing = [field for field in FORMAT_FIELDS[requested] if field not in first]
         if missing:  # the first row already disagrees: the setting, not the rows, is wrong
@@ -244,6 +269,7 @@ SHAREGPT_ROLES = {
     "observation": "tool",
 }
 SKIP_HINT = "; fix the row, or set data.skip_bad_rows=true to skip such rows"
+LINE_SKIP_HINT = "; fix the line, or set data.skip_bad_rows=true to skip such lines"
 
 
 def as_text(where: str, value: object, field: str) -> str:
@@ -591,6 +617,8 @@ def build_dataset(
     features, examples, report = [], [], RowReport()
     for where, row in rows:
         try:
+            if isinstance(row, BadRow):
+                raise row
             segments, reference = render(where, row, fmt, tokenizer, template)
         except BadRow as bad:
             if not options.skip_bad_rows:
