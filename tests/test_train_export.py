@@ -177,6 +177,15 @@ def test_generate_refuses_bad_requests(lora_run, tmp_path, capsys):
     )
 
 
+def test_prompt_files_read_the_runs_column_names(tmp_path):
+    from tunelab.generate import read_prompt_rows, row_messages
+
+    questions = tmp_path / "questions.csv"  # like the training data, without its answer column
+    questions.write_text("question\nWhat is 2+2?\n")
+    (row,) = read_prompt_rows(questions, {"instruction": "question", "output": "answer"})
+    assert row_messages(*row, None, None) == [{"role": "user", "content": "What is 2+2?"}]
+
+
 def test_full_fine_tuning_trains_every_weight(tmp_path, tiny_model_dir, qa_jsonl):
     config = tiny_config(
         tiny_model_dir,

@@ -261,6 +261,7 @@ def generate(
     """Generate with a trained run: prompts rendered as the run trained (its data.template)."""
     from rich.progress import Progress
 
+    from tunelab.assemble import read_run_config
     from tunelab.evaluate import generate_answers
     from tunelab.generate import is_generations, prompt_text, read_prompt_rows, row_messages, write_jsonl
     from tunelab.reporting import plural
@@ -273,7 +274,7 @@ def generate(
             raise TunelabError(f"--out {out}: name a .jsonl file to write")
         check_writable(out, "--out", folder=False, ours=is_generations)
     rows = (
-        read_prompt_rows(file)
+        read_prompt_rows(file, read_run_config(run_dir).data.columns)
         if file
         else [(f"--prompt {i + 1}", {"prompt": p}) for i, p in enumerate(prompt)]
     )

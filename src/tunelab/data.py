@@ -173,7 +173,7 @@ def _read_hf_dataset(
     return [(f"{label} row {i + 1}", dict(row)) for i, row in enumerate(loaded)]
 
 
-def _map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
+def map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
     """Rows with each format field read from the dataset's own column (`data.columns`)."""
     if not columns:
         return rows
@@ -203,7 +203,7 @@ def load_rows(
     if builtin is not None:
         task, builtin_split = builtin
         rows = [(f"{spec} row {i + 1}", row) for i, row in enumerate(split_rows(task, builtin_split))]
-        return _map_columns(rows, options.columns), task
+        return map_columns(rows, options.columns), task
     path = Path(spec).expanduser()
     if path.is_dir():
         rows = _read_hf_dataset(str(path), True, split, options.subset, split_key)
@@ -229,7 +229,7 @@ def load_rows(
         )
     if not rows:
         raise TunelabError(f"{spec}: the dataset has no rows")
-    return _map_columns(rows, options.columns), None
+    return map_columns(rows, options.columns), None
 
 
 def detect_format(rows: list[Row], requested: str) -> str:

@@ -18,7 +18,9 @@ from tunelab.data import (
     alpaca_prompt,
     as_text,
     clean_messages,
+    first_row,
     load_rows,
+    map_columns,
     render_chat,
 )
 from tunelab.errors import TunelabError, did_you_mean
@@ -56,14 +58,17 @@ def row_messages(where: str, row: dict, system: str | None, tokenizer) -> list[d
     return messages
 
 
-def read_prompt_rows(path: Path) -> list[Row]:
-    """Prompt rows of a .jsonl/.json/.csv/.parquet file, or one prompt per line of a .txt file."""
+def read_prompt_rows(path: Path, columns: dict[str, str] | None = None) -> list[Row]:
+    """Prompt rows of a .jsonl/.json/.csv/.parquet file, or one prompt per line of a .txt file. The
+    run's `data.columns` apply to the columns of theirs the file has (a file like the training data)."""
     if not path.is_file():
         raise TunelabError(f"--file {path}: file not found{did_you_mean(path)}")
     if path.suffix == ".txt":
         lines = read_utf8(path).splitlines()
         return [(f"{path}:{n}", {"prompt": line}) for n, line in enumerate(lines, 1) if line.strip()]
-    return load_rows(str(path))[0]
+    rows = load_rows(str(path))[0]
+    first = first_row(rows)[1]
+    return map_columns(rows, {field: name for field, name in (columns or {}).items() if name in first})
 
 
 def is_generations(path: Path) -> bool:
