@@ -121,8 +121,8 @@ def data_command(
         print_dataset_report(console, "data.eval", options.eval, dataset, tokenizer, options.max_length, 0)
 
 
-def _metrics_table(rows: list[dict], title: str) -> Table:
-    table = Table(title=title)
+def _metrics_table(rows: list[dict]) -> Table:
+    table = Table()
     columns = [key for key in rows[0] if key not in ("tokens",)]
     for column in columns:
         table.add_column(column, justify="right")
@@ -174,18 +174,19 @@ def eval_command(
         generated: list[list[str]] = []
         rows = evaluate_ranks(built, dataset, rank_list, with_exact_match, batch_size, progress, generated)
     result: dict = {"run": str(run_dir.resolve()), "data": spec, "examples": len(dataset)}
+    # a line of its own, not the table's title: a title wraps to the table's width, inside a path
+    console.print(f"{run_dir.name} on {spec} ({len(dataset)} examples)", soft_wrap=True, markup=False)
+    console.print(_metrics_table(rows))
     if ranks:
         summary = summarize_ranks(rows)
         plot = rank_curve(summary, run_dir / "rank_curve.png", title=f"{run_dir.name}: eval on {spec}")
         result.update(summary, plot=str(plot))
-        console.print(_metrics_table(rows, f"{run_dir.name} on {spec} ({len(dataset)} examples)"))
         console.print(
             f"best rank [bold]{summary['best_rank']}[/bold] (by {summary['metric']}), "
             f"elbow rank [bold]{summary['elbow_rank']}[/bold]; plot: {plot}"
         )
     else:
         result.update(rows[0])
-        console.print(_metrics_table(rows, f"{run_dir.name} on {spec} ({len(dataset)} examples)"))
     if json_path:
         if with_exact_match:  # what was scored: each example's prompt, reference and generations
             result["generations"] = [
