@@ -83,6 +83,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, qa_j
         if "loss" in json.loads(line)
     ]
     assert steps == list(range(1, STEPS + 1))  # no step logged twice after the resume
+    step = int(killed_at.name.removeprefix("checkpoint-"))
+    resumed_steps = f"{STEPS - step} step{'s' * (STEPS - step != 1)} (steps {step + 1}-{STEPS}, resumed)"
+    assert f"trained {resumed_steps} in " in resumed.stdout + resumed.stderr  # not all STEPS
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):

@@ -83,6 +83,8 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, capsys, tiny_model_di
     path, _ = _config_file(tmp_path, tiny_model_dir, qa_jsonl, blocker / "run")
     code, err = run_cli(capsys, "train", str(path))
     assert_one_line_error(code, err, "cannot write to output directory")
+    code, err = run_cli(capsys, "train", str(path), f"output_dir={blocker}")
+    assert_one_line_error(code, err, f"output directory {blocker} is a file; set output_dir=")
     _, run_dir = finished_run
     code, err = run_cli(capsys, "eval", str(run_dir), "--json", str(blocker / "eval.json"))
     assert_one_line_error(code, err, "a-file is a file, not a folder")
@@ -93,6 +95,16 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, capsys, tiny_model_di
     # where root may write by access() but not in fact (/sys): found by a real write, before the work
     code, err = run_cli(capsys, "eval", str(run_dir), "--json", "/sys/eval.json")
     assert_one_line_error(code, err, "--json /sys/eval.json: cannot write in /sys")
+
+
+def test_a_mistyped_input_is_reported_before_the_output_folder(tmp_path, capsys, finished_run):
+    path, run_dir = finished_run  # its output_dir holds a run: the typo, not that, is the error to see
+    before = tree_digest(run_dir)
+    code, err = run_cli(capsys, "train", str(path), f"data.train={tmp_path / 'qa.jsonll'}")
+    assert_one_line_error(code, err, "dataset not found", f"did you mean {tmp_path / 'qa.jsonl'}?")
+    code, err = run_cli(capsys, "train", str(path), "model=smollm2-13m", "--overwrite")
+    assert_one_line_error(code, err, "did you mean smollm2-135m?")
+    assert tree_digest(run_dir) == before
 
 
 def test_reports_replace_their_own_earlier_output_but_never_a_users_file(
@@ -140,6 +152,9 @@ def test_a_moved_run_is_self_contained(tmp_path, capsys, monkeypatch, tiny_model
     assert code == 0, err
     code, err = run_cli(capsys, "export", str(tmp_path / "elsewhere"), "--format", "peft", "--out", "adapter")
     assert code == 0 and (project / "adapter" / "adapter_config.json").is_file(), err
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained("adapter")  # as the export's "load it:" line says: base found
 
 
 def test_sigint_saves_a_checkpoint_and_a_moved_copy_resumes_to_the_same_weights(

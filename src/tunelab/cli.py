@@ -86,7 +86,7 @@ def data_command(
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. data.max_length=256"),
     examples: int = typer.Option(2, "--examples", min=0, help="examples to print with trained tokens marked"),
 ) -> None:
-    """Dry run of CONFIG's data: rows used and skipped, token lengths, examples as trained.
+    """Check data before training: rows used and skipped, token lengths, examples as trained.
 
     Given a run directory, checks the data of its config.yaml. Given a data file (.jsonl, .json, .csv,
     .parquet), a datasets folder or a built-in dataset (gsm8k:train) instead, checks it as `data.train`
@@ -101,6 +101,11 @@ def data_command(
     if (path / CONFIG_FILE).is_file():
         path = path / CONFIG_FILE
     is_data = path.suffix.lower() in FILE_SUFFIXES or path.is_dir() or (":" in config and not path.exists())
+    if path.is_file() and not is_data and path.suffix.lower() not in ("", ".yaml", ".yml"):
+        raise TunelabError(
+            f"{path} is neither a run config (.yaml) nor a data file ({', '.join(FILE_SUFFIXES)}); a .txt "
+            "of prompts goes to tunelab generate --file"
+        )
     if is_data:
         run_config = load_config(None, [f"data.train={config}", *(overrides or [])])
     else:
@@ -222,8 +227,15 @@ def export(
             raise TunelabError(f"{option} applies to --format {applies}, not {fmt}; drop it")
     export_run(run_dir, fmt, out, rank, dtype or "fp32", gguf_type or "f16")
     console.print(f"[green]exported[/green] {fmt} to {out}")
-    if fmt == "gguf":
-        console.print(f"try it: cd {out} && ollama create {out.name} -f Modelfile && ollama run {out.name}")
+    next_step = {
+        "peft": f"load it: peft.AutoPeftModelForCausalLM.from_pretrained('{out}') (its base model is "
+        "named in adapter_config.json)",
+        "merged": f"load it: transformers.AutoModelForCausalLM.from_pretrained('{out}'), or serve it: "
+        f"vllm serve {out}",
+        "gguf": f"try it: cd {out} && ollama create {out.name} -f Modelfile && ollama run {out.name}",
+    }
+    if fmt in next_step:
+        console.print(next_step[fmt], highlight=False, soft_wrap=True, markup=False)
 
 
 def _load_for_generation(run_dir: Path, rank: int | None):

@@ -138,11 +138,12 @@ def _read_parquet(path: Path) -> list[Row]:
 
 
 def _read_file(path: Path, keep_bad: bool) -> list[Row]:
-    if path.suffix == ".parquet":
+    suffix = path.suffix.lower()  # DATA.CSV from a Windows tool reads as .csv
+    if suffix == ".parquet":
         return _read_parquet(path)
-    if path.suffix == ".csv":
+    if suffix == ".csv":
         return _read_csv(path, read_utf8(path))
-    read = _read_jsonl if path.suffix == ".jsonl" else _read_json
+    read = _read_jsonl if suffix == ".jsonl" else _read_json
     return read(path, read_utf8(path), keep_bad)
 
 
@@ -192,6 +193,33 @@ def map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
     return mapped
 
 
+def check_source(spec: str) -> Path | None:
+    """The file or folder that `spec` names (None: a built-in or a hub id); fails at once when it names
+    nothing tunelab reads, so a typo is found before any long work."""
+    if parse_builtin(spec) is not None:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() not in FILE_SUFFIXES:
+        raise TunelabError(
+            f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}, or a "
+            "datasets folder"
+        )
+    if path.exists():
+        return path
+    if is_hub_id(spec):
+        return None
+    from tunelab.tasks import builtin_tasks
+
+    names = ", ".join(f"{name}:train" for name in builtin_tasks())
+    name, colon, split = spec.partition(":")
+    task = closest(name, builtin_tasks()) if colon else None
+    hint = f"; did you mean {task}:{split}?" if task else did_you_mean(path)
+    raise TunelabError(
+        f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
+        f"({names}, or :eval, :dev, :test){hint}"
+    )
+
+
 def load_rows(
     spec: str, options: DataConfig | None = None, split: str | None = None, split_key: str = "data.split"
 ) -> tuple[list[Row], Task | None]:
@@ -204,29 +232,13 @@ def load_rows(
         task, builtin_split = builtin
         rows = [(f"{spec} row {i + 1}", row) for i, row in enumerate(split_rows(task, builtin_split))]
         return map_columns(rows, options.columns), task
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        rows = _read_hf_dataset(str(path), True, split, options.subset, split_key)
-    elif path.is_file():
-        if path.suffix not in FILE_SUFFIXES:
-            raise TunelabError(
-                f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}, or a "
-                "datasets folder"
-            )
-        rows = _read_file(path, options.skip_bad_rows)
-    elif is_hub_id(spec):
+    path = check_source(spec)
+    if path is None:
         rows = _read_hf_dataset(spec, False, split, options.subset, split_key)
+    elif path.is_dir():
+        rows = _read_hf_dataset(str(path), True, split, options.subset, split_key)
     else:
-        from tunelab.tasks import builtin_tasks
-
-        names = ", ".join(f"{name}:train" for name in builtin_tasks())
-        name, colon, split = spec.partition(":")
-        task = closest(name, builtin_tasks()) if colon else None
-        hint = f"; did you mean {task}:{split}?" if task else did_you_mean(path)
-        raise TunelabError(
-            f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
-            f"({names}, or :eval, :dev, :test){hint}"
-        )
+        rows = _read_file(path, options.skip_bad_rows)
     if not rows:
         raise TunelabError(f"{spec}: the dataset has no rows")
     return map_columns(rows, options.columns), None

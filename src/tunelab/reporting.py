@@ -67,8 +67,10 @@ class Reporter(TrainerCallback):
         self.pending: dict[str, Any] = {}
         self.progress: Progress | None = None
         self.task = None
+        self.first_step = 0  # the step a resumed run goes on from
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step
         if not state.is_world_process_zero:
             return
         self.progress = Progress(
@@ -156,14 +158,15 @@ class Reporter(TrainerCallback):
         runtimes = [entry["train_runtime"] for entry in state.log_history if "train_runtime" in entry]
         runtime = runtimes[-1] if runtimes else None
         if state.is_world_process_zero and losses:
-            took = f" in {runtime:.0f} s" if runtime else ""
+            took = f" in {runtime:.{1 if runtime < 10 else 0}f} s" if runtime else ""
+            steps = plural(state.global_step - self.first_step, "step")
+            if self.first_step:  # this process trained only the steps after the checkpoint
+                steps += f" (steps {self.first_step + 1}-{state.global_step}, resumed)"
             over = f"mean of the last {len(losses)} steps" if len(losses) > 1 else "the last step"
             loss = sum(losses) / len(losses)
             where = "GPU memory" if torch.cuda.is_available() else "memory"  # as peak_memory_bytes counts
             peak = f"peak {where} {peak_memory_bytes() / 2**30:.2f} GiB"
-            console.print(
-                f"trained {plural(state.global_step, 'step')}{took}; loss {loss:.4f} ({over}); {peak}"
-            )
+            console.print(f"trained {steps}{took}; loss {loss:.4f} ({over}); {peak}")
 
     def close(self) -> None:
         """Stop the progress display (also when training ends by an exception: no frozen bar)."""

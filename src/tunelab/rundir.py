@@ -197,6 +197,8 @@ class RunDir:
         is removed again."""
         created = not self.path.exists()
         created_lock = not self.lock_file.exists()
+        if self.path.is_file():
+            raise TunelabError(f"output directory {self.path} is a file; set output_dir=... to a folder")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             handle = open(self.lock_file, "a+")  # noqa: SIM115 (held open for the whole block)

@@ -23,7 +23,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.assemble import TunedModel, build
 from tunelab.config import RunConfig, dump_config, flatten, validate
-from tunelab.data import TokenizedDataset, collator, eval_dataset, load_rows, train_dataset
+from tunelab.data import TokenizedDataset, check_source, collator, eval_dataset, load_rows, train_dataset
 from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError
 from tunelab.evaluate import loss_and_perplexity
 from tunelab.loss import causal_lm_loss, supports_head_loss
@@ -399,6 +399,10 @@ def train(
                 "To train longer, start a new run with a higher train.max_steps or train.epochs."
             )
             return TrainedRun(run.path, None)
+    # a mistyped model or data path is the error to see first, before any about the output folder
+    resolve_model(config.model)
+    for spec in filter(None, (config.data.train, config.data.eval)):
+        check_source(spec)
     lock = run.lock() if _is_main_process() else nullcontext()
     with lock:
         if not resume:
