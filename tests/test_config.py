@@ -72,7 +72,7 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch):
+def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch, capsys):
     from tunelab.data import load_rows
     from tunelab.models import load_tokenizer, resolve_model
 
@@ -92,9 +92,13 @@ def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch):
         resolve_model("smollm2-13m")
     (tmp_path / "models" / "mine").mkdir(parents=True)
     (tmp_path / "models" / "mine" / "config.json").write_text("{}")
-    # beside a models/ folder, models/mines is a mistyped path: no hub download is tried
-    with pytest.raises(TunelabError, match=r"model not found: models/mines; .* did you mean models/mine\?$"):
-        resolve_model("models/mines")
+    # models/mines may be a hub id, or a typo of models/mine: tried on the hub, with a note said at once
+    capsys.readouterr()
+    assert resolve_model("models/mines") == "models/mines"
+    assert "models/mines is no local path, so it is tried as a hub id; did you mean models/mine?" in (
+        capsys.readouterr().err.replace("\n", "")
+    )
+    assert resolve_model("owner/name") == "owner/name" and capsys.readouterr().err == ""  # nothing near
     with pytest.raises(TunelabError, match=r"models/mine has no tokenizer \(tokenizer.json, "):
         load_tokenizer(resolve_model("models/mine"))
     with pytest.raises(TunelabError, match=r"or :eval, :dev, :test\)$"):  # nothing near: no guess

@@ -192,6 +192,11 @@ def test_a_line_that_is_no_json_object_is_an_error_or_is_skipped_and_counted(
         f"2 of 4 rows used; 1 skipped: invalid JSON (first: {path}:2); 1 skipped: not a JSON object"
         in summary
     )
+    if suffix == ".json":  # a pretty-printed document with a typo is broken whole, not lines to skip
+        path.write_text('{\n  "rows": [\n    {"q": "a", "a": "b"}\n    {"q": "c", "a": "d"}\n  ]\n}\n')
+        with pytest.raises(TunelabError, match=rf"{path}:4: invalid JSON"):
+            build_dataset(str(path), tokenizer, options.model_copy(update={"skip_bad_rows": True}))
+        return
     path.write_text("{x\n[1]\n")
     with pytest.raises(
         TunelabError, match=rf"{path}:1: no line holds a row \(2 skipped as bad, the first for"

@@ -3,6 +3,7 @@ resumed is left alone, Ctrl-C saves a resumable checkpoint, unwritable outputs f
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -125,7 +126,14 @@ def test_reports_replace_their_own_earlier_output_but_never_a_users_file(
         assert run_cli(capsys, "eval", str(run_dir), "--json", str(tmp_path / "eval.json"))[0] == 0
         generate = ("generate", str(run_dir), "--prompt", "hi", "--max-new-tokens", "2")
         assert run_cli(capsys, *generate, "--out", str(tmp_path / "gen.jsonl"))[0] == 0
-    # a write that fails after the checks passed (a disk that filled up, say) still ends in one line
+    # a write that fails after the checks passed still ends in one line: a disk that filled up (write()
+    # names no file), or a place the checks could not tell from a writable one
+    (tmp_path / "eval.json").write_text("")  # empty: nothing to lose, so it may be replaced
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", lambda *args, **kwargs: (_ for _ in ()).throw(full))
+    code, err = run_cli(capsys, "eval", str(run_dir), "--json", str(tmp_path / "eval.json"))
+    assert_one_line_error(code, err, "error: writing: No space left on device; free some space")
+    monkeypatch.undo()
     monkeypatch.setattr("tunelab.rundir.check_writable", lambda *args, **kwargs: None)
     code, err = run_cli(capsys, "eval", str(run_dir), "--json", "/sys/eval.json")
     assert_one_line_error(code, err, "error: /sys/eval.json: ")
@@ -249,7 +257,7 @@ def test_damaged_run_files_are_one_line_and_change_nothing(tmp_path, capsys, tin
     )
     run = RunDir(train(config).run_dir)
     code, err = run_cli(capsys, "eval", str(run.path), "--json", str(run.config_file))
-    assert_one_line_error(code, err, "is not a .json file")
+    assert_one_line_error(code, err, "exists and tunelab did not write it")
     weights = run.final_dir / "trained.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
     code, err = run_cli(capsys, "eval", str(run.path))

@@ -167,9 +167,10 @@ def _without_ray(monkeypatch) -> None:
         (
             "{tmp}/missing.jsonl",
             [],
-            "{spec}: dataset 'add' train: '{tmp}/missing.jsonl' is neither a file, a folder, a hub id nor",
+            "{spec}: dataset 'add' train: dataset not found: '{tmp}/missing.jsonl' is neither a file, a "
+            "folder, a hub id (owner/name) nor",
         ),
-        ("{tmp}/rows.txt", [], "{spec}: dataset 'add' train: unsupported file type '.txt'"),
+        ("{tmp}/rows.txt", [], "{spec}: dataset 'add' train: {tmp}/rows.txt: unsupported file type '.txt'"),
         ("addition:val", [], "{spec}: dataset 'add' train: dataset 'addition:val': unknown split 'val'"),
         ("addition:train", ["--executor", "ray"], "pip install 'tunelab[ray]'"),
         ("addition:train", ["--db", "{tmp}/other.sqlite"], "other.sqlite is not a tunelab results database"),

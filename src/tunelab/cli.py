@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def data_command(
     if (path / CONFIG_FILE).is_file():
         path = path / CONFIG_FILE
     is_data = path.suffix.lower() in FILE_SUFFIXES or path.is_dir() or (":" in config and not path.exists())
-    if path.is_file() and not is_data and path.suffix.lower() not in ("", ".yaml", ".yml"):
+    if path.is_file() and path.suffix.lower() == ".txt":
         raise TunelabError(
             f"{path} is neither a run config (.yaml) nor a data file ({', '.join(FILE_SUFFIXES)}); a .txt "
             "of prompts goes to tunelab generate --file"
@@ -154,7 +155,7 @@ def eval_command(
     from rich.progress import Progress
 
     from tunelab.assemble import load_run, read_run_config
-    from tunelab.data import eval_dataset, first_row, load_rows
+    from tunelab.data import columns_present, eval_dataset, load_rows
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
     from tunelab.rundir import check_writable, json_report
@@ -170,9 +171,8 @@ def eval_command(
     options = config.data
     if data:  # another dataset: its format is detected; the run's column names apply if it has them
         options = config.data.model_copy(update={"format": "auto", "columns": {}, "eval": spec})
-        first = first_row(load_rows(spec, options, options.eval_split, "data.eval_split")[0])[1]
-        if all(column in first for column in config.data.columns.values()):
-            options.columns = config.data.columns
+        rows = load_rows(spec, options, options.eval_split, "data.eval_split")[0]
+        options.columns = columns_present(rows, config.data.columns)
     dataset = eval_dataset(options, built.tokenizer, limit=limit)
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
@@ -388,7 +388,6 @@ _FILE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
 
 def main() -> None:
     # transformers' per-tensor loading bars are noise next to our own progress display
-    import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
@@ -403,9 +402,10 @@ def main() -> None:
         err_console.print("interrupted")
         sys.exit(130)
     except OSError as exc:  # a write the checks before the work could not foresee (disk full, a mount)
-        if exc.errno not in _FILE_ERRNOS or not exc.filename:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)  # raised by write(), which names no file
+        if exc.errno not in _FILE_ERRNOS or not (exc.filename or full):
             raise
-        hint = "; free some space and run it again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        message = f"{exc.filename}: {exc.strerror}{hint}"
+        hint = "; free some space and run it again" if full else ""
+        message = f"{exc.filename or 'writing'}: {exc.strerror or os.strerror(exc.errno)}{hint}"
         err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)

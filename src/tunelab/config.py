@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tunelab.errors import TunelabError, closest, did_you_mean
+from tunelab.errors import TunelabError, closest, did_you_mean, note_near_hub_id
 from tunelab.methods import METHOD_CONFIGS
 from tunelab.methods.lora.config import LoraConfig
 from tunelab.schema import Section
@@ -413,6 +413,34 @@ def is_hub_id(spec: str) -> bool:
         and all(part.replace("-", "").replace("_", "").replace(".", "").isalnum() for part in (owner, name))
         and not owner.startswith(".")
         and Path(name).suffix.lower() not in FILE_SUFFIXES
+    )
+
+
+def check_source(spec: str) -> Path | None:
+    """The file or folder that `spec` names (None: a built-in or a hub id); fails at once when it names
+    nothing tunelab reads, so a typo is found before any long work."""
+    from tunelab.tasks import builtin_tasks, parse_builtin
+
+    if parse_builtin(spec) is not None:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() not in FILE_SUFFIXES:
+        raise TunelabError(
+            f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}, or a "
+            "datasets folder"
+        )
+    if path.exists():
+        return path
+    if is_hub_id(spec):
+        note_near_hub_id(spec)
+        return None
+    names = ", ".join(f"{name}:train" for name in builtin_tasks())
+    name, colon, split = spec.partition(":")
+    task = closest(name, builtin_tasks()) if colon else None
+    hint = f"; did you mean {task}:{split}?" if task else did_you_mean(path)
+    raise TunelabError(
+        f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
+        f"({names}, or :eval, :dev, :test){hint}"
     )
 
 

@@ -23,9 +23,9 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from tunelab.config import FILE_SUFFIXES, DataConfig, is_hub_id, read_utf8
 from tunelab.config import ROW_FIELDS as FORMAT_FIELDS
-from tunelab.errors import TunelabError, closest, did_you_mean
+from tunelab.config import DataConfig, check_source, read_utf8
+from tunelab.errors import TunelabError
 from tunelab.tasks import Task, parse_builtin, split_rows
 
 IGNORE_INDEX = -100
@@ -66,6 +66,13 @@ def _read_jsonl(path: Path, text: str, keep_bad: bool = False) -> list[Row]:
     return rows
 
 
+def columns_present(rows: list[Row], columns: dict[str, str]) -> dict[str, str]:
+    """The entries of a run's `data.columns` whose column the rows have: another file, given to eval or
+    generate, may use the run's column names (a file like the training data) or the format's own."""
+    first = first_row(rows)[1]
+    return {field: column for field, column in columns.items() if column in first}
+
+
 def first_row(rows: list[Row]) -> tuple[str, dict]:
     """The first row that is one (what the format is told from), passing over lines kept as bad."""
     for where, row in rows:
@@ -103,7 +110,9 @@ def _read_json(path: Path, text: str, keep_bad: bool = False) -> list[Row]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        if text.lstrip().startswith("["):  # one JSON array, not JSON lines: say where it breaks
+        first = text.lstrip().split("\n", 1)[0].rstrip()
+        if not (first.startswith("{") and first.endswith("}")):
+            # one document (an array, a pretty-printed object), not JSON lines: say where it breaks
             raise TunelabError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         return _read_jsonl(path, text, keep_bad)
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -191,33 +200,6 @@ def map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
             row = {**row, **{field: row[column] for field, column in columns.items() if column in row}}
         mapped.append((where, row))
     return mapped
-
-
-def check_source(spec: str) -> Path | None:
-    """The file or folder that `spec` names (None: a built-in or a hub id); fails at once when it names
-    nothing tunelab reads, so a typo is found before any long work."""
-    if parse_builtin(spec) is not None:
-        return None
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix.lower() not in FILE_SUFFIXES:
-        raise TunelabError(
-            f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}, or a "
-            "datasets folder"
-        )
-    if path.exists():
-        return path
-    if is_hub_id(spec):
-        return None
-    from tunelab.tasks import builtin_tasks
-
-    names = ", ".join(f"{name}:train" for name in builtin_tasks())
-    name, colon, split = spec.partition(":")
-    task = closest(name, builtin_tasks()) if colon else None
-    hint = f"; did you mean {task}:{split}?" if task else did_you_mean(path)
-    raise TunelabError(
-        f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
-        f"({names}, or :eval, :dev, :test){hint}"
-    )
 
 
 def load_rows(

@@ -4,6 +4,7 @@ messages give for a likely typo."""
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
@@ -32,6 +33,19 @@ def closest(word: str, candidates: Iterable[str]) -> str | None:
     """The candidate that `word`, a likely typo, was probably meant to be; None when none is close."""
     matches = difflib.get_close_matches(word, list(candidates), n=1)
     return matches[0] if matches else None
+
+
+@functools.cache  # once per name: a training resolves its model and data more than once
+def note_near_hub_id(name: str) -> None:
+    """A hub id that is also a local path's near miss ('models/tinyy' beside models/tiny) may be a typo;
+    said at once on stderr, since reaching the hub without a network takes a minute of retries."""
+    near = did_you_mean(name)
+    if near:
+        from rich.console import Console
+
+        Console(stderr=True, emoji=False, soft_wrap=True, highlight=False).print(
+            f"[yellow]note:[/yellow] {name} is no local path, so it is tried as a hub id{near}"
+        )
 
 
 def did_you_mean(path: str | Path) -> str:

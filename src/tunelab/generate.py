@@ -18,7 +18,7 @@ from tunelab.data import (
     alpaca_prompt,
     as_text,
     clean_messages,
-    first_row,
+    columns_present,
     load_rows,
     map_columns,
     render_chat,
@@ -67,14 +67,13 @@ def read_prompt_rows(path: Path, columns: dict[str, str] | None = None) -> list[
         lines = read_utf8(path).splitlines()
         return [(f"{path}:{n}", {"prompt": line}) for n, line in enumerate(lines, 1) if line.strip()]
     rows = load_rows(str(path))[0]
-    first = first_row(rows)[1]
-    return map_columns(rows, {field: name for field, name in (columns or {}).items() if name in first})
+    return map_columns(rows, columns_present(rows, columns or {}))
 
 
 def is_generations(path: Path) -> bool:
     """Whether `path` is what `write_jsonl` wrote: JSON lines whose first row has a 'generated' text."""
     with path.open("rb") as handle:
-        first = handle.readline()
+        first = handle.readline(1 << 20)
     try:
         row = json.loads(first)
     except ValueError:

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from tunelab.attention import use_cpu_attention
-from tunelab.errors import TunelabError, closest, did_you_mean
+from tunelab.errors import TunelabError, closest, did_you_mean, note_near_hub_id
 from tunelab.norm import use_rms_norm
 
 # Built-in models ship inside PyPI wheels as GGUF files: (distribution, file inside it).
@@ -85,15 +85,13 @@ def resolve_model(name: str) -> str:
             )
         return str(path)
     builtin = closest(name, BUILTIN_MODELS) if "/" not in name else None
-    # 'models/tinyy' beside a models/ folder is a local path mistyped, not a hub id to download
-    beside_a_folder = bool(path.parent.name) and path.parent.is_dir()
-    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or beside_a_folder
-    if builtin or local:
+    if builtin or name.startswith((".", "/", "~")) or name.count("/") > 1:
         hint = f"; did you mean {builtin}?" if builtin else did_you_mean(path)
         raise TunelabError(
             f"model not found: {name}; use a built-in ({', '.join(BUILTIN_MODELS)}), a local model "
             f"directory, or a hub id like org/name{hint}"
         )
+    note_near_hub_id(name)
     return name
 
 
@@ -111,20 +109,20 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
     folder = Path(path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise TunelabError(
-            f"model directory {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the base model's "
-            "tokenizer into it: AutoTokenizer.from_pretrained(BASE).save_pretrained(DIR)"
-        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # a damaged config.json or tokenizer.json raises many error types
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise TunelabError(
+                f"model directory {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the base "
+                "model's tokenizer into it: AutoTokenizer.from_pretrained(BASE).save_pretrained(DIR)"
+            ) from None
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         hint = (
             "check its config.json and tokenizer files"
             if folder.is_dir()
             else "a hub id needs the Hugging Face hub; use a local model folder or a built-in "
-            f"({', '.join(BUILTIN_MODELS)})"
+            f"({', '.join(BUILTIN_MODELS)}){did_you_mean(path)}"
         )
         raise TunelabError(f"cannot load the tokenizer from '{path}': {reason}; {hint}") from None
     fix_tokenizer(tokenizer)

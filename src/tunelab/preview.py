@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tunelab.data import IGNORE_INDEX, TokenizedDataset
+from tunelab.reporting import plural
 
 BAR_WIDTH = 40
 
@@ -48,7 +49,7 @@ def print_dataset_report(
     console.print(
         Text.assemble(
             (f"{key}: ", "bold"),
-            f"{spec} — {dataset.rows} row{'' if dataset.rows == 1 else 's'}, format {dataset.format}, "
+            f"{spec} — {plural(dataset.rows, 'row')}, format {dataset.format}, "
             f"template {dataset.template}; "
             f"{len(dataset)} used",
         ),

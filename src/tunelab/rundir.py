@@ -235,7 +235,7 @@ def check_writable(
     if existing != path and not existing.is_dir():
         raise TunelabError(f"{option} {path}: {existing} is a file, not a folder; choose another path")
     try:
-        if existing == path and not folder and ours is not None:
+        if existing == path and not folder and ours is not None and path.stat().st_size:
             if not ours(path):
                 raise TunelabError(
                     f"{option} {path} exists and tunelab did not write it; name a new file (tunelab "

@@ -42,9 +42,9 @@ from pydantic import (
     model_validator,
 )
 
-from tunelab.config import FILE_SUFFIXES, deep_merge, flatten, is_hub_id, nest, read_yaml, validate
+from tunelab.config import check_source, deep_merge, flatten, nest, read_yaml, validate
 from tunelab.errors import TunelabError, closest, did_you_mean
-from tunelab.tasks import builtin_tasks, parse_builtin
+from tunelab.tasks import parse_builtin
 
 # metric name -> higher is better (DatasetSpec.metric lists the same names); sweep trials compute
 # TRIAL_METRICS themselves, `accuracy` only comes from results tables
@@ -312,28 +312,19 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
     return trials
 
 
-def _dataset_problem(value: str, suffixes: tuple[str, ...], spec_dir: Path) -> str | None:
+def _dataset_problem(value: str, spec_dir: Path) -> str | None:
     """Why `value` names no dataset that `tunelab.data.load_rows` can read (None when it does)."""
     try:
-        if parse_builtin(value) is not None:
-            return None
-    except TunelabError as exc:  # a built-in task with an unknown split
-        return str(exc)
-    path = Path(value).expanduser()
-    if path.is_dir() or (not path.exists() and is_hub_id(value)):
-        return None  # a datasets folder or a hub id: `datasets` checks it when a trial loads it
-    if not path.is_file():
-        names = ", ".join(f"{name}:train" for name in builtin_tasks())
-        builtins = f"{names}, or :eval, :dev, :test"
-        problem = f"'{value}' is neither a file, a folder, a hub id nor a built-in ({builtins})"
+        check_source(value)
+    except TunelabError as exc:
+        problem = str(exc)
+        path = Path(value).expanduser()
         if not path.is_absolute() and (spec_dir / path).is_file():
             # trials read data from the sweep's working directory, unlike `base`
             problem += (
                 f"; data paths are relative to the working directory, not the spec: use {spec_dir / path}"
             )
         return problem
-    if path.suffix not in suffixes:
-        return f"unsupported file type '{path.suffix}' of {value}; use one of {', '.join(suffixes)}"
     return None
 
 
@@ -348,6 +339,6 @@ def check_datasets(spec: SweepSpec) -> None:
         for split in ("train", "eval", "test"):
             if getattr(dataset, split) is None:
                 continue
-            problem = _dataset_problem(getattr(dataset, split), FILE_SUFFIXES, spec_dir)
+            problem = _dataset_problem(getattr(dataset, split), spec_dir)
             if problem:
                 raise TunelabError(f"{spec._source}: dataset '{dataset.name}' {split}: {problem}")
