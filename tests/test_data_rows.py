@@ -187,6 +187,8 @@ def test_a_line_that_is_no_json_object_is_an_error_or_is_skipped_and_counted(
         build_dataset(str(path), tokenizer, options)
     dataset = build_dataset(str(path), tokenizer, options.model_copy(update={"skip_bad_rows": True}))
     assert [example.reference for example in dataset.examples] == ["5", "4"]
+    limited = build_dataset(str(path), tokenizer, options.model_copy(update={"skip_bad_rows": True}), limit=2)
+    assert [example.reference for example in limited.examples] == ["5", "4"]  # 2 rows, not 2 lines
     summary = capsys.readouterr().err.replace("\n", "")
     assert (
         f"2 of 4 rows used; 1 skipped: invalid JSON (first: {path}:2); 1 skipped: not a JSON object"

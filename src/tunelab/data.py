@@ -600,8 +600,9 @@ def build_dataset(
     options = options or DataConfig()
     max_length, train_on_prompt = options.max_length, options.train_on_prompt
     rows, task = load_rows(spec, options, split, split_key)
-    if limit is not None:
-        rows = rows[:limit]
+    if limit is not None:  # the first `limit` rows, with the bad lines kept among them (skipped below)
+        good = [i for i, (_, row) in enumerate(rows) if not isinstance(row, BadRow)]
+        rows = rows[: good[limit - 1] + 1] if len(good) >= limit else rows
     fmt = detect_format(rows, options.format)
     # data.template shapes alpaca and prompt-completion rows; chat rows always use the chat template
     if fmt in ("alpaca", "prompt-completion"):
