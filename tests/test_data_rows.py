@@ -206,6 +206,16 @@ def test_a_line_that_is_no_json_object_is_an_error_or_is_skipped_and_counted(
         build_dataset(str(path), tokenizer, DataConfig(skip_bad_rows=True))
 
 
+def test_an_empty_response_is_kept_and_counted(tmp_path, tokenizer, capsys):
+    path = _jsonl(tmp_path, [FORMATS["alpaca"][0], {"instruction": "hi", "output": ""}])
+    assert len(build_dataset(str(path), tokenizer)) == 2
+    summary = capsys.readouterr().err.replace("\n", "")
+    assert (
+        f"2 of 2 rows used; 1 with an empty response (only its end token trained) (first: {path}:2)"
+        in summary
+    )
+
+
 def test_truncated_and_dropped_rows_are_counted(tmp_path, tokenizer, capsys):
     long_prompt = {"prompt": "word " * 80, "completion": " 5"}  # the response lies beyond max_length
     long_answer = {"prompt": "2+3=", "completion": " five" * 80}  # kept, cut short
