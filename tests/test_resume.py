@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,7 +161,9 @@ def test_keep_checkpoints_keeps_the_newest(tmp_path, tiny_model_dir, qa_jsonl):
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["checkpoint-15", "checkpoint-20"]
 
 
-def test_resume_refuses_a_different_config_but_not_fewer_checkpoints(tmp_path, tiny_model_dir, qa_jsonl):
+def test_resume_refuses_a_different_config_but_not_fewer_checkpoints(
+    tmp_path, tiny_model_dir, qa_jsonl, monkeypatch
+):
     path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, "run", METHODS["lora"])
     run_dir = config.resolved_output_dir()
     run_dir.mkdir(parents=True)
@@ -168,6 +171,9 @@ def test_resume_refuses_a_different_config_but_not_fewer_checkpoints(tmp_path, t
     changed = config.model_copy(deep=True)
     changed.train.keep_checkpoints = 1  # the disk is filling up
     _check_resumable(changed, RunDir(run_dir))
+    # the same model folder written relative to where you are is the same model
+    monkeypatch.chdir(Path(tiny_model_dir).parent)
+    _check_resumable(changed.model_copy(update={"model": Path(tiny_model_dir).name}), RunDir(run_dir))
     changed.train.lr = 0.5
     with pytest.raises(TunelabError, match="'train.lr' differs from"):
         train(changed, resume=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli, tiny_config, tree_digest
@@ -163,6 +164,14 @@ def test_a_moved_run_is_self_contained(tmp_path, capsys, monkeypatch, tiny_model
     from peft import AutoPeftModelForCausalLM
 
     AutoPeftModelForCausalLM.from_pretrained("adapter")  # as the export's "load it:" line says: base found
+
+
+def test_a_run_saves_its_local_model_folder_absolute(tmp_path, monkeypatch, tiny_model_dir, qa_jsonl):
+    monkeypatch.chdir(Path(tiny_model_dir).parent)  # the model named relative to where you are
+    run_dir = train(tiny_config(Path(tiny_model_dir).name, qa_jsonl, tmp_path / "run")).run_dir
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"] == str(
+        Path(tiny_model_dir).resolve()
+    )
 
 
 def test_sigint_saves_a_checkpoint_and_a_moved_copy_resumes_to_the_same_weights(

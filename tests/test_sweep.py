@@ -310,6 +310,8 @@ def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_valid
     written = configs / f"cbs-1-{first['config']}.yaml"
     assert f"--rank {first['hyperparameters']['method.rank']}" in written.read_text().splitlines()[0]
     assert load_config(written).method.name == "dylora"  # method.rank is not a config key
+    # two datasets: no data of the sweep's is the user's, and no default dataset is trained silently
+    assert load_config(written).data.train == str(written.parent / "YOUR_DATA.jsonl")
 
 
 def test_confirm_seeds_train_each_arms_best_config_again(tmp_path, tiny_model_dir):
@@ -406,6 +408,16 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
     assert result.exit_code == 0, result.output
     assert trained == [(1e-3, 1), (1e-2, 1), (1e-3, 2), (1e-2, 2)]
     assert "2 trials and 2 confirmations done" in result.output
+    # a config written from a one-dataset sweep trains what its trials trained: that data, a trial's seed
+    db, configs = tmp_path / "sweep.sqlite", tmp_path / "configs"
+    result = CliRunner().invoke(
+        app, ["recommend", "--db", str(db), "--top", "1", "--write-config", str(configs)]
+    )
+    assert result.exit_code == 0, result.output
+    (written,) = configs.glob("cbs-1-*.yaml")
+    config = load_config(written)
+    assert (config.train.lr, config.data.train) == (1e-2, str(tmp_path / "add.jsonl"))
+    assert config.train.seed in (1, 2)  # as one of its trials, not the default
 
 
 def _trials_spec(tmp: Path, model_dir: str, steps: list[int], **train: Any) -> tuple[Path, list[Path]]:

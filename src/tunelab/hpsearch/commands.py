@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tunelab.config import dump_config, nest, validate
+from tunelab.config import dump_config, flatten, nest, validate
 from tunelab.errors import RunInterrupted, TunelabError, did_you_mean
 from tunelab.hpsearch.executors import (
     TrialProcesses,
@@ -317,7 +317,7 @@ def _best_of_each_arm(confirmations: list[Trial], spec: SweepSpec, store: Result
 
 def _train_config(config: dict[str, Any], source: str, comment: str) -> str:
     """A validated train config as YAML, under a comment saying where it comes from."""
-    return f"# {comment}; set data.train / data.eval to your data\n" + dump_config(validate(config, source))
+    return f"# {comment}\n" + dump_config(validate(config, source))
 
 
 def _recommend_published(model: str, method: str, json_path: Path | None, write_config: Path | None) -> None:
@@ -340,7 +340,9 @@ def _recommend_published(model: str, method: str, json_path: Path | None, write_
         for rank, config in enumerate(configs, start=1):
             path = write_config / f"{config['model']}-{config['method']}-{rank}.yaml"
             train_config = {"model": HUB_IDS[config["model"]], **to_train_config(config)}
-            files[path] = _train_config(train_config, str(path), config["source"])
+            train_config["data"] = {**train_config.get("data", {}), "train": YOUR_DATA}
+            comment = f"{config['source']}; set data.train (now {YOUR_DATA}) and data.eval to your data"
+            files[path] = _train_config(train_config, str(path), comment)
     if json_path:
         _write_text(json_path, json.dumps({"published": configs}, indent=2))
     for path, text in files.items():
@@ -475,7 +477,7 @@ def _recommend_cbs(
     ranking = result.entries
 
     # every config is validated before anything is written: a bad one leaves no partial output
-    files = _cbs_config_files(ranking[:top], source, write_config) if write_config else {}
+    files = _cbs_config_files(ranking[:top], matrix, source, write_config) if write_config else {}
 
     from tunelab.plots import coverage_curve  # matplotlib: only when there is a curve to draw
 
@@ -523,8 +525,16 @@ def _recommend_cbs(
         _write_text(path, text)
 
 
-def _cbs_config_files(ranking: list[dict[str, Any]], source: Path, folder: Path) -> dict[Path, str]:
-    """The train YAML of each ranked config, by the path it goes to."""
+# what a written config trains on when the sweep had several datasets: no real file, so that
+# `tunelab train` stops at once with "dataset not found" instead of training on a default dataset
+YOUR_DATA = "YOUR_DATA.jsonl"
+
+
+def _cbs_config_files(
+    ranking: list[dict[str, Any]], matrix: ScoreMatrix, source: Path, folder: Path
+) -> dict[Path, str]:
+    """The train YAML of each ranked config, by the path it goes to: its hyperparameters and the seed of
+    one of its trials; the sweep's data when it had one dataset, else a placeholder to replace."""
     files = {}
     for entry in ranking:
         path = folder / f"cbs-{entry['rank']}-{entry['config']}.yaml"
@@ -535,6 +545,17 @@ def _cbs_config_files(ranking: list[dict[str, Any]], source: Path, folder: Path)
         rank = hyperparameters.pop(EVAL_RANK_KEY, None)
         if rank is not None:  # a dylora row: the config trains every rank; this one was chosen
             comment += f"; evaluate and export at --rank {rank}"
+        trial = flatten(matrix.configs[entry["config"]])  # one of its trials (a results table: none)
+        if "train.seed" in trial:
+            hyperparameters["train.seed"] = trial["train.seed"]
+        if len(matrix.datasets) == 1 and "data.train" in trial:
+            hyperparameters |= {key: trial.get(key) for key in ("data.train", "data.eval")}
+            comment += (
+                f"; trains on the sweep's dataset {matrix.datasets[0]}: set data.train / data.eval for yours"
+            )
+        else:
+            hyperparameters |= {"data.train": YOUR_DATA, "data.eval": None}
+            comment += f"; set data.train (now {YOUR_DATA}) and data.eval to your data"
         files[path] = _train_config(nest(hyperparameters), where, comment)
     return files
 

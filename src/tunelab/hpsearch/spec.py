@@ -42,7 +42,7 @@ from pydantic import (
     model_validator,
 )
 
-from tunelab.config import check_source, deep_merge, flatten, nest, read_yaml, validate
+from tunelab.config import check_source, deep_merge, flatten, model_location, nest, read_yaml, validate
 from tunelab.errors import TunelabError, closest, did_you_mean
 from tunelab.tasks import parse_builtin
 
@@ -302,6 +302,8 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
                 config = deep_merge(
                     resolved,
                     {
+                        # read from the sweep's working directory, as data is; after the config id
+                        "model": model_location(resolved["model"]),
                         "data": {"train": _trial_data(dataset.train), "eval": _trial_data(dataset.eval)},
                         "train": {"seed": seed},
                         "name": f"{dataset.name}-{point_id}-s{seed}",
