@@ -199,6 +199,22 @@ def test_sweep_fails_before_writing_anything(tmp_path, monkeypatch, capsys, trai
     assert message.format(**paths) in line
 
 
+@pytest.mark.parametrize("model", ["./modles/tiny", "smollm2-13m"])
+def test_a_mistyped_model_stops_the_sweep_before_its_trials(tmp_path, monkeypatch, capsys, model):
+    from tunelab.hpsearch import commands
+
+    monkeypatch.setattr(commands, "run_local", lambda *args, **kwargs: pytest.fail("a trial started"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    spec = tmp_path / "sweep.yaml"
+    dataset = {"name": "add", "train": "addition:train", "eval": "addition:eval", "metric": "loss"}
+    spec.write_text(
+        yaml.safe_dump({"base": {"model": model}, "grid": {"train.lr": [1e-4]}, "datasets": [dataset]})
+    )
+    line = _error_line(monkeypatch, capsys, tmp_path, ["sweep", str(spec)])  # nothing written
+    assert line.startswith(f"error: {spec}: model not found: {model}; ") and "did you mean" in line
+
+
 def test_sweep_checks_its_confirmation_seeds_before_the_grid(tmp_path, monkeypatch, capsys):
     from tunelab.hpsearch import commands
 

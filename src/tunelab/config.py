@@ -455,6 +455,29 @@ def model_location(model: str) -> str:
     return str(path.resolve()) if model not in BUILTIN_MODELS and path.exists() else model
 
 
+def check_model(name: str) -> Path | None:
+    """The local model folder that `name` names (None: a built-in or a hub id); fails at once when it
+    names no model, so a typo is found before any long work (a sweep's trials, a hub download)."""
+    if name in BUILTIN_MODELS:
+        return None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise TunelabError(
+                f"model directory {path} has no config.json; point model: at a HF model folder"
+            )
+        return path
+    builtin = closest(name, BUILTIN_MODELS) if "/" not in name else None
+    if builtin or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        hint = f"; did you mean {builtin}?" if builtin else did_you_mean(path)
+        raise TunelabError(
+            f"model not found: {name}; use a built-in ({', '.join(BUILTIN_MODELS)}), a local model "
+            f"directory, or a hub id like org/name{hint}"
+        )
+    note_near_hub_id(name)
+    return None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config from YAML (or defaults when path is None) and apply dotted overrides.
 

@@ -12,8 +12,8 @@ import torch
 from rich.console import Console
 
 from tunelab.attention import use_cpu_attention
-from tunelab.config import BUILTIN_MODELS
-from tunelab.errors import TunelabError, closest, did_you_mean, note_near_hub_id
+from tunelab.config import BUILTIN_MODELS, check_model
+from tunelab.errors import TunelabError, did_you_mean
 from tunelab.norm import use_rms_norm
 
 # Built-in models ship inside PyPI wheels as GGUF files: (distribution, file inside it).
@@ -75,22 +75,8 @@ def resolve_model(name: str) -> str:
         if not (target / "config.json").is_file():
             _convert_gguf(builtin_gguf(name), target)
         return str(target)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise TunelabError(
-                f"model directory {path} has no config.json; point model: at a HF model folder"
-            )
-        return str(path)
-    builtin = closest(name, BUILTIN_MODELS) if "/" not in name else None
-    if builtin or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        hint = f"; did you mean {builtin}?" if builtin else did_you_mean(path)
-        raise TunelabError(
-            f"model not found: {name}; use a built-in ({', '.join(BUILTIN_MODELS)}), a local model "
-            f"directory, or a hub id like org/name{hint}"
-        )
-    note_near_hub_id(name)
-    return name
+    path = check_model(name)
+    return name if path is None else str(path)
 
 
 def fix_tokenizer(tokenizer, model_config=None) -> None:

@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tunelab.config import dump_config, flatten, nest, validate
+from tunelab.config import check_model, dump_config, flatten, nest, validate
 from tunelab.errors import RunInterrupted, TunelabError, did_you_mean
 from tunelab.hpsearch.executors import (
     TrialProcesses,
@@ -99,8 +99,15 @@ def _work_dir(db: Path) -> Path:
     return db.parent / f"{db.stem}-runs"
 
 
-def _check_sweep(spec: SweepSpec, spec_path: Path, executor: str, address: str | None, db: Path) -> None:
+def _check_sweep(
+    spec: SweepSpec, spec_path: Path, executor: str, address: str | None, db: Path, trials: list[Trial]
+) -> None:
     """Everything a sweep needs, checked before it writes anything or starts a trial."""
+    for model in dict.fromkeys(trial.config["model"] for trial in trials):
+        try:
+            check_model(model)
+        except TunelabError as exc:
+            raise TunelabError(f"{spec_path}: {exc}") from None
     if executor == "local" and address:
         raise TunelabError("--address is for --executor ray; drop it or add --executor ray")
     if executor == "ray":
@@ -231,7 +238,7 @@ def sweep(
     confirmations = expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
     db = db or spec_path.with_suffix(".sqlite")
     work_dir = _work_dir(db)
-    _check_sweep(spec, spec_path, executor, address, db)
+    _check_sweep(spec, spec_path, executor, address, db, trials)
     processes = TrialProcesses()
 
     def run(what: str, label: str, trials: list[Trial], store: LazyStore) -> tuple[int, int]:
