@@ -464,6 +464,9 @@ def test_a_stopped_sweep_resumes_its_running_trial_from_a_checkpoint(
     )
     training = lambda: all(len(_steps_logged(r)) >= 3 for r in running)  # noqa: E731
     assert _wait_until(lambda: training() or sweep.poll() is not None, seconds=120)
+    if then_resume:  # the same sweep started again meanwhile would train the same trials: refused
+        again = CliRunner().invoke(app, ["sweep", str(spec), "--db", str(db)])
+        assert f"is in use by another tunelab sweep (pid {sweep.pid})" in str(again.exception)
     if stop == "sigterm to the sweep alone":
         sweep.send_signal(signal.SIGTERM)
     else:  # what a terminal's Ctrl-C, or a scheduler's SIGTERM, does

@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -208,7 +208,11 @@ class RunDir:
                 "choose a writable output_dir=..."
             ) from None
         try:
-            _acquire(handle, self.path)
+            _acquire(
+                handle,
+                f"output directory {self.path} is in use by another tunelab process (pid {{pid}}); wait for "
+                "it to finish or set output_dir=... to another directory",
+            )
             yield self
         finally:
             handle.close()
@@ -265,7 +269,22 @@ def json_report(*first_keys: str) -> Callable[[Path], bool]:
     return written_by_tunelab
 
 
-def _acquire(handle: IO[str], path: Path) -> None:
+@contextmanager
+def sweep_lock(runs_folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a sweep's runs folder (created if missing) for the whole sweep: a second
+    sweep into it, which would start the same trials into the same run folders, gets a clear error."""
+    runs_folder.mkdir(parents=True, exist_ok=True)
+    with open(runs_folder / LOCK_FILE, "a+") as handle:  # kept: the runs folder is tunelab's own
+        _acquire(
+            handle,
+            f"the sweep's runs folder {runs_folder} is in use by another tunelab sweep (pid {{pid}}); wait "
+            "for it to finish, or give this sweep another --db",
+        )
+        yield
+
+
+def _acquire(handle: IO[str], busy: str) -> None:
+    """Lock `handle`'s file, writing our pid into it; else `busy` (its {pid}: the holder's) as the error."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -274,10 +293,7 @@ def _acquire(handle: IO[str], path: Path) -> None:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise TunelabError(
-            f"output directory {path} is in use by another tunelab process (pid {holder}); wait for it "
-            "to finish or set output_dir=... to another directory"
-        ) from None
+        raise TunelabError(busy.format(pid=holder)) from None
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))

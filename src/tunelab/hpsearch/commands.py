@@ -48,7 +48,7 @@ from tunelab.hpsearch.ranking import (
 )
 from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, select
-from tunelab.rundir import check_writable, json_report
+from tunelab.rundir import check_writable, json_report, sweep_lock
 from tunelab.signals import handling_stop_signals
 
 console = Console(emoji=False)
@@ -267,7 +267,7 @@ def sweep(
         return progress.failed, len(pending)
 
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
-    with LazyStore(db) as store, stopping:
+    with sweep_lock(work_dir), LazyStore(db) as store, stopping:
         failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)
         confirmed: set[str] = set()
         # a best config's new seeds move its mean, and another config may become its arm's best: confirm
