@@ -312,6 +312,7 @@ def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_valid
     assert load_config(written).method.name == "dylora"  # method.rank is not a config key
     # two datasets: no data of the sweep's is the user's, and no default dataset is trained silently
     assert load_config(written).data.train == str(written.parent / "YOUR_DATA.jsonl")
+    assert f"next: tunelab train {written} data.train=YOUR_DATA.jsonl" in result.output.replace("\n", "")
 
 
 def test_confirm_seeds_train_each_arms_best_config_again(tmp_path, tiny_model_dir):
@@ -415,6 +416,7 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
     )
     assert result.exit_code == 0, result.output
     (written,) = configs.glob("cbs-1-*.yaml")
+    assert f"next: tunelab train {written}\n" in result.output
     config = load_config(written)
     assert (config.train.lr, config.data.train) == (1e-2, str(tmp_path / "add.jsonl"))
     assert config.train.seed in (1, 2)  # as one of its trials, not the default

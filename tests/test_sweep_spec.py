@@ -87,6 +87,19 @@ def test_method_shorthand_in_base_keeps_its_name(tmp_path):
     assert (method["name"], method["r"]) == ("dylora", 16)
 
 
+def test_a_grid_over_method_keys_alone_tunes_the_default_method(tmp_path):
+    trials = expand(load_spec(write(tmp_path, "grid: {method.r: [4, 16]}\n" + DATASETS)))
+    methods = [(trial.config["method"]["name"], trial.config["method"]["r"]) for trial in trials[::2]]
+    assert methods == [("lora", 4), ("lora", 16)]
+
+
+def test_a_data_file_given_as_the_spec_is_named_as_such(tmp_path):
+    with pytest.raises(
+        TunelabError, match=r"rows.jsonl is a data file, not a sweep spec: list it under datasets"
+    ):
+        load_spec(write(tmp_path, '{"prompt": "1+1=", "completion": "2"}\n', name="rows.jsonl"))
+
+
 def test_config_id_is_sha256_of_sorted_json_without_placement_keys():
     config = {
         "train": {"lr": 1e-4, "epochs": 1.0},

@@ -530,6 +530,15 @@ def _recommend_cbs(
         _write_text(json_path, json.dumps(result.as_json(), indent=2))
     for path, text in files.items():
         _write_text(path, text)
+    if files:
+        first = next(iter(files))
+        data = "" if len(matrix.datasets) == 1 else f" data.train={YOUR_DATA}"
+        console.print(f"next: tunelab train {first}{data}", highlight=False, soft_wrap=True, markup=False)
+    elif ranking:
+        console.print(
+            f"next: add --write-config DIR to write the top {min(top, len(ranking))} as train configs",
+            highlight=False,
+        )
 
 
 # what a written config trains on when the sweep had several datasets: no real file, so that

@@ -42,7 +42,16 @@ from pydantic import (
     model_validator,
 )
 
-from tunelab.config import check_source, deep_merge, flatten, model_location, nest, read_yaml, validate
+from tunelab.config import (
+    FILE_SUFFIXES,
+    check_source,
+    deep_merge,
+    flatten,
+    model_location,
+    nest,
+    read_yaml,
+    validate,
+)
 from tunelab.errors import TunelabError, closest, did_you_mean
 from tunelab.tasks import parse_builtin
 
@@ -198,6 +207,11 @@ def _format_error(err: dict, source: str) -> str:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep spec; `base` given as a path is read relative to the spec file."""
     path = Path(path)
+    if path.suffix.lower() in FILE_SUFFIXES:
+        raise TunelabError(
+            f"{path} is a data file, not a sweep spec: list it under datasets: in a spec YAML (see "
+            "examples/sweep.yaml)"
+        )
     data, _ = read_yaml(path)
     base = data.get("base")
     if isinstance(base, str):
@@ -271,9 +285,11 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
     trials: list[Trial] = []
     seen_ids: dict[str, int] = {}
     base = spec.base
-    # `method: full` is shorthand for `method: {name: full}`; spell it out so `method.*` points merge into it
-    if isinstance(base.get("method"), str):
-        base = {**base, "method": {"name": base["method"]}}
+    # `method: full` is shorthand for `method: {name: full}`; spell it out so `method.*` points merge into it;
+    # no method at all is the default one, named, so that a grid over `method.r` alone tunes it
+    if isinstance(base.get("method"), str) or "method" not in base:
+        name = base.get("method") or validate({}, "the defaults").method.name
+        base = {**base, "method": {"name": name}}
     for index, point in enumerate(_points(spec)):
         merged = deep_merge(base, nest(point))
         resolved = validate(merged, f"{spec._source} (sweep point {index}: {point})").model_dump(mode="json")
