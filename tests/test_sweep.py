@@ -374,6 +374,15 @@ def test_confirm_seeds_train_each_arms_best_config_again(tmp_path, tiny_model_di
         assert bool(confirming) == ("seed = 2" in change)
         if confirming:  # the verb agrees with the count
             assert confirming[2] == {"0": "are", "1": "is"}[confirming[1]]
+    # the spec's grid narrowed after the sweep ran: the database's other config is ranked, and said to be
+    shutil.copy(tmp_path / "sweep.sqlite", db_copy)
+    narrowed = {**yaml.safe_load(path.read_text()), "grid": {"train.lr": spec["grid"]["train.lr"][:1]}}
+    spec_copy.write_text(yaml.safe_dump(narrowed))
+    result = runner.invoke(app, ["recommend", "--db", str(db_copy)], env={"COLUMNS": "200"})
+    assert "(2 configs x 2 datasets" in result.output
+    assert f"1 of the configs in {db_copy} is not in {spec_copy} (ranked too)" in " ".join(
+        result.output.split()
+    )
     # a spec beside the database that is not its sweep's: how much ran is not known
     spec_copy.write_text(yaml.safe_dump({**spec, "grid": {"train.lr": [0.5]}}))
     result = runner.invoke(app, ["recommend", "--db", str(db_copy)], env={"COLUMNS": "200"})

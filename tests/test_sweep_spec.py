@@ -205,15 +205,6 @@ def test_dataset_files_become_absolute_paths_from_the_working_directory(tmp_path
     (trial,) = expand(load_spec(path))
     assert trial.config["data"] == {**trial.config["data"], "train": str(tmp_path / "data" / "a.jsonl"),
                                     "eval": "addition:eval"}  # fmt: skip
-    # a local model folder too (its run's config.yaml then works from anywhere), with the same config id
-    (tmp_path / "tiny").mkdir()
-    (tmp_path / "smollm2-135m").mkdir()  # a folder named like a built-in: the built-in is still meant
-    datasets = path.read_text()
-    for model, location in [("tiny", str(tmp_path / "tiny")), ("smollm2-135m", "smollm2-135m")]:
-        path.write_text(f"base: {{model: {model}}}\n{datasets}")
-        (trial,) = expand(load_spec(path))
-        assert trial.config["model"] == location
-        assert trial.config_id == config_id({**trial.config, "model": model})
 
 
 def test_an_eval_set_without_a_test_split_is_halved_by_a_fixed_permutation():

@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tunelab.config import check_model, dump_config, flatten, nest, validate
+from tunelab.config import check_model, dump_config, flatten, model_location, nest, validate
 from tunelab.errors import RunInterrupted, TunelabError, did_you_mean
 from tunelab.hpsearch.executors import (
     TrialProcesses,
@@ -562,6 +562,8 @@ def _cbs_config_files(
         if rank is not None:  # a dylora row: the config trains every rank; this one was chosen
             comment += f"; evaluate and export at --rank {rank}"
         trial = flatten(matrix.configs[entry["config"]])  # one of its trials (a results table: none)
+        if "model" in hyperparameters:  # as the trials read it: from the working directory
+            hyperparameters["model"] = model_location(hyperparameters["model"])
         if "train.seed" in trial:
             hyperparameters["train.seed"] = trial["train.seed"]
         if len(matrix.datasets) == 1 and "data.train" in trial:
@@ -686,18 +688,25 @@ def _sweep_status(db: Path, store: ResultsStore) -> SweepStatus | None:
     done, failed = states.count("done"), states.count("failed")
     if not done + failed:
         return SweepStatus(None, f"no trial of {spec_path} is in {db}: is that another sweep's spec?")
+    # configs of an earlier version of the spec (a grid value since removed) are results too: ranked
+    spec_ids = {row_id for trial in [*grid, *confirmations] for row_id in trial.row_ids()}
+    others = len({row["config_id"] for row in store.rows()} - spec_ids)
+    other = (
+        f"; {others} of the configs in {db} {_are(others)} not in {spec_path} (ranked too)" if others else ""
+    )
     resume = f"tunelab sweep {spec_path} runs what is missing or failed"
     if done < len(grid):
         failures = f", {failed} failed" if failed else ""
         return SweepStatus(
-            False, f"{done} of the {len(grid)} trials of {spec_path} {_are(done)} done{failures} ({resume})"
+            False,
+            f"{done} of the {len(grid)} trials of {spec_path} {_are(done)} done{failures} ({resume}){other}",
         )
     confirming = _best_of_each_arm(confirmations, spec, store) if confirmations else []
     confirmed = sum(state(trial) == "done" for trial in confirming)
     if confirmed < len(confirming):
         text = (
             f"the grid of {spec_path} is done; {confirmed} of the {len(confirming)} trials confirming each "
-            f"arm's best with more seeds {_are(confirmed)} done ({resume})"
+            f"arm's best with more seeds {_are(confirmed)} done ({resume}){other}"
         )
         return SweepStatus(False, text)
-    return None
+    return SweepStatus(True, other.removeprefix("; ")) if other else None

@@ -47,7 +47,6 @@ from tunelab.config import (
     check_source,
     deep_merge,
     flatten,
-    model_location,
     nest,
     read_yaml,
     validate,
@@ -318,8 +317,6 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
                 config = deep_merge(
                     resolved,
                     {
-                        # read from the sweep's working directory, as data is; after the config id
-                        "model": model_location(resolved["model"]),
                         "data": {"train": _trial_data(dataset.train), "eval": _trial_data(dataset.eval)},
                         "train": {"seed": seed},
                         "name": f"{dataset.name}-{point_id}-s{seed}",
