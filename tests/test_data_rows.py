@@ -211,7 +211,7 @@ def test_an_empty_response_is_kept_and_counted(tmp_path, tokenizer, capsys):
     assert len(build_dataset(str(path), tokenizer)) == 2
     summary = capsys.readouterr().err.replace("\n", "")
     assert (
-        f"2 of 2 rows used; 1 with an empty response (only its end token trained) (first: {path}:2)"
+        f"2 of 2 rows used; 1 with an empty response (only its end token is a target) (first: {path}:2)"
         in summary
     )
 

@@ -312,7 +312,9 @@ def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_valid
     assert load_config(written).method.name == "dylora"  # method.rank is not a config key
     # two datasets: no data of the sweep's is the user's, and no default dataset is trained silently
     assert load_config(written).data.train == str(written.parent / "YOUR_DATA.jsonl")
-    assert f"next: tunelab train {written} data.train=YOUR_DATA.jsonl" in result.output.replace("\n", "")
+    assert f"next: tunelab train {written} data.train=PATH/TO/your_data.jsonl" in result.output.replace(
+        "\n", ""
+    )
 
 
 def test_confirm_seeds_train_each_arms_best_config_again(tmp_path, tiny_model_dir):

@@ -388,7 +388,6 @@ _FILE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
 
 def main() -> None:
     # transformers' per-tensor loading bars are noise next to our own progress display
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()

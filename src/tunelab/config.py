@@ -15,7 +15,7 @@ from tunelab.errors import TunelabError, closest, did_you_mean, note_near_hub_id
 from tunelab.methods import METHOD_CONFIGS
 from tunelab.methods.lora.config import LoraConfig
 from tunelab.schema import Section
-from tunelab.tasks import builtin_task_names
+from tunelab.tasks import builtin_task_names, builtin_tasks, parse_builtin
 
 MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
 METHOD_NAMES = tuple(METHOD_CONFIGS)
@@ -380,8 +380,6 @@ def _absolute_paths(data: dict, base: Path) -> dict:
     """Model and data paths relative to `base` (the config file's folder, or the working directory for
     command-line overrides) made absolute, so a run's saved config works from anywhere. Built-in
     names and hub ids are left alone."""
-    from tunelab.tasks import parse_builtin
-
     data = dict(data)
     model = data.get("model")
     if isinstance(model, str) and (base / Path(model).expanduser()).exists():
@@ -423,8 +421,6 @@ def is_hub_id(spec: str) -> bool:
 def check_source(spec: str) -> Path | None:
     """The file or folder that `spec` names (None: a built-in or a hub id); fails at once when it names
     nothing tunelab reads, so a typo is found before any long work."""
-    from tunelab.tasks import builtin_tasks, parse_builtin
-
     if parse_builtin(spec) is not None:
         return None
     path = Path(spec).expanduser()

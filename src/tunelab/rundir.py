@@ -273,14 +273,19 @@ def json_report(*first_keys: str) -> Callable[[Path], bool]:
 def sweep_lock(runs_folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on a sweep's runs folder (created if missing) for the whole sweep: a second
     sweep into it, which would start the same trials into the same run folders, gets a clear error."""
+    created = not runs_folder.exists()
     runs_folder.mkdir(parents=True, exist_ok=True)
-    with open(runs_folder / LOCK_FILE, "a+") as handle:  # kept: the runs folder is tunelab's own
-        _acquire(
-            handle,
-            f"the sweep's runs folder {runs_folder} is in use by another tunelab sweep (pid {{pid}}); wait "
-            "for it to finish, or give this sweep another --db",
-        )
-        yield
+    try:
+        with open(runs_folder / LOCK_FILE, "a+") as handle:  # kept while runs are there: tunelab's folder
+            _acquire(
+                handle,
+                f"the sweep's runs folder {runs_folder} is in use by another tunelab sweep (pid {{pid}}); "
+                "wait for it to finish, or give this sweep another --db",
+            )
+            yield
+    finally:
+        if created and [entry.name for entry in runs_folder.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(runs_folder)  # no trial started: nothing of the sweep's is left behind
 
 
 def _acquire(handle: IO[str], busy: str) -> None:

@@ -267,7 +267,7 @@ def sweep(
         return progress.failed, len(pending)
 
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
-    with sweep_lock(work_dir), LazyStore(db) as store, stopping:
+    with LazyStore(db) as store, sweep_lock(work_dir), stopping:  # an unusable --db: no runs folder
         failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)
         confirmed: set[str] = set()
         # a best config's new seeds move its mean, and another config may become its arm's best: confirm
@@ -320,6 +320,10 @@ def _best_of_each_arm(confirmations: list[Trial], spec: SweepSpec, store: Result
 
 # ---------------------------------------------------------------------------------------------
 # recommend
+
+# what a written config trains on when the sweep had several datasets: no real file, so that
+# `tunelab train` stops at once with "dataset not found" instead of training on a default dataset
+YOUR_DATA = "YOUR_DATA.jsonl"
 
 
 def _train_config(config: dict[str, Any], source: str, comment: str) -> str:
@@ -532,18 +536,13 @@ def _recommend_cbs(
         _write_text(path, text)
     if files:
         first = next(iter(files))
-        data = "" if len(matrix.datasets) == 1 else f" data.train={YOUR_DATA}"
+        data = " data.train=PATH/TO/your_data.jsonl" if f"train: {YOUR_DATA}" in files[first] else ""
         console.print(f"next: tunelab train {first}{data}", highlight=False, soft_wrap=True, markup=False)
     elif ranking:
         console.print(
             f"next: add --write-config DIR to write the top {min(top, len(ranking))} as train configs",
             highlight=False,
         )
-
-
-# what a written config trains on when the sweep had several datasets: no real file, so that
-# `tunelab train` stops at once with "dataset not found" instead of training on a default dataset
-YOUR_DATA = "YOUR_DATA.jsonl"
 
 
 def _cbs_config_files(

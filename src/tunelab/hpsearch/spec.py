@@ -43,7 +43,6 @@ from pydantic import (
 )
 
 from tunelab.config import (
-    FILE_SUFFIXES,
     check_source,
     deep_merge,
     flatten,
@@ -206,7 +205,7 @@ def _format_error(err: dict, source: str) -> str:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep spec; `base` given as a path is read relative to the spec file."""
     path = Path(path)
-    if path.suffix.lower() in FILE_SUFFIXES:
+    if path.suffix.lower() in (".jsonl", ".csv", ".parquet"):  # a .json spec is valid YAML
         raise TunelabError(
             f"{path} is a data file, not a sweep spec: list it under datasets: in a spec YAML (see "
             "examples/sweep.yaml)"
