@@ -44,11 +44,12 @@ def _evaluate(model, tokenizer, config, eval_examples: int, label: str) -> dict[
         )
 
 
-def _rank_table(trained, config, eval_examples: int, run_dir: Path) -> None:
-    """Eval loss of the one adapter truncated to a few ranks: the point of DyLoRA."""
+def _rank_table(trained, config, eval_examples: int, run_dir: Path) -> int | None:
+    """Eval loss of the one adapter truncated to a few ranks: the point of DyLoRA. Returns the best rank
+    (None: a method that trains one rank)."""
     evaluable = config.method.evaluable_ranks()
     if not evaluable:
-        return
+        return None
     ranks = [b for b in (1, 2, 4, 8, 16, 32, 64) if b in evaluable]
     dataset = _eval_set(config, trained.tokenizer, eval_examples)
     console.print(f"evaluating the one adapter at ranks {', '.join(map(str, ranks))} ...")
@@ -56,15 +57,16 @@ def _rank_table(trained, config, eval_examples: int, run_dir: Path) -> None:
         rows = evaluate_ranks(trained, dataset, ranks, with_exact_match=False, progress=progress)
     summary = summarize_ranks(rows)
     plot = rank_curve(summary, run_dir / "rank_curve.png", title="quickstart: one QDyLoRA run at each rank")
-    table = Table(
-        title=f"the same adapter truncated to rank b ({config.data.eval}, {eval_examples} examples)"
-    )
+    # a line of its own, not the table's title: the narrow table would wrap it
+    console.print(f"the same adapter truncated to rank b ({config.data.eval}, {eval_examples} examples)")
+    table = Table()
     for column in ("rank", "loss", "perplexity"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(str(row["rank"]), f"{row['loss']:.4f}", f"{row['perplexity']:.3f}")
     console.print(table)
     console.print(f"best rank {summary['best_rank']}, elbow rank {summary['elbow_rank']}; plot: {plot}")
+    return summary["best_rank"]
 
 
 def run_quickstart(
@@ -95,14 +97,18 @@ def run_quickstart(
         table.add_row(metric, f"{before[metric]:.4f}", f"{after[metric]:.4f}")
     table.add_row("train time (s)", "", f"{train_time:.0f}")
     console.print(table)
-    _rank_table(trained, config, eval_examples, run_dir)
+    best_rank = _rank_table(trained, config, eval_examples, run_dir)
     console.print(
         f"run directory: [bold]{run_dir}[/bold] (config.yaml, metrics.jsonl, final/"
         f"{', loss_curve.png' if plot else ''})"
     )
     console.print(
-        f"next: tunelab eval {run_dir} --ranks all | "
-        f"tunelab export {run_dir} --rank 8 --format peft --out {run_dir}-peft-r8"
+        f"next: tunelab eval {run_dir}{' --ranks all' if best_rank else ''} | "
+        + (
+            f"tunelab export {run_dir} --rank {best_rank} --format peft --out {run_dir}-peft-r{best_rank}"
+            if best_rank
+            else f"tunelab export {run_dir} --format peft --out {run_dir}-peft"
+        )
     )
     console.print(f"total time {time.perf_counter() - started:.0f} s")
     return run_dir
