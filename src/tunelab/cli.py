@@ -169,7 +169,7 @@ def eval_command(
     if not spec:
         raise TunelabError("the run has no data.eval; pass --data NAME|PATH")
     options = config.data
-    if data:  # another dataset: its format is detected; the run's column names apply if it has them
+    if data:  # another dataset: its format is detected; the run's column names apply to those it has
         options = config.data.model_copy(update={"format": "auto", "columns": {}, "eval": spec})
         rows = load_rows(spec, options, options.eval_split, "data.eval_split")[0]
         options.columns = columns_present(rows, config.data.columns)

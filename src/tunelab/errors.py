@@ -73,5 +73,5 @@ def did_you_mean(path: str | Path) -> str:
     near = closest(parts[depth - 1], names)
     if near is None:
         return ""
-    suggestion = parent / near / Path(*parts[depth:]) if depth < len(parts) else parent / near
+    suggestion = parent.joinpath(near, *parts[depth:])
     return f"; did you mean {suggestion}?" if suggestion.exists() else ""
