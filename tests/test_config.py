@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from conftest import assert_one_line_error, run_cli
 from tunelab.config import dump_config, load_config, parse_overrides, validate
 from tunelab.errors import TunelabError
 
@@ -125,6 +126,21 @@ def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: {path}:2: 'train.lr': Input should be greater than 0 (got 0)"
     ]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["trian"], "error: No such command 'trian'. Did you mean 'train'? (see 'tunelab --help')"),
+        (["train"], "error: Missing argument 'config' (see 'tunelab train --help')"),
+        (["recommend", "--topp", "2"], "error: No such option: --topp (Possible options: --top) (see "),
+        (["recommend", "x.yaml", "--top", "0"], "error: Invalid value for '--top': "),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2_naming_the_help(capsys, args, expected):
+    code, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err)
+    assert err.startswith(expected), err
 
 
 def test_cli_never_overwrites_an_existing_run(tmp_path, tiny_model_dir):

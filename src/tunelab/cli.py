@@ -16,6 +16,11 @@ from rich.table import Table
 
 from tunelab.errors import RunInterrupted, TunelabError
 
+try:  # typer 0.2x carries its own click; earlier versions use click itself
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -390,16 +395,22 @@ def main() -> None:
     # transformers' per-tensor loading bars are noise next to our own progress display
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        app()
+        # standalone_mode=False: click's usage errors reach us, to be told in one line like ours
+        code = app(standalone_mode=False, prog_name="tunelab")
+    except click_errors.NoArgsIsHelpError as exc:  # bare `tunelab`: the help, as before
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_errors.UsageError as exc:  # a mistyped command or option, a missing argument, --top 0
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        message = exc.format_message().rstrip(".") + hint
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except RunInterrupted as exc:
         err_console.print(escape(str(exc)), highlight=False, soft_wrap=True)
         sys.exit(130)
     except TunelabError as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
     except OSError as exc:  # a write the checks before the work could not foresee (disk full, a mount)
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)  # raised by write(), which names no file
         if exc.errno not in _FILE_ERRNOS or not (exc.filename or full):
@@ -408,3 +419,7 @@ def main() -> None:
         message = f"{exc.filename or 'writing'}: {exc.strerror or os.strerror(exc.errno)}{hint}"
         err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    if code == 130:  # typer turns a Ctrl-C that no command handles into exit code 130
+        err_console.print("interrupted")
+    if isinstance(code, int) and code:  # typer.Exit(1), or that Ctrl-C
+        sys.exit(code)
