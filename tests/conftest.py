@@ -104,6 +104,12 @@ def tokenizer_dir(smollm2_dir) -> str:
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
     """Run `tunelab ARGS` in this process; returns (exit code, stderr)."""
+    code, _, err = run_cli_output(capsys, *args)
+    return code, err
+
+
+def run_cli_output(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `tunelab ARGS` in this process; returns (exit code, stdout, stderr)."""
     import sys
 
     from tunelab.cli import main
@@ -117,7 +123,8 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = argv
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:

@@ -19,7 +19,7 @@ from tunelab.train import train
 
 DEFAULT_CONFIG = Path(__file__).with_name("quickstart.yaml")
 DEFAULT_EVAL_EXAMPLES = 16  # one generation batch
-console = Console(emoji=False)
+console = Console(emoji=False, soft_wrap=True)  # paths and commands stay whole, to copy
 
 
 def _free_run_dir(path: Path) -> Path:
