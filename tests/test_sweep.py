@@ -433,6 +433,32 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
     assert config.train.seed in (1, 2)  # as one of its trials, not the default
 
 
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_trial_starts_only_after_the_one_it_replaces_is_recorded(tmp_path, monkeypatch, parallel):
+    """With trials that end at once (the trial runner is replaced; nothing trains), the worker thread
+    used to start the next trial while this thread was still recording the last: "started B" came
+    before "done A". Now each start follows the result it waits for."""
+    from tunelab.hpsearch import executors
+
+    events = []
+    monkeypatch.setattr(
+        executors, "run_trial_process", lambda trial, *_, **__: executors.TrialResult(score=1.0)
+    )
+    trials = expand(load_spec(_trials_spec(tmp_path, "tiny", [1, 2, 3, 4, 5])[0]))
+    executors.run_local(
+        trials,
+        tmp_path / "runs",
+        on_result=lambda trial, result: events.append(("done", trial.run_name)),
+        max_parallel=parallel,
+        on_start=lambda trial, log: events.append(("started", trial.run_name)),
+    )
+    names = [trial.run_name for trial in trials]
+    starts = [event for event in events if event[0] == "started"]
+    assert starts == [("started", name) for name in names]  # in order, each once
+    for index, name in enumerate(names[parallel:]):  # the trial after the first `parallel` ones waits
+        assert events.index(("started", name)) > [i for i, e in enumerate(events) if e[0] == "done"][index]
+
+
 def _trials_spec(tmp: Path, model_dir: str, steps: list[int], **train: Any) -> tuple[Path, list[Path]]:
     """A sweep of one LoRA trial per entry of `steps` (its max_steps) on `add`, with `train` settings, and
     their run folders in the order the sweep runs them."""

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -207,32 +207,39 @@ def run_local(
     processes: TrialProcesses | None = None,
 ) -> None:
     """Run `trials`, at most `max_parallel` at once, as `processes` (default: a set of its own);
-    `on_result` runs in this thread as each one finishes, `on_start` in a worker thread as each starts.
+    `on_result` and `on_start` run in this thread as each one finishes or starts. A trial starts only
+    after the one it replaces is handed to `on_result`, so "done A" is told before "started B".
 
     Once `processes` are stopping, no trial starts and this returns when the running ones have ended;
     their failed results (stopped, or not started) are not handed on: the next attempt resumes them."""
     processes = processes or TrialProcesses()
     # OMP_NUM_THREADS set by the user (e.g. on a machine shared with other work) wins
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, available_cores() // max_parallel))
+    queued = iter(trials)
+    running: dict[Future, Trial] = {}
 
-    def run(trial: Trial) -> TrialResult:
+    def start_next() -> None:
+        trial = None if processes.stopping else next(queued, None)
+        if trial is None:
+            return
         run_dir = trial_dir(work_dir, trial)
-        if processes.stopping:
-            return TrialResult(error=NOT_STARTED)
         if on_start is not None:
             on_start(trial, trial_log(run_dir))
-        return run_trial_process(trial, run_dir, threads, processes=processes)
+        running[pool.submit(run_trial_process, trial, run_dir, threads, processes=processes)] = trial
 
     pool = ThreadPoolExecutor(max_parallel)
     try:
-        futures = {pool.submit(run, trial): trial for trial in trials}
-        for future in as_completed(futures):
-            result = future.result()
-            if not (processes.stopping and result.failed):
-                on_result(futures[future], result)
+        for _ in range(max_parallel):
+            start_next()
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                trial, result = running.pop(future), future.result()
+                if not (processes.stopping and result.failed):
+                    on_result(trial, result)
+                start_next()
     finally:
-        # after an exception (a KeyboardInterrupt where no handler stops the processes): start no queued one
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False)
 
 
 def check_ray() -> None:
