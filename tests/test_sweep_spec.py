@@ -176,12 +176,32 @@ def test_load_errors_name_the_file_and_key(tmp_path, text, message):
     assert "\n" not in str(caught.value)
 
 
-def test_bad_config_key_is_reported_with_its_point(tmp_path):
-    path = write(tmp_path, "grid: {train.lrr: [1.0e-4]}\n" + DATASETS)
-    with pytest.raises(
-        TunelabError, match=r"sweep.yaml \(sweep point 0.*unknown key 'train.lrr'; did you mean"
-    ):
-        expand(load_spec(path))
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("grid: {train.lrr: [1.0e-4]}\n", "sweep.yaml:1: unknown key 'train.lrr'; did you mean 'train.lr'?"),
+        # the value's own line, not the point: the base's, the grid's, a zip group's, the arm's that made it
+        ("base:\n  train: {lr: 0}\n", "sweep.yaml:2: 'train.lr': Input should be greater than 0 (got 0)"),
+        ("grid:\n  method.r: [4]\n  train.lr: [1.0e-3, fast]\n", "sweep.yaml:3: 'train.lr' is 'fast': input"),
+        (
+            "zip:\n  - {method.r: [4, 8], method.alpha: [8, x]}\n",
+            "sweep.yaml:2: 'method.alpha' is 'x': input",
+        ),
+        (
+            "arms:\n  - {method.r: [4], train.lr: [1.0e-3]}\n  - {method.r: [8], train.lr: [1.0e-3, -3]}\n",
+            "sweep.yaml:3: 'train.lr': Input should be greater than 0 (got -3)",
+        ),
+        (
+            "base: base.yaml\ngrid: {method.r: [4]}\n",
+            "base.yaml:3: 'train.lr': Input should be greater than 0",
+        ),
+    ],
+)
+def test_a_bad_value_of_a_sweep_point_names_the_line_that_wrote_it(tmp_path, text, message):
+    write(tmp_path, "method: lora\ntrain:\n  lr: 0\n", name="base.yaml")
+    with pytest.raises(TunelabError) as caught:
+        expand(load_spec(write(tmp_path, text + DATASETS)))
+    assert str(caught.value).startswith(f"{tmp_path}/{message}"), str(caught.value)
 
 
 def test_repeated_point_is_an_error(tmp_path):

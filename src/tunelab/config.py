@@ -172,7 +172,7 @@ class RunConfig(Section):
 # loading
 
 
-def _yaml_keys(text: str) -> list[tuple[str, int, int]]:
+def yaml_keys(text: str) -> list[tuple[str, int, int]]:
     """Every key of a YAML document as (dotted key, 1-based line, id of the mapping that holds it)."""
     keys: list[tuple[str, int, int]] = []
 
@@ -195,13 +195,17 @@ def _yaml_keys(text: str) -> list[tuple[str, int, int]]:
     return keys
 
 
-def _where(key: str, source: str, text: str, overridden: dict[str, str] | None) -> str:
-    """Where the value of `key` came from: the override that set it (or a part of it), else its
-    line in the file."""
-    for dotted, item in (overridden or {}).items():
-        if f"{dotted}.".startswith(f"{key}.") or key.startswith(f"{dotted}."):
-            return f"override {item}"
-    line = next((line for dotted, line, _ in _yaml_keys(text) if dotted == key), None)
+def _where(key: str, source: str, text: str, located: dict[str, str] | None) -> str:
+    """Where the value of `key` came from: the place `located` gives for it or for a part of it (the
+    most specific one), else its line in the file."""
+    places = [
+        (len(dotted), place)
+        for dotted, place in (located or {}).items()
+        if f"{dotted}.".startswith(f"{key}.") or key.startswith(f"{dotted}.")
+    ]
+    if places:
+        return max(places)[1]
+    line = next((line for dotted, line, _ in yaml_keys(text) if dotted == key), None)
     return f"{source}:{line}" if line else source
 
 
@@ -224,10 +228,10 @@ def _allowed_keys(model: type[BaseModel], data: Any, loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_error(err: dict, data: Any, source: str, text: str, overridden: dict[str, str] | None) -> str:
+def _format_error(err: dict, data: Any, source: str, text: str, located: dict[str, str] | None) -> str:
     loc = tuple(p for p in err["loc"] if p not in METHOD_NAMES or err["loc"][0] != "method")
     key = ".".join(str(p) for p in loc) or "<root>"
-    where = _where(key, source, text, overridden)
+    where = _where(key, source, text, located)
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(RunConfig, data, loc[:-1])
@@ -346,7 +350,7 @@ def read_yaml(path: str | Path) -> tuple[dict, str]:
 def _refuse_repeated_keys(text: str, path: Path) -> None:
     """YAML keeps only the last of two equal keys in a mapping; the first would be lost without a word."""
     seen: dict[tuple[int, str], int] = {}
-    for key, line, mapping in _yaml_keys(text):
+    for key, line, mapping in yaml_keys(text):
         if (mapping, key) in seen:
             raise TunelabError(
                 f"{path}:{line}: key '{key}' appears twice (also on line {seen[mapping, key]}); "
@@ -356,20 +360,20 @@ def _refuse_repeated_keys(text: str, path: Path) -> None:
 
 
 def validate(
-    data: dict, source: str = "config", text: str = "", overridden: dict[str, str] | None = None
+    data: dict, source: str = "config", text: str = "", located: dict[str, str] | None = None
 ) -> RunConfig:
-    """A RunConfig from nested data; errors name the YAML line of the key in `text`, or the override
-    (`overridden`: dotted key -> `key=value` as given on the command line)."""
+    """A RunConfig from nested data; errors name the YAML line of the key in `text`, or the place
+    `located` gives (dotted key -> e.g. `override train.lr=fast` for one set on the command line)."""
     method = data.get("method")
     if isinstance(method, str):  # `method: full` is shorthand for `method: {name: full}`
         data = {**data, "method": {"name": method}}
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise TunelabError(_format_error(exc.errors()[0], data, source, text, overridden)) from None
+        raise TunelabError(_format_error(exc.errors()[0], data, source, text, located)) from None
     if config.quantization == "nf4" and config.method.trains_base_weights:
         raise TunelabError(
-            f"{_where('quantization', source, text, overridden)}: quantization: nf4 cannot be combined "
+            f"{_where('quantization', source, text, located)}: quantization: nf4 cannot be combined "
             f"with method {config.method.name} (4-bit weights do not train); use lora, dylora or spiel on "
             "a 4-bit base, or quantization: none"
         )
@@ -484,12 +488,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data, text = read_yaml(path)
         data = _absolute_paths(data, Path(path).parent)
         source = str(path)
-    overridden: dict[str, str] = {}
+    located: dict[str, str] = {}
     if overrides:
         nested = parse_overrides(overrides)
         data = deep_merge(data, _absolute_paths(nested, Path.cwd()))
-        overridden = {item.split("=", 1)[0]: item for item in overrides}
-    config = validate(data, source, text, overridden)
+        located = {item.split("=", 1)[0]: f"override {item}" for item in overrides}
+    config = validate(data, source, text, located)
     if config.name is None and path is not None:
         config.name = Path(path).stem
     return config

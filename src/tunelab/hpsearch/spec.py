@@ -49,6 +49,7 @@ from tunelab.config import (
     nest,
     read_yaml,
     validate,
+    yaml_keys,
 )
 from tunelab.errors import TunelabError, closest, did_you_mean
 from tunelab.tasks import parse_builtin
@@ -98,6 +99,8 @@ class SweepSpec(BaseModel):
     confirm_seeds: list[int] = Field(default_factory=list)  # each arm's best config: these seeds too
     ranks: list[int] = Field(default_factory=list)  # dylora trials: evaluate each of these ranks
     _source: str = PrivateAttr("sweep spec")  # the spec file, for error messages
+    _text: str = PrivateAttr("")  # its text, for the lines of its keys
+    _base_lines: dict[str, str] = PrivateAttr(default_factory=dict)  # base's keys -> file:line
 
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
@@ -210,20 +213,46 @@ def load_spec(path: str | Path) -> SweepSpec:
             f"{path} is a data file, not a sweep spec: list it under datasets: in a spec YAML (see "
             "examples/sweep.yaml)"
         )
-    data, _ = read_yaml(path)
+    data, text = read_yaml(path)
     base = data.get("base")
+    base_where, base_text, base_prefix = path, text, "base."
     if isinstance(base, str):
         base_path = path.parent / base
         if not base_path.is_file():
             hint = did_you_mean(base_path) or f"; give it relative to {path.name}"
             raise TunelabError(f"{path}: 'base' file not found: {base_path}{hint}")
-        data = {**data, "base": read_yaml(base_path)[0]}
+        base, base_text = read_yaml(base_path)
+        data, base_where, base_prefix = {**data, "base": base}, base_path, ""
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
         raise TunelabError(_format_error(exc.errors()[0], str(path))) from None
-    spec._source = str(path)
+    spec._source, spec._text = str(path), text
+    spec._base_lines = {
+        dotted.removeprefix(base_prefix): f"{base_where}:{line}"
+        for dotted, line, _ in yaml_keys(base_text)
+        if dotted.startswith(base_prefix)
+    }
     return spec
+
+
+def _point_lines(spec: SweepSpec, point: dict[str, Any]) -> dict[str, str]:
+    """Where each value of a sweep point is written, as file:line, for its errors: the grid's, zip's or
+    arm's key for the values the point sets, the base's key for the others."""
+    keys = yaml_keys(spec._text)
+    lines = dict(spec._base_lines)
+    for key in point:
+        written = [line for dotted, line, _ in keys if dotted in (f"grid.{key}", f"zip.{key}")]
+        arm_lines = [line for dotted, line, _ in keys if dotted == f"arms.{key}"]
+        arms = [arm for arm in spec.arms if key in arm]  # in the file's order, as arm_lines
+        written += [
+            line
+            for line, arm in zip(arm_lines, arms, strict=False)
+            if all(point.get(name) in values for name, values in arm.items())
+        ]
+        if written:
+            lines[key] = f"{spec._source}:{written[0]}"
+    return lines
 
 
 def _points(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -290,7 +319,8 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
         base = {**base, "method": {"name": name}}
     for index, point in enumerate(_points(spec)):
         merged = deep_merge(base, nest(point))
-        resolved = validate(merged, f"{spec._source} (sweep point {index}: {point})").model_dump(mode="json")
+        where = f"{spec._source} (sweep point {index}: {point})"
+        resolved = validate(merged, where, located=_point_lines(spec, point)).model_dump(mode="json")
         point_id = config_id(resolved)
         if point_id in seen_ids:
             raise TunelabError(
