@@ -97,7 +97,7 @@ def data_command(
     Given a run directory, checks the data of its config.yaml. Given a data file (.jsonl, .json, .csv,
     .parquet), a datasets folder or a built-in dataset (gsm8k:train) instead, checks it as `data.train`
     of a default config; overrides still apply (model=..., data.format=...)."""
-    from tunelab.config import FILE_SUFFIXES, load_config
+    from tunelab.config import FILE_SUFFIXES, is_hub_id, load_config
     from tunelab.data import eval_dataset, train_dataset
     from tunelab.models import load_tokenizer, resolve_model
     from tunelab.preview import print_dataset_report
@@ -106,7 +106,12 @@ def data_command(
     path = Path(config)
     if (path / CONFIG_FILE).is_file():
         path = path / CONFIG_FILE
-    is_data = path.suffix.lower() in FILE_SUFFIXES or path.is_dir() or (":" in config and not path.exists())
+    named = not path.exists() and path.suffix.lower() not in (".yaml", ".yml")  # a built-in or hub dataset
+    is_data = (
+        path.suffix.lower() in FILE_SUFFIXES
+        or path.is_dir()
+        or (named and (":" in config or is_hub_id(config)))
+    )
     if path.is_file() and path.suffix.lower() == ".txt":
         raise TunelabError(
             f"{path} is neither a run config (.yaml) nor a data file ({', '.join(FILE_SUFFIXES)}); a .txt "

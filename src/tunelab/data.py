@@ -26,6 +26,7 @@ from rich.markup import escape
 from tunelab.config import ROW_FIELDS as FORMAT_FIELDS
 from tunelab.config import DataConfig, check_source, read_utf8
 from tunelab.errors import TunelabError
+from tunelab.hub import offline_unless_reachable
 from tunelab.tasks import Task, parse_builtin, split_rows
 
 IGNORE_INDEX = -100
@@ -162,6 +163,8 @@ def _read_hf_dataset(
     """A `save_to_disk` folder, a dataset repository folder, or a hub id, through `datasets`. With
     several splits, `split` picks one (None: validation, else test)."""
     datasets = _quiet_datasets()
+    if not local:
+        offline_unless_reachable()
     saved = local and any((Path(spec) / name).is_file() for name in ("dataset_dict.json", "state.json"))
     try:
         loaded = datasets.load_from_disk(spec) if saved else datasets.load_dataset(spec, subset)

@@ -14,6 +14,7 @@ from rich.console import Console
 from tunelab.attention import use_cpu_attention
 from tunelab.config import BUILTIN_MODELS, check_model
 from tunelab.errors import TunelabError, did_you_mean
+from tunelab.hub import offline_unless_reachable
 from tunelab.norm import use_rms_norm
 
 DEFAULT_MAX_LENGTH = 8192
@@ -75,6 +76,8 @@ def resolve_model(name: str) -> str:
             _convert_gguf(builtin_gguf(name), target)
         return str(target)
     path = check_model(name)
+    if path is None:
+        offline_unless_reachable()
     return name if path is None else str(path)
 
 
