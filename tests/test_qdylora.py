@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import tiny_config, write_qa_jsonl
 from tunelab.assemble import build
+from tunelab.evaluate import summarize_ranks
 from tunelab.export import export_run
 from tunelab.methods.lora.layer import lora_layers
 from tunelab.methods.surgery import replace_module
@@ -162,6 +163,24 @@ def test_eval_every_rank_writes_table_json_and_plot(qdylora_run, tmp_path):
     assert (qdylora_run / "rank_curve.png").stat().st_size > 1000
     bad = CliRunner().invoke(app, ["eval", str(qdylora_run), "--ranks", "1-9"])
     assert bad.exit_code != 0 and "outside 1..6" in str(bad.exception)
+
+
+@pytest.mark.parametrize(
+    "exact_match, loss, expected",
+    [
+        ([0.25, 0.5, 0.5, 0.25], [2.0, 1.9, 1.8, 1.7], ("exact_match", 4)),  # a tie on exact match: loss
+        ([0.25, 0.5, 0.25, 0.25], [2.0, 1.9, 1.8, 1.7], ("exact_match", 2)),
+        ([0.0, 0.0, 0.0, 0.0], [10.3442, 10.3404, 10.3452, 10.35], ("loss", 2)),  # exact match says nothing
+        (None, [1.2, 1.1, 1.0, 1.05], ("loss", 4)),
+    ],
+)
+def test_the_best_rank_is_chosen_by_exact_match_then_loss(exact_match, loss, expected):
+    rows = [
+        {"rank": rank, "loss": value} | ({"exact_match": exact_match[i]} if exact_match else {})
+        for i, (rank, value) in enumerate(zip([1, 2, 4, 8], loss, strict=True))
+    ]
+    summary = summarize_ranks(rows)
+    assert (summary["metric"], summary["best_rank"]) == expected
 
 
 @pytest.mark.parametrize("rank", [2, 6])

@@ -220,10 +220,16 @@ def elbow_index(values: list[float]) -> int:
 
 
 def summarize_ranks(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """best_rank (highest exact match, else lowest loss) and elbow_rank of the metric-vs-rank curve."""
-    metric = "exact_match" if all("exact_match" in row for row in rows) else "loss"
+    """best_rank and elbow_rank of the metric-vs-rank curve. The metric is exact match where it was
+    measured and differs between ranks (all 0 on a small slice says nothing), else loss; ranks tied on
+    exact match are told apart by loss."""
+    exact = [row.get("exact_match") for row in rows]
+    metric = "exact_match" if None not in exact and len(set(exact)) > 1 else "loss"
     values = [row[metric] for row in rows]
-    best = int(np.argmax(values)) if metric == "exact_match" else int(np.argmin(values))
+    if metric == "exact_match":
+        best = min(range(len(rows)), key=lambda i: (-rows[i]["exact_match"], rows[i]["loss"]))
+    else:
+        best = int(np.argmin(values))
     return {
         "ranks": rows,
         "metric": metric,
