@@ -85,6 +85,53 @@ def test_csv_and_json_files(tmp_path, tokenizer):
     assert len(build_dataset(str(json_path), tokenizer)) == 3
 
 
+def test_tsv_and_compressed_files_read_as_the_plain_file(tmp_path, tokenizer):
+    import bz2
+    import gzip
+    import lzma
+
+    rows = [
+        {"instruction": "what is 2+2, say", "output": "4; four"},
+        {"instruction": "hi", "output": "hello"},
+    ]
+    plain = build_dataset(str(_write(tmp_path, "d.jsonl", rows)), tokenizer)
+    tsv = tmp_path / "d.tsv"  # commas and semicolons in the cells: a .tsv splits on tabs only
+    tsv.write_text("instruction\toutput\n" + "".join(f"{r['instruction']}\t{r['output']}\n" for r in rows))
+    files = [tsv]
+    for module, suffix in ((gzip, ".gz"), (bz2, ".bz2"), (lzma, ".xz")):
+        for source in (tmp_path / "d.jsonl", tsv):
+            files.append(source.with_name(source.name + suffix))
+            files[-1].write_bytes(module.compress(source.read_bytes()))
+    for path in files:
+        assert build_dataset(str(path), tokenizer).features == plain.features, path.name
+    hidden = tmp_path / "hidden.jsonl"  # gzip under a plain name: said so, not "invalid UTF-8"
+    hidden.write_bytes(gzip.compress(b"{}"))
+    with pytest.raises(TunelabError, match=r"hidden\.jsonl is gzip-compressed; name it hidden\.jsonl\.gz"):
+        build_dataset(str(hidden), tokenizer)
+    damaged = tmp_path / "damaged.jsonl.gz"
+    damaged.write_bytes(b"not gzip")
+    with pytest.raises(TunelabError, match=r"damaged\.jsonl\.gz: cannot decompress as \.gz"):
+        build_dataset(str(damaged), tokenizer)
+
+
+def test_openai_developer_messages_are_system_messages(tmp_path, tokenizer):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    as_system = build_dataset(
+        str(_write(tmp_path, "s.jsonl", [{"messages": [{"role": "system", "content": "Be brief."}, *chat]}])),
+        tokenizer,
+    )
+    as_developer = build_dataset(
+        str(
+            _write(
+                tmp_path, "d.jsonl", [{"messages": [{"role": "developer", "content": "Be brief."}, *chat]}]
+            )
+        ),
+        tokenizer,
+    )
+    assert as_developer.features == as_system.features
+    assert "Be brief." in tokenizer.decode(as_developer[0]["input_ids"])
+
+
 def test_truncation(tmp_path, tokenizer):
     path = _write(tmp_path, "long.jsonl", [{"prompt": "x", "completion": " word" * 100}])
     assert len(build_dataset(str(path), tokenizer, DataConfig(max_length=48))[0]["input_ids"]) == 48

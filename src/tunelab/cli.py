@@ -106,12 +106,11 @@ def data_command(
     path = Path(config)
     if (path / CONFIG_FILE).is_file():
         path = path / CONFIG_FILE
-    named = not path.exists() and path.suffix.lower() not in (".yaml", ".yml")  # a built-in or hub dataset
-    is_data = (
-        path.suffix.lower() in FILE_SUFFIXES
-        or path.is_dir()
-        or (named and (":" in config or is_hub_id(config)))
-    )
+    # anything but a YAML file is data: a file of any other type (its reader says which types it reads),
+    # a folder, a built-in or a hub dataset
+    other_type = path.suffix.lower() not in (".yaml", ".yml", "")
+    named = not path.exists() and (":" in config or is_hub_id(config))
+    is_data = other_type or path.is_dir() or named
     if path.is_file() and path.suffix.lower() == ".txt":
         raise TunelabError(
             f"{path} is neither a run config (.yaml) nor a data file ({', '.join(FILE_SUFFIXES)}); a .txt "

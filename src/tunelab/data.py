@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tunelab.config import ROW_FIELDS as FORMAT_FIELDS
-from tunelab.config import DataConfig, check_source, read_utf8
+from tunelab.config import DataConfig, check_source, data_suffix, read_utf8
 from tunelab.errors import TunelabError
 from tunelab.hub import offline_unless_reachable
 from tunelab.tasks import Task, parse_builtin, split_rows
@@ -85,11 +85,11 @@ def first_row(rows: list[Row]) -> tuple[str, dict]:
     )
 
 
-def _read_csv(path: Path, text: str) -> list[Row]:
-    """Strings only (no type guessing, so ' 5' stays ' 5'); the delimiter (, ; tab) is read off the
-    header line, so a semicolon CSV from a European spreadsheet works as is."""
+def _read_csv(path: Path, text: str, delimiter: str | None = None) -> list[Row]:
+    """Strings only (no type guessing, so ' 5' stays ' 5'); the delimiter (, ; tab), unless given, is
+    read off the header line, so a semicolon CSV from a European spreadsheet works as is."""
     header = text.split("\n", 1)[0]
-    delimiter = max(",;\t", key=header.count)
+    delimiter = delimiter or max(",;\t", key=header.count)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows = []
     try:
@@ -148,11 +148,11 @@ def _read_parquet(path: Path) -> list[Row]:
 
 
 def _read_file(path: Path, keep_bad: bool) -> list[Row]:
-    suffix = path.suffix.lower()  # DATA.CSV from a Windows tool reads as .csv
+    suffix = data_suffix(path)  # DATA.CSV from a Windows tool reads as .csv
     if suffix == ".parquet":
         return _read_parquet(path)
-    if suffix == ".csv":
-        return _read_csv(path, read_utf8(path))
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(path, read_utf8(path), "\t" if suffix == ".tsv" else None)
     read = _read_jsonl if suffix == ".jsonl" else _read_json
     return read(path, read_utf8(path), keep_bad)
 
@@ -252,7 +252,7 @@ def detect_format(rows: list[Row], requested: str) -> str:
 
 # -- rendering -------------------------------------------------------------------------------------
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # and "developer", read as system
 # ShareGPT's `from` -> a chat role: the community names (LLaMA-Factory, axolotl, Unsloth read these),
 # and OpenAI's own names, which some ShareGPT files use
 SHAREGPT_ROLES = {
@@ -330,6 +330,8 @@ def clean_messages(
     cleaned, trained = [], []
     for turn, message in enumerate(messages):
         role = message.get("role")
+        if role == "developer":  # OpenAI's newer name for the system message
+            role, message = "system", {**message, "role": "system"}
         if role not in CHAT_ROLES:
             sharegpt = " (ShareGPT's human/gpt turns go under 'conversations' as {from, value})"
             raise BadRow(
