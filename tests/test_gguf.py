@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_config, write_qa_jsonl
 from tunelab.export import export_run
-from tunelab.gguf_export import gguf_tensor_name, interleave_rope_rows, modelfile
+from tunelab.gguf_export import gguf_tensor_name, interleave_rope_rows, modelfile, ollama_name
 from tunelab.train import train
 
 needs_llama_cpp = pytest.mark.skipif(
@@ -29,9 +29,19 @@ def gguf_export(tmp_path_factory, tiny_model_dir):
         **{"train.max_steps": 8, "train.lr": 3e-2},
     )
     run_dir = train(config).run_dir
-    export_run(run_dir, "gguf", tmp / "tiny-gguf")
+    # a folder name with a space and capitals: the file inside is named as Ollama names models
+    export_run(run_dir, "gguf", tmp / "Tiny GGUF")
     export_run(run_dir, "merged", tmp / "merged")
-    return tmp / "tiny-gguf", tmp / "merged"
+    return tmp / "Tiny GGUF", tmp / "merged"
+
+
+def test_ollama_names():
+    assert [ollama_name(name) for name in ("Tiny GGUF", "run_1.v2", "  Ünïcode!! ", "---")] == [
+        "tiny-gguf",
+        "run_1.v2",
+        "n-code",
+        "model",
+    ]
 
 
 def test_tensor_names_are_llama_cpps():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from pathlib import Path
 
 from conftest import run_cli_output, tree_digest
 from tunelab.quickstart import DEFAULT_CONFIG
@@ -16,9 +17,12 @@ def test_quickstart_prints_its_results_and_a_next_command_that_works(
     config = tmp_path / "quickstart.yaml"  # the shipped config (nf4 DyLoRA r16 on gsm8k), on the tiny model
     shipped = DEFAULT_CONFIG.read_text()
     assert "model: smollm2-135m\n" in shipped
+    assert "output_dir: runs/quickstart" in shipped
+    # in a folder whose name has a space: the printed commands quote it, and run as printed
+    shipped = shipped.replace("output_dir: runs/quickstart", f"output_dir: {tmp_path}/my runs/quickstart")
     config.write_text(shipped.replace("model: smollm2-135m\n", f"model: {tiny_model_dir}\n"))
     monkeypatch.chdir(tmp_path)
-    earlier = tmp_path / "runs" / "quickstart"  # a folder of the user's where the run would go
+    earlier = tmp_path / "my runs" / "quickstart"  # a folder of the user's where the run would go
     earlier.mkdir(parents=True)
     (earlier / "notes.txt").write_text("mine")
     before = tree_digest(earlier)
@@ -27,7 +31,7 @@ def test_quickstart_prints_its_results_and_a_next_command_that_works(
         capsys, "quickstart", "--config", str(config), "--steps", "2", "--eval-examples", "2"
     )
     assert code == 0, err
-    run_dir = "runs/quickstart-2"  # beside the user's folder, which is untouched
+    run_dir = f"{tmp_path}/my runs/quickstart-2"  # beside the user's folder, which is untouched
     assert tree_digest(earlier) == before
     assert "evaluating the base model on 2 examples of gsm8k:eval" in out
     assert "evaluating the fine-tuned model on 2 examples of gsm8k:eval" in out
@@ -42,8 +46,8 @@ def test_quickstart_prints_its_results_and_a_next_command_that_works(
 
     next_line = re.search(r"^next: (.*)$", out, re.M).group(1)
     evaluate, export = next_line.split(" | ")
-    assert evaluate == f"tunelab eval {run_dir} --ranks all"
-    assert export == f"tunelab export {run_dir} --rank {best} --format peft --out {run_dir}-peft-r{best}"
+    assert evaluate == f"tunelab eval '{run_dir}' --ranks all"
+    assert export == f"tunelab export '{run_dir}' --rank {best} --format peft --out '{run_dir}-peft-r{best}'"
     code, _, err = run_cli_output(capsys, *shlex.split(export)[1:])  # as printed, without "tunelab"
     assert code == 0, err
-    assert json.loads((tmp_path / f"{run_dir}-peft-r{best}" / "adapter_config.json").read_text())["r"] == best
+    assert json.loads(Path(f"{run_dir}-peft-r{best}", "adapter_config.json").read_text())["r"] == best

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tunelab.errors import RunInterrupted, TunelabError
+from tunelab.errors import RunInterrupted, TunelabError, shell_word
 
 try:  # typer 0.2x carries its own click; earlier versions use click itself
     from typer._click import exceptions as click_errors
@@ -76,10 +76,10 @@ def train(
         run_config.output_dir = str(run.path.resolve())
     run_dir = run_training(run_config, resume=resume, overwrite=overwrite).run_dir
     err_console.print(f"[green]done[/green]: run directory {run_dir}")
-    evaluate = f"tunelab eval {run_dir}" + ("" if run_config.data.eval else " --data NAME|PATH")
+    run, merged = shell_word(run_dir), shell_word(f"{run_dir}-merged")
+    evaluate = f"tunelab eval {run}" + ("" if run_config.data.eval else " --data NAME|PATH")
     err_console.print(
-        f"next: {evaluate} | tunelab chat {run_dir} | tunelab export {run_dir} --format merged "
-        f"--out {run_dir}-merged",
+        f"next: {evaluate} | tunelab chat {run} | tunelab export {run} --format merged --out {merged}",
         highlight=False,
         soft_wrap=True,
         markup=False,
@@ -230,18 +230,20 @@ def export(
     """Export a run as a PEFT adapter, a merged HF model, a GGUF file (+ Ollama Modelfile), or a
     method's own format."""
     from tunelab.export import export_run
+    from tunelab.gguf_export import ollama_name
 
     for option, value, applies in (("--dtype", dtype, "merged"), ("--gguf-type", gguf_type, "gguf")):
         if value is not None and fmt != applies:
             raise TunelabError(f"{option} applies to --format {applies}, not {fmt}; drop it")
     export_run(run_dir, fmt, out, rank, dtype or "fp32", gguf_type or "f16")
     console.print(f"[green]exported[/green] {fmt} to {out}")
+    name = ollama_name(out.name)
     next_step = {
-        "peft": f"load it: peft.AutoPeftModelForCausalLM.from_pretrained('{out}') (its base model is "
+        "peft": f"load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}) (its base model is "
         "named in adapter_config.json)",
-        "merged": f"load it: transformers.AutoModelForCausalLM.from_pretrained('{out}'), or serve it: "
-        f"vllm serve {out}",
-        "gguf": f"try it: cd {out} && ollama create {out.name} -f Modelfile && ollama run {out.name}",
+        "merged": f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}), or serve it: "
+        f"vllm serve {shell_word(out)}",
+        "gguf": f"try it: cd {shell_word(out)} && ollama create {name} -f Modelfile && ollama run {name}",
     }
     if fmt in next_step:
         console.print(next_step[fmt], highlight=False, soft_wrap=True, markup=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import shlex
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
@@ -75,3 +76,9 @@ def did_you_mean(path: str | Path) -> str:
         return ""
     suggestion = parent.joinpath(near, *parts[depth:])
     return f"; did you mean {suggestion}?" if suggestion.exists() else ""
+
+
+def shell_word(value: str | Path) -> str:
+    """`value` as a shell reads it back in a command we print to copy: quoted only when it needs to be
+    (a path with a space)."""
+    return shlex.quote(str(value))

@@ -66,8 +66,8 @@ def export_run(
 def _write_gguf(merged, tokenizer, folder: Path, name: str, gguf_type: str, template: str) -> None:
     """`name`.gguf and an Ollama Modelfile in `folder` (which holds the saved tokenizer); `template`:
     the prompt format the run trained with."""
-    from tunelab.gguf_export import known_pre_tokenizer, modelfile, write_gguf
+    from tunelab.gguf_export import known_pre_tokenizer, modelfile, ollama_name, write_gguf
 
-    gguf_name = f"{name}.{gguf_type}.gguf"
+    gguf_name = f"{ollama_name(name)}.{gguf_type}.gguf"  # the Modelfile's FROM line takes no spaces
     write_gguf(merged, tokenizer, folder, folder / gguf_name, gguf_type, known_pre_tokenizer(tokenizer))
     (folder / "Modelfile").write_text(modelfile(gguf_name, tokenizer, template))

@@ -8,6 +8,7 @@ Llama on its two halves; the query and key rows are reordered to match (`interle
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -107,6 +108,12 @@ OLLAMA_PROMPT_TEMPLATES = {
     "alpaca": "### Instruction:\n{{ .Prompt }}\n\n### Response:\n",
     "none": "{{ .Prompt }}",
 }
+
+
+def ollama_name(name: str) -> str:
+    """A folder name as an Ollama model name (lower case letters, digits, '.', '_', '-'): 'My Export' ->
+    'my-export'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"
 
 
 def modelfile(gguf_name: str, tokenizer, trained_template: str = "chat") -> str:

@@ -12,6 +12,7 @@ from rich.table import Table
 from tunelab.assemble import build
 from tunelab.config import load_config
 from tunelab.data import eval_dataset
+from tunelab.errors import shell_word
 from tunelab.evaluate import evaluate, evaluate_ranks, summarize_ranks
 from tunelab.plots import loss_curve, rank_curve
 from tunelab.rundir import METRICS_FILE
@@ -102,13 +103,11 @@ def run_quickstart(
         f"run directory: [bold]{run_dir}[/bold] (config.yaml, metrics.jsonl, final/"
         f"{', loss_curve.png' if plot else ''})"
     )
+    run, rank = shell_word(run_dir), f" --rank {best_rank}" if best_rank else ""
+    export_dir = shell_word(f"{run_dir}-peft" + (f"-r{best_rank}" if best_rank else ""))
     console.print(
-        f"next: tunelab eval {run_dir}{' --ranks all' if best_rank else ''} | "
-        + (
-            f"tunelab export {run_dir} --rank {best_rank} --format peft --out {run_dir}-peft-r{best_rank}"
-            if best_rank
-            else f"tunelab export {run_dir} --format peft --out {run_dir}-peft"
-        )
+        f"next: tunelab eval {run}{' --ranks all' if best_rank else ''} | "
+        f"tunelab export {run}{rank} --format peft --out {export_dir}"
     )
     console.print(f"total time {time.perf_counter() - started:.0f} s")
     return run_dir

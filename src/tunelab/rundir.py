@@ -21,7 +21,7 @@ from typing import IO
 import yaml
 
 from tunelab.config import RunConfig
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, shell_word
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -146,7 +146,7 @@ class RunDir:
         if not self.is_finished():
             raise TunelabError(
                 f"{self.path} has no finished model ({FINAL_DIR}/); did the training finish? "
-                f"resume it with: tunelab train {self.config_file} --resume"
+                f"resume it with: tunelab train {shell_word(self.config_file)} --resume"
             )
 
     # -- changing it -------------------------------------------------------------------------------

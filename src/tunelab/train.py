@@ -24,7 +24,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from tunelab.assemble import TunedModel, build
 from tunelab.config import RunConfig, dump_config, flatten, model_location, validate
 from tunelab.data import TokenizedDataset, check_source, collator, eval_dataset, load_rows, train_dataset
-from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError
+from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError, shell_word
 from tunelab.evaluate import loss_and_perplexity
 from tunelab.loss import causal_lm_loss, supports_head_loss
 from tunelab.memory import release_free_memory
@@ -352,7 +352,7 @@ def _check_resumable(config: RunConfig, run: RunDir) -> None:
     if changed:
         raise TunelabError(
             f"--resume: '{changed[0]}' differs from {run.config_file}; resume with the run's own "
-            f"config: tunelab train {run.config_file} --resume"
+            f"config: tunelab train {shell_word(run.config_file)} --resume"
         )
 
 
@@ -479,7 +479,7 @@ def _train_locked(
     if stop_request.stopped_at is not None:
         raise RunInterrupted(
             f"interrupted at step {stop_request.stopped_at}; resume with: "
-            f"tunelab train {run.config_file} --resume"
+            f"tunelab train {shell_word(run.config_file)} --resume"
         )
     if args.world_size > 1:
         check_replicas(built.method.checkpoint_tensors(built.model))

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tunelab.config import check_model, dump_config, flatten, model_location, nest, validate
-from tunelab.errors import RunInterrupted, TunelabError, did_you_mean
+from tunelab.errors import RunInterrupted, TunelabError, did_you_mean, shell_word
 from tunelab.hpsearch.executors import (
     TrialProcesses,
     TrialResult,
@@ -537,7 +537,9 @@ def _recommend_cbs(
     if files:
         first = next(iter(files))
         data = " data.train=PATH/TO/your_data.jsonl" if f"train: {YOUR_DATA}" in files[first] else ""
-        console.print(f"next: tunelab train {first}{data}", highlight=False, soft_wrap=True, markup=False)
+        console.print(
+            f"next: tunelab train {shell_word(first)}{data}", highlight=False, soft_wrap=True, markup=False
+        )
     elif ranking:
         console.print(
             f"next: add --write-config DIR to write the top {min(top, len(ranking))} as train configs",
@@ -693,7 +695,7 @@ def _sweep_status(db: Path, store: ResultsStore) -> SweepStatus | None:
     other = (
         f"; {others} of the configs in {db} {_are(others)} not in {spec_path} (ranked too)" if others else ""
     )
-    resume = f"tunelab sweep {spec_path} runs what is missing or failed"
+    resume = f"tunelab sweep {shell_word(spec_path)} runs what is missing or failed"
     if done < len(grid):
         failures = f", {failed} failed" if failed else ""
         return SweepStatus(
