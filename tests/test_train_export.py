@@ -80,6 +80,14 @@ def test_merged_export_equals_the_adapter_forward(lora_run, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=_tokens()).logits, ours, atol=1e-4, rtol=1e-4)
+    # also what transformers 4 reads (checked by hand with 4.57.6: the same logits; without rope_theta
+    # it took 10000 for a model trained at 100000, and it knows no TokenizersBackend class)
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert (
+        json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"]
+        == "PreTrainedTokenizerFast"
+    )
 
 
 def test_export_refuses_bad_requests(lora_run, tmp_path):
@@ -94,6 +102,11 @@ def test_export_refuses_bad_requests(lora_run, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "keep"
     with pytest.raises(TunelabError, match="not a tunelab run directory"):
         export_run(tmp_path, "peft", tmp_path / "z")
+    with pytest.raises(
+        TunelabError, match=r"--out .*model\.safetensors reads as a file name; --out names a dir"
+    ):
+        export_run(lora_run, "peft", tmp_path / "exp" / "model.safetensors")
+    assert not (tmp_path / "exp").exists()
 
 
 def test_eval_command_writes_json(lora_run, tmp_path):

@@ -3,6 +3,7 @@ GGUF file for llama.cpp and Ollama."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from tunelab.quant import dequantize_model
 from tunelab.rundir import atomic_directory, check_writable
 
 MERGED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FILE_LIKE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json")
 
 
 def export_run(
@@ -30,6 +32,10 @@ def export_run(
 
     if out.exists() and not out.is_dir():
         raise TunelabError(f"export target {out} is a file; --out names a directory to create")
+    if not out.exists() and out.suffix.lower() in FILE_LIKE_SUFFIXES:
+        raise TunelabError(
+            f"--out {out} reads as a file name; --out names a directory to create (e.g. --out {out.parent})"
+        )
     if out.exists() and any(out.iterdir()):
         raise TunelabError(f"export target {out} exists and is not empty; choose another --out or remove it")
     if dtype not in MERGED_DTYPES:
@@ -60,7 +66,29 @@ def export_run(
                 merged.to(MERGED_DTYPES[dtype]).save_pretrained(tmp)
         else:
             built.method.export(built.model, fmt, tmp, base_model=built.model_path, rank=rank)
+        _readable_by_transformers_4(tmp)
     return out
+
+
+def _readable_by_transformers_4(folder: Path) -> None:
+    """Add the keys transformers 4 reads beside transformers 5's, which serving stacks built on 4.x
+    need: without `rope_theta` a 4.x loader silently takes 10000 (SmolLM2's is 100000), and it knows no
+    'TokenizersBackend' class (5.x reads 'PreTrainedTokenizerFast' as the same class, and ignores
+    `rope_theta`/`rope_scaling` when `rope_parameters` is there)."""
+    config_file, tokenizer_file = folder / "config.json", folder / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        rope = config.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+            config["rope_theta"] = rope["rope_theta"]
+            if rope.get("rope_type", "default") != "default":
+                config["rope_scaling"] = {key: value for key, value in rope.items() if key != "rope_theta"}
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer_file.is_file():
+        tokenizer = json.loads(tokenizer_file.read_text())
+        if tokenizer.get("tokenizer_class") == "TokenizersBackend":
+            tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tokenizer_file.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n")
 
 
 def _write_gguf(merged, tokenizer, folder: Path, name: str, gguf_type: str, template: str) -> None:
