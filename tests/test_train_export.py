@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,46 @@ def test_generate_and_chat_answer_as_the_run_trained(lora_run, tmp_path, capsys)
     assert expected[0].strip() in result.output and "you>" in result.output
     assert "unknown command /rest; commands: /reset clears" in result.output
     assert result.output.count("you>") == 3  # the mistyped command reached no model
+
+
+def test_chat_ctrl_c_stops_a_reply_and_the_conversation_goes_on(lora_run):
+    """Ctrl-C while a reply streams ends that reply, not the session; replies stop at the model's
+    positions whatever --max-new-tokens asks; /reset says it cleared."""
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "chat", str(lora_run), "--max-new-tokens", "100000"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    shown = b""
+
+    def read_until(predicate, seconds: float = 120.0) -> None:
+        nonlocal shown
+        deadline = time.monotonic() + seconds
+        while not predicate(shown) and time.monotonic() < deadline:
+            if select.select([process.stdout], [], [], 0.5)[0]:
+                shown += os.read(process.stdout.fileno(), 4096) or b""
+        assert predicate(shown), shown.decode(errors="replace")
+
+    read_until(lambda text: text.count(b"you>") == 1)
+    process.stdin.write(b"Q: 1+2=\n")
+    process.stdin.flush()
+    read_until(lambda text: len(text.split(b"you>")[-1].strip()) > 0)  # the reply has begun
+    process.send_signal(signal.SIGINT)
+    read_until(lambda text: b"(stopped" in text and text.count(b"you>") == 2)
+    process.stdin.write(b"/reset\nQ: 3+4=\n/quit\n")
+    process.stdin.close()
+    assert process.wait(timeout=120) == 0
+    shown += process.stdout.read()
+    text = shown.decode()
+    assert "(stopped; this turn is left out of the conversation)" in text and "conversation cleared" in text
+    assert text.count("you>") == 4  # after the stop, after /reset, after the second (whole) reply
 
 
 def test_generate_refuses_bad_requests(lora_run, tmp_path, capsys):

@@ -26,7 +26,7 @@ from tunelab.data import (
 from tunelab.errors import TunelabError, did_you_mean
 from tunelab.evaluate import generation_options
 
-COMMANDS = "/reset clears the conversation, /exit or /quit (or Ctrl-D) quits"
+COMMANDS = "/reset clears the conversation, /exit or /quit (or Ctrl-D) quits; Ctrl-C stops a reply"
 
 
 def prompt_text(messages: list[dict], template: str, tokenizer) -> str:
@@ -106,11 +106,12 @@ def chat(
     device = next(model.parameters()).device
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
+    positions = getattr(model.config, "max_position_embeddings", None)
     console.print(f"[dim]template {template}; {COMMANDS}[/dim]")
     while True:
         try:
             line = console.input("[bold]you>[/bold] ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: done
             console.print()
             return
         command = line.strip()
@@ -118,6 +119,7 @@ def chat(
             return
         if command == "/reset":
             messages = list(start)
+            console.print("[dim]conversation cleared[/dim]")
             continue
         if re.fullmatch(r"/\w+", command):  # /help, or a mistyped command: not a prompt for the model
             unknown = "" if command == "/help" else f"unknown command {command}; "
@@ -125,15 +127,31 @@ def chat(
             continue
         if not command:
             continue
-        messages.append({"role": "user", "content": line})
-        text = prompt_text(messages, template, tokenizer)
+        text = prompt_text([*messages, {"role": "user", "content": line}], template, tokenizer)
         ids = tokenizer(
             text, return_tensors="pt", add_special_tokens=adds_special_tokens(tokenizer, text)
         ).to(device)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        output = model.generate(
-            **ids, **generation_options(tokenizer, max_new_tokens, temperature), streamer=streamer
+        # a reply ends where the model's positions do (--max-new-tokens may ask for more)
+        room = (
+            max_new_tokens
+            if positions is None
+            else min(max_new_tokens, positions - ids["input_ids"].shape[1])
         )
+        if room < 1:
+            console.print(
+                f"[yellow]the conversation fills the model's {positions} positions; /reset[/yellow]"
+            )
+            continue
+        messages.append({"role": "user", "content": line})
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        try:
+            output = model.generate(
+                **ids, **generation_options(tokenizer, room, temperature), streamer=streamer
+            )
+        except KeyboardInterrupt:  # the reply stops, the conversation goes on without this turn
+            console.print("\n[dim](stopped; this turn is left out of the conversation)[/dim]")
+            messages.pop()
+            continue
         reply = tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         # single-turn templates (alpaca, none) see only the latest message
         messages = [*messages, {"role": "assistant", "content": reply}] if template == "chat" else list(start)
