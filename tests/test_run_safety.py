@@ -221,6 +221,35 @@ def test_sigint_saves_a_checkpoint_and_a_moved_copy_resumes_to_the_same_weights(
         torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_second_ctrl_c_aborts_and_says_how_to_resume(tmp_path, tiny_model_dir, qa_jsonl):
+    path, config = _config_file(
+        tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "aborted", **{"train.max_steps": 100000}
+    )
+    run = RunDir(config.resolved_output_dir())
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "train", str(path)],
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if run.metrics_file.is_file() and run.metrics_file.read_text().count('"loss"') >= 2:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("aborted; the steps after ") and last.endswith(
+        f"are lost; resume with: tunelab train {run.config_file} --resume"
+    ), last
+
+
 def test_a_second_sigterm_still_waits_for_the_checkpoint_and_a_second_ctrl_c_does_not():
     """A trial of a sweep stopped by SIGTERM may get one from the sweep as well as its own."""
     stop = StopOnSignal()

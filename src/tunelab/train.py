@@ -462,6 +462,12 @@ def _train_locked(
     with stop_request.installed():
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint of this step
+            last = run.latest_checkpoint()
+            raise RunInterrupted(
+                f"aborted; the steps after {f'the last checkpoint ({last.name})' if last else 'the start'} "
+                f"are lost; resume with: tunelab train {shell_word(run.config_file)} --resume"
+            ) from None
         except Exception as exc:
             if checkpoint is not None and not first_step.begun:
                 raise _resume_failed(checkpoint, exc) from exc
