@@ -174,6 +174,25 @@ def test_a_run_saves_its_local_model_folder_absolute(tmp_path, monkeypatch, tiny
     )
 
 
+def _training_after_steps(config_path: Path, run: RunDir, steps: int) -> subprocess.Popen:
+    """`tunelab train CONFIG` in a process of its own, once it has logged `steps` losses (stderr piped)."""
+    # a new session: SIGINT reaches Python even where the test runner's job control ignores it
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "train", str(config_path)],
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if run.metrics_file.is_file() and run.metrics_file.read_text().count('"loss"') >= steps:
+            break
+        time.sleep(0.01)
+    return process
+
+
 def test_sigint_saves_a_checkpoint_and_a_moved_copy_resumes_to_the_same_weights(
     tmp_path, tiny_model_dir, qa_jsonl, capsys
 ):
@@ -184,21 +203,7 @@ def test_sigint_saves_a_checkpoint_and_a_moved_copy_resumes_to_the_same_weights(
 
     path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "stopped", **settings)
     run = RunDir(config.resolved_output_dir())
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    # a new session: SIGINT reaches Python even where the test runner's job control ignores it
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tunelab", "train", str(path)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if run.metrics_file.is_file() and run.metrics_file.read_text().count('"loss"') >= 3:
-            break
-        time.sleep(0.01)
+    process = _training_after_steps(path, run, 3)
     process.send_signal(signal.SIGINT)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 130, stderr[-2000:]
@@ -226,19 +231,7 @@ def test_a_second_ctrl_c_aborts_and_says_how_to_resume(tmp_path, tiny_model_dir,
         tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "aborted", **{"train.max_steps": 100000}
     )
     run = RunDir(config.resolved_output_dir())
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tunelab", "train", str(path)],
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if run.metrics_file.is_file() and run.metrics_file.read_text().count('"loss"') >= 2:
-            break
-        time.sleep(0.01)
+    process = _training_after_steps(path, run, 2)
     process.send_signal(signal.SIGINT)
     time.sleep(0.02)
     process.send_signal(signal.SIGINT)
