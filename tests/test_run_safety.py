@@ -4,6 +4,7 @@ resumed is left alone, Ctrl-C saves a resumable checkpoint, unwritable outputs f
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -257,6 +258,49 @@ def test_a_second_sigterm_still_waits_for_the_checkpoint_and_a_second_ctrl_c_doe
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
+
+
+def test_a_stopped_run_is_evaluated_and_exported_from_its_checkpoints(
+    tmp_path, capsys, tiny_model_dir, qa_jsonl
+):
+    config = tiny_config(
+        tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.max_steps": 8, "train.save_steps": 4}
+    )
+    run = RunDir(train(config).run_dir)
+    code, err = run_cli(capsys, "eval", str(run.path), "--json", str(tmp_path / "final.json"))
+    assert code == 0, err
+    shutil.rmtree(run.final_dir)  # as a run stopped after its step-8 checkpoint leaves it
+    before = tree_digest(run.path)
+    checkpoint = run.checkpoints_dir / "checkpoint-8"
+    assert_one_line_error(
+        *run_cli(capsys, "eval", str(run.path)),
+        "has no finished model (final/)",
+        f"or use it as far as it got: give {checkpoint} instead",
+    )
+    code, err = run_cli(capsys, "eval", str(checkpoint), "--json", str(tmp_path / "checkpoint.json"))
+    assert code == 0, err
+    final, at_checkpoint = (
+        json.loads((tmp_path / f"{name}.json").read_text()) for name in ("final", "checkpoint")
+    )
+    assert at_checkpoint["loss"] == final["loss"]  # the same weights: step 8 is the last
+    code, err = run_cli(
+        capsys,
+        "export",
+        str(run.checkpoints_dir / "checkpoint-4"),
+        "--format",
+        "peft",
+        "--out",
+        str(tmp_path / "exp"),
+    )
+    assert code == 0, err
+    assert (tmp_path / "exp" / "adapter_model.safetensors").is_file()
+    assert tree_digest(run.path) == before  # neither wrote into the run
+    (checkpoint / "COMPLETE").unlink()  # cut short while it was saved
+    assert_one_line_error(
+        *run_cli(capsys, "eval", str(checkpoint)),
+        "checkpoint-8 was not written completely (no COMPLETE marker); use ",
+        "checkpoint-4",
+    )
 
 
 def test_a_users_config_yaml_does_not_make_a_folder_a_run(tmp_path, capsys, tiny_model_dir, qa_jsonl):

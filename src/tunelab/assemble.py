@@ -17,7 +17,7 @@ from tunelab.methods import create_method
 from tunelab.methods.base import Method
 from tunelab.models import base_dtype, load_model, load_tokenizer, resolve_model
 from tunelab.quant import guard_cpu_repack, nf4_config, release_loading_memory
-from tunelab.rundir import RunDir
+from tunelab.rundir import trained_weights
 
 
 @dataclass
@@ -58,23 +58,24 @@ def build(config: RunConfig, tokenizer: Any = None) -> TunedModel:
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
-    """The config of a finished run, without loading its model (to check a request against it first)."""
+    """The config of a finished run or of one of its checkpoints, without loading its model (to check
+    a request against it first)."""
     from tunelab.config import read_yaml, validate
 
-    run = RunDir(run_dir)
-    run.require_finished()
+    run, _ = trained_weights(run_dir)
     data, text = read_yaml(run.config_file)
     return validate(data, str(run.config_file), text)
 
 
 def load_run(run_dir: Path, precision: str | None = None) -> tuple[RunConfig, TunedModel]:
-    """The config and trained model of a finished run (the folder it is in now, wherever it moved);
-    `precision` replaces the run's train.precision (export merges into fp32 weights)."""
-    run = RunDir(run_dir)
+    """The config and trained model of a finished run (the folder it is in now, wherever it moved), or
+    of one of its checkpoints; `precision` replaces the run's train.precision (export merges into fp32
+    weights)."""
+    _, weights = trained_weights(run_dir)
     config = read_run_config(run_dir)
     if precision:
         config.train.precision = precision
     built = build(config)
-    built.method.load(built.model, run.final_dir)
+    built.method.load(built.model, weights)
     built.model.eval()
     return config, built

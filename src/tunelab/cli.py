@@ -167,7 +167,7 @@ def eval_command(
     from tunelab.data import columns_present, eval_dataset, load_rows
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
-    from tunelab.rundir import check_writable, json_report
+    from tunelab.rundir import check_writable, json_report, trained_weights
 
     if json_path:  # before the evaluation, not after it; an earlier `tunelab eval --json` is replaced
         check_writable(json_path, "--json", folder=False, ours=json_report("run"))
@@ -193,7 +193,9 @@ def eval_command(
     console.print(_metrics_table(rows))
     if ranks:
         summary = summarize_ranks(rows)
-        plot = rank_curve(summary, run_dir / "rank_curve.png", title=f"{run_dir.name}: eval on {spec}")
+        # into the run's folder, also for one of its checkpoints (whose files are the checkpoint's own)
+        plot_file = trained_weights(run_dir)[0].path / "rank_curve.png"
+        plot = rank_curve(summary, plot_file, title=f"{run_dir.name}: eval on {spec}")
         result.update(summary, plot=str(plot))
         console.print(
             f"best rank [bold]{summary['best_rank']}[/bold] (by {summary['metric']}), "

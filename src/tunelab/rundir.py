@@ -135,18 +135,25 @@ class RunDir:
                 old.rmdir()
         return kept_back
 
-    def require_finished(self) -> None:
-        """For eval and export: a finished run, or a clear error."""
+    def require_run(self) -> None:
+        """A folder tunelab trained into, or a clear error."""
         if not self.config_file.is_file():
             raise TunelabError(f"{self.path} is not a tunelab run directory (no {CONFIG_FILE})")
         if not self.is_run():
             raise TunelabError(
                 f"{self.path} is not a tunelab run directory (its {CONFIG_FILE} is not one tunelab wrote)"
             )
+
+    def require_finished(self) -> None:
+        """For eval and export: a finished run, or a clear error (naming its latest checkpoint, usable
+        as it is)."""
+        self.require_run()
         if not self.is_finished():
+            latest = self.latest_checkpoint()
+            as_far = f", or use it as far as it got: give {shell_word(latest)} instead" if latest else ""
             raise TunelabError(
                 f"{self.path} has no finished model ({FINAL_DIR}/); did the training finish? "
-                f"resume it with: tunelab train {shell_word(self.config_file)} --resume"
+                f"resume it with: tunelab train {shell_word(self.config_file)} --resume{as_far}"
             )
 
     # -- changing it -------------------------------------------------------------------------------
@@ -361,3 +368,21 @@ def atomic_directory(target: Path):
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trained_weights(path: Path) -> tuple[RunDir, Path]:
+    """The run that `path` names and the folder of the trained weights to use: a finished run's final/,
+    or one of a run's complete checkpoints when `path` is that checkpoint (RUN/checkpoints/checkpoint-N),
+    so a stopped run can be evaluated and exported as far as it got."""
+    path = Path(path)
+    if checkpoint_step(path) is None or path.parent.name != CHECKPOINTS_DIR:
+        run = RunDir(path)
+        run.require_finished()
+        return run, run.final_dir
+    run = RunDir(path.parent.parent)
+    run.require_run()
+    if not (path / COMPLETE_MARKER).is_file():
+        latest = run.latest_checkpoint()
+        other = f"; use {shell_word(latest)}" if latest else ""
+        raise TunelabError(f"{path} was not written completely (no {COMPLETE_MARKER} marker){other}")
+    return run, path
