@@ -58,3 +58,5 @@ def test_two_processes(tmp_path, tiny_model_dir, qa_jsonl, method):
     assert steps == list(range(1, 9))  # written once, by the main process
     assert (run_dir / "final" / "trained.safetensors").is_file()
     assert "replicas agree: 2 processes" in result.stderr
+    shown = result.stdout + result.stderr  # told once, by the main process
+    assert shown.count("done: run directory") == 1 and shown.count(f"training {method} on ") == 1, shown

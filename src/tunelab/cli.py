@@ -61,6 +61,7 @@ def train(
     """Fine-tune a model as CONFIG says."""
     from tunelab.config import load_config
     from tunelab.rundir import CONFIG_FILE, RunDir
+    from tunelab.train import is_main_process
     from tunelab.train import train as run_training
 
     if config.is_dir():
@@ -75,6 +76,8 @@ def train(
         # a run's own config trains that folder, wherever it was moved or copied to
         run_config.output_dir = str(run.path.resolve())
     run_dir = run_training(run_config, resume=resume, overwrite=overwrite).run_dir
+    if not is_main_process():
+        return
     err_console.print(f"[green]done[/green]: run directory {run_dir}")
     run, merged = shell_word(run_dir), shell_word(f"{run_dir}-merged")
     evaluate = f"tunelab eval {run}" + ("" if run_config.data.eval else " --data NAME|PATH")

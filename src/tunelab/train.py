@@ -369,7 +369,7 @@ def can_resume(config: RunConfig) -> bool:
     return True
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """Before the Trainer starts, the launcher's environment says which process this is."""
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -392,6 +392,8 @@ def train(
     The run folder is locked for the whole training (main process), so a second `tunelab train` into
     it fails at once; a finished run resumed is left as it is."""
     run = RunDir(config.resolved_output_dir())
+    if not is_main_process():  # under accelerate launch: one process tells what all of them do
+        console.quiet = True
     if resume:
         _check_resumable(config, run)
         if run.is_finished():
@@ -405,7 +407,7 @@ def train(
     config = config.model_copy(update={"model": model_location(config.model)})
     for spec in filter(None, (config.data.train, config.data.eval)):
         check_source(spec)
-    lock = run.lock() if _is_main_process() else nullcontext()
+    lock = run.lock() if is_main_process() else nullcontext()
     with lock:
         if not resume:
             run.check_can_start(overwrite)
