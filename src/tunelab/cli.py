@@ -376,7 +376,7 @@ def models() -> None:
 
 @app.command()
 def datasets() -> None:
-    """The built-in datasets (NAME:train / NAME:eval)."""
+    """The built-in datasets (NAME:train, NAME:eval and its halves NAME:dev, NAME:test)."""
     from tunelab.tasks import builtin_tasks
 
     table = Table(title="built-in datasets")
@@ -384,12 +384,16 @@ def datasets() -> None:
         table.add_column(column)
     for task in builtin_tasks().values():
         table.add_row(
-            task.name, f"{task.name}:train, {task.name}:eval", "exact_match, loss", task.description
+            task.name,
+            ", ".join(f"{task.name}:{split}" for split in ("train", "eval", "dev", "test")),
+            "exact_match, loss",
+            task.description,
         )
     console.print(table)
     console.print(
         "data.train / data.eval also take .jsonl, .json, .csv or .parquet files, a datasets folder "
-        "(save_to_disk), or a hub dataset id; NAME:dev and NAME:test are the halves of NAME:eval."
+        "(save_to_disk), or a hub dataset id; NAME:dev and NAME:test are the two halves of NAME:eval (a "
+        "sweep chooses on dev and reports test)."
     )
 
 
