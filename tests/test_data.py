@@ -108,10 +108,17 @@ def test_tsv_and_compressed_files_read_as_the_plain_file(tmp_path, tokenizer):
     hidden.write_bytes(gzip.compress(b"{}"))
     with pytest.raises(TunelabError, match=r"hidden\.jsonl is gzip-compressed; name it hidden\.jsonl\.gz"):
         build_dataset(str(hidden), tokenizer)
-    damaged = tmp_path / "damaged.jsonl.gz"
-    damaged.write_bytes(b"not gzip")
-    with pytest.raises(TunelabError, match=r"damaged\.jsonl\.gz: cannot decompress as \.gz"):
-        build_dataset(str(damaged), tokenizer)
+    for suffix in (".gz", ".bz2", ".xz"):
+        damaged = tmp_path / f"damaged.jsonl{suffix}"
+        damaged.write_bytes(b"not compressed")
+        with pytest.raises(TunelabError, match=rf"damaged\.jsonl\{suffix}: cannot decompress as \{suffix}"):
+            build_dataset(str(damaged), tokenizer)
+    latin1 = tmp_path / "latin1.jsonl.gz"  # iconv is told the text, not the archive
+    latin1.write_bytes(gzip.compress('{"text": "caf\u00e9"}\n'.encode("latin-1")))
+    with pytest.raises(
+        TunelabError, match=r"e\.g\. zcat latin1\.jsonl\.gz \| iconv -f latin1 -t utf-8 > fixed\.jsonl$"
+    ):
+        build_dataset(str(latin1), tokenizer)
 
 
 def test_openai_developer_messages_are_system_messages(tmp_path, tokenizer):

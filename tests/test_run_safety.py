@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli, tiny_config, tree_digest
 from tunelab.config import dump_config
-from tunelab.rundir import RunDir
+from tunelab.rundir import RunDir, rank_curve_file, trained_weights
 from tunelab.train import StopOnSignal, train
 
 
@@ -234,9 +234,12 @@ def test_a_second_ctrl_c_aborts_and_says_how_to_resume(tmp_path, tiny_model_dir,
     run = RunDir(config.resolved_output_dir())
     process = _training_after_steps(path, run, 2)
     process.send_signal(signal.SIGINT)
-    time.sleep(0.02)
+    shown = []  # the second once the first is being handled: it saves a checkpoint, which takes longer
+    while not shown or "stopping after this step" not in shown[-1]:
+        shown.append(process.stderr.readline())
+        assert shown[-1], "".join(shown)  # the process ended first
     process.send_signal(signal.SIGINT)
-    stderr = process.communicate(timeout=120)[1]
+    stderr = "".join(shown) + process.communicate(timeout=120)[1]
     assert process.returncode == 130, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("aborted; the steps after ") and last.endswith(
@@ -261,7 +264,7 @@ def test_a_second_sigterm_still_waits_for_the_checkpoint_and_a_second_ctrl_c_doe
 
 
 def test_a_stopped_run_is_evaluated_and_exported_from_its_checkpoints(
-    tmp_path, capsys, tiny_model_dir, qa_jsonl
+    tmp_path, capsys, monkeypatch, tiny_model_dir, qa_jsonl
 ):
     config = tiny_config(
         tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.max_steps": 8, "train.save_steps": 4}
@@ -294,7 +297,15 @@ def test_a_stopped_run_is_evaluated_and_exported_from_its_checkpoints(
     )
     assert code == 0, err
     assert (tmp_path / "exp" / "adapter_model.safetensors").is_file()
-    assert tree_digest(run.path) == before  # neither wrote into the run
+    monkeypatch.chdir(checkpoint)  # the checkpoint named from inside it
+    assert run_cli(capsys, "eval", ".", "--limit", "2")[0] == 0
+    assert tree_digest(run.path) == before  # none of them wrote into the run
+    # a checkpoint's rank plot has a name of its own, which --overwrite counts as the run's
+    weights = trained_weights(checkpoint)[1]
+    assert rank_curve_file(run, weights) == run.path / "rank_curve-checkpoint-8.png"
+    rank_curve_file(run, weights).write_bytes(b"png")
+    (run.path / "checkpoint-8.png").write_bytes(b"mine")
+    assert run.foreign_entries() == ["checkpoint-8.png"]
     (checkpoint / "COMPLETE").unlink()  # cut short while it was saved
     assert_one_line_error(
         *run_cli(capsys, "eval", str(checkpoint)),

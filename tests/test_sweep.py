@@ -458,6 +458,18 @@ def test_a_trial_starts_only_after_the_one_it_replaces_is_recorded(tmp_path, mon
     for index, name in enumerate(names[parallel:]):  # the trial after the first `parallel` ones waits
         assert events.index(("started", name)) > [i for i, e in enumerate(events) if e[0] == "done"][index]
 
+    # stopped while recording the first result: no trial starts after it
+    processes, started = executors.TrialProcesses(), []
+    executors.run_local(
+        trials,
+        tmp_path / "runs",
+        on_result=lambda trial, result: processes.stop(),
+        max_parallel=parallel,
+        on_start=lambda trial, log: started.append(trial.run_name),
+        processes=processes,
+    )
+    assert started == names[:parallel]
+
 
 def _trials_spec(tmp: Path, model_dir: str, steps: list[int], **train: Any) -> tuple[Path, list[Path]]:
     """A sweep of one LoRA trial per entry of `steps` (its max_steps) on `add`, with `train` settings, and

@@ -93,11 +93,12 @@ def test_a_grid_over_method_keys_alone_tunes_the_default_method(tmp_path):
     assert methods == [("lora", 4), ("lora", 16)]
 
 
-def test_a_data_file_given_as_the_spec_is_named_as_such(tmp_path):
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.tsv", "rows.jsonl.gz", "rows.CSV"])
+def test_a_data_file_given_as_the_spec_is_named_as_such(tmp_path, name):
     with pytest.raises(
-        TunelabError, match=r"rows.jsonl is a data file, not a sweep spec: list it under datasets"
+        TunelabError, match=rf"{name} is a data file, not a sweep spec: list it under datasets"
     ):
-        load_spec(write(tmp_path, '{"prompt": "1+1=", "completion": "2"}\n', name="rows.jsonl"))
+        load_spec(write(tmp_path, '{"prompt": "1+1=", "completion": "2"}\n', name=name))
 
 
 def test_config_id_is_sha256_of_sorted_json_without_placement_keys():

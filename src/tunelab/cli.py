@@ -20,12 +20,17 @@ try:  # typer 0.2x carries its own click; earlier versions use click itself
     from typer._click import exceptions as click_errors
 except ImportError:
     from click import exceptions as click_errors
+NO_ARGS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())  # click >= 8.2; before, help exited 0
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Fine-tune open causal LMs: LoRA, QLoRA, QDyLoRA, SpIEL, full FT; coverage-based search.",
+)
+# eval, export, generate and chat read a run's trained weights: the final ones, or a checkpoint's
+RUN_DIR = typer.Argument(
+    ..., help="a finished run directory, or one of its checkpoints (RUN/checkpoints/checkpoint-N)"
 )
 # emoji=False: ':train:' in 'gsm8k:train:' is a dataset name, not an emoji code
 console = Console(emoji=False)
@@ -79,10 +84,11 @@ def train(
     if not is_main_process():
         return
     err_console.print(f"[green]done[/green]: run directory {run_dir}")
-    run, merged = shell_word(run_dir), shell_word(f"{run_dir}-merged")
-    evaluate = f"tunelab eval {run}" + ("" if run_config.data.eval else " --data NAME|PATH")
+    quoted_run, merged = shell_word(run_dir), shell_word(f"{run_dir}-merged")
+    evaluate = f"tunelab eval {quoted_run}" + ("" if run_config.data.eval else " --data NAME|PATH")
     err_console.print(
-        f"next: {evaluate} | tunelab chat {run} | tunelab export {run} --format merged --out {merged}",
+        f"next: {evaluate} | tunelab chat {quoted_run} | tunelab export {quoted_run} --format merged "
+        f"--out {merged}",
         highlight=False,
         soft_wrap=True,
         markup=False,
@@ -97,16 +103,19 @@ def data_command(
 ) -> None:
     """Check data before training: rows used and skipped, token lengths, examples as trained.
 
-    Given a run directory, checks the data of its config.yaml. Given a data file (.jsonl, .json, .csv,
-    .parquet), a datasets folder or a built-in dataset (gsm8k:train) instead, checks it as `data.train`
-    of a default config; overrides still apply (model=..., data.format=...)."""
+    Given a run directory (or one of its checkpoints), checks the data of its config.yaml. Given a data
+    file (.jsonl, .json, .csv, .tsv, .parquet; the text ones also .gz, .bz2, .xz), a datasets folder or
+    a built-in dataset (gsm8k:train) instead, checks it as `data.train` of a default config; overrides
+    still apply (model=..., data.format=...)."""
     from tunelab.config import FILE_SUFFIXES, is_hub_id, load_config
     from tunelab.data import eval_dataset, train_dataset
     from tunelab.models import load_tokenizer, resolve_model
     from tunelab.preview import print_dataset_report
-    from tunelab.rundir import CONFIG_FILE
+    from tunelab.rundir import CHECKPOINTS_DIR, CONFIG_FILE
 
     path = Path(config)
+    if path.parent.name == CHECKPOINTS_DIR and (path.parent.parent / CONFIG_FILE).is_file():
+        path = path.parent.parent  # a run's checkpoint: the run's data
     if (path / CONFIG_FILE).is_file():
         path = path / CONFIG_FILE
     # anything but a YAML file is data: a file of any other type (its reader says which types it reads),
@@ -151,7 +160,7 @@ def _metrics_table(rows: list[dict]) -> Table:
 
 @app.command("eval")
 def eval_command(
-    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    run_dir: Path = RUN_DIR,
     data: str = typer.Option(None, "--data", help="dataset name or file (default: the run's data.eval)"),
     ranks: str = typer.Option(None, "--ranks", help="dylora runs: all | 1,2,4,8 | 1-64"),
     limit: int = typer.Option(None, "--limit", min=1, help="evaluate only the first N examples"),
@@ -170,7 +179,7 @@ def eval_command(
     from tunelab.data import columns_present, eval_dataset, load_rows
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
-    from tunelab.rundir import check_writable, json_report, trained_weights
+    from tunelab.rundir import check_writable, json_report, rank_curve_file, trained_weights
 
     if json_path:  # before the evaluation, not after it; an earlier `tunelab eval --json` is replaced
         check_writable(json_path, "--json", folder=False, ours=json_report("run"))
@@ -196,9 +205,9 @@ def eval_command(
     console.print(_metrics_table(rows))
     if ranks:
         summary = summarize_ranks(rows)
-        # into the run's folder, also for one of its checkpoints (whose files are the checkpoint's own)
-        plot_file = trained_weights(run_dir)[0].path / "rank_curve.png"
-        plot = rank_curve(summary, plot_file, title=f"{run_dir.name}: eval on {spec}")
+        plot = rank_curve(
+            summary, rank_curve_file(*trained_weights(run_dir)), title=f"{run_dir.name}: eval on {spec}"
+        )
         result.update(summary, plot=str(plot))
         console.print(
             f"best rank [bold]{summary['best_rank']}[/bold] (by {summary['metric']}), "
@@ -223,7 +232,7 @@ def eval_command(
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    run_dir: Path = RUN_DIR,
     fmt: str = typer.Option(
         ..., "--format", help="peft | merged | gguf | spiel (what the run's method supports)"
     ),
@@ -273,7 +282,7 @@ def _load_for_generation(run_dir: Path, rank: int | None):
 
 @app.command()
 def generate(
-    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    run_dir: Path = RUN_DIR,
     prompt: list[str] = typer.Option(None, "--prompt", help="a prompt (repeat for several)"),
     file: Path = typer.Option(
         None,
@@ -327,7 +336,7 @@ def generate(
 
 @app.command()
 def chat(
-    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    run_dir: Path = RUN_DIR,
     rank: int = typer.Option(None, "--rank", help="dylora runs: chat at this rank"),
     system: str = typer.Option(None, "--system", help="a system prompt"),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
@@ -391,9 +400,9 @@ def datasets() -> None:
         )
     console.print(table)
     console.print(
-        "data.train / data.eval also take .jsonl, .json, .csv or .parquet files, a datasets folder "
-        "(save_to_disk), or a hub dataset id; NAME:dev and NAME:test are the two halves of NAME:eval (a "
-        "sweep chooses on dev and reports test)."
+        "data.train / data.eval also take .jsonl, .json, .csv, .tsv or .parquet files (the text ones also "
+        "compressed: .gz, .bz2, .xz), a datasets folder (save_to_disk), or a hub dataset id; NAME:dev and "
+        "NAME:test are the two halves of NAME:eval (a sweep chooses on dev and reports test)."
     )
 
 
@@ -412,9 +421,12 @@ def main() -> None:
     try:
         # standalone_mode=False: click's usage errors reach us, to be told in one line like ours
         code = app(standalone_mode=False, prog_name="tunelab")
-    except click_errors.NoArgsIsHelpError as exc:  # bare `tunelab`: the help, as before
+    except NO_ARGS_HELP as exc:  # bare `tunelab`: the help, as before
         exc.show()
         sys.exit(exc.exit_code)
+    except typer.Abort:  # an older typer's Ctrl-C; an end of input at a prompt
+        err_console.print("interrupted")
+        sys.exit(130)
     except click_errors.UsageError as exc:  # a mistyped command or option, a missing argument, --top 0
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
         message = exc.format_message().rstrip(".") + hint

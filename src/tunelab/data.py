@@ -264,6 +264,7 @@ SHAREGPT_ROLES = {
     "function_call": "assistant",
     "tool": "tool",
     "observation": "tool",
+    "developer": "system",
 }
 SKIP_HINT = "; fix the row, or set data.skip_bad_rows=true to skip such rows"
 LINE_SKIP_HINT = "; fix the line, or set data.skip_bad_rows=true to skip such lines"

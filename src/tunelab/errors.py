@@ -80,5 +80,5 @@ def did_you_mean(path: str | Path) -> str:
 
 def shell_word(value: str | Path) -> str:
     """`value` as a shell reads it back in a command we print to copy: quoted only when it needs to be
-    (a path with a space)."""
+    (a space, `~`, `*`, a quote: anything the shell would change)."""
     return shlex.quote(str(value))

@@ -10,7 +10,7 @@ import torch
 
 from tunelab.assemble import load_run
 from tunelab.data import TRAINED_CHAT_TEMPLATES, resolve_template
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, shell_word
 from tunelab.quant import dequantize_model
 from tunelab.rundir import atomic_directory, check_writable
 
@@ -34,7 +34,8 @@ def export_run(
         raise TunelabError(f"export target {out} is a file; --out names a directory to create")
     if not out.exists() and out.suffix.lower() in FILE_LIKE_SUFFIXES:
         raise TunelabError(
-            f"--out {out} reads as a file name; --out names a directory to create (e.g. --out {out.parent})"
+            f"--out {out} reads as a file name; --out names a directory to create (e.g. --out "
+            f"{shell_word(out.with_suffix(''))})"
         )
     if out.exists() and any(out.iterdir()):
         raise TunelabError(f"export target {out} exists and is not empty; choose another --out or remove it")
@@ -77,18 +78,20 @@ def _readable_by_transformers_4(folder: Path) -> None:
     `rope_theta`/`rope_scaling` when `rope_parameters` is there)."""
     config_file, tokenizer_file = folder / "config.json", folder / "tokenizer_config.json"
     if config_file.is_file():
-        config = json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
         rope = config.get("rope_parameters")
         if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
             config["rope_theta"] = rope["rope_theta"]
             if rope.get("rope_type", "default") != "default":
                 config["rope_scaling"] = {key: value for key, value in rope.items() if key != "rope_theta"}
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if tokenizer_file.is_file():
-        tokenizer = json.loads(tokenizer_file.read_text())
+        tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
         if tokenizer.get("tokenizer_class") == "TokenizersBackend":
             tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
-            tokenizer_file.write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n")
+            tokenizer_file.write_text(
+                json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
 
 
 def _write_gguf(merged, tokenizer, folder: Path, name: str, gguf_type: str, template: str) -> None:

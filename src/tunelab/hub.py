@@ -26,7 +26,9 @@ def offline_unless_reachable() -> None:
     try:
         socket.getaddrinfo(host, 443)
     except OSError:  # gaierror: no DNS, so no network to retry over
-        constants.HF_HUB_OFFLINE = True  # read at each request by huggingface_hub, transformers, datasets
+        # huggingface_hub reads it at each request, so transformers and datasets (which keep a copy of
+        # their own from import time) get no answer from the network either, at once
+        constants.HF_HUB_OFFLINE = True
         Console(stderr=True, emoji=False, soft_wrap=True, highlight=False).print(
             f"[yellow]note:[/yellow] {host} cannot be resolved (no network?): hub ids load from the local "
             "hub cache only (HF_HUB_OFFLINE)"

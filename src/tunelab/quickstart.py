@@ -103,11 +103,11 @@ def run_quickstart(
         f"run directory: [bold]{run_dir}[/bold] (config.yaml, metrics.jsonl, final/"
         f"{', loss_curve.png' if plot else ''})"
     )
-    run, rank = shell_word(run_dir), f" --rank {best_rank}" if best_rank else ""
+    run, rank_option = shell_word(run_dir), f" --rank {best_rank}" if best_rank else ""
     export_dir = shell_word(f"{run_dir}-peft" + (f"-r{best_rank}" if best_rank else ""))
     console.print(
         f"next: tunelab eval {run}{' --ranks all' if best_rank else ''} | "
-        f"tunelab export {run}{rank} --format peft --out {export_dir}"
+        f"tunelab export {run}{rank_option} --format peft --out {export_dir}"
     )
     console.print(f"total time {time.perf_counter() - started:.0f} s")
     return run_dir

@@ -47,6 +47,23 @@ RUN_ENTRIES = (
 )
 
 
+def _is_checkpoint_plot(name: str) -> bool:
+    """rank_curve-checkpoint-N.png, written by `tunelab eval --ranks` of a checkpoint."""
+    stem = name.removeprefix("rank_curve-").removesuffix(".png")
+    return f"rank_curve-{stem}.png" == name and checkpoint_step(Path(stem)) is not None
+
+
+def _written_by_tunelab(name: str) -> bool:
+    """A name in a run folder that tunelab writes (what --overwrite may remove)."""
+    return name in RUN_ENTRIES or _is_temporary(name) or _is_checkpoint_plot(name)
+
+
+def rank_curve_file(run: RunDir, weights: Path) -> Path:
+    """Where `tunelab eval --ranks` draws its plot: in the run's folder, one per checkpoint evaluated, so
+    a checkpoint's curve does not replace the finished model's."""
+    return run.path / ("rank_curve.png" if weights == run.final_dir else f"rank_curve-{weights.name}.png")
+
+
 def _is_temporary(name: str) -> bool:
     """Leftovers of an interrupted atomic write: `.final.tmp-123`, `.metrics.jsonl.tmp-123`, ..."""
     return name.startswith(".") and any(f".{kind}-" in name for kind in ("tmp", "old"))
@@ -86,7 +103,7 @@ class RunDir:
     def foreign_entries(self) -> list[str]:
         """What tunelab did not write (exports, notes, a user's own files), also inside final/ and
         checkpoints/, which --overwrite removes whole."""
-        foreign = [name for name in self.entries() if name not in RUN_ENTRIES and not _is_temporary(name)]
+        foreign = [name for name in self.entries() if not _written_by_tunelab(name)]
         if self.final_dir.is_dir():
             final = self.final_dir.iterdir()
             foreign += [f"{FINAL_DIR}/{p.name}" for p in final if p.name not in FINAL_FILES]
@@ -182,7 +199,7 @@ class RunDir:
     def clear(self) -> None:
         """Remove a run's own files (--overwrite), keeping the lock held by this process."""
         for name in self.entries():
-            if name == LOCK_FILE or (name not in RUN_ENTRIES and not _is_temporary(name)):
+            if name == LOCK_FILE or not _written_by_tunelab(name):
                 continue
             entry = self.path / name
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -374,7 +391,7 @@ def trained_weights(path: Path) -> tuple[RunDir, Path]:
     """The run that `path` names and the folder of the trained weights to use: a finished run's final/,
     or one of a run's complete checkpoints when `path` is that checkpoint (RUN/checkpoints/checkpoint-N),
     so a stopped run can be evaluated and exported as far as it got."""
-    path = Path(path)
+    path = Path(path).absolute()  # `tunelab eval .` inside a checkpoint: its parent's name is needed
     if checkpoint_step(path) is None or path.parent.name != CHECKPOINTS_DIR:
         run = RunDir(path)
         run.require_finished()

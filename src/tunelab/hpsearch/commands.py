@@ -296,7 +296,7 @@ def sweep(
     err_console.print(
         f"[green]sweep finished[/green]: {len(trials)} trials and "
         f"{sum(trial.config_id in confirmed for trial in confirmations)} confirmations done; rank them with "
-        f"tunelab recommend --db {db}",
+        f"tunelab recommend --db {shell_word(db)}",
         highlight=False,
     )
 

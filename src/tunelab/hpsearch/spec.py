@@ -43,7 +43,9 @@ from pydantic import (
 )
 
 from tunelab.config import (
+    FILE_SUFFIXES,
     check_source,
+    data_suffix,
     deep_merge,
     flatten,
     nest,
@@ -99,7 +101,7 @@ class SweepSpec(BaseModel):
     confirm_seeds: list[int] = Field(default_factory=list)  # each arm's best config: these seeds too
     ranks: list[int] = Field(default_factory=list)  # dylora trials: evaluate each of these ranks
     _source: str = PrivateAttr("sweep spec")  # the spec file, for error messages
-    _text: str = PrivateAttr("")  # its text, for the lines of its keys
+    _keys: list[tuple[str, int, int]] = PrivateAttr(default_factory=list)  # its keys' lines (yaml_keys)
     _base_lines: dict[str, str] = PrivateAttr(default_factory=dict)  # base's keys -> file:line
 
     @model_validator(mode="after")
@@ -208,7 +210,7 @@ def _format_error(err: dict, source: str) -> str:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep spec; `base` given as a path is read relative to the spec file."""
     path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".csv", ".parquet"):  # a .json spec is valid YAML
+    if data_suffix(path) in FILE_SUFFIXES and path.suffix.lower() != ".json":  # a .json spec is valid YAML
         raise TunelabError(
             f"{path} is a data file, not a sweep spec: list it under datasets: in a spec YAML (see "
             "examples/sweep.yaml)"
@@ -227,7 +229,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
         raise TunelabError(_format_error(exc.errors()[0], str(path))) from None
-    spec._source, spec._text = str(path), text
+    spec._source, spec._keys = str(path), yaml_keys(text)
     spec._base_lines = {
         dotted.removeprefix(base_prefix): f"{base_where}:{line}"
         for dotted, line, _ in yaml_keys(base_text)
@@ -239,11 +241,10 @@ def load_spec(path: str | Path) -> SweepSpec:
 def _point_lines(spec: SweepSpec, point: dict[str, Any]) -> dict[str, str]:
     """Where each value of a sweep point is written, as file:line, for its errors: the grid's, zip's or
     arm's key for the values the point sets, the base's key for the others."""
-    keys = yaml_keys(spec._text)
     lines = dict(spec._base_lines)
     for key in point:
-        written = [line for dotted, line, _ in keys if dotted in (f"grid.{key}", f"zip.{key}")]
-        arm_lines = [line for dotted, line, _ in keys if dotted == f"arms.{key}"]
+        written = [line for dotted, line, _ in spec._keys if dotted in (f"grid.{key}", f"zip.{key}")]
+        arm_lines = [line for dotted, line, _ in spec._keys if dotted == f"arms.{key}"]
         arms = [arm for arm in spec.arms if key in arm]  # in the file's order, as arm_lines
         written += [
             line
