@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tunelab.cli import main
+from conftest import run_cli
 from tunelab.hpsearch.store import ResultsStore
 
 GRID_CSV = "config,dataset,score,train.lr\nc1,a,0.9,1e-4\nc2,a,0.5,5e-4\n"
@@ -26,18 +25,10 @@ def _tree(folder: Path) -> dict[str, str]:
     return {str(path.relative_to(folder)): _digest(path) for path in sorted(folder.rglob("*"))}
 
 
-def _run_cli(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
-    """`tunelab ARGS` in this process, as the console script runs it: (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["tunelab", *args])
-    with pytest.raises(SystemExit) as exit:
-        main()
-    return exit.value.code or 0, capsys.readouterr().err
-
-
-def _error_line(monkeypatch, capsys, folder: Path, args: list[str]) -> str:
+def _error_line(capsys, folder: Path, args: list[str]) -> str:
     """Run a command that must fail; check the README's promise and return its one error line."""
     before = _tree(folder)
-    code, stderr = _run_cli(monkeypatch, capsys, args)
+    code, stderr = run_cli(capsys, *args)
     assert code == 2, stderr
     assert "Traceback" not in stderr
     lines = stderr.splitlines()
@@ -94,9 +85,9 @@ def _folder(path: Path) -> Path:
         (_folder, "is a folder, not a file"),
     ],
 )
-def test_recommend_db_that_is_no_results_database(tmp_path, monkeypatch, capsys, make, message):
+def test_recommend_db_that_is_no_results_database(tmp_path, capsys, make, message):
     db = make(tmp_path / "results.sqlite")
-    line = _error_line(monkeypatch, capsys, tmp_path, ["recommend", "--db", str(db)])
+    line = _error_line(capsys, tmp_path, ["recommend", "--db", str(db)])
     assert message in line and str(db) in line
     assert "`tunelab sweep` writes" in line  # what to pass instead
 
@@ -111,9 +102,9 @@ def test_recommend_db_that_is_no_results_database(tmp_path, monkeypatch, capsys,
         ("broken.parquet", b"PAR1 not parquet", "broken.parquet: cannot read as parquet"),
     ],
 )
-def test_recommend_unreadable_results_table(tmp_path, monkeypatch, capsys, name, content, message):
+def test_recommend_unreadable_results_table(tmp_path, capsys, name, content, message):
     (tmp_path / name).write_bytes(content)
-    line = _error_line(monkeypatch, capsys, tmp_path, ["recommend", "--results", str(tmp_path / name)])
+    line = _error_line(capsys, tmp_path, ["recommend", "--results", str(tmp_path / name)])
     assert message in line
 
 
@@ -131,23 +122,21 @@ def test_recommend_unreadable_results_table(tmp_path, monkeypatch, capsys, name,
         ),
     ],
 )
-def test_recommend_outputs_checked_before_any_work(tmp_path, monkeypatch, capsys, options, message):
+def test_recommend_outputs_checked_before_any_work(tmp_path, capsys, options, message):
     (tmp_path / "grid.csv").write_text(GRID_CSV)
     (tmp_path / "extra.csv").write_text("config,dataset,score,notes\nc1,a,0.9,fine\n")
     (tmp_path / "file").write_text("not a folder")
     paths = {"tmp": tmp_path, "file": tmp_path / "file", "extra": tmp_path / "extra.csv"}
     source = [] if "--results" in options else ["--results", str(tmp_path / "grid.csv")]
     args = ["recommend", *source, *(option.format(**paths) for option in options)]
-    assert message.format(**paths) in _error_line(monkeypatch, capsys, tmp_path, args)
+    assert message.format(**paths) in _error_line(capsys, tmp_path, args)
 
 
-def test_recommend_creates_missing_output_folders(tmp_path, monkeypatch, capsys):
+def test_recommend_creates_missing_output_folders(tmp_path, capsys):
     (tmp_path / "grid.csv").write_text(GRID_CSV)
     new = tmp_path / "new" / "deeper"
     args = ["--json", str(new / "r.json"), "--write-config", str(new / "cfg"), "--out", str(new / "plots")]
-    code, stderr = _run_cli(
-        monkeypatch, capsys, ["recommend", "--results", str(tmp_path / "grid.csv"), *args]
-    )
+    code, stderr = run_cli(capsys, "recommend", "--results", str(tmp_path / "grid.csv"), *args)
     assert code == 0, stderr
     assert (new / "r.json").is_file() and (new / "plots" / "grid-coverage.png").is_file()
     assert sorted(path.name for path in (new / "cfg").iterdir()) == ["cbs-1-c1.yaml", "cbs-2-c2.yaml"]
@@ -195,7 +184,7 @@ def test_sweep_fails_before_writing_anything(tmp_path, monkeypatch, capsys, trai
     dataset = {"name": "add", "train": train.format(**paths), "eval": "addition:eval", "metric": "loss"}
     spec.write_text(yaml.safe_dump({"grid": {"train.lr": [1e-4, 1e-3]}, "datasets": [dataset]}))
     args = ["sweep", str(spec), *(option.format(**paths) for option in options)]
-    line = _error_line(monkeypatch, capsys, tmp_path, args)  # no database, no runs folder, no trial
+    line = _error_line(capsys, tmp_path, args)  # no database, no runs folder, no trial
     assert message.format(**paths) in line
 
 
@@ -211,7 +200,7 @@ def test_a_mistyped_model_stops_the_sweep_before_its_trials(tmp_path, monkeypatc
     spec.write_text(
         yaml.safe_dump({"base": {"model": model}, "grid": {"train.lr": [1e-4]}, "datasets": [dataset]})
     )
-    line = _error_line(monkeypatch, capsys, tmp_path, ["sweep", str(spec)])  # nothing written
+    line = _error_line(capsys, tmp_path, ["sweep", str(spec)])  # nothing written
     assert line.startswith(f"error: {spec}: model not found: {model}; ") and "did you mean" in line
 
 
@@ -228,7 +217,7 @@ def test_sweep_checks_its_confirmation_seeds_before_the_grid(tmp_path, monkeypat
     spec.write_text(
         yaml.safe_dump({"grid": {"train.lr": [1e-4]}, "confirm_seeds": [42], "datasets": [dataset]})
     )
-    line = _error_line(monkeypatch, capsys, tmp_path, ["sweep", str(spec)])
+    line = _error_line(capsys, tmp_path, ["sweep", str(spec)])
     assert "'confirm_seeds' lists seed 42, the train.seed every point already trains with" in line
 
 
@@ -252,7 +241,7 @@ def test_sweep_creates_its_database_with_the_first_result(tmp_path, monkeypatch,
 
     monkeypatch.setattr(commands, "run_local", fake_run_local)
     for _ in range(2):
-        code, stderr = _run_cli(monkeypatch, capsys, ["sweep", str(spec)])
+        code, stderr = run_cli(capsys, "sweep", str(spec))
         assert code == 0, stderr
     assert started == [2, 0]  # the second run found both trials done
     with ResultsStore(tmp_path / "sweep.sqlite", read_only=True) as store:
