@@ -17,7 +17,7 @@ from tunelab.methods import create_method
 from tunelab.methods.base import Method
 from tunelab.models import base_dtype, load_model, load_tokenizer, resolve_model
 from tunelab.quant import guard_cpu_repack, nf4_config, release_loading_memory
-from tunelab.rundir import trained_weights
+from tunelab.rundir import RunDir, trained_weights
 
 
 @dataclass
@@ -60,9 +60,12 @@ def build(config: RunConfig, tokenizer: Any = None) -> TunedModel:
 def read_run_config(run_dir: Path) -> RunConfig:
     """The config of a finished run or of one of its checkpoints, without loading its model (to check
     a request against it first)."""
+    return _saved_config(trained_weights(run_dir)[0])
+
+
+def _saved_config(run: RunDir) -> RunConfig:
     from tunelab.config import read_yaml, validate
 
-    run, _ = trained_weights(run_dir)
     data, text = read_yaml(run.config_file)
     return validate(data, str(run.config_file), text)
 
@@ -71,8 +74,8 @@ def load_run(run_dir: Path, precision: str | None = None) -> tuple[RunConfig, Tu
     """The config and trained model of a finished run (the folder it is in now, wherever it moved), or
     of one of its checkpoints; `precision` replaces the run's train.precision (export merges into fp32
     weights)."""
-    _, weights = trained_weights(run_dir)
-    config = read_run_config(run_dir)
+    run, weights = trained_weights(run_dir)
+    config = _saved_config(run)
     if precision:
         config.train.precision = precision
     built = build(config)
