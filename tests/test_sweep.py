@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -539,12 +540,23 @@ def test_a_stopped_sweep_resumes_its_running_trial_from_a_checkpoint(
         return
 
     stopped_at = _steps_logged(run)[-1]
+    first_attempt = json.loads(run.with_name(f"{run.name}.attempts.json").read_text())
+    assert first_attempt["duration_s"] > 0 and first_attempt["peak_memory_bytes"] > 0
+    resumed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     resumed = CliRunner().invoke(app, ["sweep", str(spec), "--db", str(db)])
     assert resumed.exit_code == 0, resumed.output[-2000:]
     checkpoint = run / "checkpoints" / f"checkpoint-{stopped_at}"
     assert f"resuming from {checkpoint}" in trial_log(run).read_text()
     assert _steps_logged(run) == list(range(1, steps + 1))
-    assert [row["status"] for row in _rows(db).values()] == ["done", "done"]
+    rows = _rows(db)
+    assert [row["status"] for row in rows.values()] == ["done", "done"]
+    # the resumed trial's row counts both attempts: it started before the resume, and took longer than
+    # the first attempt alone; the record of earlier attempts is gone once the row is written
+    (row,) = [row for (_, config_id), row in rows.items() if run.name.startswith(config_id)]
+    assert row["started_at"] == first_attempt["started_at"] < resumed_at
+    assert row["duration_s"] > first_attempt["duration_s"]
+    assert row["peak_memory_bytes"] >= first_attempt["peak_memory_bytes"]
+    assert not run.with_name(f"{run.name}.attempts.json").exists()
 
 
 def test_a_trained_trial_that_was_not_recorded_is_evaluated_without_training_again(tmp_path, tiny_model_dir):

@@ -12,8 +12,9 @@ result to a callback in this process as soon as that trial finishes (so only thi
   every node).
 
 A trial's files, under the sweep's work dir: <dataset>/<config_id>-s<seed>/ (the run), and beside it
-the same name with .yaml (its train config, `tunelab train` can run it again), .log (its output) and
-.result.json.
+the same name with .yaml (its train config, `tunelab train` can run it again), .log (its output),
+.result.json, and while a stopped or failed attempt waits for the next, .attempts.json (the earlier
+attempts' start, wall time and peak memory, which the trial's recorded row adds up).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class TrialResult:
     step_time_s: float | None = None  # median optimizer step
     started_at: str | None = None
     finished_at: str | None = None
-    duration_s: float | None = None  # wall time of the trial process, imports and model loading included
+    duration_s: float | None = None  # wall time of the trial's processes (all its attempts), imports included
 
     @property
     def failed(self) -> bool:
@@ -139,6 +140,8 @@ def run_trial_process(
     result_path = run_dir.with_name(f"{run_dir.name}.result.json")
     log_path = trial_log(run_dir)
     result_path.unlink(missing_ok=True)  # from an earlier attempt
+    attempts_path = run_dir.with_name(f"{run_dir.name}.attempts.json")
+    earlier = json.loads(attempts_path.read_text()) if attempts_path.is_file() else {}
     config_path.write_text(yaml.safe_dump({**trial.config, "output_dir": str(run_dir)}, sort_keys=False))
     env = {
         **os.environ,
@@ -160,14 +163,26 @@ def run_trial_process(
     if process is None:
         return TrialResult(error=NOT_STARTED)
     processes.wait(process)
-    timing = {"started_at": started_at, "finished_at": _now(), "duration_s": time.perf_counter() - start}
-    if not result_path.is_file():  # killed (e.g. out of memory) or crashed before writing its result
+    elapsed = time.perf_counter() - start
+    if result_path.is_file():
+        result = TrialResult(**json.loads(result_path.read_text()))
+    else:  # killed (e.g. out of memory) or crashed before writing its result
         error = f"trial process exited with code {process.returncode} without a result; see {log_path}"
-        return TrialResult(error=error, **timing)
-    result = TrialResult(**json.loads(result_path.read_text()), **timing)
+        result = TrialResult(error=error)
+    # what the trial cost is the sum of its attempts: a stopped one resumes, a failed one is retried
+    result.started_at = earlier.get("started_at", started_at)
+    result.finished_at = _now()
+    result.duration_s = earlier.get("duration_s", 0.0) + elapsed
+    peaks = [peak for peak in (earlier.get("peak_memory_bytes"), result.peak_memory_bytes) if peak]
+    result.peak_memory_bytes = max(peaks, default=None)
     scores = [value for row in result.rows or [] for value in (row["score"], row["test_score"])]
     if result.error is None and not all(math.isfinite(score) for score in scores):
         result.error, result.score = f"{trial.metric} is not finite (did training diverge?)", None
+    if result.failed:
+        attempts = {key: getattr(result, key) for key in ("started_at", "duration_s", "peak_memory_bytes")}
+        attempts_path.write_text(json.dumps(attempts))
+    else:
+        attempts_path.unlink(missing_ok=True)
     return result
 
 

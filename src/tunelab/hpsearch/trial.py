@@ -112,6 +112,9 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
         message = str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
         result = {"error": message}
+        reporting = sys.modules.get("tunelab.reporting")  # imported with torch, before training
+        if reporting is not None:  # a stopped attempt's peak counts in the row of the attempt that resumes it
+            result["peak_memory_bytes"] = reporting.peak_memory_bytes()
     # write then rename: the executor never reads half a file
     partial = result_path.with_name(result_path.name + ".partial")
     partial.write_text(json.dumps(result))
