@@ -201,6 +201,32 @@ def test_arms_split_a_method_by_what_varies_in_it_except_lr_and_rank():
     assert best_per_arm(grouped)["lora"]["config"] == "a"
 
 
+def test_scores_by_lr_and_the_arms_whose_best_lr_is_at_an_edge_of_what_they_tried():
+    from tunelab.hpsearch.ranking import best_lr_at_grid_edge, scores_by_lr
+
+    def entry(mean: float, lr: float | None, rank: int | None = None) -> dict:
+        return {"mean_normalized": mean, "hyperparameters": {"train.lr": lr, "method.rank": rank}}
+
+    groups = {
+        "lora": [entry(0.8, 1e-3), entry(0.9, 1e-4), entry(1.0, 3e-4)],  # bracketed
+        "dylora": [  # its best rank at each lr: 0.7 at 1e-4, 0.95 at 1e-3
+            entry(0.6, 1e-4, 1), entry(0.7, 1e-4, 8), entry(0.95, 1e-3, 8), entry(0.5, 1e-3, 1)
+        ],
+        "full": [entry(0.9, 3e-5), entry(0.7, 1e-5), entry(0.8, 1e-4)],  # scores out of lr order
+        "spiel": [entry(0.9, 1e-4)],  # one lr: no edge to speak of
+        "table": [entry(0.9, None)],  # no lr recorded
+    }  # fmt: skip
+    curves = scores_by_lr(groups)
+    assert curves == {
+        "lora": [(1e-4, 0.9), (3e-4, 1.0), (1e-3, 0.8)],
+        "dylora": [(1e-4, 0.7), (1e-3, 0.95)],
+        "full": [(1e-5, 0.7), (3e-5, 0.9), (1e-4, 0.8)],
+        "spiel": [(1e-4, 0.9)],
+    }
+    curves["low"] = [(1e-5, 0.9), (1e-4, 0.8)]
+    assert best_lr_at_grid_edge(curves) == {"dylora": "highest", "low": "lowest"}
+
+
 def test_varying_keys_leave_out_a_key_one_method_sets_at_one_value():
     from tunelab.hpsearch.ranking import varying_keys
 

@@ -235,6 +235,26 @@ def test_recommend_results_table(tmp_path):
     written = load_config(tmp_path / "out" / "cbs-1-c2.yaml")
     assert (written.train.lr, written.method.r) == (5e-4, 16)
     assert not (tmp_path / "out" / "cbs-2-c1.yaml").exists()  # --top 1
+    assert not (tmp_path / "grid-lr.png").exists()  # each arm tried one lr: no curve to draw
+
+
+def test_recommend_names_an_arm_whose_best_lr_is_at_an_edge_and_plots_score_against_lr(tmp_path):
+    table = tmp_path / "grid.csv"
+    rows = [  # lora: best at its highest lr, 1e-3; full: best at its middle lr, 3e-5
+        ("l1", 1e-4, "lora", 1.2), ("l2", 3e-4, "lora", 1.1), ("l3", 1e-3, "lora", 1.0),
+        ("f1", 1e-5, "full", 1.3), ("f2", 3e-5, "full", 1.05), ("f3", 1e-4, "full", 1.15),
+    ]  # fmt: skip
+    table.write_text(
+        "config,dataset,score,metric,train.lr,method.name\n"
+        + "".join(f"{config},a,{loss},loss,{lr},{method}\n" for config, lr, method, loss in rows)
+    )
+    result = CliRunner().invoke(app, ["recommend", "--results", str(table), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())  # as one line, whatever the terminal's width
+    note = "note: lora is best at the highest lr it tried (0.0001, 0.0003, 0.001); its best may lie higher"
+    assert note in output and "note: full" not in output
+    assert "learning-rate curves: " in output
+    assert (tmp_path / "out" / "grid-lr.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

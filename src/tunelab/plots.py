@@ -1,4 +1,4 @@
-"""PNG plots a person would rather look at than read: loss curve, metric vs rank, coverage curve."""
+"""PNG plots a person would rather look at than read: loss curve, metric vs rank, coverage curve, lr curve."""
 
 from __future__ import annotations
 
@@ -76,4 +76,20 @@ def coverage_curve(
     ax.set_ylim(min(0.0, min(top_k, default=0)), 1.02)
     ax.grid(alpha=0.3)
     ax.set_title(title or "coverage-based search: top-K curve")
+    return _save(fig, path)
+
+
+def lr_curve(curves: dict[str, list[tuple[float, float]]], path: Path, title: str = "") -> Path:
+    """Each arm's dev score (mean s/best over datasets) against its learning rate, its best starred: a
+    curve still rising at an end of its grid says the best lies beyond it."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for label, points in curves.items():
+        (line,) = ax.plot(*zip(*points, strict=True), "o-", ms=4, label=label)
+        ax.plot(*max(points, key=lambda point: point[1]), "*", ms=12, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("mean dev score / dataset best")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside: lines stay clear
+    ax.set_title(title or "each arm's dev score against its learning rate")
     return _save(fig, path)

@@ -40,9 +40,11 @@ from tunelab.hpsearch.executors import (
 from tunelab.hpsearch.published import HUB_IDS, published_configs, to_train_config
 from tunelab.hpsearch.ranking import (
     arms,
+    best_lr_at_grid_edge,
     best_per_arm,
     hyperparameters,
     rank_matrix,
+    scores_by_lr,
     usual_values,
     varying_keys,
 )
@@ -435,16 +437,13 @@ def _relative_spread(entry: dict[str, Any]) -> float | None:
     return statistics.mean(ratios) if ratios else None
 
 
-def _arms_table(ranking: list[dict[str, Any]]) -> Table | None:
+def _arms_table(groups: dict[str, list[dict[str, Any]]]) -> Table:
     """Which method: each arm's best config (highest mean dev s/best), its test s/best, how much that
     moves with the seed, and what the arm costs (median step time and peak memory over its configs)."""
-    if not any("method.name" in entry["hyperparameters"] for entry in ranking):
-        return None  # a results table without tunelab's config keys
     table = Table(title="each arm at its best config (chosen on dev)")
     columns = ("arm", "configs", "best config", "dev s/best", "test s/best", "seeds", "seed spread")
     for column in (*columns, "s/step", "peak GiB"):
         table.add_column(column, justify="left" if column in ("arm", "best config") else "right")
-    groups = arms(ranking)
     for arm, best in best_per_arm(groups).items():
         costs = [entry["cost"] for entry in groups[arm] if entry["cost"]]
         times = [cost["step_time_s"] for cost in costs if cost["step_time_s"] is not None]
@@ -490,7 +489,7 @@ def _recommend_cbs(
     # every config is validated before anything is written: a bad one leaves no partial output
     files = _cbs_config_files(ranking[:top], matrix, source, write_config) if write_config else {}
 
-    from tunelab.plots import coverage_curve  # matplotlib: only when there is a curve to draw
+    from tunelab.plots import coverage_curve, lr_curve  # matplotlib: only when there is a curve to draw
 
     plot_dir = out or source.parent
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -508,9 +507,19 @@ def _recommend_cbs(
     )
     if ranking[0]["test"]:  # a sweep database: ranked on dev, test reported
         console.print(_start_from(ranking[0], result.datasets))
-    arms_table = _arms_table(ranking)
-    if arms_table is not None:
-        console.print(arms_table)
+    # a results table without tunelab's config keys has no arms
+    groups = arms(ranking) if any("method.name" in entry["hyperparameters"] for entry in ranking) else {}
+    if groups:
+        console.print(_arms_table(groups))
+    curves = {arm: points for arm, points in scores_by_lr(groups).items() if len(points) > 1}
+    for arm, edge in best_lr_at_grid_edge(curves).items():
+        lrs = ", ".join(f"{lr:g}".replace("e-0", "e-") for lr, _ in curves[arm])
+        beyond = "higher" if edge == "highest" else "lower"
+        console.print(
+            f"[yellow]note[/yellow]: {escape(arm)} is best at the {edge} lr it tried ({lrs}); its best may "
+            f"lie {beyond}: try a {beyond} lr",
+            highlight=False,
+        )
     if result.held_out_curve is not None:
         console.print(_held_out_table(result, top))
     if result.uncovered:
@@ -530,6 +539,9 @@ def _recommend_cbs(
     elif progress:
         console.print(f"note: {escape(progress.text)}", highlight=False, soft_wrap=True)
     console.print(f"coverage curve: {plot}", highlight=False)
+    if curves:
+        lr_plot = lr_curve(curves, plot_dir / f"{source.stem}-lr.png", f"{source.name}: dev score vs lr")
+        console.print(f"learning-rate curves: {lr_plot}", highlight=False)
     if json_path:
         _write_text(json_path, json.dumps(result.as_json(), indent=2))
     for path, text in files.items():

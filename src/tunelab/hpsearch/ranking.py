@@ -79,6 +79,32 @@ def best_per_arm(groups: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
     return {label: max(group, key=lambda entry: entry["mean_normalized"]) for label, group in groups.items()}
 
 
+def scores_by_lr(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[tuple[float, float]]]:
+    """Each arm's mean dev s/best at each learning rate it tried (its best rank there, for a DyLoRA arm),
+    in lr order (`groups` from `arms`); an arm without `train.lr` is left out."""
+    curves = {}
+    for label, group in groups.items():
+        best_at: dict[float, float] = {}
+        for entry in group:
+            lr = entry["hyperparameters"].get("train.lr")
+            if lr is not None:
+                best_at[lr] = max(best_at.get(lr, -np.inf), entry["mean_normalized"])
+        if best_at:
+            curves[label] = sorted(best_at.items())
+    return curves
+
+
+def best_lr_at_grid_edge(curves: dict[str, list[tuple[float, float]]]) -> dict[str, str]:
+    """The arms whose best learning rate is the lowest or the highest of the two or more they tried:
+    {arm: 'lowest' | 'highest'}. Their best may lie beyond the grid, which wants widening first."""
+    edges = {}
+    for label, points in curves.items():
+        best = max(range(len(points)), key=lambda i: points[i][1])
+        if len(points) > 1 and best in (0, len(points) - 1):
+            edges[label] = "lowest" if best == 0 else "highest"
+    return edges
+
+
 @dataclass
 class Ranking:
     tau: float
