@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_output
 from tunelab.hpsearch.store import ResultsStore
 
 GRID_CSV = "config,dataset,score,train.lr\nc1,a,0.9,1e-4\nc2,a,0.5,5e-4\n"
@@ -80,7 +84,6 @@ def _folder(path: Path) -> Path:
         (_not_sqlite, "is not a tunelab results database (SQLite: file is not a database)"),
         (_truncated, "is not a tunelab results database (SQLite: database disk image is malformed)"),
         (_other_sqlite, "is not a tunelab results database (it has no 'trials' table)"),
-        (_empty, "is not a tunelab results database (it has no 'trials' table)"),
         (Path, "--db: file not found"),  # missing: and no empty database may be created
         (_folder, "is a folder, not a file"),
     ],
@@ -130,6 +133,76 @@ def test_recommend_outputs_checked_before_any_work(tmp_path, capsys, options, me
     source = [] if "--results" in options else ["--results", str(tmp_path / "grid.csv")]
     args = ["recommend", *source, *(option.format(**paths) for option in options)]
     assert message.format(**paths) in _error_line(capsys, tmp_path, args)
+
+
+def _failed_trials_only(path: Path) -> Path:
+    with ResultsStore(path) as store:
+        store.record(
+            "c0", {"train": {"lr": 1e-4}}, "add", "loss", None, status="failed", error="add.jsonl:3: bad"
+        )
+    return path
+
+
+@pytest.mark.parametrize("spec_beside", [False, True])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (Path, "--db: file not found: {db}"),
+        (_empty, "{db} holds no trials yet; run `tunelab sweep` first"),
+        (
+            _failed_trials_only,
+            "no trial in {db} has finished: 1 failed, the last with: add.jsonl:3: bad; fix that, then run ",
+        ),
+    ],
+)
+def test_recommend_a_sweep_that_has_no_finished_trial_says_so(tmp_path, capsys, spec_beside, make, message):
+    """No config to start from (not a ranking of nothing but failures), and how to go on."""
+    db = make(tmp_path / "grid.sqlite")
+    if spec_beside:  # as `tunelab sweep grid.yaml` names its database: the fix is to run that
+        (tmp_path / "grid.yaml").write_text("datasets: []\n")
+        message = {
+            Path: "--db {db} does not exist yet: no trial of {spec} has finished; run tunelab sweep {spec}",
+            _empty: "{db} holds no trials yet; run tunelab sweep {spec}",
+        }.get(make, message + "tunelab sweep {spec}")
+    line = _error_line(capsys, tmp_path, ["recommend", "--db", str(db)])
+    assert message.format(db=db, spec=tmp_path / "grid.yaml") in line
+
+
+@contextmanager
+def _read_only(folder: Path) -> Iterator[None]:
+    """`folder` read-only: a read-only bind mount over it as root (whom file modes do not stop), else its
+    mode; skips the test where neither works."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode == 0
+    try:
+        if not mounted or subprocess.run(["mount", "-o", "remount,ro,bind", folder]).returncode:
+            pytest.skip("cannot make a read-only folder here (needs a bind mount as root)")
+        yield
+    finally:
+        if mounted:
+            subprocess.run(["umount", folder], check=True)
+
+
+def test_recommend_reads_a_database_in_a_folder_it_cannot_write(tmp_path, capsys):
+    """A sweep's database on a read-only mount, or in a colleague's folder: SQLite cannot create the
+    shared-memory file it reads a WAL database through, unless it is told that nothing writes the file."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with ResultsStore(shared / "grid.sqlite") as store:
+        store.record("c0", {"train": {"lr": 1e-4}}, "add", "loss", 1.5)
+    with _read_only(shared):
+        assert not os.access(shared, os.W_OK)
+        code, out, err = run_cli_output(
+            capsys, "recommend", "--db", str(shared / "grid.sqlite"), "--out", str(tmp_path)
+        )
+    assert code == 0, err
+    assert "c0" in out
 
 
 def test_recommend_creates_missing_output_folders(tmp_path, capsys):

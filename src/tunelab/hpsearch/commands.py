@@ -597,8 +597,19 @@ _INPUT_HINTS = {
 }
 
 
+def _spec_beside(db: Path) -> Path | None:
+    """SPEC.yaml for SPEC.sqlite (as `tunelab sweep` names its database), if it is there."""
+    return next((path for path in map(db.with_suffix, (".yaml", ".yml")) if path.is_file()), None)
+
+
 def _check_input(path: Path, option: str) -> None:
     if not path.exists():
+        spec = _spec_beside(path) if option == "--db" else None
+        if spec is not None:  # the sweep has not written it yet: the fix is to run it, not another file
+            raise TunelabError(
+                f"--db {path} does not exist yet: no trial of {spec} has finished; run tunelab sweep "
+                f"{shell_word(spec)}"
+            )
         hint = did_you_mean(path) or f"; {_INPUT_HINTS[option]}"
         raise TunelabError(f"{option}: file not found: {path}{hint}")
     if not path.is_file():
@@ -661,11 +672,21 @@ def recommend(
     )
     progress = None
     if db:
+        spec = _spec_beside(db)
+        run_it = f"tunelab sweep {shell_word(spec)}" if spec else "`tunelab sweep` first"
+        if db.stat().st_size == 0:  # created by a sweep stopped as its first result was being written
+            raise TunelabError(f"{db} holds no trials yet; run {run_it}")
         with ResultsStore(db, read_only=True) as store:
             matrix = store.score_matrix()
             progress = _sweep_status(db, store)
-        if not matrix.config_ids:
-            raise TunelabError(f"{db} holds no trials yet; run `tunelab sweep` first")
+            rows = store.rows()
+        if not any(row["status"] == "done" for row in rows):
+            if rows:  # a ranking of nothing but failures would still name a config to start from
+                raise TunelabError(
+                    f"no trial in {db} has finished: {len(rows)} failed, the last with: {rows[-1]['error']}; "
+                    f"fix that, then run {run_it}"
+                )
+            raise TunelabError(f"{db} holds no trials yet; run {run_it}")
     else:
         matrix = load_results_table(results)
     _recommend_cbs(matrix, source, tau, top, json_path, write_config, out, cross_validate, progress)
@@ -684,7 +705,7 @@ class SweepStatus(NamedTuple):
 def _sweep_status(db: Path, store: ResultsStore) -> SweepStatus | None:
     """How much of its sweep is still to run, when the spec lies beside the database (SPEC.yaml for
     SPEC.sqlite, as `tunelab sweep` names it); None when it is all done or there is no spec."""
-    spec_path = next((p for p in map(db.with_suffix, (".yaml", ".yml")) if p.is_file()), None)
+    spec_path = _spec_beside(db)
     if spec_path is None:
         return None
     try:

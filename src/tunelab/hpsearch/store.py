@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -127,10 +128,12 @@ class ResultsStore:
         new = not self.path.is_file() or self.path.stat().st_size == 0
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        # mode=rw never creates the file: reading a missing database must not leave an empty one
-        uri = f"{self.path.resolve().as_uri()}?mode={'rw' if read_only else 'rwc'}"
+        # mode=rw never creates the file: reading a missing database must not leave an empty one. A WAL
+        # database in a folder this process cannot write (a read-only mount, a colleague's results) opens
+        # for reading only when SQLite is told that nothing writes it (it cannot make its -shm file there)
+        mode = "rwc" if not read_only else "rw" if os.access(self.path.parent, os.W_OK) else "ro&immutable=1"
         with self._sqlite_errors():
-            self._conn = sqlite3.connect(uri, uri=True)
+            self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={mode}", uri=True)
         try:
             with self._sqlite_errors():
                 if read_only or not new:  # never add tables to (or change the mode of) another file
