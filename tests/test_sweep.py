@@ -566,7 +566,13 @@ def test_a_stopped_sweep_resumes_its_running_trial_from_a_checkpoint(
     resumed = CliRunner().invoke(app, ["sweep", str(spec), "--db", str(db)])
     assert resumed.exit_code == 0, resumed.output[-2000:]
     checkpoint = run / "checkpoints" / f"checkpoint-{stopped_at}"
-    assert f"resuming from {checkpoint}" in trial_log(run).read_text()
+    started = (
+        f"{run.name.rsplit('-s', 1)[0]} (train.max_steps={steps}, seed 42), resuming from {checkpoint.name}"
+    )
+    assert f"{started}: log" in " ".join(resumed.output.split())
+    # the log keeps the stopped attempt's lines, and says where it stopped, above the next attempt's
+    stopped, resuming = trial_log(run).read_text().split("\n--- attempt started ")
+    assert f"interrupted at step {stopped_at}" in stopped and f"resuming from {checkpoint}" in resuming
     assert _steps_logged(run) == list(range(1, steps + 1))
     rows = _rows(db)
     assert [row["status"] for row in rows.values()] == ["done", "done"]

@@ -50,7 +50,7 @@ from tunelab.hpsearch.ranking import (
 )
 from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, select
-from tunelab.rundir import check_writable, json_report, sweep_lock
+from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock
 from tunelab.signals import handling_stop_signals
 
 console = Console(emoji=False)
@@ -198,7 +198,11 @@ class SweepProgress:
         settings = hyperparameters(trial.config)
         varying = [f"{key}={settings[key]}" for key in self.keys if settings.get(key) is not None]
         what = " ".join(varying) or _describe(settings)
-        line = f"started {trial.dataset} {trial.config_id} ({what}, seed {trial.seed}): log {log}"
+        run = RunDir(log.with_name(log.stem))  # the run folder beside its log
+        checkpoint = run.latest_checkpoint()
+        goes_on = ", trained: evaluating" if run.is_finished() else ""
+        goes_on = goes_on or (f", resuming from {checkpoint.name}" if checkpoint else "")
+        line = f"started {trial.dataset} {trial.config_id} ({what}, seed {trial.seed}){goes_on}: log {log}"
         err_console.print(escape(line), highlight=False)
 
     def __enter__(self) -> SweepProgress:

@@ -74,11 +74,15 @@ class TrialProcesses:
         self.stopping = False
 
     def start(self, command: list[str], log_path: Path, **popen_args: Any) -> subprocess.Popen | None:
-        """`command` started with its output into `log_path` (replaced), or None once stopping."""
+        """`command` started with its output appended to `log_path` (an earlier attempt's lines stay
+        above), or None once stopping."""
         with self._lock:
             if self.stopping:
                 return None
-            with open(log_path, "w") as log:
+            with open(log_path, "a") as log:
+                if log.tell():
+                    log.write(f"\n--- attempt started {_now()} ---\n")
+                    log.flush()  # before the child's output
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **popen_args)
             self._running.add(process)
             return process
@@ -118,7 +122,7 @@ def trial_dir(work_dir: Path, trial: Trial) -> Path:
 
 
 def trial_log(run_dir: Path) -> Path:
-    """The trial process's stdout and stderr, beside its run folder."""
+    """The trial processes' stdout and stderr (every attempt's), beside the run folder."""
     return run_dir.with_name(f"{run_dir.name}.log")
 
 

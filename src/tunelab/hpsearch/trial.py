@@ -108,7 +108,9 @@ def main(argv: list[str]) -> int:
     try:
         result = run_trial(config_path, metric, options)
     except Exception as exc:  # any failure is the trial's result, recorded with its message
-        if not isinstance(exc, RunInterrupted):  # a stop is no failure: its message says all
+        if isinstance(exc, RunInterrupted):  # a stop is no failure: its message says all
+            print(exc, flush=True)
+        else:
             traceback.print_exc()
         message = str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
         result = {"error": message}
