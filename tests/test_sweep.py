@@ -89,7 +89,8 @@ def _sweep_command(spec: Path, db: Path, *options: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory, tiny_model_dir):
-    """A sweep of 2 configs × (add, rev, bad) killed with SIGKILL once 3 trials are recorded, then re-run."""
+    """A sweep of 2 configs × (add, rev, bad) killed with SIGKILL once 3 trials are recorded, then re-run.
+    bad's data does not load: once one trial on it fails, the other is skipped."""
     tmp = tmp_path_factory.mktemp("sweep")
     spec = _spec(
         tmp, tiny_model_dir, {"add": (ADD, "exact_match"), "rev": (REVERSE, "loss"), "bad": (BAD, "loss")}
@@ -117,7 +118,7 @@ def killed_and_resumed(tmp_path_factory, tiny_model_dir):
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(killed_and_resumed):
     before, after = killed_and_resumed["before"], killed_and_resumed["after"]
-    assert len(before) == 3 and len(after) == 6
+    assert len(before) == 3 and len(after) == 5  # bad's second trial skipped
     finished = [key for key, row in before.items() if row["status"] == "done"]
     assert len(finished) == 2
     for key in finished:  # the same row, the same run: not trained again
@@ -128,9 +129,12 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(killed_and_resum
     assert after[failed_before]["duration_s"] != before[failed_before]["duration_s"]  # failed: tried again
     resumed = killed_and_resumed["resumed"]
     assert "6 trials, 2 already done, 4 to run" in resumed.stderr
-    assert "done 4, failed 2, remaining 0" in resumed.stderr
+    assert "done 4, failed 1, remaining 0" in resumed.stderr
+    assert "the data of bad did not load; skipping its other trial on this data: fix what the error says" in (
+        " ".join(resumed.stderr.split())
+    )
     started = [line for line in resumed.stderr.splitlines() if line.startswith("started ")]
-    assert len(started) == 4  # each trial that runs says so, and where its log is
+    assert len(started) == 3  # each trial that runs says so, and where its log is
     assert all(line.endswith("-s42.log") and "train.lr=" in line for line in started)
 
 
@@ -141,7 +145,7 @@ def test_killed_sweep_leaves_no_orphan_trial(killed_and_resumed):
 
 def test_failed_trials_are_recorded_and_the_others_finish(killed_and_resumed):
     after, resumed = killed_and_resumed["after"], killed_and_resumed["resumed"]
-    assert resumed.returncode == 1 and "2 of 4 trials failed" in resumed.stderr
+    assert resumed.returncode == 1 and "1 of 3 trials failed" in resumed.stderr
     for (dataset, _), row in after.items():
         if dataset == "bad":
             assert row["status"] == "failed" and row["score"] is None
@@ -598,6 +602,23 @@ def test_a_trained_trial_that_was_not_recorded_is_evaluated_without_training_aga
     assert (run / "final" / "trained.safetensors").stat().st_mtime_ns == trained
     assert "nothing to resume" in trial_log(run).read_text()
     assert (again["score"], again["test_score"]) == (first["score"], first["test_score"])
+
+
+def test_an_eval_set_of_one_row_is_a_data_error_not_a_crash_nor_a_score(tmp_path, tiny_model_dir):
+    """One eval row leaves the test half empty: exact match divided by zero, a loss of 0.0 was stored."""
+    spec, (run,) = _trials_spec(tmp_path, tiny_model_dir, [1])
+    one_row = _jsonl(tmp_path / "one.jsonl", ADD[:1])
+    spec.write_text(spec.read_text().replace(str(tmp_path / "add.jsonl") + "\n", one_row + "\n", 1))
+    assert yaml.safe_load(spec.read_text())["datasets"][0]["eval"] == one_row
+    result = CliRunner().invoke(app, ["sweep", str(spec)])
+    assert result.exit_code == 1
+    (row,) = _rows(tmp_path / "sweep.sqlite").values()
+    assert row["status"] == "failed" and row["score"] is None
+    assert row["error"] == (
+        f"{one_row}: 1 usable eval row cannot be split into dev and test halves; give at least 2, or the "
+        "dataset a test set of its own (test:)"
+    )
+    assert "Traceback" not in trial_log(run).read_text()
 
 
 def test_a_trial_whose_checkpoint_does_not_load_starts_over(tmp_path, tiny_model_dir):

@@ -25,7 +25,7 @@ from rich.markup import escape
 
 from tunelab.config import ROW_FIELDS as FORMAT_FIELDS
 from tunelab.config import DataConfig, check_source, data_suffix, read_utf8
-from tunelab.errors import TunelabError
+from tunelab.errors import DataError
 from tunelab.hub import offline_unless_reachable
 from tunelab.tasks import Task, parse_builtin, split_rows
 
@@ -39,7 +39,7 @@ Row = tuple[str, "dict | BadRow"]
 # -- loading ---------------------------------------------------------------------------------------
 
 
-class BadRow(TunelabError):
+class BadRow(DataError):
     """A malformed row; `reason` groups rows in the summary when `data.skip_bad_rows` skips them."""
 
     def __init__(self, message: str, reason: str) -> None:
@@ -80,7 +80,7 @@ def first_row(rows: list[Row]) -> tuple[str, dict]:
         if not isinstance(row, BadRow):
             return where, row
     where, bad = rows[0]
-    raise TunelabError(
+    raise DataError(
         f"{where}: no line holds a row ({len(rows)} skipped as bad, the first for {bad.reason}); fix the file"
     )
 
@@ -96,13 +96,13 @@ def _read_csv(path: Path, text: str, delimiter: str | None = None) -> list[Row]:
         for row in reader:
             if None in row or None in row.values():
                 fields = len(row) - (None in row) + len(row.get(None) or [])
-                raise TunelabError(
+                raise DataError(
                     f"{path}:{reader.line_num}: row has {fields} fields, the header has "
                     f"{len(reader.fieldnames)}; quote fields that contain '{delimiter}'"
                 )
             rows.append((f"{path}:{reader.line_num}", row))
     except csv.Error as exc:
-        raise TunelabError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
+        raise DataError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
     return rows
 
 
@@ -114,12 +114,12 @@ def _read_json(path: Path, text: str, keep_bad: bool = False) -> list[Row]:
         first = text.lstrip().split("\n", 1)[0].rstrip()
         if not (first.startswith("{") and first.endswith("}")):
             # one document (an array, a pretty-printed object), not JSON lines: say where it breaks
-            raise TunelabError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         return _read_jsonl(path, text, keep_bad)
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-        raise TunelabError(f"{path}: expected a JSON list of objects (or one object per line)")
+        raise DataError(f"{path}: expected a JSON list of objects (or one object per line)")
     return [(f"{path} row {i + 1}", row) for i, row in enumerate(data)]
 
 
@@ -143,7 +143,7 @@ def _read_parquet(path: Path) -> list[Row]:
     try:
         table = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise TunelabError(f"{path}: cannot read as parquet: {_first_line(exc)}") from None
+        raise DataError(f"{path}: cannot read as parquet: {_first_line(exc)}") from None
     return [(f"{path} row {i + 1}", dict(row)) for i, row in enumerate(table)]
 
 
@@ -170,7 +170,7 @@ def _read_hf_dataset(
         loaded = datasets.load_from_disk(spec) if saved else datasets.load_dataset(spec, subset)
     except Exception as exc:  # datasets raises many types (missing files, no hub, bad config name)
         where = "the folder" if local else "the hub"
-        raise TunelabError(
+        raise DataError(
             f"dataset '{spec}': datasets could not load it from {where} ({_first_line(exc)}); "
             "check the path or id" + ("" if local else ", data.subset, and that the hub is reachable")
         ) from None
@@ -178,7 +178,7 @@ def _read_hf_dataset(
     if isinstance(loaded, datasets.DatasetDict):
         chosen = split or next((name for name in ("validation", "test") if name in loaded), None)
         if chosen not in loaded:
-            raise TunelabError(
+            raise DataError(
                 f"dataset '{spec}' has splits {', '.join(loaded)}, not {chosen or 'validation or test'}; "
                 f"set {split_key} to one of them"
             )
@@ -193,7 +193,7 @@ def map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
     where, first = first_row(rows)
     for field, column in columns.items():
         if column not in first:
-            raise TunelabError(
+            raise DataError(
                 f"{where}: data.columns.{field} names column '{column}', which the data does not have "
                 f"(its columns: {', '.join(map(str, first))})"
             )
@@ -225,7 +225,7 @@ def load_rows(
     else:
         rows = _read_file(path, options.skip_bad_rows)
     if not rows:
-        raise TunelabError(f"{spec}: the dataset has no rows")
+        raise DataError(f"{spec}: the dataset has no rows")
     return map_columns(rows, options.columns), None
 
 
@@ -234,7 +234,7 @@ def detect_format(rows: list[Row], requested: str) -> str:
     if requested != "auto":
         missing = [field for field in FORMAT_FIELDS[requested] if field not in first]
         if missing:  # the first row already disagrees: the setting, not the rows, is wrong
-            raise TunelabError(
+            raise DataError(
                 f"{where}: data.format={requested} reads {', '.join(FORMAT_FIELDS[requested])}, but the data "
                 f"has columns {sorted(first)}; set data.format=auto, or map yours with data.columns"
             )
@@ -243,7 +243,7 @@ def detect_format(rows: list[Row], requested: str) -> str:
         if all(field in first for field in fields):
             return fmt
     needs = "; ".join(f"{fmt}: {', '.join(fields)}" for fmt, fields in FORMAT_FIELDS.items())
-    raise TunelabError(
+    raise DataError(
         f"{where}: cannot tell the format from columns {sorted(first)}; rows need ({needs}), or name yours "
         "with data.columns, e.g. {instruction: question, output: answer} (on the command line: "
         "data.columns.instruction=question data.columns.output=answer)"
@@ -407,7 +407,7 @@ def _message_segments(where: str, messages: object, tokenizer) -> tuple[list[tup
     first end-of-sequence token that follows it.
     """
     if tokenizer.chat_template is None:
-        raise TunelabError(
+        raise DataError(
             f"{where}: chat rows need a tokenizer with a chat template; this one has none: set "
             "data.chat_template to a template file"
         )
@@ -419,7 +419,7 @@ def _message_segments(where: str, messages: object, tokenizer) -> tuple[list[tup
             continue
         prompt = render_chat(where, tokenizer, messages[:turn], add_generation_prompt=True)
         if not full.startswith(prompt) or len(prompt) < position:
-            raise TunelabError(
+            raise DataError(
                 f"{where}: the chat template renders the turns before assistant turn {turn + 1} "
                 "differently in the whole conversation; use format text, or a chat template "
                 "(data.chat_template) that renders earlier turns the same"
@@ -430,7 +430,7 @@ def _message_segments(where: str, messages: object, tokenizer) -> tuple[list[tup
         elif eos and eos in full[len(prompt) :]:
             end = full.index(eos, len(prompt)) + len(eos)
         else:
-            raise TunelabError(
+            raise DataError(
                 f"{where}: cannot tell where assistant turn {turn + 1} ends: the chat template renders it "
                 "differently in the whole conversation and no end-of-sequence token follows it"
             )
@@ -464,7 +464,7 @@ def resolve_template(template: str, tokenizer) -> str:
     if template == "auto":
         return "chat" if tokenizer.chat_template else "alpaca"
     if template == "chat" and not tokenizer.chat_template:
-        raise TunelabError(
+        raise DataError(
             "data.template: chat needs a tokenizer with a chat template; this one has none: set "
             "data.chat_template to a template file, or data.template: alpaca"
         )
@@ -639,8 +639,8 @@ def build_dataset(
         examples.append(Example(prompt, reference))
     if not features:
         if any(reason.startswith("skipped") for reason in report.counts):  # not a length problem
-            raise TunelabError(f"dataset '{spec}': no usable row ({report.summary(spec, len(rows), 0)})")
-        raise TunelabError(
+            raise DataError(f"dataset '{spec}': no usable row ({report.summary(spec, len(rows), 0)})")
+        raise DataError(
             f"dataset '{spec}': no example keeps a response token within data.max_length="
             f"{max_length}; raise data.max_length"
             + (f" ({report.summary(spec, len(rows), 0)})" if report.counts else "")

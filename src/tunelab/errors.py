@@ -23,6 +23,11 @@ class TunelabError(Exception):
         super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
+class DataError(TunelabError):
+    """A dataset that cannot be read or used as the run's data options and tokenizer say: every run with
+    the same model and data options fails the same way (a sweep skips its other trials on that data)."""
+
+
 class RunInterrupted(TunelabError):
     """Training stopped on Ctrl-C/SIGTERM after saving a resumable checkpoint (exit code 130)."""
 

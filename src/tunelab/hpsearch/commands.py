@@ -96,6 +96,12 @@ class LazyStore:
             self.store.close()
 
 
+def _same_data(trial: Trial) -> str:
+    """What a trial's data loads with (its model's tokenizer, its data options): trials that share it
+    read their data the same way, and fail on it the same way."""
+    return json.dumps([trial.config["model"], trial.config["data"]], sort_keys=True)
+
+
 def _work_dir(db: Path) -> Path:
     """Where the trials' runs go: next to the database."""
     return db.parent / f"{db.stem}-runs"
@@ -155,7 +161,7 @@ class SweepProgress:
         self.total, self.to_run = len(trials), to_run
         # what tells this sweep's trials apart, for the start lines
         self.keys = varying_keys([hyperparameters(trial.config) for trial in trials])
-        self.done, self.failed, self.finished_now = already_done, 0, 0
+        self.done, self.failed, self.finished_now, self.skipped = already_done, 0, 0, 0
         self.started = time.perf_counter()
         self.bar = Progress(
             TextColumn(f"[bold]{label}"),
@@ -171,7 +177,7 @@ class SweepProgress:
         )
 
     def _counts(self) -> str:
-        remaining = self.to_run - self.finished_now
+        remaining = self.to_run - self.finished_now - self.skipped
         eta = "?"
         if self.finished_now:  # the pace so far, parallelism included
             seconds = (time.perf_counter() - self.started) / self.finished_now * remaining
@@ -192,6 +198,11 @@ class SweepProgress:
         if self.bar.disable:  # no bar to show the counts
             line = f"[{self.done + self.failed}/{self.total}] {line} | {counts}"
         err_console.print(line, highlight=False)
+
+    def skip(self, count: int) -> None:
+        """`count` trials will not run (their data failed to load in another trial)."""
+        self.skipped += count
+        self.bar.update(self.task, counts=self._counts())
 
     def start(self, trial: Trial, log: Path) -> None:
         """Which trial runs now and where its log is: a trial can take longer than a person waits for."""
@@ -258,19 +269,41 @@ def sweep(
             highlight=False,
         )
         with SweepProgress(label, trials, len(trials) - len(pending), len(pending)) as progress:
+            failed_data: set[str] = set()  # the model and data options of trials whose data did not load
+            started: set[int] = set()
+
+            def on_start(trial: Trial, log: Path) -> None:
+                started.add(id(trial))
+                progress.start(trial, log)
 
             def on_result(trial: Trial, result: TrialResult) -> None:
                 store.record(trial, result)
                 progress.update(trial, result)
+                if executor == "local" and result.data_error and _same_data(trial) not in failed_data:
+                    failed_data.add(_same_data(trial))
+                    # the trials still to start on this data would each load the model, then fail the same way
+                    waiting = [
+                        t for t in pending if id(t) not in started and _same_data(t) == _same_data(trial)
+                    ]
+                    progress.skip(len(waiting))
+                    others = "its other trial" if len(waiting) == 1 else f"its {len(waiting)} other trials"
+                    skipping = f"; skipping {others} on this data" if waiting else ""
+                    err_console.print(
+                        f"the data of {trial.dataset} did not load{skipping}: fix what the error says, then "
+                        "run the same command",
+                        highlight=False,
+                    )
 
             if executor == "local":
-                run_local(pending, work_dir, on_result, max_parallel or 1, progress.start, processes)
+                # lazily, so that trials on data that failed to load are passed over
+                queue = (trial for trial in pending if _same_data(trial) not in failed_data)
+                run_local(queue, work_dir, on_result, max_parallel or 1, on_start, processes)
             else:
                 run_ray(
                     pending, work_dir, on_result, address, max_parallel, cpus_per_trial, gpus_per_trial,
                     progress.start,
                 )  # fmt: skip
-        return progress.failed, len(pending)
+        return progress.failed, len(pending) - progress.skipped
 
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
     with LazyStore(db) as store, sweep_lock(work_dir), stopping:  # an unusable --db: no runs folder

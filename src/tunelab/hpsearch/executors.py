@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -53,6 +53,7 @@ class TrialResult:
     started_at: str | None = None
     finished_at: str | None = None
     duration_s: float | None = None  # wall time of the trial's processes (all its attempts), imports included
+    data_error: bool = False  # failed reading its data: so will every trial with the same model and data
 
     @property
     def failed(self) -> bool:
@@ -218,7 +219,7 @@ def record(store: ResultsStore, trial: Trial, result: TrialResult) -> None:
 
 
 def run_local(
-    trials: list[Trial],
+    trials: Iterable[Trial],
     work_dir: Path,
     on_result: OnResult,
     max_parallel: int = 1,

@@ -5,7 +5,8 @@ each of its ranks, for dylora), write a result JSON.
 
 OPTIONS_JSON: {"ranks": [...], "test": SPEC or null}. RESULT.json holds {"score", "rows", "metrics",
 "peak_memory_bytes", "step_time_s"} on success (one row per evaluated rank: rank, score, test_score,
-metrics, test_metrics; `score` and `metrics` are the first row's), {"error"} on failure. The executor
+metrics, test_metrics; `score` and `metrics` are the first row's), {"error", "data_error"} on failure
+(data_error: the data failed to load, as it will for every trial on the same data). The executor
 (tunelab.hpsearch.executors) starts this process and records the result; it never trains in its own
 process, so a crash or an out-of-memory kill of one trial leaves the sweep running.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError
+from tunelab.errors import DataError, ResumeFailed, RunInterrupted, TunelabError
 
 DEV_TEST_SEED = 0  # the permutation that splits an eval set without a test split into dev and test
 
@@ -71,6 +72,11 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     dev = eval_dataset(config.data, built.tokenizer, limit=config.data.eval_limit)
     if options.get("test"):
         test = build_dataset(options["test"], built.tokenizer, config.data, limit=config.data.eval_limit)
+    elif len(dev) < 2:
+        raise DataError(
+            f"{config.data.eval}: {len(dev)} usable eval row cannot be split into dev and test halves; give "
+            "at least 2, or the dataset a test set of its own (test:)"
+        )
     else:
         dev_rows, test_rows = dev_test_indices(len(dev))
         dev, test = dev.subset(dev_rows), dev.subset(test_rows)
@@ -108,12 +114,12 @@ def main(argv: list[str]) -> int:
     try:
         result = run_trial(config_path, metric, options)
     except Exception as exc:  # any failure is the trial's result, recorded with its message
-        if isinstance(exc, RunInterrupted):  # a stop is no failure: its message says all
-            print(exc, flush=True)
+        if isinstance(exc, TunelabError):  # a stop, or bad input: its message says all
+            print(exc if isinstance(exc, RunInterrupted) else f"error: {exc}", flush=True)
         else:
             traceback.print_exc()
         message = str(exc) if isinstance(exc, TunelabError) else f"{type(exc).__name__}: {exc}"
-        result = {"error": message}
+        result = {"error": message, "data_error": isinstance(exc, DataError)}
         reporting = sys.modules.get("tunelab.reporting")  # imported with torch, before training
         if reporting is not None:  # a stopped attempt's peak counts in the row of the attempt that resumes it
             result["peak_memory_bytes"] = reporting.peak_memory_bytes()
