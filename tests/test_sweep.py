@@ -309,6 +309,10 @@ def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_valid
     runner = CliRunner()
     result = runner.invoke(app, ["sweep", str(path)])
     assert result.exit_code == 0, result.output
+    # each seed's trial tells itself apart
+    assert {
+        re.search(r"\(seed (\d)\): loss", line)[1] for line in result.output.splitlines() if " done " in line
+    } == {"1", "2"}
     with ResultsStore(tmp_path / "sweep.sqlite") as store:
         rows = store.rows()
     # 2 trainings per dataset (seeds), each evaluated at 2 ranks: a row per rank, an id per rank
@@ -327,6 +331,7 @@ def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_valid
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "start from config" in result.output and "held-out dataset" in result.output
+    assert "dev: each dataset's eval set, where configs are chosen; test: its test set" in result.output
     assert "each arm at its best config" in result.output
     ranking = json.loads(out.read_text())
     assert len(ranking["held_out_curve"]) == 2 and ranking["held_out_curve"][-1] == pytest.approx(1.0)
@@ -550,9 +555,11 @@ def test_a_stopped_sweep_resumes_its_running_trial_from_a_checkpoint(
     stderr = sweep.communicate(timeout=120)[1]
     assert str(tmp_path) not in _process_list()  # the sweep ended after its trials, not before
     assert sweep.returncode == 130, stderr[-2000:]
-    assert (
-        f"started add {run.name.rsplit('-s', 1)[0]} (train.max_steps={steps}, seed 42)" in stderr
-    )  # what varies
+    lr = load_config(run.with_name(f"{run.name}.yaml")).train.lr
+    what = (
+        f"{run.name.rsplit('-s', 1)[0]} (train.max_steps={steps} train.lr={lr}, seed 42)"  # what varies, lr
+    )
+    assert f"started add {what}" in stderr
     assert "stopping: no new trial starts, and each running trial saves a checkpoint" in stderr
     assert stderr.strip().splitlines()[-1].startswith(f"sweep stopped; its finished trials are in {db}.")
     for each in running:
@@ -570,9 +577,7 @@ def test_a_stopped_sweep_resumes_its_running_trial_from_a_checkpoint(
     resumed = CliRunner().invoke(app, ["sweep", str(spec), "--db", str(db)])
     assert resumed.exit_code == 0, resumed.output[-2000:]
     checkpoint = run / "checkpoints" / f"checkpoint-{stopped_at}"
-    started = (
-        f"{run.name.rsplit('-s', 1)[0]} (train.max_steps={steps}, seed 42), resuming from {checkpoint.name}"
-    )
+    started = f"{what}, resuming from {checkpoint.name}"
     assert f"{started}: log" in " ".join(resumed.output.split())
     # the log keeps the stopped attempt's lines, and says where it stopped, above the next attempt's
     stopped, resuming = trial_log(run).read_text().split("\n--- attempt started ")

@@ -319,3 +319,18 @@ def test_sweep_creates_its_database_with_the_first_result(tmp_path, monkeypatch,
     assert started == [2, 0]  # the second run found both trials done
     with ResultsStore(tmp_path / "sweep.sqlite", read_only=True) as store:
         assert [row["status"] for row in store.rows()] == ["done", "done"]
+
+
+def test_tables_printed_into_a_pipe_keep_each_row_on_one_line(monkeypatch):
+    """rich wraps at 80 columns off a terminal: a ranking's hyperparameters column came out in 7-letter
+    fragments in a log file."""
+    import io
+    import sys
+
+    from tunelab.console import PIPED_WIDTH, stdout_console
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert stdout_console().width == PIPED_WIDTH
+    monkeypatch.setenv("COLUMNS", "100")  # the user's own width wins
+    assert stdout_console().width == 100

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tunelab.console import stdout_console
 from tunelab.errors import RunInterrupted, TunelabError, shell_word
 
 try:  # typer 0.2x carries its own click; earlier versions use click itself
@@ -33,7 +34,7 @@ RUN_DIR = typer.Argument(
     ..., help="a finished run directory, or one of its checkpoints (RUN/checkpoints/checkpoint-N)"
 )
 # emoji=False: ':train:' in 'gsm8k:train:' is a dataset name, not an emoji code
-console = Console(emoji=False)
+console = stdout_console()
 err_console = Console(stderr=True, emoji=False)
 
 

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tunelab.config import check_model, dump_config, flatten, model_location, nest, validate
+from tunelab.console import stdout_console
 from tunelab.errors import RunInterrupted, TunelabError, did_you_mean, shell_word
 from tunelab.hpsearch.executors import (
     TrialProcesses,
@@ -53,7 +54,7 @@ from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table
 from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock
 from tunelab.signals import handling_stop_signals
 
-console = Console(emoji=False)
+console = stdout_console()
 err_console = Console(stderr=True, soft_wrap=True, emoji=False)  # log lines stay whole
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +160,12 @@ class SweepProgress:
 
     def __init__(self, label: str, trials: list[Trial], already_done: int, to_run: int) -> None:
         self.total, self.to_run = len(trials), to_run
-        # what tells this sweep's trials apart, for the start lines
-        self.keys = varying_keys([hyperparameters(trial.config) for trial in trials])
+        # what tells this sweep's trials apart, for the start lines (and the lr, which a confirmation
+        # round's few trials may share)
+        self.keys = list(
+            dict.fromkeys([*varying_keys([hyperparameters(t.config) for t in trials]), "train.lr"])
+        )
+        self.seeds = len({trial.seed for trial in trials})
         self.done, self.failed, self.finished_now, self.skipped = already_done, 0, 0, 0
         self.started = time.perf_counter()
         self.bar = Progress(
@@ -191,7 +196,8 @@ class SweepProgress:
             line = f"[red]failed[/red] {trial.dataset} {trial.config_id}: {escape(result.error)}"
         else:
             self.done += 1
-            line = f"done {trial.dataset} {trial.config_id}: {trial.metric} {result.score:.4f}"
+            seed = f" (seed {trial.seed})" if self.seeds > 1 else ""  # else its lines would read alike
+            line = f"done {trial.dataset} {trial.config_id}{seed}: {trial.metric} {result.score:.4f}"
         line += f" ({result.duration_s or 0:.1f} s)"
         counts = self._counts()
         self.bar.update(self.task, completed=self.done + self.failed, counts=counts)
@@ -436,7 +442,7 @@ def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, tit
 def _start_from(entry: dict[str, Any], datasets: list[str]) -> Table:
     """The top config on each dataset: dev score (mean ± spread over seeds), how close to the dataset's
     best, and the test score it reports."""
-    table = Table(title=f"start from config {entry['config']}: {_describe(entry['hyperparameters'])}")
+    table = Table()  # under the "start from" line, which names the config
     for column in ("dataset", "dev", "dev s/best", "test", "seeds"):
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for dataset in datasets:
@@ -543,7 +549,20 @@ def _recommend_cbs(
         _ranking_table(ranking, len(matrix.datasets), top, f"CBS ranking of {source.name} ({shape})")
     )
     if ranking[0]["test"]:  # a sweep database: ranked on dev, test reported
-        console.print(_start_from(ranking[0], result.datasets))
+        entry = ranking[0]
+        console.print(
+            f"[bold]start from[/bold] config {entry['config']}: {_describe(entry['hyperparameters'])}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(_start_from(entry, result.datasets))
+        console.print(
+            "[dim]dev: each dataset's eval set, where configs are chosen; test: its test set, only "
+            "reported (a dataset without one has its eval rows split in two by a fixed seed, dev the first "
+            "half)[/dim]",
+            highlight=False,
+            soft_wrap=True,
+        )
     # a results table without tunelab's config keys has no arms
     groups = arms(ranking) if any("method.name" in entry["hyperparameters"] for entry in ranking) else {}
     if groups:
