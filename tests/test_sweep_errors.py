@@ -307,6 +307,7 @@ def test_sweep_creates_its_database_with_the_first_result(tmp_path, monkeypatch,
     def fake_run_local(trials, work_dir, on_result, max_parallel, on_start=None, processes=None):
         if not started:  # the first run: nothing written before the first result
             assert not (tmp_path / "sweep.sqlite").exists()
+        trials = list(trials)
         started.append(len(trials))
         for trial in trials:
             row = {"rank": None, "score": 1.0, "test_score": 1.0}

@@ -167,6 +167,7 @@ def test_defaults_written_or_not_give_the_same_id(tmp_path):
         ("base: missing.yaml\n" + DATASETS, "'base' file not found"),
         ("seeds: [1]\nconfirm_seeds: [2, 1]\n" + DATASETS, "'confirm_seeds' lists seed 1, which every point"),
         ("confirm_seeds: [2, 2]\n" + DATASETS, "'confirm_seeds' repeats a seed"),
+        ("grid: {train.seed: [1, 2]}\n" + DATASETS, "set per dataset and trial; list seeds under 'seeds'"),
     ],
 )
 def test_load_errors_name_the_file_and_key(tmp_path, text, message):
@@ -203,6 +204,33 @@ def test_a_bad_value_of_a_sweep_point_names_the_line_that_wrote_it(tmp_path, tex
     with pytest.raises(TunelabError) as caught:
         expand(load_spec(write(tmp_path, text + DATASETS)))
     assert str(caught.value).startswith(f"{tmp_path}/{message}"), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # a misspelt key is a missing one too: the misspelling is named, on its line
+        (
+            "datasets:\n  - {name: a, train: x, eval: y}\n  - name: b\n    train: x\n    evel: y\n",
+            "sweep.yaml:5: unknown key 'datasets[1].evel'; did you mean 'eval'?",
+        ),
+        ("datasets:\n  - {name: a, eval: y}\n", "sweep.yaml:2: 'datasets[0].train' is required"),
+        ("grid: {}\nseeds: [1, 1]\n" + DATASETS, "sweep.yaml:2: 'seeds' repeats a seed"),
+    ],
+)
+def test_load_errors_name_the_line(tmp_path, text, message):
+    with pytest.raises(TunelabError) as caught:
+        load_spec(write(tmp_path, text))
+    assert str(caught.value) == f"{tmp_path}/{message}" or str(caught.value).startswith(
+        f"{tmp_path}/{message}"
+    )
+
+
+def test_ranks_for_a_sweep_without_dylora_is_an_error(tmp_path):
+    """LoRA trials are not evaluated at ranks: the list was silently ignored."""
+    path = write(tmp_path, "grid: {method.r: [4, 8]}\nranks: [2, 4]\n" + DATASETS)
+    with pytest.raises(TunelabError, match="'ranks' evaluates dylora trials at those ranks, and no point"):
+        expand(load_spec(path))
 
 
 def test_repeated_point_is_an_error(tmp_path):

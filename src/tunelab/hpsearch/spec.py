@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,11 @@ TRIAL_METRICS = ("exact_match", "loss", "perplexity")
 # keys that place a trial (its run folder and name, its dataset, its seed) rather than configure it:
 # they are set per trial, and left out of config ids and of the hyperparameters a recommendation lists
 PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval", "train.seed")
+PLACEMENT_FIXES = {  # where a spec sets what a grid may not
+    "data.train": "list datasets under 'datasets'",
+    "data.eval": "list datasets under 'datasets'",
+    "train.seed": "list seeds under 'seeds' (each point trains once per seed)",
+}
 EVAL_RANK_KEY = "method.rank"  # the rank a dylora trial's row was evaluated at
 # config keys added after sweeps had run, with their defaults: at the default a key stays out of the
 # config id, so a database written before the key existed still matches its spec (every key is in a
@@ -147,7 +153,7 @@ def _check_keys(where: str, group: dict[str, list[Any]], swept: set[str]) -> Non
     seen = set(swept)
     for key, values in group.items():
         if key in PLACEMENT_KEYS:
-            fix = "list datasets under 'datasets'" if key.startswith("data.") else "the sweep sets it"
+            fix = PLACEMENT_FIXES.get(key, "the sweep sets it")
             raise ValueError(f"'{where}.{key}' is set per dataset and trial; {fix}")
         if key in seen:
             raise ValueError(f"'{where}.{key}' is swept twice; keep it in one place")
@@ -186,9 +192,41 @@ def rank_config(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     return config if rank is None else deep_merge(config, nest({EVAL_RANK_KEY: rank}))
 
 
-def _format_error(err: dict, source: str) -> str:
+def _line(keys: list[tuple[str, int, int]], loc: tuple) -> int | None:
+    """The line of the key at a pydantic error's location (('datasets', 1, 'evel'), from `yaml_keys`); for
+    a key that is missing, the line of the mapping that lacks it."""
+    prefix, mapping, line = "", None, None
+    for part in loc:
+        if isinstance(part, int):  # the part-th mapping of a list, in the file's order
+            items = [
+                mid
+                for dotted, _, mid in keys
+                if dotted.startswith(prefix) and "." not in dotted[len(prefix) :]
+            ]
+            items = list(dict.fromkeys(items))
+            if part >= len(items):
+                return line
+            mapping = items[part]
+            line = next(number for _, number, mid in keys if mid == mapping)
+            continue
+        found = [
+            number for dotted, number, mid in keys if dotted == prefix + str(part) and mapping in (None, mid)
+        ]
+        if not found:
+            return line
+        line, prefix, mapping = found[0], f"{prefix}{part}.", None
+    return line
+
+
+def _format_error(err: dict, source: str, keys: list[tuple[str, int, int]] | None = None) -> str:
     key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"]).lstrip(".")
     kind = err["type"]
+    loc = err["loc"]
+    if not loc and (named := re.search(r"'([\w.\[\]]+)'", err["msg"])):  # a check of the whole spec
+        parts = re.findall(r"\[\d+\]|[^.\[\]]+", named[1])  # 'arms[0].train.lr' -> arms, 0, train, lr
+        loc = tuple(int(part[1:-1]) if part.startswith("[") else part for part in parts)
+    line = _line(keys or [], loc)
+    source = f"{source}:{line}" if line else source
     if kind == "value_error":
         return f"{source}: {err['msg'].removeprefix('Value error, ')}"
     if kind == "extra_forbidden":
@@ -225,11 +263,14 @@ def load_spec(path: str | Path) -> SweepSpec:
             raise TunelabError(f"{path}: 'base' file not found: {base_path}{hint}")
         base, base_text = read_yaml(base_path)
         data, base_where, base_prefix = {**data, "base": base}, base_path, ""
+    keys = yaml_keys(text)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise TunelabError(_format_error(exc.errors()[0], str(path))) from None
-    spec._source, spec._keys = str(path), yaml_keys(text)
+        # a misspelt key is also a missing one: name the misspelling, which the fix is about
+        errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        raise TunelabError(_format_error(errors[0], str(path), keys)) from None
+    spec._source, spec._keys = str(path), keys
     spec._base_lines = {
         dotted.removeprefix(base_prefix): f"{base_where}:{line}"
         for dotted, line, _ in yaml_keys(base_text)
@@ -312,6 +353,7 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
     """
     trials: list[Trial] = []
     seen_ids: dict[str, int] = {}
+    any_ranks = False  # whether 'ranks' applies to any point
     base = spec.base
     # `method: full` is shorthand for `method: {name: full}`; spell it out so `method.*` points merge into it;
     # no method at all is the default one, named, so that a grid over `method.r` alone tunes it
@@ -342,6 +384,7 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
                 f"{spec._source}: 'ranks' lists {beyond[0]}, beyond sweep point {index} ({point}), which "
                 f"trains ranks {evaluable[0]}..{evaluable[-1]}"
             )
+        any_ranks = any_ranks or bool(ranks)
         for dataset in spec.datasets:
             for seed in seeds or spec.seeds or [resolved["train"]["seed"]]:
                 config = deep_merge(
@@ -354,6 +397,11 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
                 )
                 test = _trial_data(dataset.test) if dataset.test else None
                 trials.append(Trial(point_id, dataset.name, dataset.metric, config, seed, test, ranks))
+    if spec.ranks and not any_ranks:
+        raise TunelabError(
+            f"{spec._source}: 'ranks' evaluates dylora trials at those ranks, and no point of this sweep "
+            "trains dylora; remove 'ranks', or sweep method.r to compare LoRA ranks"
+        )
     return trials
 
 
