@@ -235,7 +235,11 @@ def _without_ray(monkeypatch) -> None:
         ("{tmp}/rows.txt", [], "{spec}: dataset 'add' train: {tmp}/rows.txt: unsupported file type '.txt'"),
         ("addition:val", [], "{spec}: dataset 'add' train: dataset 'addition:val': unknown split 'val'"),
         ("addition:train", ["--executor", "ray"], "pip install 'tunelab[ray]'"),
-        ("addition:train", ["--db", "{tmp}/other.sqlite"], "other.sqlite is not a tunelab results database"),
+        (
+            "addition:train",
+            ["--db", "{tmp}/other.sqlite"],
+            "other.sqlite is not a tunelab results database (it has no 'trials' table); give --db a new file",
+        ),
         ("addition:train", ["--db", "{tmp}/rows.txt/r.sqlite"], "rows.txt is a file, not a folder"),
         ("addition:train", ["--db", "{tmp}/taken.sqlite"], "runs folder {tmp}/taken-runs is a file"),
     ],

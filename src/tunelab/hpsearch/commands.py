@@ -231,7 +231,11 @@ class SweepProgress:
 
 
 def sweep(
-    spec_path: Path = typer.Argument(..., help="sweep spec YAML (base config, grid, zip, datasets)"),
+    spec_path: Path = typer.Argument(
+        ...,
+        help="sweep spec YAML: base config, grid, zip, arms, datasets, seeds, confirm_seeds, ranks (README: "
+        "Hyperparameter sweeps; examples/sweep.yaml)",
+    ),
     db: Path = typer.Option(None, "--db", help="results database (default: SPEC.sqlite next to the spec)"),
     executor: Literal["local", "ray"] = typer.Option(
         "local",

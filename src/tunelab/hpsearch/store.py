@@ -124,7 +124,7 @@ class ResultsStore:
     """
 
     def __init__(self, path: str | Path, *, read_only: bool = False):
-        self.path = Path(path)
+        self.path, self.writes = Path(path), not read_only
         new = not self.path.is_file() or self.path.stat().st_size == 0
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,10 +147,13 @@ class ResultsStore:
             raise
 
     def _not_ours(self, reason: str) -> TunelabError:
-        return TunelabError(
-            f"{self.path} is not a tunelab results database ({reason}); pass the .sqlite file that "
-            "`tunelab sweep` writes (SPEC.sqlite by default), or a CSV/parquet table as --results"
+        fix = (
+            "give --db a new file, or the .sqlite file an earlier `tunelab sweep` wrote"
+            if self.writes
+            else "pass the .sqlite file that `tunelab sweep` writes (SPEC.sqlite by default), or a "
+            "CSV/parquet table as --results"
         )
+        return TunelabError(f"{self.path} is not a tunelab results database ({reason}); {fix}")
 
     @contextmanager
     def _sqlite_errors(self) -> Iterator[None]:
