@@ -281,6 +281,22 @@ def test_a_mistyped_model_stops_the_sweep_before_its_trials(tmp_path, monkeypatc
     assert line.startswith(f"error: {spec}: model not found: {model}; ") and "did you mean" in line
 
 
+def test_a_model_path_written_relative_to_the_spec_says_paths_are_read_from_the_working_directory(
+    tmp_path, monkeypatch, capsys
+):
+    """A train config's model path that worked next to it fails as a sweep's base: say why."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "sweeps").mkdir()
+    spec = Path("sweeps/sweep.yaml")
+    dataset = {"name": "add", "train": "addition:train", "eval": "addition:eval", "metric": "loss"}
+    spec.write_text(yaml.safe_dump({"base": {"model": "../models/tiny"}, "datasets": [dataset]}))
+    line = _error_line(capsys, tmp_path, ["sweep", str(spec)])
+    assert line.endswith(
+        "; paths in a spec are relative to the working directory, not the spec: use models/tiny"
+    )
+
+
 def test_sweep_checks_its_confirmation_seeds_before_the_grid(tmp_path, monkeypatch, capsys):
     from tunelab.hpsearch import commands
 

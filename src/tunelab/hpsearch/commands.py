@@ -116,7 +116,13 @@ def _check_sweep(
         try:
             check_model(model)
         except TunelabError as exc:
-            raise TunelabError(f"{spec_path}: {exc}") from None
+            near_spec = Path(os.path.normpath(spec_path.parent / Path(model).expanduser()))
+            hint = (
+                f"; paths in a spec are relative to the working directory, not the spec: use {near_spec}"
+                if not Path(model).expanduser().is_absolute() and near_spec.is_dir()
+                else ""
+            )  # as the datasets' paths are (check_datasets)
+            raise TunelabError(f"{spec_path}: {exc}{hint}") from None
     if executor == "local" and address:
         raise TunelabError("--address is for --executor ray; drop it or add --executor ray")
     if executor == "ray":

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,7 +416,8 @@ def _dataset_problem(value: str, spec_dir: Path) -> str | None:
         if not path.is_absolute() and (spec_dir / path).is_file():
             # trials read data from the sweep's working directory, unlike `base`
             problem += (
-                f"; data paths are relative to the working directory, not the spec: use {spec_dir / path}"
+                f"; data paths are relative to the working directory, not the spec: use "
+                f"{os.path.normpath(spec_dir / path)}"
             )
         return problem
     return None
