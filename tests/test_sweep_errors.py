@@ -205,6 +205,28 @@ def test_recommend_reads_a_database_in_a_folder_it_cannot_write(tmp_path, capsys
     assert "c0" in out
 
 
+def test_recommend_never_replaces_a_written_config_that_was_edited(tmp_path, capsys):
+    (tmp_path / "grid.csv").write_text(GRID_CSV)
+    args = ["recommend", "--results", str(tmp_path / "grid.csv"), "--write-config", str(tmp_path / "cfg")]
+    for _ in range(2):  # the same recommendation again: the same files, written again
+        assert run_cli(capsys, *args)[0] == 0
+    written = tmp_path / "cfg" / "cbs-1-c1.yaml"
+    written.write_text(
+        written.read_text().replace("YOUR_DATA.jsonl", "data/mine.jsonl")
+    )  # as its comment says
+    line = _error_line(capsys, tmp_path, args)
+    assert line == (
+        f"error: --write-config: {written} exists and differs from the config recommend writes (edited, or "
+        "from another recommendation); move it, or choose another --write-config folder"
+    )
+    # another sweep's recommendation beside it: written, and the earlier configs named
+    (tmp_path / "other.csv").write_text(GRID_CSV.replace("c1", "c3").replace("c2", "c4"))
+    code, out, _ = run_cli_output(capsys, *args[:2], str(tmp_path / "other.csv"), *args[3:])
+    assert code == 0
+    earlier = "2 config(s) of an earlier recommendation (cbs-1-c1.yaml, cbs-2-c2.yaml)"
+    assert f"note: {tmp_path / 'cfg'} also holds {earlier}" in " ".join(out.split())
+
+
 def test_recommend_creates_missing_output_folders(tmp_path, capsys):
     (tmp_path / "grid.csv").write_text(GRID_CSV)
     new = tmp_path / "new" / "deeper"

@@ -61,6 +61,17 @@ err_console = Console(stderr=True, soft_wrap=True, emoji=False)  # log lines sta
 # output paths, checked before any work
 
 
+def _check_not_edited(files: dict[Path, str]) -> None:
+    """Refuse to replace a config file that holds something else than what would be written: the user
+    set its data.train, or it is another recommendation's (the same name from another sweep)."""
+    for path, text in files.items():
+        if path.is_file() and path.read_text(encoding="utf-8", errors="replace") != text:
+            raise TunelabError(
+                f"--write-config: {path} exists and differs from the config recommend writes (edited, or "
+                "from another recommendation); move it, or choose another --write-config folder"
+            )
+
+
 def _write_text(path: Path, text: str) -> None:
     """Write `path`, creating its folder (checked by _check_writable before any work)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -409,6 +420,7 @@ def _recommend_published(model: str, method: str, json_path: Path | None, write_
             train_config["data"] = {**train_config.get("data", {}), "train": YOUR_DATA}
             comment = f"{config['source']}; set data.train (now {YOUR_DATA}) and data.eval to your data"
             files[path] = _train_config(train_config, str(path), comment)
+    _check_not_edited(files)
     if json_path:
         _write_text(json_path, json.dumps({"published": configs}, indent=2))
     for path, text in files.items():
@@ -541,6 +553,7 @@ def _recommend_cbs(
 
     # every config is validated before anything is written: a bad one leaves no partial output
     files = _cbs_config_files(ranking[:top], matrix, source, write_config) if write_config else {}
+    _check_not_edited(files)
 
     from tunelab.plots import coverage_curve, lr_curve  # matplotlib: only when there is a curve to draw
 
@@ -612,6 +625,14 @@ def _recommend_cbs(
         _write_text(json_path, json.dumps(result.as_json(), indent=2))
     for path, text in files.items():
         _write_text(path, text)
+    earlier = sorted(path.name for path in (write_config or Path()).glob("cbs-*.yaml") if path not in files)
+    if write_config and earlier:
+        console.print(
+            f"note: {write_config} also holds {len(earlier)} config(s) of an earlier recommendation "
+            f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''})",
+            highlight=False,
+            soft_wrap=True,
+        )
     if files:
         first = next(iter(files))
         data = " data.train=PATH/TO/your_data.jsonl" if f"train: {YOUR_DATA}" in files[first] else ""
