@@ -609,6 +609,29 @@ def test_a_trained_trial_that_was_not_recorded_is_evaluated_without_training_aga
     assert (again["score"], again["test_score"]) == (first["score"], first["test_score"])
 
 
+def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir):
+    """A sweep re-run after its data file changed kept the old scores as done: now its trials run again."""
+    spec, (run,) = _trials_spec(tmp_path, tiny_model_dir, [1])
+    db = tmp_path / "sweep.sqlite"
+    runner = CliRunner()
+    assert runner.invoke(app, ["sweep", str(spec)]).exit_code == 0
+    (first,) = _rows(db).values()
+    again = runner.invoke(app, ["sweep", str(spec)])
+    assert "1 trials, 1 already done, 0 to run" in again.output  # the same data: nothing to run
+    with open(tmp_path / "add.jsonl", "a") as data:  # a row added, as a user fixes their data
+        data.write(json.dumps({"prompt": "3+3=", "completion": "6"}) + "\n")
+    edited = runner.invoke(app, ["sweep", str(spec)])
+    assert edited.exit_code == 0, edited.output
+    output = " ".join(edited.output.split())
+    assert (
+        "note: the data of add changed since 1 of its results were recorded: their trials run again" in output
+    )
+    assert "1 trials, 0 already done, 1 to run" in output
+    (second,) = _rows(db).values()
+    assert second["data_sha256"] != first["data_sha256"] and second["finished_at"] >= first["finished_at"]
+    assert trial_log(run).read_text().count("--- attempt started") == 1  # trained again
+
+
 def test_an_eval_set_of_one_row_is_a_data_error_not_a_crash_nor_a_score(tmp_path, tiny_model_dir):
     """One eval row leaves the test half empty: exact match divided by zero, a loss of 0.0 was stored."""
     spec, (run,) = _trials_spec(tmp_path, tiny_model_dir, [1])

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -49,7 +50,15 @@ from tunelab.hpsearch.ranking import (
     usual_values,
     varying_keys,
 )
-from tunelab.hpsearch.spec import EVAL_RANK_KEY, SweepSpec, Trial, check_datasets, expand, load_spec
+from tunelab.hpsearch.spec import (
+    EVAL_RANK_KEY,
+    SweepSpec,
+    Trial,
+    check_datasets,
+    data_fingerprint,
+    expand,
+    load_spec,
+)
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, select
 from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock
 from tunelab.signals import handling_stop_signals
@@ -93,7 +102,9 @@ class LazyStore:
         self.store = ResultsStore(path) if path.is_file() else None
 
     def finished(self, trial: Trial) -> bool:
-        return self.store is not None and self.store.finished(trial.row_ids(), trial.dataset, trial.seed)
+        return self.store is not None and self.store.finished(
+            trial.row_ids(), trial.dataset, trial.seed, trial.data_sha256
+        )
 
     def record(self, trial: Trial, result: TrialResult) -> None:
         if self.store is None:
@@ -106,6 +117,15 @@ class LazyStore:
     def __exit__(self, *exc: object) -> None:
         if self.store is not None:
             self.store.close()
+
+
+def _data_versions(spec: SweepSpec) -> dict[str, str | None]:
+    """Each dataset's data_fingerprint: results recorded on other data are not today's."""
+    return {dataset.name: data_fingerprint(dataset) for dataset in spec.datasets}
+
+
+def _on_data(trials: list[Trial], versions: dict[str, str | None]) -> list[Trial]:
+    return [replace(trial, data_sha256=versions[trial.dataset]) for trial in trials]
 
 
 def _same_data(trial: Trial) -> str:
@@ -283,6 +303,8 @@ def sweep(
     db = db or spec_path.with_suffix(".sqlite")
     work_dir = _work_dir(db)
     _check_sweep(spec, spec_path, executor, address, db, trials)
+    versions = _data_versions(spec)
+    trials, confirmations = _on_data(trials, versions), _on_data(confirmations, versions)
     processes = TrialProcesses()
 
     def run(what: str, label: str, trials: list[Trial], store: LazyStore) -> tuple[int, int]:
@@ -334,6 +356,14 @@ def sweep(
 
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
     with LazyStore(db) as store, sweep_lock(work_dir), stopping:  # an unusable --db: no runs folder
+        for dataset, sha in versions.items():
+            stale = store.store.stale_results(dataset, sha) if store.store and sha else 0
+            if stale:
+                err_console.print(
+                    f"note: the data of {dataset} changed since {stale} of its results were recorded: their "
+                    "trials run again",
+                    highlight=False,
+                )
         failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)
         confirmed: set[str] = set()
         # a best config's new seeds move its mean, and another config may become its arm's best: confirm
@@ -801,9 +831,10 @@ def _sweep_status(db: Path, store: ResultsStore) -> SweepStatus | None:
         confirmations = expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
     except TunelabError as exc:
         return SweepStatus(None, f"{spec_path} does not load ({exc}): how much of its sweep ran is unknown")
+    versions = _data_versions(spec)
 
     def state(trial: Trial) -> str | None:
-        return store.trial_state(trial.row_ids(), trial.dataset, trial.seed)
+        return store.trial_state(trial.row_ids(), trial.dataset, trial.seed, versions[trial.dataset])
 
     states = [state(trial) for trial in grid]
     done, failed = states.count("done"), states.count("failed")

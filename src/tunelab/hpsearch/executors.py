@@ -212,6 +212,7 @@ def record(store: ResultsStore, trial: Trial, result: TrialResult) -> None:
                 "peak_memory_bytes": result.peak_memory_bytes,
                 "started_at": result.started_at,
                 "finished_at": result.finished_at,
+                "data_sha256": trial.data_sha256,
             }
             for row in rows
         ]

@@ -178,6 +178,7 @@ class Trial:
     seed: int = 0
     test: str | None = None  # the test split; None: eval's rows split into dev and test
     ranks: tuple[int, ...] = ()  # dylora: the evaluated ranks; empty: the model as trained
+    data_sha256: str | None = None  # its dataset's local files (data_fingerprint); None: none, or not read
 
     @property
     def run_name(self) -> str:
@@ -421,6 +422,27 @@ def _dataset_problem(value: str, spec_dir: Path) -> str | None:
             )
         return problem
     return None
+
+
+def data_fingerprint(dataset: DatasetSpec) -> str | None:
+    """sha256 of the contents of a dataset's local files (train, eval, test; a folder's files by their
+    relative paths), so that a result on data since edited is told from one on today's data; None when
+    every split is a built-in or a hub id (fixed by its package or revision). Paths are not hashed: a
+    copied sweep folder keeps its results."""
+    digest, local = hashlib.sha256(), False
+    for split in ("train", "eval", "test"):
+        value = getattr(dataset, split)
+        path = Path(value).expanduser() if value is not None else None
+        if path is None or not path.exists():  # a built-in, a hub id (or a name check_datasets refuses)
+            continue
+        local = True
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(f"{split}:{file.relative_to(path) if path.is_dir() else ''}\0".encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest() if local else None
 
 
 def check_datasets(spec: SweepSpec) -> None:

@@ -40,13 +40,17 @@ CREATE TABLE IF NOT EXISTS trials (
     peak_memory_bytes INTEGER,
     started_at TEXT,
     finished_at TEXT,
+    data_sha256 TEXT,
     PRIMARY KEY (config_id, dataset, seed)
 )
 """
 _COLUMNS = (
     "config_id", "config_json", "dataset", "seed", "metric", "rank", "score", "test_score", "status",
-    "error", "duration_s", "step_time_s", "peak_memory_bytes", "started_at", "finished_at",
+    "error", "duration_s", "step_time_s", "peak_memory_bytes", "started_at", "finished_at", "data_sha256",
 )  # fmt: skip
+# columns added after databases had been written: added when such a database is opened to write, read as
+# NULL when it is only read
+_ADDED_COLUMNS = {"data_sha256": "TEXT"}
 _KEY = ("config_id", "dataset", "seed")
 
 
@@ -125,6 +129,7 @@ class ResultsStore:
 
     def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path, self.writes = Path(path), not read_only
+        self._selected = list(_COLUMNS)  # what rows() selects: a column an older database lacks as NULL
         new = not self.path.is_file() or self.path.stat().st_size == 0
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,8 +180,14 @@ class ResultsStore:
                 f"{self.path} was written by an earlier tunelab (no seeds, ranks or test scores); sweep "
                 "again into a new --db"
             )
-        if missing:
+        if [column for column in missing if column not in _ADDED_COLUMNS]:
             raise self._not_ours(f"its 'trials' table lacks {', '.join(missing)}")
+        for column in missing:
+            if self.writes:
+                with self._conn:
+                    self._conn.execute(f"ALTER TABLE trials ADD COLUMN {column} {_ADDED_COLUMNS[column]}")
+            else:
+                self._selected[self._selected.index(column)] = f"NULL AS {column}"
 
     def close(self) -> None:
         self._conn.close()
@@ -237,27 +248,50 @@ class ResultsStore:
         }
         return tuple(cells[column] for column in _COLUMNS)
 
-    def trial_state(self, config_ids: list[str], dataset: str, seed: int) -> str | None:
+    def trial_state(
+        self, config_ids: list[str], dataset: str, seed: int, data_sha256: str | None = None
+    ) -> str | None:
         """'done' when every row of a trial (its config ids) completed with a score, 'failed' when one
-        failed (failed trials are run again), None when the trial is not (all) here."""
+        failed (failed trials are run again), None when the trial is not (all) here, or ran on other data
+        than `data_sha256` (a row without one, from a built-in dataset or an older tunelab, is taken as
+        run on today's)."""
+        sha = self._selected[_COLUMNS.index("data_sha256")]
         with self._sqlite_errors():
             statuses = self._conn.execute(
-                f"SELECT status FROM trials WHERE dataset = ? AND seed = ? "
+                f"SELECT status, {sha} FROM trials WHERE dataset = ? AND seed = ? "
                 f"AND config_id IN ({', '.join('?' * len(config_ids))})",
                 (dataset, seed, *config_ids),
             ).fetchall()
-        found = [status for (status,) in statuses]
+        found = [
+            status for status, ran_on in statuses if not (data_sha256 and ran_on and ran_on != data_sha256)
+        ]
         if "failed" in found:
             return "failed"
         return "done" if len(found) == len(set(config_ids)) else None
 
-    def finished(self, config_ids: list[str], dataset: str, seed: int) -> bool:
-        return self.trial_state(config_ids, dataset, seed) == "done"
+    def finished(
+        self, config_ids: list[str], dataset: str, seed: int, data_sha256: str | None = None
+    ) -> bool:
+        return self.trial_state(config_ids, dataset, seed, data_sha256) == "done"
+
+    def stale_results(self, dataset: str, data_sha256: str) -> int:
+        """How many results of `dataset` ran on other data than `data_sha256` (its files since edited)."""
+        if "data_sha256" not in self._selected:
+            return 0
+        with self._sqlite_errors():
+            (count,) = self._conn.execute(
+                "SELECT COUNT(DISTINCT config_id || ' ' || seed) FROM trials WHERE dataset = ? "
+                "AND data_sha256 IS NOT NULL AND data_sha256 != ?",
+                (dataset, data_sha256),
+            ).fetchone()
+        return count
 
     def rows(self) -> list[dict[str, Any]]:
         """Every trial as a dict of its columns (config_json parsed into `config`), in insertion order."""
         with self._sqlite_errors():  # a truncated file can pass the schema check and fail here
-            values = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM trials ORDER BY rowid").fetchall()
+            values = self._conn.execute(
+                f"SELECT {', '.join(self._selected)} FROM trials ORDER BY rowid"
+            ).fetchall()
         rows = []
         for row_values in values:
             row = dict(zip(_COLUMNS, row_values, strict=True))
