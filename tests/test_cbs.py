@@ -224,6 +224,7 @@ def test_scores_by_lr_and_the_arms_whose_best_lr_is_at_an_edge_of_what_they_trie
         "spiel": [(1e-4, 0.9)],
     }
     curves["low"] = [(1e-5, 0.9), (1e-4, 0.8)]
+    curves["tied"] = [(1e-5, 0.9), (1e-4, 0.9), (1e-3, 0.5)]  # as good inside the grid: bracketed
     assert best_lr_at_grid_edge(curves) == {"dylora": "highest", "low": "lowest"}
 
 

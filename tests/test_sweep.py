@@ -647,6 +647,7 @@ def test_an_eval_set_of_one_row_is_a_data_error_not_a_crash_nor_a_score(tmp_path
         "dataset a test set of its own (test:)"
     )
     assert "Traceback" not in trial_log(run).read_text()
+    assert not (run / "metrics.jsonl").exists()  # found before training
 
 
 def test_a_trial_whose_checkpoint_does_not_load_starts_over(tmp_path, tiny_model_dir):

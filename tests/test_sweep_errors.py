@@ -151,7 +151,7 @@ def _failed_trials_only(path: Path) -> Path:
         (_empty, "{db} holds no trials yet; run `tunelab sweep` first"),
         (
             _failed_trials_only,
-            "no trial in {db} has finished: 1 failed, the last with: add.jsonl:3: bad; fix that, then run ",
+            "no trial in {db} has finished; the latest failed with: add.jsonl:3: bad; fix that, then run ",
         ),
     ],
 )
@@ -189,18 +189,26 @@ def _read_only(folder: Path) -> Iterator[None]:
             subprocess.run(["umount", folder], check=True)
 
 
-def test_recommend_reads_a_database_in_a_folder_it_cannot_write(tmp_path, capsys):
+@pytest.mark.parametrize("sweep_running", [False, True])
+def test_recommend_reads_a_database_in_a_folder_it_cannot_write(tmp_path, capsys, sweep_running):
     """A sweep's database on a read-only mount, or in a colleague's folder: SQLite cannot create the
-    shared-memory file it reads a WAL database through, unless it is told that nothing writes the file."""
+    shared-memory file it reads a WAL database through. While a sweep still writes it (or one was killed),
+    its latest results are in the write-ahead log beside it, which must be read too."""
     shared = tmp_path / "shared"
     shared.mkdir()
-    with ResultsStore(shared / "grid.sqlite") as store:
-        store.record("c0", {"train": {"lr": 1e-4}}, "add", "loss", 1.5)
-    with _read_only(shared):
-        assert not os.access(shared, os.W_OK)
-        code, out, err = run_cli_output(
-            capsys, "recommend", "--db", str(shared / "grid.sqlite"), "--out", str(tmp_path)
-        )
+    store = ResultsStore(shared / "grid.sqlite")
+    store.record("c0", {"train": {"lr": 1e-4}}, "add", "loss", 1.5)
+    if not sweep_running:
+        store.close()
+    try:
+        assert (shared / "grid.sqlite-wal").exists() == sweep_running
+        with _read_only(shared):
+            assert not os.access(shared, os.W_OK)
+            code, out, err = run_cli_output(
+                capsys, "recommend", "--db", str(shared / "grid.sqlite"), "--out", str(tmp_path)
+            )
+    finally:
+        store.close()
     assert code == 0, err
     assert "c0" in out
 
@@ -303,19 +311,26 @@ def test_a_mistyped_model_stops_the_sweep_before_its_trials(tmp_path, monkeypatc
     assert line.startswith(f"error: {spec}: model not found: {model}; ") and "did you mean" in line
 
 
-def test_a_model_path_written_relative_to_the_spec_says_paths_are_read_from_the_working_directory(
-    tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize("written", ["model", "data"])
+def test_a_path_written_relative_to_the_spec_says_paths_are_read_from_the_working_directory(
+    tmp_path, monkeypatch, capsys, written
 ):
-    """A train config's model path that worked next to it fails as a sweep's base: say why."""
+    """A train config's paths, which worked next to it, fail in a sweep spec: say why, and what works."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "add.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
     (tmp_path / "sweeps").mkdir()
     spec = Path("sweeps/sweep.yaml")
-    dataset = {"name": "add", "train": "addition:train", "eval": "addition:eval", "metric": "loss"}
-    spec.write_text(yaml.safe_dump({"base": {"model": "../models/tiny"}, "datasets": [dataset]}))
+    model, data = (
+        ("../models/tiny", "addition:train") if written == "model" else ("smollm2-135m", "../data/add.jsonl")
+    )
+    dataset = {"name": "add", "train": data, "eval": "addition:eval", "metric": "loss"}
+    spec.write_text(yaml.safe_dump({"base": {"model": model}, "datasets": [dataset]}))
     line = _error_line(capsys, tmp_path, ["sweep", str(spec)])
+    works = "models/tiny" if written == "model" else "data/add.jsonl"
     assert line.endswith(
-        "; paths in a spec are relative to the working directory, not the spec: use models/tiny"
+        f"; paths in a spec are relative to the working directory, not the spec: use {works}"
     )
 
 
@@ -362,6 +377,56 @@ def test_sweep_creates_its_database_with_the_first_result(tmp_path, monkeypatch,
     assert started == [2, 0]  # the second run found both trials done
     with ResultsStore(tmp_path / "sweep.sqlite", read_only=True) as store:
         assert [row["status"] for row in store.rows()] == ["done", "done"]
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_trials_on_data_that_did_not_load_are_skipped(tmp_path, monkeypatch, capsys, parallel):
+    """Every trial on the same model and data would load the model, then fail on the data the same way."""
+    from tunelab.hpsearch import commands
+    from tunelab.hpsearch.executors import TrialResult
+
+    spec = tmp_path / "sweep.yaml"
+    datasets = [
+        {"name": name, "train": f"{name}:train", "eval": f"{name}:eval", "metric": "loss"}
+        for name in ("addition", "reverse")
+    ]
+    spec.write_text(yaml.safe_dump({"grid": {"train.lr": [1e-4, 3e-4, 1e-3]}, "datasets": datasets}))
+    ran = []
+
+    def made_up_run_local(trials, work_dir, on_result, max_parallel, on_start=None, processes=None):
+        queue, running = iter(trials), []  # `parallel` trials at once, as run_local runs them
+        running += [trial for _, trial in zip(range(parallel), queue, strict=False)]
+        for trial in running:
+            on_start(trial, work_dir / f"{trial.run_name}.log")
+        while running:  # addition's trials finish first: reverse's second starts before its first ends
+            trial = next((each for each in running if each.dataset == "addition"), running[0])
+            running.remove(trial)
+            ran.append(trial.dataset)
+            if trial.dataset == "reverse":
+                on_result(trial, TrialResult(error="reverse:train row 3: bad", data_error=True))
+            else:
+                on_result(
+                    trial, TrialResult(score=1.0, rows=[{"rank": None, "score": 1.0, "test_score": 1.0}])
+                )
+            following = next(queue, None)
+            if following is not None:
+                on_start(following, work_dir / f"{following.run_name}.log")
+                running.append(following)
+
+    monkeypatch.setattr(commands, "run_local", made_up_run_local)
+    code, stderr = run_cli(capsys, "sweep", str(spec), "--max-parallel", str(parallel))
+    stderr = " ".join(stderr.split())
+    assert code == 1
+    # with 2 at once, reverse's second trial had started before its first failed: only the third is skipped
+    assert ran.count("reverse") == parallel and ran.count("addition") == 3
+    others = "its other trial" if parallel == 2 else "its 2 other trials"
+    assert (
+        f"the data of reverse did not load; skipping {others} on this data: fix what the error says" in stderr
+    )
+    assert (
+        f"done 3, failed {parallel}, remaining 0" in stderr
+        and f"{parallel} of {3 + parallel} trials failed" in stderr
+    )
 
 
 def test_tables_printed_into_a_pipe_keep_each_row_on_one_line(monkeypatch):

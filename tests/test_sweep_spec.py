@@ -216,6 +216,22 @@ def test_a_bad_value_of_a_sweep_point_names_the_line_that_wrote_it(tmp_path, tex
         ),
         ("datasets:\n  - {name: a, eval: y}\n", "sweep.yaml:2: 'datasets[0].train' is required"),
         ("grid: {}\nseeds: [1, 1]\n" + DATASETS, "sweep.yaml:2: 'seeds' repeats a seed"),
+        # the item itself, whichever keys it holds (an empty one, dotted ones only, a plain string)
+        ("arms:\n  - {}\n  - {train.lr: [1.0e-3]}\n" + DATASETS, "sweep.yaml:2: 'arms[0]' is empty"),
+        (
+            "arms:\n  - {train.lr: [1.0e-3]}\n  - {train.lr: 1.0e-3}\n" + DATASETS,
+            "sweep.yaml:3: 'arms[1].train.lr'",
+        ),
+        ("datasets:\n  - add.jsonl\n  - {name: a, train: x, eval: y}\n", "sweep.yaml:2: 'datasets[0]'"),
+        # a grid key that holds dots, named whole by the message
+        (
+            "grid:\n  train.lr: [1.0e-3]\narms:\n  - {train.lr: [2.0e-3]}\n" + DATASETS,
+            "sweep.yaml:4: 'arms[0].train.lr' is swept twice",
+        ),
+        (  # a message that quotes a value, not a key, names no line
+            "datasets:\n  - {name: seeds, train: x, eval: y}\n  - {name: seeds, train: z, eval: y}\n",
+            "sweep.yaml: dataset name 'seeds' appears twice",
+        ),
     ],
 )
 def test_load_errors_name_the_line(tmp_path, text, message):

@@ -25,7 +25,7 @@ from rich.markup import escape
 
 from tunelab.config import ROW_FIELDS as FORMAT_FIELDS
 from tunelab.config import DataConfig, check_source, data_suffix, read_utf8
-from tunelab.errors import DataError
+from tunelab.errors import DataError, TunelabError
 from tunelab.hub import offline_unless_reachable
 from tunelab.tasks import Task, parse_builtin, split_rows
 
@@ -151,10 +151,14 @@ def _read_file(path: Path, keep_bad: bool) -> list[Row]:
     suffix = data_suffix(path)  # DATA.CSV from a Windows tool reads as .csv
     if suffix == ".parquet":
         return _read_parquet(path)
+    try:
+        text = read_utf8(path)
+    except TunelabError as exc:  # not UTF-8, a damaged archive: the data, whichever run reads it
+        raise DataError(str(exc)) from None
     if suffix in (".csv", ".tsv"):
-        return _read_csv(path, read_utf8(path), "\t" if suffix == ".tsv" else None)
+        return _read_csv(path, text, "\t" if suffix == ".tsv" else None)
     read = _read_jsonl if suffix == ".jsonl" else _read_json
-    return read(path, read_utf8(path), keep_bad)
+    return read(path, text, keep_bad)
 
 
 def _read_hf_dataset(
@@ -170,7 +174,8 @@ def _read_hf_dataset(
         loaded = datasets.load_from_disk(spec) if saved else datasets.load_dataset(spec, subset)
     except Exception as exc:  # datasets raises many types (missing files, no hub, bad config name)
         where = "the folder" if local else "the hub"
-        raise DataError(
+        # not a DataError: a hub out of reach now says nothing of the data (the next trial may reach it)
+        raise TunelabError(
             f"dataset '{spec}': datasets could not load it from {where} ({_first_line(exc)}); "
             "check the path or id" + ("" if local else ", data.subset, and that the hub is reachable")
         ) from None

@@ -54,6 +54,7 @@ from tunelab.hpsearch.spec import (
     EVAL_RANK_KEY,
     SweepSpec,
     Trial,
+    beside_the_spec,
     check_datasets,
     data_fingerprint,
     expand,
@@ -128,7 +129,7 @@ def _on_data(trials: list[Trial], versions: dict[str, str | None]) -> list[Trial
     return [replace(trial, data_sha256=versions[trial.dataset]) for trial in trials]
 
 
-def _same_data(trial: Trial) -> str:
+def _data_key(trial: Trial) -> str:
     """What a trial's data loads with (its model's tokenizer, its data options): trials that share it
     read their data the same way, and fail on it the same way."""
     return json.dumps([trial.config["model"], trial.config["data"]], sort_keys=True)
@@ -147,13 +148,7 @@ def _check_sweep(
         try:
             check_model(model)
         except TunelabError as exc:
-            near_spec = Path(os.path.normpath(spec_path.parent / Path(model).expanduser()))
-            hint = (
-                f"; paths in a spec are relative to the working directory, not the spec: use {near_spec}"
-                if not Path(model).expanduser().is_absolute() and near_spec.is_dir()
-                else ""
-            )  # as the datasets' paths are (check_datasets)
-            raise TunelabError(f"{spec_path}: {exc}{hint}") from None
+            raise TunelabError(f"{spec_path}: {exc}{beside_the_spec(model, spec_path.parent)}") from None
     if executor == "local" and address:
         raise TunelabError("--address is for --executor ray; drop it or add --executor ray")
     if executor == "ray":
@@ -202,7 +197,7 @@ class SweepProgress:
         self.keys = list(
             dict.fromkeys([*varying_keys([hyperparameters(t.config) for t in trials]), "train.lr"])
         )
-        self.seeds = len({trial.seed for trial in trials})
+        self.seed_count = len({trial.seed for trial in trials})
         self.done, self.failed, self.finished_now, self.skipped = already_done, 0, 0, 0
         self.started = time.perf_counter()
         self.bar = Progress(
@@ -233,7 +228,7 @@ class SweepProgress:
             line = f"[red]failed[/red] {trial.dataset} {trial.config_id}: {escape(result.error)}"
         else:
             self.done += 1
-            seed = f" (seed {trial.seed})" if self.seeds > 1 else ""  # else its lines would read alike
+            seed = f" (seed {trial.seed})" if self.seed_count > 1 else ""  # else its lines would read alike
             line = f"done {trial.dataset} {trial.config_id}{seed}: {trial.metric} {result.score:.4f}"
         line += f" ({result.duration_s or 0:.1f} s)"
         counts = self._counts()
@@ -245,7 +240,7 @@ class SweepProgress:
     def skip(self, count: int) -> None:
         """`count` trials will not run (their data failed to load in another trial)."""
         self.skipped += count
-        self.bar.update(self.task, counts=self._counts())
+        self.bar.update(self.task, total=self.total - self.skipped, counts=self._counts())
 
     def start(self, trial: Trial, log: Path) -> None:
         """Which trial runs now and where its log is: a trial can take longer than a person waits for."""
@@ -328,11 +323,11 @@ def sweep(
             def on_result(trial: Trial, result: TrialResult) -> None:
                 store.record(trial, result)
                 progress.update(trial, result)
-                if executor == "local" and result.data_error and _same_data(trial) not in failed_data:
-                    failed_data.add(_same_data(trial))
+                if executor == "local" and result.data_error and _data_key(trial) not in failed_data:
+                    failed_data.add(_data_key(trial))
                     # the trials still to start on this data would each load the model, then fail the same way
                     waiting = [
-                        t for t in pending if id(t) not in started and _same_data(t) == _same_data(trial)
+                        t for t in pending if id(t) not in started and _data_key(t) == _data_key(trial)
                     ]
                     progress.skip(len(waiting))
                     others = "its other trial" if len(waiting) == 1 else f"its {len(waiting)} other trials"
@@ -345,7 +340,7 @@ def sweep(
 
             if executor == "local":
                 # lazily, so that trials on data that failed to load are passed over
-                queue = (trial for trial in pending if _same_data(trial) not in failed_data)
+                queue = (trial for trial in pending if _data_key(trial) not in failed_data)
                 run_local(queue, work_dir, on_result, max_parallel or 1, on_start, processes)
             else:
                 run_ray(
@@ -799,9 +794,10 @@ def recommend(
             rows = store.rows()
         if not any(row["status"] == "done" for row in rows):
             if rows:  # a ranking of nothing but failures would still name a config to start from
+                latest = max(rows, key=lambda row: row["finished_at"] or "")
                 raise TunelabError(
-                    f"no trial in {db} has finished: {len(rows)} failed, the last with: {rows[-1]['error']}; "
-                    f"fix that, then run {run_it}"
+                    f"no trial in {db} has finished; the latest failed with: {latest['error']}; fix that, "
+                    f"then run {run_it}"
                 )
             raise TunelabError(f"{db} holds no trials yet; run {run_it}")
     else:

@@ -40,6 +40,7 @@ import yaml
 from tunelab.errors import TunelabError
 from tunelab.hpsearch.spec import Trial, config_id, rank_config
 from tunelab.hpsearch.store import ResultsStore
+from tunelab.rundir import write_atomically
 
 
 @dataclass
@@ -146,7 +147,7 @@ def run_trial_process(
     log_path = trial_log(run_dir)
     result_path.unlink(missing_ok=True)  # from an earlier attempt
     attempts_path = run_dir.with_name(f"{run_dir.name}.attempts.json")
-    earlier = json.loads(attempts_path.read_text()) if attempts_path.is_file() else {}
+    earlier = _read_attempts(attempts_path)
     config_path.write_text(yaml.safe_dump({**trial.config, "output_dir": str(run_dir)}, sort_keys=False))
     env = {
         **os.environ,
@@ -185,10 +186,20 @@ def run_trial_process(
         result.error, result.score = f"{trial.metric} is not finite (did training diverge?)", None
     if result.failed:
         attempts = {key: getattr(result, key) for key in ("started_at", "duration_s", "peak_memory_bytes")}
-        attempts_path.write_text(json.dumps(attempts))
+        write_atomically(attempts_path, json.dumps(attempts))  # never half a file, even on a kill
     else:
         attempts_path.unlink(missing_ok=True)
     return result
+
+
+def _read_attempts(path: Path) -> dict[str, Any]:
+    """The earlier attempts' start, wall time and peak; {} when there were none (or the file is
+    unreadable: a trial's cost is worth less than the sweep going on)."""
+    try:
+        attempts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return attempts if isinstance(attempts, dict) else {}
 
 
 def record(store: ResultsStore, trial: Trial, result: TrialResult) -> None:

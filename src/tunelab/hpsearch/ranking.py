@@ -99,9 +99,11 @@ def best_lr_at_grid_edge(curves: dict[str, list[tuple[float, float]]]) -> dict[s
     {arm: 'lowest' | 'highest'}. Their best may lie beyond the grid, which wants widening first."""
     edges = {}
     for label, points in curves.items():
-        best = max(range(len(points)), key=lambda i: points[i][1])
-        if len(points) > 1 and best in (0, len(points) - 1):
-            edges[label] = "lowest" if best == 0 else "highest"
+        scores = [score for _, score in points]
+        for edge, index in (("lowest", 0), ("highest", len(points) - 1)):
+            # strictly best: a tie with a point inside the grid (exact match on a few rows) brackets it
+            if len(points) > 1 and all(scores[index] > other for i, other in enumerate(scores) if i != index):
+                edges[label] = edge
     return edges
 
 

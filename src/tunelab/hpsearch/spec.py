@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -194,40 +195,45 @@ def rank_config(config: dict[str, Any], rank: int | None) -> dict[str, Any]:
     return config if rank is None else deep_merge(config, nest({EVAL_RANK_KEY: rank}))
 
 
-def _line(keys: list[tuple[str, int, int]], loc: tuple) -> int | None:
-    """The line of the key at a pydantic error's location (('datasets', 1, 'evel'), from `yaml_keys`); for
-    a key that is missing, the line of the mapping that lacks it."""
-    prefix, mapping, line = "", None, None
-    for part in loc:
-        if isinstance(part, int):  # the part-th mapping of a list, in the file's order
-            items = [
-                mid
-                for dotted, _, mid in keys
-                if dotted.startswith(prefix) and "." not in dotted[len(prefix) :]
-            ]
-            items = list(dict.fromkeys(items))
-            if part >= len(items):
+def _line(text: str, loc: tuple) -> int | None:
+    """The line of the key at a pydantic error's location (('datasets', 1, 'evel')) in the YAML `text`;
+    for a key that is missing, the line of the deepest part of its location that is there."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line, parts = None, list(loc)
+    while parts:
+        part = parts.pop(0)
+        if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        elif isinstance(node, yaml.MappingNode):
+            # a key may hold dots itself (the grid's 'train.lr' when a message names 'grid.train.lr')
+            for count in range(len(parts), -1, -1):
+                name = ".".join(map(str, [part, *parts[:count]]))
+                found = next(((key, value) for key, value in node.value if key.value == name), None)
+                if found:
+                    parts = parts[count:]
+                    break
+            else:
                 return line
-            mapping = items[part]
-            line = next(number for _, number, mid in keys if mid == mapping)
-            continue
-        found = [
-            number for dotted, number, mid in keys if dotted == prefix + str(part) and mapping in (None, mid)
-        ]
-        if not found:
+            key, node = found
+            line = key.start_mark.line + 1
+        else:
             return line
-        line, prefix, mapping = found[0], f"{prefix}{part}.", None
     return line
 
 
-def _format_error(err: dict, source: str, keys: list[tuple[str, int, int]] | None = None) -> str:
+def _format_error(err: dict, source: str, text: str = "") -> str:
     key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"]).lstrip(".")
     kind = err["type"]
     loc = err["loc"]
-    if not loc and (named := re.search(r"'([\w.\[\]]+)'", err["msg"])):  # a check of the whole spec
+    # a check of the whole spec names the key its message starts with: "'arms[0].train.lr' is swept twice"
+    if not loc and (named := re.match(r"Value error, '([\w.\[\]]+)'", err["msg"])):
         parts = re.findall(r"\[\d+\]|[^.\[\]]+", named[1])  # 'arms[0].train.lr' -> arms, 0, train, lr
         loc = tuple(int(part[1:-1]) if part.startswith("[") else part for part in parts)
-    line = _line(keys or [], loc)
+    line = _line(text, loc)
     source = f"{source}:{line}" if line else source
     if kind == "value_error":
         return f"{source}: {err['msg'].removeprefix('Value error, ')}"
@@ -265,14 +271,13 @@ def load_spec(path: str | Path) -> SweepSpec:
             raise TunelabError(f"{path}: 'base' file not found: {base_path}{hint}")
         base, base_text = read_yaml(base_path)
         data, base_where, base_prefix = {**data, "base": base}, base_path, ""
-    keys = yaml_keys(text)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
         # a misspelt key is also a missing one: name the misspelling, which the fix is about
         errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-        raise TunelabError(_format_error(errors[0], str(path), keys)) from None
-    spec._source, spec._keys = str(path), keys
+        raise TunelabError(_format_error(errors[0], str(path), text)) from None
+    spec._source, spec._keys = str(path), yaml_keys(text)
     spec._base_lines = {
         dotted.removeprefix(base_prefix): f"{base_where}:{line}"
         for dotted, line, _ in yaml_keys(base_text)
@@ -400,11 +405,23 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
                 test = _trial_data(dataset.test) if dataset.test else None
                 trials.append(Trial(point_id, dataset.name, dataset.metric, config, seed, test, ranks))
     if spec.ranks and not any_ranks:
+        line = next(number for dotted, number, _ in spec._keys if dotted == "ranks")
         raise TunelabError(
-            f"{spec._source}: 'ranks' evaluates dylora trials at those ranks, and no point of this sweep "
-            "trains dylora; remove 'ranks', or sweep method.r to compare LoRA ranks"
+            f"{spec._source}:{line}: 'ranks' evaluates dylora trials at those ranks, and no point of this "
+            "sweep trains dylora; remove 'ranks', or sweep method.r to compare LoRA ranks"
         )
     return trials
+
+
+def beside_the_spec(value: str, spec_dir: Path) -> str:
+    """'; paths in a spec are relative to ...: use P' when `value`, not found from the working directory,
+    is a path beside the spec (as in a train config, which reads them from its own folder); else ''."""
+    path = Path(value).expanduser()
+    beside = spec_dir / path
+    if path.is_absolute() or not beside.exists():
+        return ""
+    where = os.path.normpath(beside)
+    return f"; paths in a spec are relative to the working directory, not the spec: use {where}"
 
 
 def _dataset_problem(value: str, spec_dir: Path) -> str | None:
@@ -412,15 +429,7 @@ def _dataset_problem(value: str, spec_dir: Path) -> str | None:
     try:
         check_source(value)
     except TunelabError as exc:
-        problem = str(exc)
-        path = Path(value).expanduser()
-        if not path.is_absolute() and (spec_dir / path).is_file():
-            # trials read data from the sweep's working directory, unlike `base`
-            problem += (
-                f"; data paths are relative to the working directory, not the spec: use "
-                f"{os.path.normpath(spec_dir / path)}"
-            )
-        return problem
+        return str(exc) + beside_the_spec(value, spec_dir)
     return None
 
 

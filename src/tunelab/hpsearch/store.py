@@ -11,7 +11,9 @@ import io
 import json
 import math
 import os
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -133,12 +135,13 @@ class ResultsStore:
         new = not self.path.is_file() or self.path.stat().st_size == 0
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        # mode=rw never creates the file: reading a missing database must not leave an empty one. A WAL
-        # database in a folder this process cannot write (a read-only mount, a colleague's results) opens
-        # for reading only when SQLite is told that nothing writes it (it cannot make its -shm file there)
-        mode = "rwc" if not read_only else "rw" if os.access(self.path.parent, os.W_OK) else "ro&immutable=1"
+        # mode=rw never creates the file: reading a missing database must not leave an empty one
+        mode, source = "rw" if read_only else "rwc", self.path
+        self._copy: tempfile.TemporaryDirectory | None = None
+        if read_only and self.path.is_file() and not os.access(self.path.parent, os.W_OK):
+            mode, source = self._readable_here()
         with self._sqlite_errors():
-            self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={mode}", uri=True)
+            self._conn = sqlite3.connect(f"{source.resolve().as_uri()}?mode={mode}", uri=True)
         try:
             with self._sqlite_errors():
                 if read_only or not new:  # never add tables to (or change the mode of) another file
@@ -148,7 +151,7 @@ class ResultsStore:
                     with self._conn:
                         self._conn.execute(_SCHEMA)
         except TunelabError:
-            self._conn.close()
+            self.close()
             raise
 
     def _not_ours(self, reason: str) -> TunelabError:
@@ -189,8 +192,24 @@ class ResultsStore:
             else:
                 self._selected[self._selected.index(column)] = f"NULL AS {column}"
 
+    def _readable_here(self) -> tuple[str, Path]:
+        """How to read a database in a folder this process cannot write (a read-only mount, a colleague's
+        results): SQLite reads a WAL database through a -shm file it cannot create there. Without a
+        write-ahead log to merge, the file is read as it is (immutable); with one (a sweep still running,
+        or killed), a copy of both is read, so that no recorded result is missed."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if not (wal.is_file() and wal.stat().st_size):
+            return "ro&immutable=1", self.path
+        self._copy = tempfile.TemporaryDirectory(prefix="tunelab-results-")
+        copy = Path(self._copy.name) / self.path.name
+        shutil.copyfile(self.path, copy)
+        shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        return "rw", copy
+
     def close(self) -> None:
         self._conn.close()
+        if self._copy is not None:
+            self._copy.cleanup()
 
     def __enter__(self) -> ResultsStore:
         return self

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from tunelab.config import DataConfig
 from tunelab.errors import DataError, ResumeFailed, RunInterrupted, TunelabError
+from tunelab.rundir import write_atomically
 
 DEV_TEST_SEED = 0  # the permutation that splits an eval set without a test split into dev and test
 
@@ -35,6 +37,16 @@ def dev_test_indices(n: int, seed: int = DEV_TEST_SEED) -> tuple[list[int], list
     up) and test (the rest)."""
     order = np.random.default_rng(seed).permutation(n).tolist()
     return sorted(order[: (n + 1) // 2]), sorted(order[(n + 1) // 2 :])
+
+
+def _check_halvable(data: DataConfig, rows: int) -> None:
+    """An eval set split into dev and test needs a row for each."""
+    if rows < 2:
+        limit = f" (data.eval_limit is {data.eval_limit})" if data.eval_limit == rows else ""
+        raise DataError(
+            f"{data.eval}: {rows} usable eval row{limit} cannot be split into dev and test halves; give at "
+            "least 2, or the dataset a test set of its own (test:)"
+        )
 
 
 def median_step_time(metrics_file: Path) -> float | None:
@@ -53,7 +65,7 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     # torch comes in here, not at import: the sweep and recommend commands import this module
     from tunelab.assemble import load_run
     from tunelab.config import load_config
-    from tunelab.data import build_dataset, eval_dataset
+    from tunelab.data import build_dataset, eval_dataset, load_rows
     from tunelab.evaluate import evaluate_ranks
     from tunelab.reporting import peak_memory_bytes
     from tunelab.rundir import RunDir
@@ -61,6 +73,9 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
 
     options = options or {}
     config = load_config(config_path)
+    if not options.get("test"):  # before training: an eval set of one row cannot be halved
+        rows, _ = load_rows(config.data.eval, config.data, config.data.eval_split, "data.eval_split")
+        _check_halvable(config.data, min(len(rows), config.data.eval_limit or len(rows)))
     # an attempt at this trial that a stopped sweep left (Ctrl-C, SIGTERM) goes on from its checkpoint;
     # one that finished training but not its evaluation is only evaluated
     try:
@@ -72,12 +87,8 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     dev = eval_dataset(config.data, built.tokenizer, limit=config.data.eval_limit)
     if options.get("test"):
         test = build_dataset(options["test"], built.tokenizer, config.data, limit=config.data.eval_limit)
-    elif len(dev) < 2:
-        raise DataError(
-            f"{config.data.eval}: {len(dev)} usable eval row cannot be split into dev and test halves; give "
-            "at least 2, or the dataset a test set of its own (test:)"
-        )
     else:
+        _check_halvable(config.data, len(dev))  # rows can be dropped (no response token within max_length)
         dev_rows, test_rows = dev_test_indices(len(dev))
         dev, test = dev.subset(dev_rows), dev.subset(test_rows)
     ranks = options.get("ranks") or None
@@ -123,10 +134,7 @@ def main(argv: list[str]) -> int:
         reporting = sys.modules.get("tunelab.reporting")  # imported with torch, before training
         if reporting is not None:  # a stopped attempt's peak counts in the row of the attempt that resumes it
             result["peak_memory_bytes"] = reporting.peak_memory_bytes()
-    # write then rename: the executor never reads half a file
-    partial = result_path.with_name(result_path.name + ".partial")
-    partial.write_text(json.dumps(result))
-    os.replace(partial, result_path)
+    write_atomically(result_path, json.dumps(result))  # the executor never reads half a file
     return 1 if "error" in result else 0
 
 
