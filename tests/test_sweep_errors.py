@@ -429,6 +429,42 @@ def test_trials_on_data_that_did_not_load_are_skipped(tmp_path, monkeypatch, cap
     )
 
 
+def test_a_finished_trial_is_not_trained_again_for_a_logging_key(tmp_path, monkeypatch, capsys):
+    """Config ids hold every key: adding log_steps to the base re-ran every trial, to the same scores."""
+    from tunelab.hpsearch import commands
+    from tunelab.hpsearch.executors import TrialResult
+
+    trained = []
+
+    def made_up_run_local(trials, work_dir, on_result, max_parallel, on_start=None, processes=None):
+        for trial in trials:
+            trained.append(trial.config["train"]["lr"])
+            on_result(trial, TrialResult(score=1.0, rows=[{"rank": None, "score": 1.0, "test_score": 1.0}]))
+
+    monkeypatch.setattr(commands, "run_local", made_up_run_local)
+    spec = tmp_path / "sweep.yaml"
+    dataset = {"name": "add", "train": "addition:train", "eval": "addition:eval", "metric": "loss"}
+    sweep = {"base": {"train": {"max_steps": 5}}, "grid": {"train.lr": [1e-4]}, "datasets": [dataset]}
+    spec.write_text(yaml.safe_dump(sweep))
+    assert run_cli(capsys, "sweep", str(spec))[0] == 0
+    sweep["base"]["train"] |= {"log_steps": 1, "save_steps": 2}
+    spec.write_text(yaml.safe_dump(sweep))
+    line = _error_line(capsys, tmp_path, ["sweep", str(spec)])
+    assert line == (
+        f"error: {spec}: finished trials would train again only because train.log_steps 10 -> 1, "
+        "train.save_steps 0 -> 2 changed; these keys change what a run logs or saves, not what it learns: "
+        "set them back to keep the finished results, or give this sweep another --db"
+    )
+    sweep["grid"]["train.lr"].append(3e-4)  # a new trial next to the old one: the check is about the old
+    sweep["base"]["train"] = {"max_steps": 5}
+    spec.write_text(yaml.safe_dump(sweep))
+    assert run_cli(capsys, "sweep", str(spec))[0] == 0
+    sweep["base"]["train"]["max_steps"] = 6  # a change of what is learned: every trial trains again
+    spec.write_text(yaml.safe_dump(sweep))
+    assert run_cli(capsys, "sweep", str(spec))[0] == 0
+    assert trained == [1e-4, 3e-4, 1e-4, 3e-4]
+
+
 def test_tables_printed_into_a_pipe_keep_each_row_on_one_line(monkeypatch):
     """rich wraps at 80 columns off a terminal: a ranking's hyperparameters column came out in 7-letter
     fragments in a log file."""

@@ -55,10 +55,13 @@ from tunelab.hpsearch.spec import (
     SweepSpec,
     Trial,
     beside_the_spec,
+    bookkeeping_changes,
     check_datasets,
     data_fingerprint,
     expand,
     load_spec,
+    rank_config,
+    training_id,
 )
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, select
 from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock
@@ -118,6 +121,32 @@ class LazyStore:
     def __exit__(self, *exc: object) -> None:
         if self.store is not None:
             self.store.close()
+
+
+def _refuse_retraining_for_bookkeeping(trials: list[Trial], store: LazyStore, spec_path: Path) -> None:
+    """A finished trial whose config now differs only in logging or checkpoint keys would train the same
+    model again (config ids hold every key): stop before any trial, saying what changed."""
+    if store.store is None:
+        return
+    done = {
+        (row["dataset"], row["seed"], training_id(row["config"])): row["config"]
+        for row in store.store.rows()
+        if row["status"] == "done"
+    }
+    for trial in trials:
+        if store.finished(trial):
+            continue
+        for rank in trial.ranks or [None]:
+            ours = rank_config(trial.config, rank)
+            recorded = done.get((trial.dataset, trial.seed, training_id(ours)))
+            changes = recorded and bookkeeping_changes(ours, recorded)
+            if changes:
+                changed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
+                raise TunelabError(
+                    f"{spec_path}: finished trials would train again only because {changed} changed; "
+                    "these keys change what a run logs or saves, not what it learns: set them back to keep "
+                    "the finished results, or give this sweep another --db"
+                )
 
 
 def _data_versions(spec: SweepSpec) -> dict[str, str | None]:
@@ -351,6 +380,7 @@ def sweep(
 
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
     with LazyStore(db) as store, sweep_lock(work_dir), stopping:  # an unusable --db: no runs folder
+        _refuse_retraining_for_bookkeeping([*trials, *confirmations], store, spec_path)
         for dataset, sha in versions.items():
             stale = store.store.stale_results(dataset, sha) if store.store and sha else 0
             if stale:

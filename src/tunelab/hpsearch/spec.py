@@ -76,6 +76,12 @@ EVAL_RANK_KEY = "method.rank"  # the rank a dylora trial's row was evaluated at
 # config id, so a database written before the key existed still matches its spec (every key is in a
 # resolved config, so a new one would otherwise change every id and restart every trial)
 KEYS_ADDED_LATER = {"train.keep_checkpoints": 0}
+# keys that change what a run logs and saves, not what it learns. They are in config ids all the same
+# (databases written with them must keep matching their specs); the sweep refuses to train a finished
+# trial again for them alone (bookkeeping_changes)
+BOOKKEEPING_KEYS = (
+    "train.log_steps", "train.save_steps", "train.keep_checkpoints", "train.eval_steps", "train.report_to"
+)  # fmt: skip
 
 
 class DatasetSpec(BaseModel):
@@ -339,6 +345,22 @@ def config_id(config: dict[str, Any]) -> str:
     )
     canonical = json.dumps(hyperparameters, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def training_id(config: dict[str, Any]) -> str:
+    """config_id without BOOKKEEPING_KEYS: configs that train the same model share it."""
+    return config_id({key: value for key, value in flatten(config).items() if key not in BOOKKEEPING_KEYS})
+
+
+def bookkeeping_changes(trial_config: dict[str, Any], recorded: dict[str, Any]) -> dict[str, tuple] | None:
+    """{key: (recorded value, trial's value)} when two configs differ in BOOKKEEPING_KEYS alone (so they
+    train the same model; PLACEMENT_KEYS aside); None when they differ in anything else, or in nothing."""
+    ours, theirs = flatten(trial_config), flatten(recorded)
+    keys = (ours.keys() | theirs.keys()) - set(PLACEMENT_KEYS)
+    differing = {key for key in keys if ours.get(key) != theirs.get(key)}
+    if not differing or not differing <= set(BOOKKEEPING_KEYS):
+        return None
+    return {key: (theirs.get(key), ours.get(key)) for key in sorted(differing)}
 
 
 def _trial_data(value: str) -> str:
