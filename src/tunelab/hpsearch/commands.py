@@ -710,12 +710,12 @@ def _cbs_config_files(
     for entry in ranking:
         path = folder / f"cbs-{entry['rank']}-{entry['config']}.yaml"
         covers = ", ".join(entry["covers"]) or "nothing new"
-        comment = f"CBS rank {entry['rank']} of {source.name} (covers {covers})"
+        comment = f"#{entry['rank']} in the CBS ranking of {source.name} (covers {covers})"
         where = f"{source}: config {entry['config']} (hyperparameters must be config keys, e.g. train.lr)"
         hyperparameters = dict(entry["hyperparameters"])
         rank = hyperparameters.pop(EVAL_RANK_KEY, None)
         if rank is not None:  # a dylora row: the config trains every rank; this one was chosen
-            comment += f"; evaluate and export at --rank {rank}"
+            comment += f"; evaluate and export its adapter at rank {rank} (--rank {rank})"
         trial = flatten(matrix.configs[entry["config"]])  # one of its trials (a results table: none)
         if "model" in hyperparameters:  # as the trials read it: from the working directory
             hyperparameters["model"] = model_location(hyperparameters["model"])
