@@ -680,8 +680,10 @@ def _recommend_cbs(
         _write_text(json_path, json.dumps(result.as_json(), indent=2))
     for path, text in files.items():
         _write_text(path, text)
-    earlier = sorted(path.name for path in (write_config or Path()).glob("cbs-*.yaml") if path not in files)
-    if write_config and earlier:
+    earlier = (
+        sorted(path.name for path in write_config.glob("cbs-*.yaml") if path not in files) if files else []
+    )
+    if earlier:
         console.print(
             f"note: {write_config} also holds {len(earlier)} config(s) of an earlier recommendation "
             f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''})",
