@@ -189,3 +189,26 @@ def test_gsm8k_builtin_split():
     assert [r for _, r in dev_rows + test_rows] == [r for _, r in eval_rows] and len(dev_rows) == 100
     with pytest.raises(TunelabError, match="unknown split 'valid'; use gsm8k:train, gsm8k:eval, gsm8k:dev"):
         load_rows("gsm8k:valid")
+
+
+def test_a_large_dataset_says_it_is_being_tokenized(tmp_path, tokenizer, capfd, monkeypatch):
+    """40,000 rows took a minute to tokenize in silence; off a terminal one line says what is going on
+    (a terminal gets a progress bar), and the examples are the same as without it."""
+    from tunelab.data import PROGRESS_ROWS
+
+    path = tmp_path / "big.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n" for i in range(PROGRESS_ROWS)
+        )
+    )
+    shown = build_dataset(str(path), tokenizer, DataConfig(train=str(path)))
+    assert capfd.readouterr().err.splitlines() == [f"tokenizing {PROGRESS_ROWS} rows of {path} ..."]
+    small = build_dataset(str(path), tokenizer, DataConfig(train=str(path)), limit=PROGRESS_ROWS - 1)
+    assert capfd.readouterr().err == ""  # fewer rows: no line
+    assert [shown[i]["input_ids"] for i in range(len(small))] == [
+        small[i]["input_ids"] for i in range(len(small))
+    ]
+    monkeypatch.setenv("RANK", "1")  # under accelerate launch, the first process alone says it
+    build_dataset(str(path), tokenizer, DataConfig(train=str(path)))
+    assert capfd.readouterr().err == ""

@@ -16,12 +16,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunelab.config import ROW_FIELDS as FORMAT_FIELDS
 from tunelab.config import DataConfig, check_source, data_suffix, read_utf8
@@ -595,6 +599,34 @@ class TokenizedDataset(torch.utils.data.Dataset):
         )
 
 
+# from this many rows on, tokenizing takes long enough to show progress (~1 ms a chat row on 2 cores)
+PROGRESS_ROWS = 2000
+
+
+def _with_progress(rows: list[Row], spec: str) -> Iterator[Row]:
+    """`rows`, with a progress bar on a terminal while a large dataset is tokenized (a minute of silence
+    for 40,000 rows before), or one line saying so in a log; under a launcher, by its first process only."""
+    if len(rows) < PROGRESS_ROWS or int(os.environ.get("RANK", "0")) != 0:
+        yield from rows
+        return
+    progress_console = Console(stderr=True, emoji=False, highlight=False)
+    if not progress_console.is_terminal:
+        progress_console.print(f"tokenizing {len(rows)} rows of {escape(spec)} ...", soft_wrap=True)
+        yield from rows
+        return
+    columns = (
+        TextColumn(f"tokenizing {escape(spec)}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=progress_console, transient=True) as progress:
+        task = progress.add_task("rows", total=len(rows))
+        for row in rows:
+            yield row
+            progress.advance(task)
+
+
 def build_dataset(
     spec: str,
     tokenizer,
@@ -621,27 +653,29 @@ def build_dataset(
     else:
         template = "none" if fmt == "text" else "chat"
     features, examples, report = [], [], RowReport()
-    for where, row in rows:
-        try:
-            if isinstance(row, BadRow):
-                raise row
-            segments, reference = render(where, row, fmt, tokenizer, template)
-        except BadRow as bad:
-            if not options.skip_bad_rows:
-                raise
-            report.add(f"skipped: {bad.reason}", where)
-            continue
-        feature, cut = tokenize_segments(segments, tokenizer, max_length, train_on_prompt)
-        if all(label == IGNORE_INDEX for label in feature["labels"]):
-            report.add(f"dropped: response beyond data.max_length={max_length}", where)
-            continue
-        if cut:
-            report.add(f"truncated to data.max_length={max_length}", where)
-        if fmt != "text" and not reference.strip():  # kept, but it teaches only to stop at once
-            report.add("with an empty response (only its end token is a target)", where)
-        features.append(feature)
-        prompt = next((text for text, is_response in segments if not is_response), "")
-        examples.append(Example(prompt, reference))
+    # closing: a bad row ends the loop with an exception, and the progress bar with it
+    with closing(_with_progress(rows, spec)) as rows_shown:
+        for where, row in rows_shown:
+            try:
+                if isinstance(row, BadRow):
+                    raise row
+                segments, reference = render(where, row, fmt, tokenizer, template)
+            except BadRow as bad:
+                if not options.skip_bad_rows:
+                    raise
+                report.add(f"skipped: {bad.reason}", where)
+                continue
+            feature, cut = tokenize_segments(segments, tokenizer, max_length, train_on_prompt)
+            if all(label == IGNORE_INDEX for label in feature["labels"]):
+                report.add(f"dropped: response beyond data.max_length={max_length}", where)
+                continue
+            if cut:
+                report.add(f"truncated to data.max_length={max_length}", where)
+            if fmt != "text" and not reference.strip():  # kept, but it teaches only to stop at once
+                report.add("with an empty response (only its end token is a target)", where)
+            features.append(feature)
+            prompt = next((text for text, is_response in segments if not is_response), "")
+            examples.append(Example(prompt, reference))
     if not features:
         if any(reason.startswith("skipped") for reason in report.counts):  # not a length problem
             raise DataError(f"dataset '{spec}': no usable row ({report.summary(spec, len(rows), 0)})")
