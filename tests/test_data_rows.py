@@ -9,7 +9,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli, tiny_config
 from tunelab.config import DataConfig, load_config, validate
-from tunelab.data import IGNORE_INDEX, build_dataset
+from tunelab.data import IGNORE_INDEX, build_dataset, load_rows
 from tunelab.errors import TunelabError
 from tunelab.evaluate import score_exact_match
 
@@ -101,6 +101,40 @@ def test_sharegpt_trains_exactly_what_the_same_messages_would(tmp_path, tokenize
     assert sharegpt.features == messages.features
     assert "Hello there" in tokenizer.decode(sharegpt.features[1]["input_ids"])
     assert tokenizer.decode(_response_ids(sharegpt.features[1])) == "4<|im_end|>"  # weight 0 not trained
+
+
+def test_chat_turns_in_either_shape_under_either_key_train_the_same(tmp_path, tokenizer):
+    """Hub datasets keep {role, content} turns under 'conversations' and {from, value} under 'messages'."""
+    turns = [("user", "human", "2+2?"), ("assistant", "gpt", "4")]
+    openai = [{"role": role, "content": text} for role, _, text in turns]
+    sharegpt = [{"from": speaker, "value": text} for _, speaker, text in turns]
+    rows = [
+        {"messages": openai},
+        {"messages": sharegpt},
+        {"conversations": openai},
+        {"conversations": sharegpt},
+    ]
+    features = [
+        build_dataset(str(_jsonl(tmp_path, [row], f"{i}.jsonl")), tokenizer).features
+        for i, row in enumerate(rows)
+    ]
+    assert all(each == features[0] for each in features)
+    no_from = _jsonl(tmp_path, [{"conversations": [{"speaker": "human", "text": "hi"}]}], "odd.jsonl")
+    with pytest.raises(TunelabError, match="turn 1 has no 'from' \\(its keys: speaker, text\\)"):
+        build_dataset(str(no_from), tokenizer)
+
+
+def test_a_conversation_that_opens_with_the_assistant_trains_the_replies_after_it(tmp_path, tokenizer):
+    """Real ShareGPT dumps often start with the assistant's greeting: it answers nothing, so it is the
+    prompt's; the conversation failed with "Cannot apply chat template to an empty conversation"."""
+    turns = [("assistant", "Hi! How can I help?"), ("user", "2+2?"), ("assistant", "4")]
+    row = {"messages": [{"role": role, "content": text} for role, text in turns]}
+    dataset = build_dataset(str(_jsonl(tmp_path, [row])), tokenizer)
+    assert tokenizer.decode(_response_ids(dataset.features[0])) == "4<|im_end|>"
+    assert "Hi! How can I help?" in dataset.examples[0].prompt and dataset.examples[0].reference == "4"
+    greeting_only = _jsonl(tmp_path, [{"messages": row["messages"][:1]}], "greeting.jsonl")
+    with pytest.raises(TunelabError, match="no assistant turn to train on"):
+        build_dataset(str(greeting_only), tokenizer)
 
 
 def test_numbers_are_kept_in_the_prompt(tmp_path, tokenizer):
@@ -240,6 +274,24 @@ def test_files_as_people_save_them(tmp_path, tokenizer):
     ragged.write_text("prompt,completion\n1+1=,2\n1+2=,3,extra\n")
     with pytest.raises(TunelabError, match=rf"{ragged}:3: row has 3 fields, the header has 2"):
         build_dataset(str(ragged), tokenizer)
+    # Excel: CRLF line ends, also inside a quoted cell of several lines; the row after it still named
+    # by the line it starts on
+    multiline = tmp_path / "multiline.csv"
+    multiline.write_bytes(b'prompt,completion\r\n"Sum:\r\n1+1=","2\r\nexactly"\r\n1+2=,3,extra\r\n')
+    with pytest.raises(TunelabError, match=rf"{multiline}:5: row has 3 fields"):
+        build_dataset(str(multiline), tokenizer)
+    multiline.write_bytes(multiline.read_bytes().replace(b",extra", b""))
+    dataset = build_dataset(str(multiline), tokenizer)
+    assert dataset.examples[0].reference == "2\nexactly" and "\r" not in dataset.examples[0].prompt
+    assert [where for where, _ in load_rows(str(multiline))[0]] == [f"{multiline}:2", f"{multiline}:5"]
+    # a JSON object holding the rows beside other keys; JSON lines with the array's commas left in
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"version": 2, "data": [{"prompt": "1+1=", "completion": "2"}]}))
+    assert build_dataset(str(wrapped), tokenizer).examples[0].reference == "2"
+    commas = tmp_path / "commas.jsonl"
+    commas.write_text('{"prompt": "1+1=", "completion": "2"},\n{"prompt": "1+2=", "completion": "3"}\n')
+    with pytest.raises(TunelabError, match=rf"{commas}:1: invalid JSON \(Extra data\); remove the ',' after"):
+        build_dataset(str(commas), tokenizer)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".json"])

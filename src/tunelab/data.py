@@ -60,7 +60,9 @@ def _read_jsonl(path: Path, text: str, keep_bad: bool = False) -> list[Row]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            message = f"{where}: invalid JSON ({exc.msg}); each line must be one JSON object"
+            # a JSON array cut into lines by hand keeps the comma after each object
+            comma = "; remove the ',' after the object" if line.rstrip().endswith(("},", "} ,")) else ""
+            message = f"{where}: invalid JSON ({exc.msg}){comma}; each line must be one JSON object"
             row = BadRow(message + LINE_SKIP_HINT, "invalid JSON")
         if not isinstance(row, dict | BadRow):
             message = f"{where}: expected a JSON object, got {type(row).__name__}"
@@ -91,20 +93,24 @@ def first_row(rows: list[Row]) -> tuple[str, dict]:
 
 def _read_csv(path: Path, text: str, delimiter: str | None = None) -> list[Row]:
     """Strings only (no type guessing, so ' 5' stays ' 5'); the delimiter (, ; tab), unless given, is
-    read off the header line, so a semicolon CSV from a European spreadsheet works as is."""
+    read off the header line, so a semicolon CSV from a European spreadsheet works as is. A cell of
+    several lines (Excel writes CRLF inside quotes) keeps plain newlines, and a row is named by the line
+    it starts on."""
     header = text.split("\n", 1)[0]
     delimiter = delimiter or max(",;\t", key=header.count)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    rows = []
+    rows, start = [], 2  # the line after the header
     try:
         for row in reader:
             if None in row or None in row.values():
                 fields = len(row) - (None in row) + len(row.get(None) or [])
                 raise DataError(
-                    f"{path}:{reader.line_num}: row has {fields} fields, the header has "
+                    f"{path}:{start}: row has {fields} fields, the header has "
                     f"{len(reader.fieldnames)}; quote fields that contain '{delimiter}'"
                 )
-            rows.append((f"{path}:{reader.line_num}", row))
+            cells = {key: value.replace("\r\n", "\n") for key, value in row.items()}
+            rows.append((f"{path}:{start}", cells))
+            start = reader.line_num + 1
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
     return rows
@@ -120,10 +126,14 @@ def _read_json(path: Path, text: str, keep_bad: bool = False) -> list[Row]:
             # one document (an array, a pretty-printed object), not JSON lines: say where it breaks
             raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         return _read_jsonl(path, text, keep_bad)
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))
+    if isinstance(data, dict):  # {"data": [...]}, also beside other keys ({"version": 2, "data": [...]})
+        lists = [value for value in data.values() if isinstance(value, list)]
+        data = lists[0] if len(lists) == 1 else data
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-        raise DataError(f"{path}: expected a JSON list of objects (or one object per line)")
+        raise DataError(
+            f"{path}: expected a JSON list of objects, an object holding one such list, or one object "
+            "per line"
+        )
     return [(f"{path} row {i + 1}", row) for i, row in enumerate(data)]
 
 
@@ -339,6 +349,8 @@ def clean_messages(
         )
     cleaned, trained = [], []
     for turn, message in enumerate(messages):
+        if "role" not in message and "from" in message:  # ShareGPT's turn shape under 'messages'
+            message = _sharegpt_turn(where, turn, message)
         role = message.get("role")
         if role == "developer":  # OpenAI's newer name for the system message
             role, message = "system", {**message, "role": "system"}
@@ -363,7 +375,8 @@ def clean_messages(
                 "tool calls unsupported",
             )
         cleaned.append(clean)
-        trained.append(role == "assistant" and weight == 1)
+        # a greeting that opens a conversation answers nothing: context for the turns after it
+        trained.append(role == "assistant" and weight == 1 and turn > 0)
     if need_assistant and not any(trained):
         raise BadRow(
             f"{where}: the conversation has no assistant turn to train on{SKIP_HINT}", "no assistant turn"
@@ -378,20 +391,29 @@ def sharegpt_messages(where: str, conversations: object) -> list[dict]:
             f"{where}: 'conversations' must be a list of {{from, value}} objects{SKIP_HINT}",
             "malformed messages",
         )
-    messages = []
-    for turn, item in enumerate(conversations):
-        speaker = item.get("from")
-        if speaker not in SHAREGPT_ROLES:
-            raise BadRow(
-                f"{where}: turn {turn + 1} has from {speaker!r}; ShareGPT speakers are "
-                f"{', '.join(SHAREGPT_ROLES)}{SKIP_HINT}",
-                "unknown role",
-            )
-        if "value" not in item:
-            raise BadRow(f"{where}: turn {turn + 1} has no 'value'{SKIP_HINT}", "message without content")
-        rest = {key: value for key, value in item.items() if key not in ("from", "value")}
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": item["value"], **rest})
-    return messages
+    # turns in OpenAI's {role, content} shape (many hub datasets keep them under 'conversations') as they are
+    return [
+        item if "role" in item else _sharegpt_turn(where, turn, item)
+        for turn, item in enumerate(conversations)
+    ]
+
+
+def _sharegpt_turn(where: str, turn: int, item: dict) -> dict:
+    """A ShareGPT turn ({from, value}) as a chat message ({role, content}); other keys (weight) kept."""
+    speaker = item.get("from")
+    if speaker not in SHAREGPT_ROLES:
+        found = (
+            f"from {speaker!r}" if "from" in item else f"no 'from' (its keys: {', '.join(map(str, item))})"
+        )
+        raise BadRow(
+            f"{where}: turn {turn + 1} has {found}; ShareGPT speakers are "
+            f"{', '.join(SHAREGPT_ROLES)}{SKIP_HINT}",
+            "unknown role",
+        )
+    if "value" not in item:
+        raise BadRow(f"{where}: turn {turn + 1} has no 'value'{SKIP_HINT}", "message without content")
+    rest = {key: value for key, value in item.items() if key not in ("from", "value")}
+    return {"role": SHAREGPT_ROLES[speaker], "content": item["value"], **rest}
 
 
 def render_chat(where: str, tokenizer, messages: list[dict], **options) -> str:
@@ -424,7 +446,7 @@ def _message_segments(where: str, messages: object, tokenizer) -> tuple[list[tup
     full = render_chat(where, tokenizer, messages)
     segments, position = [], 0
     for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or turn == 0:  # an opening greeting: prompt of the next turn
             continue
         prompt = render_chat(where, tokenizer, messages[:turn], add_generation_prompt=True)
         if not full.startswith(prompt) or len(prompt) < position:
