@@ -124,6 +124,21 @@ def test_chat_turns_in_either_shape_under_either_key_train_the_same(tmp_path, to
         build_dataset(str(no_from), tokenizer)
 
 
+def test_chat_rows_from_parquet_read_as_the_same_rows_in_json_lines(tmp_path, tokenizer):
+    """Arrow gives every turn every key some turn has: weight None where a turn had none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    turns = [("user", "2+2?"), ("assistant", "3"), ("user", "sure?"), ("assistant", "4")]
+    messages = [{"role": role, "content": text} for role, text in turns]
+    messages[1]["weight"] = 0  # the only turn with a weight
+    rows = [{"messages": messages}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    assert pa.Table.from_pylist(rows).to_pylist()[0]["messages"][0]["weight"] is None
+    from_parquet = build_dataset(str(tmp_path / "chat.parquet"), tokenizer)
+    assert from_parquet.features == build_dataset(str(_jsonl(tmp_path, rows)), tokenizer).features
+
+
 def test_a_conversation_that_opens_with_the_assistant_trains_the_replies_after_it(tmp_path, tokenizer):
     """Real ShareGPT dumps often start with the assistant's greeting: it answers nothing, so it is the
     prompt's; the conversation failed with "Cannot apply chat template to an empty conversation"."""
@@ -305,6 +320,26 @@ def test_invalid_utf8_names_file_line_and_byte(tmp_path, capsys, tiny_model_dir,
     line = 2 if suffix in (".csv", ".json") else 1
     assert_one_line_error(code, err, f"{path}:{line}: not valid UTF-8 (byte 0xe9 at column ", "iconv")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "text, encoding, advice",
+    [
+        ('{"prompt": "café", "completion": "x"}\n', "latin-1", "iconv -f latin1 -t utf-8 data.jsonl"),
+        # Excel's CSV on Windows: – “ ” € are bytes 0x80-0x9f, which latin1 reads as control characters
+        ('{"prompt": "“café” – 5 €", "completion": "x"}\n', "cp1252", "iconv -f CP1252 -t utf-8 data.jsonl"),
+        # PowerShell's and Notepad's "Unicode"
+        ('{"prompt": "café", "completion": "x"}\n' * 3, "utf-16", "UTF-16 text (as PowerShell and Notepad's"),
+    ],
+)
+def test_text_that_is_not_utf8_gets_the_conversion_that_reads_it(tmp_path, tokenizer, text, encoding, advice):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(TunelabError) as caught:
+        build_dataset(str(path), tokenizer)
+    assert advice in str(caught.value) and f"iconv -f {'UTF-16' if encoding == 'utf-16' else ''}" in str(
+        caught.value
+    )
 
 
 def test_eval_set_is_what_the_user_named(tmp_path):

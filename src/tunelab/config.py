@@ -335,16 +335,31 @@ def read_utf8(path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        fixed = shell_word(f"fixed{data_suffix(path)}")
+        encoding = source_encoding(raw)
+        convert = f"iconv -f {encoding} -t utf-8 {shell_word(path.name)} > {fixed}"
+        if module is not None:  # iconv reads the text, not the archive
+            convert = f"{cat} {shell_word(path.name)} | iconv -f {encoding} -t utf-8 > {fixed}"
+        if encoding.startswith("UTF-16"):  # every other byte is 0: lines and columns would mislead
+            raise TunelabError(
+                f"{path}: UTF-16 text (as PowerShell and Notepad's 'Unicode' save it), not UTF-8; save "
+                f"the file as UTF-8, e.g. {convert}"
+            ) from None
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        fixed = shell_word(f"fixed{data_suffix(path)}")
-        convert = f"iconv -f latin1 -t utf-8 {shell_word(path.name)} > {fixed}"
-        if module is not None:  # iconv reads the text, not the archive
-            convert = f"{cat} {shell_word(path.name)} | iconv -f latin1 -t utf-8 > {fixed}"
         raise TunelabError(
             f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); save the "
             f"file as UTF-8, e.g. {convert}"
         ) from None
+
+
+def source_encoding(raw: bytes) -> str:
+    """The likeliest encoding of text that is not UTF-8, as iconv names it: UTF-16 (a byte-order mark,
+    or zero bytes between ASCII ones), Windows' CP1252 when it uses bytes 0x80-0x9f (– “ ” € in Excel's
+    'CSV' on Windows; latin1 reads them as control characters), else latin1."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or max(raw[0:200:2].count(0), raw[1:200:2].count(0)) > 50:
+        return "UTF-16"
+    return "CP1252" if any(0x80 <= byte <= 0x9F for byte in raw) else "latin1"
 
 
 def read_yaml(path: str | Path) -> tuple[dict, str]:

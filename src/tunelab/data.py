@@ -361,6 +361,8 @@ def clean_messages(
                 f"{', '.join(CHAT_ROLES)}{sharegpt if role in SHAREGPT_ROLES else ''}{SKIP_HINT}",
                 "unknown role",
             )
+        # parquet and datasets folders give every turn every key a turn has, as None where it had none
+        message = {key: value for key, value in message.items() if value is not None or key == "content"}
         weight = message.get("weight", 1)
         if weight not in (0, 1) or isinstance(weight, bool):
             raise BadRow(
