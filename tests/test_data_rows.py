@@ -342,6 +342,25 @@ def test_text_that_is_not_utf8_gets_the_conversion_that_reads_it(tmp_path, token
     )
 
 
+def test_data_columns_apply_to_an_eval_file_that_has_those_columns(tmp_path, tokenizer):
+    """Training rows that need a mapping beside an eval file in chat format: the mapping named a column
+    the eval file does not have, and training stopped."""
+    from tunelab.data import eval_dataset
+
+    train = _jsonl(tmp_path, [{"question": "1+1=", "answer": "2"}], "train.jsonl")
+    chat = _jsonl(
+        tmp_path,
+        [{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}],
+        "chat.jsonl",
+    )
+    options = DataConfig(
+        train=str(train), eval=str(chat), columns={"prompt": "question", "completion": "answer"}
+    )
+    assert eval_dataset(options, tokenizer).examples[0].reference == "2"
+    like_train = options.model_copy(update={"eval": str(train)})  # an eval file like the training data
+    assert eval_dataset(like_train, tokenizer).examples[0].reference == "2"
+
+
 def test_eval_set_is_what_the_user_named(tmp_path):
     assert DataConfig().eval == "gsm8k:eval"
     assert DataConfig(train="addition:train").eval == "addition:eval"
@@ -391,3 +410,25 @@ def test_data_mistakes_get_the_right_advice(tmp_path, tokenizer):
     array.write_text('[\n  {"prompt": "a", "completion": "b"},\n]\n')
     with pytest.raises(TunelabError, match=rf"{array}:3: invalid JSON"):
         build_dataset(str(array), tokenizer)
+
+
+def test_data_as_a_new_user_mistakes_it(tmp_path, tokenizer):
+    # every response empty (the wrong column): nothing to learn, though each row alone is allowed
+    empty = _jsonl(tmp_path, [{"prompt": f"{i}+1=", "completion": ""} for i in range(3)], "empty.jsonl")
+    with pytest.raises(TunelabError, match=rf"every response is empty \(3 rows, the first {empty}:1\)"):
+        build_dataset(str(empty), tokenizer)
+    # a spreadsheet's empty rows at the end are no examples
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("prompt,completion\n1+1=,2\n,\n , \n")
+    assert len(build_dataset(str(sheet), tokenizer)) == 1
+    # a split named for one file: it was read whole
+    with pytest.raises(TunelabError, match=rf"data.split=test: '{sheet}' has no splits"):
+        build_dataset(str(sheet), tokenizer, split="test")
+    with pytest.raises(TunelabError, match="is a URL; tunelab reads local files and hub datasets"):
+        build_dataset("https://example.com/train.jsonl", tokenizer)
+    workbook = tmp_path / "data.xlsx"
+    workbook.write_bytes(b"PK\x03\x04")
+    with pytest.raises(
+        TunelabError, match="unsupported file type '.xlsx'.*; save a spreadsheet as 'CSV UTF-8'"
+    ):
+        build_dataset(str(workbook), tokenizer)

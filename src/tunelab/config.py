@@ -468,14 +468,20 @@ def check_source(spec: str) -> Path | None:
     nothing tunelab reads, so a typo is found before any long work."""
     if parse_builtin(spec) is not None:
         return None
+    if "://" in spec:  # tunelab reads no URL: it would be taken as a path 'https:/...'
+        raise TunelabError(
+            f"'{spec}' is a URL; tunelab reads local files and hub datasets (owner/name): download the file "
+            "and give its path"
+        )
     path = Path(spec).expanduser()
     suffix = data_suffix(path)
     compressed = path.suffix.lower() in COMPRESSIONS
     if path.is_file() and (suffix not in FILE_SUFFIXES or (compressed and suffix == ".parquet")):
+        spreadsheet = "; save a spreadsheet as 'CSV UTF-8'" if suffix in (".xlsx", ".xls", ".ods") else ""
         raise TunelabError(
             f"{path}: unsupported file type '{''.join(path.suffixes[-2:]) if compressed else path.suffix}'; "
             f"use one of {', '.join(FILE_SUFFIXES)} (all but .parquet also as .gz, .bz2, .xz), or a "
-            "datasets folder"
+            f"datasets folder{spreadsheet}"
         )
     if path.exists():
         return path

@@ -109,7 +109,8 @@ def _read_csv(path: Path, text: str, delimiter: str | None = None) -> list[Row]:
                     f"{len(reader.fieldnames)}; quote fields that contain '{delimiter}'"
                 )
             cells = {key: value.replace("\r\n", "\n") for key, value in row.items()}
-            rows.append((f"{path}:{start}", cells))
+            if any(value.strip() for value in cells.values()):  # a spreadsheet's empty rows (,,,) are none
+                rows.append((f"{path}:{start}", cells))
             start = reader.line_num + 1
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
@@ -194,7 +195,9 @@ def _read_hf_dataset(
             "check the path or id" + ("" if local else ", data.subset, and that the hub is reachable")
         ) from None
     label = spec
-    if isinstance(loaded, datasets.DatasetDict):
+    if not isinstance(loaded, datasets.DatasetDict):
+        _check_no_split(spec, split, split_key)
+    else:
         chosen = split or next((name for name in ("validation", "test") if name in loaded), None)
         if chosen not in loaded:
             raise DataError(
@@ -224,6 +227,15 @@ def map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
     return mapped
 
 
+def _check_no_split(spec: str, split: str | None, split_key: str) -> None:
+    """A split named for data that has none (one file, one saved Dataset) was read as all of the data."""
+    if split not in (None, "train"):
+        raise DataError(
+            f"{split_key}={split}: '{spec}' has no splits (a hub dataset or a saved DatasetDict has them); "
+            f"remove {split_key}, or point at the data of that split"
+        )
+
+
 def load_rows(
     spec: str, options: DataConfig | None = None, split: str | None = None, split_key: str = "data.split"
 ) -> tuple[list[Row], Task | None]:
@@ -242,6 +254,7 @@ def load_rows(
     elif path.is_dir():
         rows = _read_hf_dataset(str(path), True, split, options.subset, split_key)
     else:
+        _check_no_split(str(path), split, split_key)
         rows = _read_file(path, options.skip_bad_rows)
     if not rows:
         raise DataError(f"{spec}: the dataset has no rows")
@@ -645,6 +658,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
 # from this many rows on, tokenizing takes long enough to show progress (~1 ms a chat row on 2 cores)
 PROGRESS_ROWS = 2000
 TOKENIZE_BATCH_ROWS = 512  # rows rendered, then tokenized in one batch
+EMPTY_RESPONSE = "with an empty response (only its end token is a target)"
 
 
 def _with_progress(rows: list[Row], spec: str) -> Iterator[Row]:
@@ -709,7 +723,7 @@ def build_dataset(
             if cut:
                 report.add(f"truncated to data.max_length={max_length}", where)
             if fmt != "text" and not reference.strip():  # kept, but it teaches only to stop at once
-                report.add("with an empty response (only its end token is a target)", where)
+                report.add(EMPTY_RESPONSE, where)
             features.append(feature)
             prompt = next((text for text, is_response in segments if not is_response), "")
             examples.append(Example(prompt, reference))
@@ -729,6 +743,13 @@ def build_dataset(
             if len(rendered) == TOKENIZE_BATCH_ROWS:  # batches, so that the progress bar moves evenly
                 tokenize_rendered()
     tokenize_rendered()
+    empty = report.counts.get(EMPTY_RESPONSE, 0)
+    if features and empty == len(features):
+        raise DataError(
+            f"dataset '{spec}': every response is empty ({empty} rows, the first "
+            f"{report.first[EMPTY_RESPONSE]}): there is nothing to learn but the end token; check which "
+            f"column holds the responses (format {fmt}; data.columns maps yours)"
+        )
     if not features:
         if any(reason.startswith("skipped") for reason in report.counts):  # not a length problem
             raise DataError(f"dataset '{spec}': no usable row ({report.summary(spec, len(rows), 0)})")
@@ -749,10 +770,23 @@ def train_dataset(options: DataConfig, tokenizer, quiet: bool = False) -> Tokeni
     return build_dataset(options.train, tokenizer, options, split=options.split, quiet=quiet)
 
 
+def eval_columns(options: DataConfig) -> DataConfig:
+    """`options` with data.columns cut to the columns data.eval has: an eval file may be in the format's
+    own names (chat rows) beside training rows that need the mapping."""
+    if not options.columns:
+        return options
+    rows = load_rows(
+        options.eval, options.model_copy(update={"columns": {}}), options.eval_split, "data.eval_split"
+    )
+    return options.model_copy(update={"columns": columns_present(rows[0], options.columns)})
+
+
 def eval_dataset(
     options: DataConfig, tokenizer, limit: int | None = None, quiet: bool = False
 ) -> TokenizedDataset:
-    """data.eval (its data.eval_split), its first `limit` rows, as `options` say."""
+    """data.eval (its data.eval_split), its first `limit` rows, as `options` say (data.columns where the
+    file has those columns)."""
+    options = eval_columns(options)
     return build_dataset(
         options.eval, tokenizer, options, limit, options.eval_split, quiet, split_key="data.eval_split"
     )

@@ -23,7 +23,15 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.assemble import TunedModel, build
 from tunelab.config import RunConfig, dump_config, flatten, model_location, validate
-from tunelab.data import TokenizedDataset, check_source, collator, eval_dataset, load_rows, train_dataset
+from tunelab.data import (
+    TokenizedDataset,
+    check_source,
+    collator,
+    eval_columns,
+    eval_dataset,
+    load_rows,
+    train_dataset,
+)
 from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError, shell_word
 from tunelab.evaluate import loss_and_perplexity
 from tunelab.loss import causal_lm_loss, supports_head_loss
@@ -425,7 +433,7 @@ def _train_locked(
         eval_set = eval_dataset(config.data, tokenizer, limit=config.data.eval_limit)
     elif config.data.eval:
         # exists and reads: `tunelab eval` of this run will need it
-        load_rows(config.data.eval, config.data, config.data.eval_split, "data.eval_split")
+        load_rows(config.data.eval, eval_columns(config.data), config.data.eval_split, "data.eval_split")
     if untrained is None:
         # a spinner on a terminal, nothing in a log: the training line below follows the loading
         nf4 = " (4-bit nf4)" if config.quantization == "nf4" else ""

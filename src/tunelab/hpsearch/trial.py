@@ -65,7 +65,7 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     # torch comes in here, not at import: the sweep and recommend commands import this module
     from tunelab.assemble import load_run
     from tunelab.config import load_config
-    from tunelab.data import build_dataset, eval_dataset, load_rows
+    from tunelab.data import build_dataset, eval_columns, eval_dataset, load_rows
     from tunelab.evaluate import evaluate_ranks
     from tunelab.reporting import peak_memory_bytes
     from tunelab.rundir import RunDir
@@ -74,7 +74,9 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     options = options or {}
     config = load_config(config_path)
     if not options.get("test"):  # before training: an eval set of one row cannot be halved
-        rows, _ = load_rows(config.data.eval, config.data, config.data.eval_split, "data.eval_split")
+        rows, _ = load_rows(
+            config.data.eval, eval_columns(config.data), config.data.eval_split, "data.eval_split"
+        )
         _check_halvable(config.data, min(len(rows), config.data.eval_limit or len(rows)))
     # an attempt at this trial that a stopped sweep left (Ctrl-C, SIGTERM) goes on from its checkpoint;
     # one that finished training but not its evaluation is only evaluated
