@@ -78,6 +78,18 @@ def test_a_save_to_disk_dataset_without_splits(tmp_path, tokenizer):
     assert _responses(tokenizer, dataset[0]) == [" 5<|im_end|>"]
 
 
+def test_a_folder_whose_files_disagree_names_the_reason(tmp_path, tokenizer):
+    """datasets reads a folder of files; its error was 'An error occurred while generating the dataset'."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    (folder / "b.jsonl").write_text(json.dumps({"question": "1+2=", "answer": "3"}) + "\n")
+    with pytest.raises(
+        TunelabError, match=r"could not load it from the folder \(.* because column names don't match\)"
+    ):
+        build_dataset(str(folder), tokenizer)
+
+
 def test_a_missing_split_names_the_splits_there_are(saved_dict, tokenizer):
     with pytest.raises(TunelabError, match=r"has splits train, test, not validation; set data.split"):
         train_dataset(DataConfig(train=str(saved_dict), split="validation"), tokenizer)

@@ -149,8 +149,14 @@ def _quiet_datasets():
     return datasets
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
+def _first_line(exc: BaseException) -> str:
+    """The first line of what went wrong at the bottom of `exc`'s chain: datasets wraps the cause (a
+    column missing from one of a folder's files) in 'An error occurred while generating the dataset'."""
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    # Arrow's cast errors end with the reason ("... because column names don't match")
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
 def _read_parquet(path: Path) -> list[Row]:
