@@ -538,25 +538,36 @@ def _instruction_segments(
     return [(prompt, False), (response + eos, True)], response
 
 
+def row_content(where: str, row: dict, fmt: str, tokenizer) -> tuple[str, str, str] | list[dict] | str:
+    """A row's texts, checked (its fields there and text, its chat turns well formed) before any template
+    runs: (instruction or prompt, context, response), the messages, or the text. Cheap, so that a bad row
+    anywhere in a large file is found before the rows before it are tokenized."""
+    if fmt == "alpaca":
+        context = as_text(where, row["input"], "input") if row.get("input") is not None else ""
+        return _text(where, row, "instruction", fmt), context, _text(where, row, "output", fmt)
+    if fmt == "prompt-completion":
+        return _text(where, row, "prompt", fmt), "", _text(where, row, "completion", fmt)
+    if fmt in ("messages", "sharegpt"):
+        messages = (
+            row.get("messages") if fmt == "messages" else sharegpt_messages(where, row.get("conversations"))
+        )
+        clean_messages(where, messages, tokenizer)
+        return messages
+    return _text(where, row, "text", fmt)
+
+
 def render(
     where: str, row: dict, fmt: str, tokenizer, template: str = "alpaca"
 ) -> tuple[list[tuple[str, bool]], str]:
     """A row as (text, is_response) segments, in order, and the first response's own text (what
     exact match compares a generation with: no template markers, no end-of-sequence token).
     `template` (chat, alpaca, none) is how alpaca and prompt-completion rows become text."""
-    if fmt == "alpaca":
-        context = as_text(where, row["input"], "input") if row.get("input") is not None else ""
-        instruction, output = _text(where, row, "instruction", fmt), _text(where, row, "output", fmt)
-        return _instruction_segments(where, instruction, context, output, template, tokenizer)
-    if fmt == "prompt-completion":
-        prompt, completion = _text(where, row, "prompt", fmt), _text(where, row, "completion", fmt)
-        return _instruction_segments(where, prompt, "", completion, template, tokenizer)
-    if fmt == "messages":
-        return _message_segments(where, row.get("messages"), tokenizer)
-    if fmt == "sharegpt":
-        return _message_segments(where, sharegpt_messages(where, row.get("conversations")), tokenizer)
-    text = _text(where, row, "text", fmt)
-    return [(text + (tokenizer.eos_token or ""), True)], text
+    content = row_content(where, row, fmt, tokenizer)
+    if fmt in ("alpaca", "prompt-completion"):
+        return _instruction_segments(where, *content, template, tokenizer)
+    if fmt in ("messages", "sharegpt"):
+        return _message_segments(where, content, tokenizer)
+    return [(content + (tokenizer.eos_token or ""), True)], content
 
 
 def adds_special_tokens(tokenizer, text: str) -> bool:
@@ -716,6 +727,11 @@ def build_dataset(
         template = resolve_template(options.template, tokenizer)
     else:
         template = "none" if fmt == "text" else "chat"
+    if not options.skip_bad_rows:  # the first bad row in seconds, not after a minute of tokenizing
+        for where, row in rows:
+            if isinstance(row, BadRow):
+                raise row
+            row_content(where, row, fmt, tokenizer)
     features, examples, report = [], [], RowReport()
     rendered: list[tuple[str, list[tuple[str, bool]], str]] = []  # rendered rows not yet tokenized
 
