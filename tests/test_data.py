@@ -224,3 +224,26 @@ def test_a_bad_row_at_the_end_of_a_large_file_is_found_before_any_tokenizing(tmp
     with pytest.raises(TunelabError, match=rf"{path}:{PROGRESS_ROWS + 1}: row has no 'completion' field"):
         build_dataset(str(path), tokenizer, DataConfig(train=str(path)))
     assert "tokenizing" not in capfd.readouterr().err
+
+
+def test_segments_tokenized_in_batches_are_tokenized_as_one_by_one(tokenizer):
+    """tokenize_examples batches every segment of many examples: the ids are those of a call per segment
+    (special tokens only at an example's start), empty segments and cuts included."""
+    from tunelab.data import adds_special_tokens, tokenize_examples
+
+    examples = [
+        [("Q: 1+1=", False), ("2", True)],
+        [("", False), ("only a response", True), ("", False)],
+        [(f"{tokenizer.bos_token or ''}starts with the template's own BOS", False), (" yes", True)],
+        [("a long prompt " * 20, False), ("cut", True)],
+    ]
+    batched = tokenize_examples(examples, tokenizer, max_length=32, train_on_prompt=False)
+    for segments, (feature, cut) in zip(examples, batched, strict=True):
+        ids, labels = [], []
+        for position, (text, is_response) in enumerate(segments):
+            special = position == 0 and adds_special_tokens(tokenizer, text)
+            segment_ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+            ids += segment_ids
+            labels += segment_ids if is_response else [IGNORE_INDEX] * len(segment_ids)
+        assert feature == {"input_ids": ids[:32], "labels": labels[:32]} and cut == (len(ids) > 32)
+    assert batched[3][1] and not batched[0][1]

@@ -328,18 +328,23 @@ def test_invalid_utf8_names_file_line_and_byte(tmp_path, capsys, tiny_model_dir,
         ('{"prompt": "café", "completion": "x"}\n', "latin-1", "iconv -f latin1 -t utf-8 data.jsonl"),
         # Excel's CSV on Windows: – “ ” € are bytes 0x80-0x9f, which latin1 reads as control characters
         ('{"prompt": "“café” – 5 €", "completion": "x"}\n', "cp1252", "iconv -f CP1252 -t utf-8 data.jsonl"),
-        # PowerShell's and Notepad's "Unicode"
+        # PowerShell's and Notepad's "Unicode", with its byte-order mark and without
         ('{"prompt": "café", "completion": "x"}\n' * 3, "utf-16", "UTF-16 text (as PowerShell and Notepad's"),
+        ('{"prompt": "café", "completion": "x"}\n', "utf-16-le", "iconv -f UTF-16LE -t utf-8 data.jsonl"),
+        # UTF-8 but for one stray byte: converting it all would garble the right characters
+        (
+            '{"prompt": "“café”", "completion": "x"}\n',
+            "utf-8",
+            "the rest is UTF-8: retype the character there",
+        ),
     ],
 )
 def test_text_that_is_not_utf8_gets_the_conversion_that_reads_it(tmp_path, tokenizer, text, encoding, advice):
     path = tmp_path / "data.jsonl"
-    path.write_bytes(text.encode(encoding))
+    path.write_bytes(text.encode(encoding) + (b"\xe9\n" if encoding == "utf-8" else b""))
     with pytest.raises(TunelabError) as caught:
         build_dataset(str(path), tokenizer)
-    assert advice in str(caught.value) and f"iconv -f {'UTF-16' if encoding == 'utf-16' else ''}" in str(
-        caught.value
-    )
+    assert advice in str(caught.value)
 
 
 def test_data_columns_apply_to_an_eval_file_that_has_those_columns(tmp_path, tokenizer):
@@ -412,7 +417,7 @@ def test_data_mistakes_get_the_right_advice(tmp_path, tokenizer):
         build_dataset(str(array), tokenizer)
 
 
-def test_data_as_a_new_user_mistakes_it(tmp_path, tokenizer):
+def test_data_as_a_new_user_mistakes_it(tmp_path, tokenizer, capsys):
     # every response empty (the wrong column): nothing to learn, though each row alone is allowed
     empty = _jsonl(tmp_path, [{"prompt": f"{i}+1=", "completion": ""} for i in range(3)], "empty.jsonl")
     with pytest.raises(TunelabError, match=rf"every response is empty \(3 rows, the first {empty}:1\)"):
@@ -421,9 +426,12 @@ def test_data_as_a_new_user_mistakes_it(tmp_path, tokenizer):
     sheet = tmp_path / "sheet.csv"
     sheet.write_text("prompt,completion\n1+1=,2\n,\n , \n")
     assert len(build_dataset(str(sheet), tokenizer)) == 1
-    # a split named for one file: it was read whole
-    with pytest.raises(TunelabError, match=rf"data.split=test: '{sheet}' has no splits"):
-        build_dataset(str(sheet), tokenizer, split="test")
+    # a split named for one file: it was read whole without a word (a sweep's base may name a split
+    # that only its hub datasets have: said, not refused)
+    build_dataset(str(sheet), tokenizer, split="test")
+    assert (
+        f"note: data.split=test does not apply to '{sheet}', which has no splits" in capsys.readouterr().err
+    )
     with pytest.raises(TunelabError, match="is a URL; tunelab reads local files and hub datasets"):
         build_dataset("https://example.com/train.jsonl", tokenizer)
     workbook = tmp_path / "data.xlsx"

@@ -189,3 +189,35 @@ def test_a_database_of_an_earlier_tunelab_is_named_as_such(tmp_path):
         conn.execute("CREATE TABLE trials (config_id TEXT, config_json TEXT, dataset TEXT, score REAL)")
     with pytest.raises(TunelabError, match="written by an earlier tunelab .* sweep again into a new --db"):
         ResultsStore(path, read_only=True)
+
+
+def test_a_database_from_before_data_fingerprints_is_read_as_is_and_migrated_when_written(tmp_path):
+    """The committed comparison databases have no data_sha256 column: reading them must not write them,
+    and an older tunelab must still read one that a sweep has migrated."""
+    import hashlib
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    with ResultsStore(db) as store:
+        store.record("c1", {"train": {"lr": 1e-4}}, "add", "loss", 1.5, data_sha256="abc")
+    with sqlite3.connect(db) as conn:  # the schema as it was: no data_sha256
+        conn.execute("ALTER TABLE trials DROP COLUMN data_sha256")
+    conn.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    with ResultsStore(db, read_only=True) as store:
+        (row,) = store.rows()
+        assert row["data_sha256"] is None and store.finished(["c1"], "add", 0, data_sha256="new")
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    for _ in range(2):  # migrated by the first opening to write; the second finds the column there
+        with ResultsStore(db) as store:
+            store.record("c2", {"train": {"lr": 3e-4}}, "add", "loss", 1.2, data_sha256="new")
+    with sqlite3.connect(db) as conn:  # an older tunelab's explicit columns still read it
+        assert conn.execute("SELECT config_id, score FROM trials ORDER BY rowid").fetchall() == [
+            ("c1", 1.5),
+            ("c2", 1.2),
+        ]
+    conn.close()
+    with ResultsStore(db, read_only=True) as store:
+        assert [row["data_sha256"] for row in store.rows()] == [None, "new"]
+        assert store.finished(["c1"], "add", 0, data_sha256="new")  # no fingerprint: taken as today's
+        assert not store.finished(["c2"], "add", 0, data_sha256="edited")

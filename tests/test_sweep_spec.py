@@ -333,3 +333,27 @@ def test_the_committed_comparison_spec_resumes_its_database():
     with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
         stored = {config for (config,) in db.execute("SELECT DISTINCT config_id FROM trials")}
     assert len(stored) > 20 and stored <= spec_rows
+
+
+def test_a_datasets_fingerprint_follows_its_data_not_its_folder_or_what_lies_beside_it(tmp_path, monkeypatch):
+    from tunelab.hpsearch.spec import DatasetSpec, data_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    dataset = DatasetSpec(name="add", train="shards", eval="addition:eval")
+    first = data_fingerprint(dataset)
+    (folder / ".DS_Store").write_bytes(b"finder")  # a file browser, git, an editor: not data
+    (folder / ".git").mkdir()
+    (folder / ".git" / "index").write_bytes(b"git")
+    assert data_fingerprint(dataset) == first
+    (folder / "a.jsonl").write_text('{"prompt": "1+1=", "completion": "3"}\n')  # the data edited
+    assert data_fingerprint(dataset) != first
+    copied = tmp_path / "copy"
+    copied.mkdir()
+    (copied / "a.jsonl").write_text((folder / "a.jsonl").read_text())
+    assert data_fingerprint(DatasetSpec(name="add", train="copy", eval="addition:eval")) == data_fingerprint(
+        dataset
+    )
+    assert data_fingerprint(DatasetSpec(name="add", train="addition:train", eval="addition:eval")) is None

@@ -177,7 +177,7 @@ def eval_command(
     from rich.progress import Progress
 
     from tunelab.assemble import load_run, read_run_config
-    from tunelab.data import columns_present, eval_dataset, load_rows
+    from tunelab.data import eval_dataset
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
     from tunelab.rundir import check_writable, json_report, rank_curve_file, trained_weights
@@ -191,11 +191,9 @@ def eval_command(
     if not spec:
         raise TunelabError("the run has no data.eval; pass --data NAME|PATH")
     options = config.data
-    if data:  # another dataset: its format is detected; the run's column names apply to those it has
-        options = config.data.model_copy(update={"format": "auto", "columns": {}, "eval": spec})
-        rows = load_rows(spec, options, options.eval_split, "data.eval_split")[0]
-        options.columns = columns_present(rows, config.data.columns)
-    dataset = eval_dataset(options, built.tokenizer, limit=limit)
+    if data:  # another dataset: its format is detected, and read whole (the run's eval split is its own)
+        options = config.data.model_copy(update={"format": "auto", "eval": spec, "eval_split": None})
+    dataset = eval_dataset(options, built.tokenizer, limit=limit)  # data.columns where it has them
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         generated: list[list[str]] = []

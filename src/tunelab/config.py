@@ -347,18 +347,31 @@ def read_utf8(path: Path) -> str:
             ) from None
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        fix = (
+            "the rest is UTF-8: retype the character there"
+            if encoding == "UTF-8"
+            else f"save the file as UTF-8, e.g. {convert}"
+        )
         raise TunelabError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); save the "
-            f"file as UTF-8, e.g. {convert}"
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); {fix}"
         ) from None
 
 
 def source_encoding(raw: bytes) -> str:
-    """The likeliest encoding of text that is not UTF-8, as iconv names it: UTF-16 (a byte-order mark,
-    or zero bytes between ASCII ones), Windows' CP1252 when it uses bytes 0x80-0x9f (– “ ” € in Excel's
-    'CSV' on Windows; latin1 reads them as control characters), else latin1."""
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or max(raw[0:200:2].count(0), raw[1:200:2].count(0)) > 50:
+    """The likeliest encoding of text that is not UTF-8, as iconv names it: UTF-16 with its byte-order
+    mark, UTF-16LE/BE without one (zero bytes between ASCII ones, on the odd or the even side), Windows'
+    CP1252 when it uses bytes 0x80-0x9f (– “ ” € in Excel's 'CSV' on Windows, which latin1 reads as
+    control characters), else latin1. 'UTF-8' when the text is UTF-8 but for a few bytes: converting
+    all of it would garble every character that was right."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return "UTF-16"
+    sample = raw[:400]
+    for side, encoding in ((1, "UTF-16LE"), (0, "UTF-16BE")):
+        if len(sample) >= 4 and sample[side::2].count(0) > 0.4 * len(sample) / 2:
+            return encoding
+    text = raw.decode("utf-8", errors="replace")
+    if any(ord(char) > 127 and char != "\ufffd" for char in text):
+        return "UTF-8"
     return "CP1252" if any(0x80 <= byte <= 0x9F for byte in raw) else "latin1"
 
 

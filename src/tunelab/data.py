@@ -127,7 +127,9 @@ def _read_json(path: Path, text: str, keep_bad: bool = False) -> list[Row]:
             # one document (an array, a pretty-printed object), not JSON lines: say where it breaks
             raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         return _read_jsonl(path, text, keep_bad)
-    if isinstance(data, dict):  # {"data": [...]}, also beside other keys ({"version": 2, "data": [...]})
+    if isinstance(data, dict) and ("messages" in data or "conversations" in data):
+        data = [data]  # one chat row, not a wrapper around its turns
+    elif isinstance(data, dict):  # {"data": [...]}, also beside other keys ({"version": 2, "data": [...]})
         lists = [value for value in data.values() if isinstance(value, list)]
         data = lists[0] if len(lists) == 1 else data
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
@@ -152,8 +154,11 @@ def _quiet_datasets():
 def _first_line(exc: BaseException) -> str:
     """The first line of what went wrong at the bottom of `exc`'s chain: datasets wraps the cause (a
     column missing from one of a folder's files) in 'An error occurred while generating the dataset'."""
-    while exc.__cause__ or exc.__context__:
-        exc = exc.__cause__ or exc.__context__
+    while True:  # `raise ... from None` ends the chain where its author chose the message
+        cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if cause is None:
+            break
+        exc = cause
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     # Arrow's cast errors end with the reason ("... because column names don't match")
     return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
@@ -202,7 +207,7 @@ def _read_hf_dataset(
         ) from None
     label = spec
     if not isinstance(loaded, datasets.DatasetDict):
-        _check_no_split(spec, split, split_key)
+        _note_no_split(spec, split, split_key)
     else:
         chosen = split or next((name for name in ("validation", "test") if name in loaded), None)
         if chosen not in loaded:
@@ -233,12 +238,13 @@ def map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
     return mapped
 
 
-def _check_no_split(spec: str, split: str | None, split_key: str) -> None:
-    """A split named for data that has none (one file, one saved Dataset) was read as all of the data."""
+def _note_no_split(spec: str, split: str | None, split_key: str) -> None:
+    """A split named for data that has none (one file, one saved Dataset) is read as all of the data: said,
+    not refused (a sweep's base may name a split that only some of its datasets have)."""
     if split not in (None, "train"):
-        raise DataError(
-            f"{split_key}={split}: '{spec}' has no splits (a hub dataset or a saved DatasetDict has them); "
-            f"remove {split_key}, or point at the data of that split"
+        Console(stderr=True, emoji=False, soft_wrap=True, highlight=False).print(
+            f"[yellow]note:[/yellow] {split_key}={escape(split)} does not apply to '{escape(spec)}', which "
+            "has no splits (a hub dataset or a saved DatasetDict has them): all of it is read"
         )
 
 
@@ -260,7 +266,7 @@ def load_rows(
     elif path.is_dir():
         rows = _read_hf_dataset(str(path), True, split, options.subset, split_key)
     else:
-        _check_no_split(str(path), split, split_key)
+        _note_no_split(str(path), split, split_key)
         rows = _read_file(path, options.skip_bad_rows)
     if not rows:
         raise DataError(f"{spec}: the dataset has no rows")
@@ -368,6 +374,8 @@ def clean_messages(
         )
     cleaned, trained = [], []
     for turn, message in enumerate(messages):
+        # parquet and datasets folders give every turn every key a turn has, as None where it had none
+        message = {key: value for key, value in message.items() if value is not None or key == "content"}
         if "role" not in message and "from" in message:  # ShareGPT's turn shape under 'messages'
             message = _sharegpt_turn(where, turn, message)
         role = message.get("role")
@@ -380,8 +388,6 @@ def clean_messages(
                 f"{', '.join(CHAT_ROLES)}{sharegpt if role in SHAREGPT_ROLES else ''}{SKIP_HINT}",
                 "unknown role",
             )
-        # parquet and datasets folders give every turn every key a turn has, as None where it had none
-        message = {key: value for key, value in message.items() if value is not None or key == "content"}
         weight = message.get("weight", 1)
         if weight not in (0, 1) or isinstance(weight, bool):
             raise BadRow(
@@ -414,7 +420,7 @@ def sharegpt_messages(where: str, conversations: object) -> list[dict]:
         )
     # turns in OpenAI's {role, content} shape (many hub datasets keep them under 'conversations') as they are
     return [
-        item if "role" in item else _sharegpt_turn(where, turn, item)
+        item if item.get("role") is not None else _sharegpt_turn(where, turn, item)
         for turn, item in enumerate(conversations)
     ]
 
@@ -766,7 +772,7 @@ def build_dataset(
                 tokenize_rendered()
     tokenize_rendered()
     empty = report.counts.get(EMPTY_RESPONSE, 0)
-    if features and empty == len(features):
+    if features and empty == len(features) and fmt in ("alpaca", "prompt-completion"):  # one reply a row
         raise DataError(
             f"dataset '{spec}': every response is empty ({empty} rows, the first "
             f"{report.first[EMPTY_RESPONSE]}): there is nothing to learn but the end token; check which "

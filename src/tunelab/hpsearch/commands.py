@@ -128,10 +128,11 @@ def _refuse_retraining_for_bookkeeping(trials: list[Trial], store: LazyStore, sp
     model again (config ids hold every key): stop before any trial, saying what changed."""
     if store.store is None:
         return
-    done = {
+    sha = {trial.dataset: trial.data_sha256 for trial in trials}
+    done = {  # results on the data as it is now (on edited data a trial trains again anyway)
         (row["dataset"], row["seed"], training_id(row["config"])): row["config"]
         for row in store.store.rows()
-        if row["status"] == "done"
+        if row["status"] == "done" and row["data_sha256"] in (None, sha.get(row["dataset"]))
     }
     for trial in trials:
         if store.finished(trial):
@@ -147,6 +148,14 @@ def _refuse_retraining_for_bookkeeping(trials: list[Trial], store: LazyStore, sp
                     "these keys change what a run logs or saves, not what it learns: set them back to keep "
                     "the finished results, or give this sweep another --db"
                 )
+
+
+def _on_old_data(trial: Trial, store: LazyStore) -> bool:
+    """Whether `trial` finished, but on its dataset's files as they were before an edit."""
+    if store.store is None or trial.data_sha256 is None:
+        return False
+    ran = store.store.trial_state(trial.row_ids(), trial.dataset, trial.seed) == "done"
+    return ran and not store.finished(trial)
 
 
 def _data_versions(spec: SweepSpec) -> dict[str, str | None]:
@@ -381,12 +390,12 @@ def sweep(
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
     with LazyStore(db) as store, sweep_lock(work_dir), stopping:  # an unusable --db: no runs folder
         _refuse_retraining_for_bookkeeping([*trials, *confirmations], store, spec_path)
-        for dataset, sha in versions.items():
-            stale = store.store.stale_results(dataset, sha) if store.store and sha else 0
+        for dataset in versions:
+            stale = [trial for trial in trials if trial.dataset == dataset and _on_old_data(trial, store)]
             if stale:
                 err_console.print(
-                    f"note: the data of {dataset} changed since {stale} of its results were recorded: their "
-                    "trials run again",
+                    f"note: the data of {dataset} changed since {len(stale)} of its trials ran: they run "
+                    "again",
                     highlight=False,
                 )
         failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)

@@ -355,7 +355,7 @@ def training_id(config: dict[str, Any]) -> str:
 def bookkeeping_changes(trial_config: dict[str, Any], recorded: dict[str, Any]) -> dict[str, tuple] | None:
     """{key: (recorded value, trial's value)} when two configs differ in BOOKKEEPING_KEYS alone (so they
     train the same model; PLACEMENT_KEYS aside); None when they differ in anything else, or in nothing."""
-    ours, theirs = flatten(trial_config), flatten(recorded)
+    ours, theirs = flatten(trial_config), {**KEYS_ADDED_LATER, **flatten(recorded)}  # as config_id reads it
     keys = (ours.keys() | theirs.keys()) - set(PLACEMENT_KEYS)
     differing = {key for key in keys if ours.get(key) != theirs.get(key)}
     if not differing or not differing <= set(BOOKKEEPING_KEYS):
@@ -455,6 +455,16 @@ def _dataset_problem(value: str, spec_dir: Path) -> str | None:
     return None
 
 
+def _data_files(folder: Path) -> list[Path]:
+    """A folder's files, without what git, an editor or a file browser keeps beside them (.git, .DS_Store,
+    __pycache__): their changes are no change of the data."""
+    return sorted(
+        file
+        for file in folder.rglob("*")
+        if file.is_file() and not any(part.startswith((".", "__")) for part in file.relative_to(folder).parts)
+    )
+
+
 def data_fingerprint(dataset: DatasetSpec) -> str | None:
     """sha256 of the contents of a dataset's local files (train, eval, test; a folder's files by their
     relative paths), so that a result on data since edited is told from one on today's data; None when
@@ -467,12 +477,15 @@ def data_fingerprint(dataset: DatasetSpec) -> str | None:
         if path is None or not path.exists():  # a built-in, a hub id (or a name check_datasets refuses)
             continue
         local = True
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files = [path] if path.is_file() else _data_files(path)
         for file in files:
             digest.update(f"{split}:{file.relative_to(path) if path.is_dir() else ''}\0".encode())
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+            try:
+                with open(file, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+            except OSError:  # gone or unreadable now: the trial that reads it will say so
+                return None
     return digest.hexdigest() if local else None
 
 

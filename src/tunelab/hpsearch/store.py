@@ -187,8 +187,12 @@ class ResultsStore:
             raise self._not_ours(f"its 'trials' table lacks {', '.join(missing)}")
         for column in missing:
             if self.writes:
-                with self._conn:
-                    self._conn.execute(f"ALTER TABLE trials ADD COLUMN {column} {_ADDED_COLUMNS[column]}")
+                try:
+                    with self._conn:
+                        self._conn.execute(f"ALTER TABLE trials ADD COLUMN {column} {_ADDED_COLUMNS[column]}")
+                except sqlite3.OperationalError as exc:  # another sweep opening it added it first
+                    if "duplicate column" not in str(exc):
+                        raise
             else:
                 self._selected[self._selected.index(column)] = f"NULL AS {column}"
 
@@ -292,18 +296,6 @@ class ResultsStore:
         self, config_ids: list[str], dataset: str, seed: int, data_sha256: str | None = None
     ) -> bool:
         return self.trial_state(config_ids, dataset, seed, data_sha256) == "done"
-
-    def stale_results(self, dataset: str, data_sha256: str) -> int:
-        """How many results of `dataset` ran on other data than `data_sha256` (its files since edited)."""
-        if "data_sha256" not in self._selected:
-            return 0
-        with self._sqlite_errors():
-            (count,) = self._conn.execute(
-                "SELECT COUNT(DISTINCT config_id || ' ' || seed) FROM trials WHERE dataset = ? "
-                "AND data_sha256 IS NOT NULL AND data_sha256 != ?",
-                (dataset, data_sha256),
-            ).fetchone()
-        return count
 
     def rows(self) -> list[dict[str, Any]]:
         """Every trial as a dict of its columns (config_json parsed into `config`), in insertion order."""

@@ -65,7 +65,7 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     # torch comes in here, not at import: the sweep and recommend commands import this module
     from tunelab.assemble import load_run
     from tunelab.config import load_config
-    from tunelab.data import build_dataset, eval_columns, eval_dataset, load_rows
+    from tunelab.data import eval_columns, eval_dataset, load_rows
     from tunelab.evaluate import evaluate_ranks
     from tunelab.reporting import peak_memory_bytes
     from tunelab.rundir import RunDir
@@ -88,7 +88,9 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     built = trained.tuned or load_run(trained.run_dir)[1]
     dev = eval_dataset(config.data, built.tokenizer, limit=config.data.eval_limit)
     if options.get("test"):
-        test = build_dataset(options["test"], built.tokenizer, config.data, limit=config.data.eval_limit)
+        # read as the dev set is: data.columns where the file has those columns
+        test_data = config.data.model_copy(update={"eval": options["test"], "eval_split": None})
+        test = eval_dataset(test_data, built.tokenizer, limit=config.data.eval_limit)
     else:
         _check_halvable(config.data, len(dev))  # rows can be dropped (no response token within max_length)
         dev_rows, test_rows = dev_test_indices(len(dev))
