@@ -623,9 +623,7 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir):
     edited = runner.invoke(app, ["sweep", str(spec)])
     assert edited.exit_code == 0, edited.output
     output = " ".join(edited.output.split())
-    assert (
-        "note: the data of add changed since 1 of its results were recorded: their trials run again" in output
-    )
+    assert "note: the data of add changed since 1 of its trials ran: they run again" in output
     assert "1 trials, 0 already done, 1 to run" in output
     (second,) = _rows(db).values()
     assert second["data_sha256"] != first["data_sha256"] and second["finished_at"] >= first["finished_at"]
