@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from pathlib import Path
 
 import torch
@@ -101,6 +102,10 @@ def chat(
     """An interactive conversation on the terminal, each reply streamed as it is generated."""
     from transformers import TextStreamer
 
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # inherited from what started this process (a background job, some runners): Ctrl-C, which stops
+        # a reply, would do nothing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     model, tokenizer = tuned.model, tuned.tokenizer
     model.eval()
     device = next(model.parameters()).device
