@@ -84,7 +84,11 @@ def random_llama_dir(cache: Path, name: str, shapes: dict) -> str:
 
         torch.manual_seed(0)
         AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(path)
-        LlamaForCausalLM(LlamaConfig(**shapes)).save_pretrained(path)
+        # built on the GPU where there is one and saved in bf16: a Llama-3-8B-shaped model is
+        # billions of parameters, and every benchmark run loads it again (fp32 runs upcast it)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(LlamaConfig(**shapes))
+        model.to(torch.bfloat16).save_pretrained(path)
     return str(path)
 
 
@@ -121,8 +125,10 @@ def run_worker(case: str, side: str, model_dir: str, args: argparse.Namespace) -
 
 
 def mfu(run: dict) -> float | None:
-    """Model FLOPs utilization on a GPU: tokens/s × FLOPs per token / peak bf16 FLOP/s, with FLOPs per
-    token = 6N when every weight trains and 4N for adapters (no weight gradients of the frozen base)."""
+    """Model FLOPs utilization on a GPU: the step's counted model FLOPs (benchmarks.flops.step_flops:
+    linear layers 4·N·T, 6·N·T when the base trains, attention and the LM head) per second over the
+    GPU's datasheet bf16 peak. Counted, not 4·N per token over all parameters: with few layers the
+    input embedding is a large share of N and does no multiplications."""
     import torch
 
     if not torch.cuda.is_available():
@@ -132,8 +138,7 @@ def mfu(run: dict) -> float | None:
     )
     if peak is None:
         return None
-    per_token = (6 if run["trainable"] >= run["parameters"] else 4) * run["parameters"]
-    return run["tokens_per_s"] * per_token / peak
+    return run["flops_per_step"] / run["median_step_s"] / peak
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -172,12 +177,13 @@ def versions() -> str:
 def markdown(results: list[dict], rates: dict[str, dict[str, float]], command: str) -> str:
     lines = [
         "| model | case | ours: s/step | ref | ref: s/step | ours/ref | ref bf16: s/step | ours/ref bf16 | "
-        "tokens/s ours | TFLOP/s ours | of bf16 GEMM rate | peak mem ours / ref (GiB) | trainable |",
+        "tokens/s ours | TFLOP/s ours | of bf16 GEMM rate | peak mem ours / ref / ref bf16 (GiB) | "
+        "trainable |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     gpu = any(r["ours"].get("mfu") is not None for r in results)
     if gpu:
-        lines[0] += " MFU ours / ref |"
+        lines[0] += " MFU ours / ref / ref bf16 |"
         lines[1] += "---|"
     for r in results:
         ours, ref, ref_bf16 = r["ours"], r["ref"], r.get("ref-bf16")
@@ -189,12 +195,14 @@ def markdown(results: list[dict], rates: dict[str, dict[str, float]], command: s
             if ref_bf16
             else "– | –"
         )
+        sides = [ours, ref] + ([ref_bf16] if ref_bf16 else [])
+        peaks = " / ".join(f"{side['peak_memory_bytes'] / 2**30:.2f}" for side in sides)
+        mfus = " / ".join(f"{side['mfu']:.1%}" for side in sides) if gpu else ""
         lines.append(
             f"| {r['model']} | {r['case']} | {ours['median_step_s']:.3f} | {r['ref_name']} | "
             f"{ref['median_step_s']:.3f} | **{ratio:.2f}×** | {bf16} | "
-            f"{ours['tokens_per_s']:.0f} | {achieved / 1e12:.3f} | {share:.0%} | "
-            f"{ours['peak_memory_bytes'] / 2**30:.2f} / {ref['peak_memory_bytes'] / 2**30:.2f} | "
-            f"{ours['trainable']:,} |" + (f" {ours['mfu']:.1%} / {ref['mfu']:.1%} |" if gpu else "")
+            f"{ours['tokens_per_s']:.0f} | {achieved / 1e12:.3f} | {share:.0%} | {peaks} | "
+            f"{ours['trainable']:,} |" + (f" {mfus} |" if gpu else "")
         )
     lines += ["", "| model | GEMM rate at its layer shapes | fp32 | bf16 | LM head fp32 | LM head bf16 |"]
     lines.append("|---|---|---|---|---|---|")

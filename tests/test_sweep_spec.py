@@ -335,6 +335,17 @@ def test_the_committed_comparison_spec_resumes_its_database():
     assert len(stored) > 20 and stored <= spec_rows
 
 
+def test_the_gpu_comparison_spec_is_the_cpu_one_at_twice_the_steps():
+    # RESULTS.md compares the two: they must differ in the budget alone
+    results = Path(__file__).parent.parent / "results"
+    cpu = expand(load_spec(results / "comparison-gsm8k.yaml"))
+    gpu = expand(load_spec(results / "comparison-gsm8k-gpu.yaml"))
+    assert [t.config["train"]["max_steps"] for t in cpu] == [300] * len(cpu)
+    assert [t.config["train"]["max_steps"] for t in gpu] == [600] * len(gpu)
+    at_gpu_steps = [{**t.config, "train": {**t.config["train"], "max_steps": 600}, "name": ""} for t in cpu]
+    assert at_gpu_steps == [{**t.config, "name": ""} for t in gpu]  # the name holds the config id
+
+
 def test_a_datasets_fingerprint_follows_its_data_not_its_folder_or_what_lies_beside_it(tmp_path, monkeypatch):
     from tunelab.hpsearch.spec import DatasetSpec, data_fingerprint
 
