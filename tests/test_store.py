@@ -221,3 +221,15 @@ def test_a_database_from_before_data_fingerprints_is_read_as_is_and_migrated_whe
         assert [row["data_sha256"] for row in store.rows()] == [None, "new"]
         assert store.finished(["c1"], "add", 0, data_sha256="new")  # no fingerprint: taken as today's
         assert not store.finished(["c2"], "add", 0, data_sha256="edited")
+
+
+def test_score_matrix_leaves_out_results_on_data_since_edited(tmp_path):
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        store.record("a", CONFIG_A, "add", "loss", 1.0, data_sha256="old")
+        store.record("b", CONFIG_B, "add", "loss", 2.0, data_sha256="new")
+        store.record("b", CONFIG_B, "rev", "loss", 3.0)  # no fingerprint (built-in data): today's
+        everything = store.score_matrix()
+        today = store.score_matrix({"add": "new", "rev": "r"})
+    np.testing.assert_array_equal(everything.scores, [[1.0, np.nan], [2.0, 3.0]])
+    assert today.config_ids == ["b"]
+    np.testing.assert_array_equal(today.scores, [[2.0, 3.0]])

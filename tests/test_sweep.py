@@ -620,6 +620,13 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir):
     assert "1 trials, 1 already done, 0 to run" in again.output  # the same data: nothing to run
     with open(tmp_path / "add.jsonl", "a") as data:  # a row added, as a user fixes their data
         data.write(json.dumps({"prompt": "3+3=", "completion": "6"}) + "\n")
+    # before the sweep runs again, its result is not one to recommend from
+    stale = runner.invoke(app, ["recommend", "--db", str(db)], env={"COLUMNS": "200"})
+    assert " ".join(stale.output.split()) == (
+        f"note: 1 result in {db} ran on data of add since edited: left out of the ranking; tunelab sweep "
+        f"{spec} runs them again"
+    )
+    assert str(stale.exception) == f"every result in {db} ran on data since edited; run tunelab sweep {spec}"
     edited = runner.invoke(app, ["sweep", str(spec)])
     assert edited.exit_code == 0, edited.output
     output = " ".join(edited.output.split())
@@ -628,6 +635,7 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir):
     (second,) = _rows(db).values()
     assert second["data_sha256"] != first["data_sha256"] and second["finished_at"] >= first["finished_at"]
     assert trial_log(run).read_text().count("--- attempt started") == 1  # trained again
+    assert runner.invoke(app, ["recommend", "--db", str(db)]).exit_code == 0
 
 
 def test_an_eval_set_of_one_row_is_a_data_error_not_a_crash_nor_a_score(tmp_path, tiny_model_dir):

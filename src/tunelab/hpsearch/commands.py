@@ -63,7 +63,7 @@ from tunelab.hpsearch.spec import (
     rank_config,
     training_id,
 )
-from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, select
+from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, ran_on_other_data, select
 from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock
 from tunelab.signals import handling_stop_signals
 
@@ -829,11 +829,25 @@ def recommend(
         run_it = f"tunelab sweep {shell_word(spec)}" if spec else "`tunelab sweep` first"
         if db.stat().st_size == 0:  # created by a sweep stopped as its first result was being written
             raise TunelabError(f"{db} holds no trials yet; run {run_it}")
+        versions = _spec_data_versions(spec)
         with ResultsStore(db, read_only=True) as store:
-            matrix = store.score_matrix()
-            progress = _sweep_status(db, store)
+            matrix = store.score_matrix(versions)
+            progress = _sweep_status(db, store, versions)
             rows = store.rows()
+        stale = [row for row in rows if ran_on_other_data(row["data_sha256"], versions.get(row["dataset"]))]
+        if stale:
+            edited = ", ".join(sorted({row["dataset"] for row in stale}))
+            count = f"{len(stale)} result{'s' if len(stale) > 1 else ''}"
+            err_console.print(
+                f"note: {count} in {db} ran on data of {edited} since edited: left out of the ranking; "
+                f"{run_it} runs them again",
+                highlight=False,
+                soft_wrap=True,
+            )
+            rows = [row for row in rows if row not in stale]
         if not any(row["status"] == "done" for row in rows):
+            if stale and not rows:
+                raise TunelabError(f"every result in {db} ran on data since edited; run {run_it}")
             if rows:  # a ranking of nothing but failures would still name a config to start from
                 latest = max(rows, key=lambda row: row["finished_at"] or "")
                 raise TunelabError(
@@ -856,9 +870,19 @@ class SweepStatus(NamedTuple):
     text: str
 
 
-def _sweep_status(db: Path, store: ResultsStore) -> SweepStatus | None:
+def _spec_data_versions(spec_path: Path | None) -> dict[str, str | None]:
+    """The data_fingerprint of each dataset of the spec at `spec_path`; none when there is no spec or it
+    does not load (_sweep_status says so)."""
+    try:
+        return _data_versions(load_spec(spec_path)) if spec_path else {}
+    except TunelabError:
+        return {}
+
+
+def _sweep_status(db: Path, store: ResultsStore, versions: dict[str, str | None]) -> SweepStatus | None:
     """How much of its sweep is still to run, when the spec lies beside the database (SPEC.yaml for
-    SPEC.sqlite, as `tunelab sweep` names it); None when it is all done or there is no spec."""
+    SPEC.sqlite, as `tunelab sweep` names it), its data as `versions` (_spec_data_versions); None when it
+    is all done or there is no spec."""
     spec_path = _spec_beside(db)
     if spec_path is None:
         return None
@@ -868,7 +892,6 @@ def _sweep_status(db: Path, store: ResultsStore) -> SweepStatus | None:
         confirmations = expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
     except TunelabError as exc:
         return SweepStatus(None, f"{spec_path} does not load ({exc}): how much of its sweep ran is unknown")
-    versions = _data_versions(spec)
 
     def state(trial: Trial) -> str | None:
         return store.trial_state(trial.row_ids(), trial.dataset, trial.seed, versions[trial.dataset])

@@ -285,9 +285,7 @@ class ResultsStore:
                 f"AND config_id IN ({', '.join('?' * len(config_ids))})",
                 (dataset, seed, *config_ids),
             ).fetchall()
-        found = [
-            status for status, ran_on in statuses if not (data_sha256 and ran_on and ran_on != data_sha256)
-        ]
+        found = [status for status, ran_on in statuses if not ran_on_other_data(ran_on, data_sha256)]
         if "failed" in found:
             return "failed"
         return "done" if len(found) == len(set(config_ids)) else None
@@ -310,11 +308,17 @@ class ResultsStore:
             rows.append(row)
         return rows
 
-    def score_matrix(self) -> ScoreMatrix:
+    def score_matrix(self, data_versions: dict[str, str | None] | None = None) -> ScoreMatrix:
         """Dev scores of every recorded config × dataset, the mean over its seeds (failed trials left
         out; NaN when none finished: it covers nothing in CBS), with the test scores, the spread over
-        seeds and each config's cost."""
-        rows = self.rows()
+        seeds and each config's cost. `data_versions` (dataset -> data_fingerprint): results that ran
+        on other files than these are left out too."""
+        versions = data_versions or {}
+        rows = [
+            row
+            for row in self.rows()
+            if not ran_on_other_data(row["data_sha256"], versions.get(row["dataset"]))
+        ]
         directions: dict[str, bool] = {}
         for row in rows:
             higher = _metric_direction(row["metric"], str(self.path))
@@ -365,6 +369,12 @@ class ResultsStore:
             seeds=extra["seeds"],
             costs=costs,
         )
+
+
+def ran_on_other_data(ran_on: str | None, today: str | None) -> bool:
+    """Whether a result recorded on files with fingerprint `ran_on` is not on today's (`today`): a
+    result or a dataset without one (built-in data, an older tunelab) counts as today's."""
+    return bool(ran_on and today and ran_on != today)
 
 
 # ---------------------------------------------------------------------------------------------
