@@ -107,6 +107,10 @@ def test_a_mistyped_input_is_reported_before_the_output_folder(tmp_path, capsys,
     assert_one_line_error(code, err, "dataset not found", f"did you mean {tmp_path / 'qa.jsonl'}?")
     code, err = run_cli(capsys, "train", str(path), "model=smollm2-13m", "--overwrite")
     assert_one_line_error(code, err, "did you mean smollm2-135m?")
+    code, err = run_cli(capsys, "eval", str(run_dir.parent / "dnoe"))  # a mistyped run folder
+    assert_one_line_error(
+        code, err, f"run folder {run_dir.parent / 'dnoe'} not found; did you mean {run_dir}?"
+    )
     assert tree_digest(run_dir) == before
 
 
@@ -134,7 +138,7 @@ def test_reports_replace_their_own_earlier_output_but_never_a_users_file(
     full = OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(Path, "write_text", lambda *args, **kwargs: (_ for _ in ()).throw(full))
     code, err = run_cli(capsys, "eval", str(run_dir), "--json", str(tmp_path / "eval.json"))
-    assert_one_line_error(code, err, "error: writing: No space left on device; free some space")
+    assert_one_line_error(code, err, "error: the disk is full (", "No space left on device", "free some")
     monkeypatch.undo()
     monkeypatch.setattr("tunelab.rundir.check_writable", lambda *args, **kwargs: None)
     code, err = run_cli(capsys, "eval", str(run_dir), "--json", "/sys/eval.json")
@@ -312,6 +316,11 @@ def test_a_stopped_run_is_evaluated_and_exported_from_its_checkpoints(
         "checkpoint-8 was not written completely (no COMPLETE marker); use ",
         "checkpoint-4",
     )
+    # a checkpoint that never was is not "not written completely"
+    assert_one_line_error(
+        *run_cli(capsys, "eval", str(run.checkpoints_dir / "checkpoint-99")),
+        "checkpoint-99 not found (this run saved steps 4, 8); use ",
+    )
 
 
 def test_a_users_config_yaml_does_not_make_a_folder_a_run(tmp_path, capsys, tiny_model_dir, qa_jsonl):
@@ -388,3 +397,21 @@ def test_a_checkpoint_that_does_not_load_stops_resume_with_one_line_and_nothing_
         code, last, f"--resume: {checkpoint} did not load (UnpicklingError: ", "--overwrite"
     )
     assert "Traceback" not in progress and tree_digest(run.path) == before
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_export(tmp_path, capsys, finished_run):
+    """safetensors reports a full disk in an error of its own, which went out as a traceback."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", small], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        code, err = run_cli(
+            capsys, "export", str(finished_run[1]), "--format", "merged", "--out", str(small / "m")
+        )
+        assert_one_line_error(code, err, "the disk is full (", "No space left on device", "free some space")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", small], check=True)

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -414,6 +415,20 @@ app.command()(recommend)
 _FILE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
+_DISK_FULL = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+def _disk_full(exc: BaseException) -> NoReturn:
+    """A write failed for want of space, in a library that names no file: say so in one line."""
+    err_console.print(
+        f"[red]error:[/red] the disk is full ({escape(str(exc).splitlines()[0])}); free some space and run "
+        "it again",
+        highlight=False,
+        soft_wrap=True,
+    )
+    sys.exit(2)
+
+
 def main() -> None:
     # transformers' per-tensor loading bars are noise next to our own progress display
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -441,10 +456,16 @@ def main() -> None:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)  # raised by write(), which names no file
         if exc.errno not in _FILE_ERRNOS or not (exc.filename or full):
             raise
+        if not exc.filename:
+            _disk_full(exc)
+        message = f"{exc.filename}: {exc.strerror or os.strerror(exc.errno)}"
         hint = "; free some space and run it again" if full else ""
-        message = f"{exc.filename or 'writing'}: {exc.strerror or os.strerror(exc.errno)}{hint}"
-        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(message + hint)}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Exception as exc:  # safetensors and torch.save report a full disk in errors of their own
+        if not any(reason in str(exc) for reason in _DISK_FULL):
+            raise
+        _disk_full(exc)
     if code == 130:  # typer turns a Ctrl-C that no command handles into exit code 130
         err_console.print("interrupted")
     if isinstance(code, int) and code:  # typer.Exit(1), or that Ctrl-C

@@ -21,7 +21,7 @@ from typing import IO
 import yaml
 
 from tunelab.config import RunConfig
-from tunelab.errors import TunelabError, shell_word
+from tunelab.errors import TunelabError, did_you_mean, shell_word
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -154,6 +154,8 @@ class RunDir:
 
     def require_run(self) -> None:
         """A folder tunelab trained into, or a clear error."""
+        if not self.path.exists():
+            raise TunelabError(f"run folder {self.path} not found{did_you_mean(self.path)}")
         if not self.config_file.is_file():
             raise TunelabError(f"{self.path} is not a tunelab run directory (no {CONFIG_FILE})")
         if not self.is_run():
@@ -401,5 +403,13 @@ def trained_weights(path: Path) -> tuple[RunDir, Path]:
     if not (path / COMPLETE_MARKER).is_file():
         latest = run.latest_checkpoint()
         other = f"; use {shell_word(latest)}" if latest else ""
+        if not path.exists():
+            steps = sorted(
+                step
+                for folder in run.checkpoints_dir.iterdir()
+                if (step := checkpoint_step(folder)) is not None
+            )
+            saved = f" (this run saved steps {', '.join(map(str, steps))})" if steps else ""
+            raise TunelabError(f"{path} not found{saved}{other}")
         raise TunelabError(f"{path} was not written completely (no {COMPLETE_MARKER} marker){other}")
     return run, path
