@@ -309,3 +309,15 @@ def test_any_tunelab_trainer_drives_the_method(tmp_path, tiny_model_dir, qa_json
     trainer.train()
     assert all(len(seen) == 1 for seen in ranks)  # one rank for every layer at each step
     assert len({next(iter(seen)) for seen in ranks}) > 1  # and it changes from step to step
+
+
+def test_the_training_header_says_the_base_is_4_bit(tiny_model_dir, qa_jsonl, tmp_path, capsys):
+    config = tiny_config(
+        tiny_model_dir, qa_jsonl, tmp_path / "run", quantization="nf4", **{"train.max_steps": 1}
+    )
+    train(config)
+    header = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("training "))
+    assert (
+        "examples, bf16, base in 4-bit nf4) -> " in header
+        or "examples, fp32, base in 4-bit nf4) -> " in header
+    )

@@ -467,7 +467,8 @@ def _train_locked(
     trainer.add_callback(first_step)
     console.print(
         f"training [bold]{config.method.name}[/bold] on {escape(config.model)} ({len(train_set)} examples, "
-        f"{'bf16' if args.bf16 else 'fp32'}) -> {escape(str(run))}"
+        f"{'bf16' if args.bf16 else 'fp32'}{', base in 4-bit nf4' if config.quantization == 'nf4' else ''}) "
+        f"-> {escape(str(run))}"
     )
     with stop_request.installed():
         try:
