@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config, write_qa_jsonl
+from conftest import run_cli_output, tiny_config, write_qa_jsonl
 from tunelab.assemble import build
 from tunelab.evaluate import summarize_ranks
 from tunelab.export import export_run
@@ -321,3 +321,14 @@ def test_the_training_header_says_the_base_is_4_bit(tiny_model_dir, qa_jsonl, tm
         "examples, bf16, base in 4-bit nf4) -> " in header
         or "examples, fp32, base in 4-bit nf4) -> " in header
     )
+
+
+def test_eval_and_export_without_a_rank_say_which_rank_they_used(qdylora_run, tmp_path, capsys):
+    code, out, _ = run_cli_output(capsys, "eval", str(qdylora_run), "--limit", "2")
+    assert code == 0 and "at rank 6 (the run's r; --ranks all evaluates every rank)" in out
+    code, out, _ = run_cli_output(
+        capsys, "export", str(qdylora_run), "--format", "peft", "--out", str(tmp_path / "a")
+    )
+    assert code == 0 and "at rank 6 (the run's r; --rank N exports another)" in out
+    code, out, _ = run_cli_output(capsys, "eval", str(qdylora_run), "--limit", "2", "--ranks", "1,6")
+    assert code == 0 and "at rank" not in out

@@ -202,6 +202,8 @@ def eval_command(
     result: dict = {"run": str(run_dir.resolve()), "data": spec, "examples": len(dataset)}
     # a line of its own, not the table's title: a title wraps to the table's width, inside a path
     console.print(f"{run_dir.name} on {spec} ({len(dataset)} examples)", soft_wrap=True, markup=False)
+    if not ranks and config.method.name == "dylora":  # which of its ranks these figures are
+        console.print(f"at rank {config.method.r} (the run's r; --ranks all evaluates every rank)")
     console.print(_metrics_table(rows))
     if ranks:
         summary = summarize_ranks(rows)
@@ -243,6 +245,7 @@ def export(
 ) -> None:
     """Export a run as a PEFT adapter, a merged HF model, a GGUF file (+ Ollama Modelfile), or a
     method's own format."""
+    from tunelab.assemble import read_run_config
     from tunelab.export import export_run
     from tunelab.gguf_export import ollama_name
 
@@ -251,6 +254,9 @@ def export(
             raise TunelabError(f"{option} applies to --format {applies}, not {fmt}; drop it")
     export_run(run_dir, fmt, out, rank, dtype or "fp32", gguf_type or "f16")
     console.print(f"[green]exported[/green] {fmt} to {out}")
+    method = read_run_config(run_dir).method
+    if rank is None and method.name == "dylora":
+        console.print(f"at rank {method.r} (the run's r; --rank N exports another)")
     name = ollama_name(out.name)
     next_step = {
         "peft": f"load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}) (its base model is "
