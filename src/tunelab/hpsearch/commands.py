@@ -834,7 +834,8 @@ def recommend(
             matrix = store.score_matrix(versions)
             progress = _sweep_status(db, store, versions)
             rows = store.rows()
-        stale = [row for row in rows if ran_on_other_data(row["data_sha256"], versions.get(row["dataset"]))]
+        on_today = [not ran_on_other_data(row["data_sha256"], versions.get(row["dataset"])) for row in rows]
+        stale = [row for row, today in zip(rows, on_today, strict=True) if not today]
         if stale:
             edited = ", ".join(sorted({row["dataset"] for row in stale}))
             count = f"{len(stale)} result{'s' if len(stale) > 1 else ''}"
@@ -844,7 +845,7 @@ def recommend(
                 highlight=False,
                 soft_wrap=True,
             )
-            rows = [row for row in rows if row not in stale]
+            rows = [row for row, today in zip(rows, on_today, strict=True) if today]
         if not any(row["status"] == "done" for row in rows):
             if stale and not rows:
                 raise TunelabError(f"every result in {db} ran on data since edited; run {run_it}")
@@ -894,7 +895,7 @@ def _sweep_status(db: Path, store: ResultsStore, versions: dict[str, str | None]
         return SweepStatus(None, f"{spec_path} does not load ({exc}): how much of its sweep ran is unknown")
 
     def state(trial: Trial) -> str | None:
-        return store.trial_state(trial.row_ids(), trial.dataset, trial.seed, versions[trial.dataset])
+        return store.trial_state(trial.row_ids(), trial.dataset, trial.seed, versions.get(trial.dataset))
 
     states = [state(trial) for trial in grid]
     done, failed = states.count("done"), states.count("failed")
