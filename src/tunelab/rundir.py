@@ -404,11 +404,7 @@ def trained_weights(path: Path) -> tuple[RunDir, Path]:
         latest = run.latest_checkpoint()
         other = f"; use {shell_word(latest)}" if latest else ""
         if not path.exists():
-            steps = sorted(
-                step
-                for folder in run.checkpoints_dir.iterdir()
-                if (step := checkpoint_step(folder)) is not None
-            )
+            steps = [checkpoint_step(folder) for folder in run.complete_checkpoints()]
             saved = f" (this run saved steps {', '.join(map(str, steps))})" if steps else ""
             raise TunelabError(f"{path} not found{saved}{other}")
         raise TunelabError(f"{path} was not written completely (no {COMPLETE_MARKER} marker){other}")
