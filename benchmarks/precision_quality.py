@@ -17,6 +17,7 @@ from pathlib import Path
 from tunelab.config import validate
 from tunelab.data import eval_dataset
 from tunelab.evaluate import evaluate_ranks
+from tunelab.rundir import RunDir
 from tunelab.train import train
 
 # each method at the learning rate of its example config for a short run (examples/*.yaml)
@@ -65,7 +66,7 @@ def run(name: str, precision: str, steps: int, eval_examples: int, out: Path) ->
     seconds = time.perf_counter() - started
     dataset = eval_dataset(config.data, result.tuned.tokenizer, limit=eval_examples)
     metrics = evaluate_ranks(result.tuned, dataset, None, with_exact_match=False)[0]
-    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(result.run_dir).metrics()
     curve = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
     return {
         "method": name,

@@ -11,10 +11,11 @@ import statistics
 from pathlib import Path
 
 from tunelab.plots import plt  # Agg backend already selected
+from tunelab.rundir import RunDir
 
 
 def run_stats(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(run_dir).metrics()
     times = [r["step_time_s"] for r in records if "step_time_s" in r][3:]  # skip warm-up steps
     summary = next(r for r in records if r.get("event") == "summary")
     return {

@@ -3,7 +3,6 @@ process writes the run directory, and every process ends with the same weights."
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 
 from conftest import tiny_config
 from tunelab.config import dump_config
+from tunelab.rundir import RunDir
 
 METHODS = {
     "lora": {"name": "lora", "r": 4, "alpha": 8},
@@ -53,7 +53,7 @@ def test_two_processes(tmp_path, tiny_model_dir, qa_jsonl, method):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(run_dir).metrics()
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 9))  # written once, by the main process
     assert (run_dir / "final" / "trained.safetensors").is_file()

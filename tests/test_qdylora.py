@@ -16,6 +16,7 @@ from tunelab.export import export_run
 from tunelab.methods.lora.layer import lora_layers
 from tunelab.methods.surgery import replace_module
 from tunelab.quant import dequantize_weight, dequantized_linear, guard_cpu_repack, is_4bit
+from tunelab.rundir import RunDir
 from tunelab.train import train
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -137,7 +138,7 @@ def qdylora_run(tmp_path_factory, tiny_model_dir):
 def test_rank_sequence_is_logged_and_reproducible(qdylora_run):
     from tunelab.methods.lora.dylora import rank_probabilities, sample_rank
 
-    records = [json.loads(line) for line in (qdylora_run / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(qdylora_run).metrics()
     ranks = [r["rank"] for r in records if "rank" in r]
     probs = rank_probabilities(1, 6, "uniform")
     assert ranks == [sample_rank(step, 42, probs, 1) for step in range(10)]
@@ -237,11 +238,7 @@ def test_gradient_checkpointing_on_an_nf4_base_trains(tmp_path, tiny_model_dir, 
         **{"train.gradient_checkpointing": True, "train.max_steps": 6, "train.lr": 2e-2},
     )
     run_dir = train(config).run_dir
-    losses = [
-        json.loads(line)["loss"]
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if "loss" in json.loads(line)
-    ]
+    losses = [record["loss"] for record in RunDir(run_dir).metrics() if "loss" in record]
     assert losses[-1] < losses[0] - 0.3
 
 

@@ -3,7 +3,6 @@ uninterrupted run; NaN losses stop the run; checkpoints are only used when compl
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -71,6 +70,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, qa_j
     assert not (run_dir / "final").exists(), "the run finished before it could be killed"
     killed_at = RunDir(run_dir).latest_checkpoint()
     assert killed_at is not None
+    with open(run_dir / "metrics.jsonl", "a") as metrics:  # a kill can land mid-line, too
+        metrics.write('{"step": 99, "loss": 1.2')
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -78,15 +79,19 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, qa_j
     assert got.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
-    steps = [
-        json.loads(line)["step"]
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if "loss" in json.loads(line)
-    ]
+    steps = [record["step"] for record in RunDir(run_dir).metrics() if "loss" in record]
     assert steps == list(range(1, STEPS + 1))  # no step logged twice after the resume
     step = int(killed_at.name.removeprefix("checkpoint-"))
     resumed_steps = f"{STEPS - step} step{'s' * (STEPS - step != 1)} (steps {step + 1}-{STEPS}, resumed)"
     assert f"trained {resumed_steps} in " in resumed.stdout + resumed.stderr  # not all STEPS
+
+
+def test_a_metrics_line_still_being_written_is_not_read(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n\n{"step": 2, "loss": 2.25}\n{"step": 3, "lo')
+    assert RunDir(tmp_path).metrics() == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}]
+    RunDir(tmp_path).truncate_metrics(last_step=1)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
+    assert RunDir(tmp_path / "not-started").metrics() == []
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):

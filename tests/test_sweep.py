@@ -513,9 +513,7 @@ def _trials_spec(tmp: Path, model_dir: str, steps: list[int], **train: Any) -> t
 
 
 def _steps_logged(run: Path) -> list[int]:
-    metrics = run / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    return [record["step"] for line in lines if "loss" in (record := json.loads(line))]
+    return [record["step"] for record in RunDir(run).metrics() if "loss" in record]
 
 
 # how a stopped trial resumes does not depend on the signal that stopped it: resumed once; the group

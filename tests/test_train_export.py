@@ -14,6 +14,7 @@ from conftest import tiny_config, write_qa_jsonl
 from tunelab.assemble import load_run
 from tunelab.errors import TunelabError
 from tunelab.export import export_run
+from tunelab.rundir import RunDir
 from tunelab.train import train
 
 
@@ -26,7 +27,7 @@ def lora_run(tmp_path_factory, tiny_model_dir):
 
 
 def _records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return RunDir(run_dir).metrics()
 
 
 def test_loss_goes_down_and_metrics_are_written(lora_run):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -19,9 +18,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def loss_curve(metrics_file: Path, path: Path) -> Path | None:
-    """Training loss per step (and eval loss where it ran) from a run's metrics.jsonl."""
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+def loss_curve(records: list[dict], path: Path) -> Path | None:
+    """Training loss per step (and eval loss where it ran) from a run's metrics.jsonl records."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train:

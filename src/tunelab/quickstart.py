@@ -15,7 +15,7 @@ from tunelab.data import eval_dataset
 from tunelab.errors import shell_word
 from tunelab.evaluate import evaluate, evaluate_ranks, summarize_ranks
 from tunelab.plots import loss_curve, rank_curve
-from tunelab.rundir import METRICS_FILE
+from tunelab.rundir import RunDir
 from tunelab.train import train
 
 DEFAULT_CONFIG = Path(__file__).with_name("quickstart.yaml")
@@ -89,7 +89,7 @@ def run_quickstart(
     train_time = time.perf_counter() - train_started
     run_dir, trained = result.run_dir, result.tuned
     after = _evaluate(trained.model, trained.tokenizer, config, eval_examples, "the fine-tuned model")
-    plot = loss_curve(run_dir / METRICS_FILE, run_dir / "loss_curve.png")
+    plot = loss_curve(RunDir(run_dir).metrics(), run_dir / "loss_curve.png")
 
     table = Table(title=f"{config.data.eval}, first {eval_examples} examples")
     for column in ("metric", "before", "after"):

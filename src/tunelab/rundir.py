@@ -206,14 +206,17 @@ class RunDir:
             entry = self.path / name
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
+    def metrics(self) -> list[dict]:
+        """The records of metrics.jsonl so far (none before the first step)."""
+        return read_metrics(self.metrics_file) if self.metrics_file.is_file() else []
+
     def truncate_metrics(self, last_step: int) -> None:
         """On resume, drop the lines of steps after the checkpoint: they are about to be redone."""
         if not self.metrics_file.is_file():
             return
-        lines = [line for line in self.metrics_file.read_text().splitlines() if line.strip()]
         # step lines, eval lines and method events carry a step; the final summary does not
-        kept = [line for line in lines if json.loads(line).get("step", math.inf) <= last_step]
-        write_atomically(self.metrics_file, "".join(line + "\n" for line in kept))
+        kept = [record for record in self.metrics() if record.get("step", math.inf) <= last_step]
+        write_atomically(self.metrics_file, "".join(json.dumps(record) + "\n" for record in kept))
 
     @contextmanager
     def lock(self):
@@ -350,6 +353,14 @@ def mark_complete(checkpoint: Path) -> None:
     delete: anything added later is the user's)."""
     names = sorted(p.name for p in checkpoint.iterdir() if p.is_file())
     write_atomically(checkpoint / COMPLETE_MARKER, "".join(f"{name}\n" for name in names))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. Every record is written as one line ending in a newline, so a last
+    line without one is a record still being written, or cut off when the process was killed: left out.
+    """
+    lines = path.read_text().split("\n")[:-1]  # what follows the last newline is not a whole record
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -49,13 +49,9 @@ def _check_halvable(data: DataConfig, rows: int) -> None:
         )
 
 
-def median_step_time(metrics_file: Path) -> float | None:
-    """The median optimizer step time of a run, from its metrics.jsonl."""
-    times = [
-        record["step_time_s"]
-        for line in metrics_file.read_text().splitlines()
-        if line.strip() and "step_time_s" in (record := json.loads(line))
-    ]
+def median_step_time(records: list[dict]) -> float | None:
+    """The median optimizer step time of a run, from its metrics.jsonl records."""
+    times = [record["step_time_s"] for record in records if "step_time_s" in record]
     return statistics.median(times) if times else None
 
 
@@ -109,7 +105,7 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
         "metrics": rows[0]["metrics"],
         "rows": rows,
         "peak_memory_bytes": peak_memory_bytes(),
-        "step_time_s": median_step_time(RunDir(trained.run_dir).metrics_file),
+        "step_time_s": median_step_time(RunDir(trained.run_dir).metrics()),
     }
 
 
