@@ -35,8 +35,9 @@ def test_quickstart_prints_its_results_and_a_next_command_that_works(
     assert tree_digest(earlier) == before
     assert "evaluating the base model on 2 examples of gsm8k:eval" in out
     assert "evaluating the fine-tuned model on 2 examples of gsm8k:eval" in out
-    for metric in ("loss", "exact_match", "train time (s)"):
+    for metric in ("loss", "perplexity", "train time (s)"):
         assert re.search(rf"│\s+{re.escape(metric)}\s+│", out), metric
+    assert "exact_match" not in out  # generating answers would take most of the quickstart's time
     # the rank table's title on a line of its own, then one row per rank the adapter was evaluated at
     assert "the same adapter truncated to rank b (gsm8k:eval, 2 examples)\n" in out
     ranks = [int(rank) for rank in re.findall(r"^│\s+(\d+)\s+│\s+[\d.]+\s+│\s+[\d.]+\s+│$", out, re.M)]
@@ -46,8 +47,11 @@ def test_quickstart_prints_its_results_and_a_next_command_that_works(
 
     next_line = re.search(r"^next: (.*)$", out, re.M).group(1)
     evaluate, export = next_line.split(" | ")
-    assert evaluate == f"tunelab eval '{run_dir}' --ranks all"
+    assert evaluate == f"tunelab eval '{run_dir}' --ranks all --no-exact-match --limit 64"
     assert export == f"tunelab export '{run_dir}' --rank {best} --format peft --out '{run_dir}-peft-r{best}'"
-    code, _, err = run_cli_output(capsys, *shlex.split(export)[1:])  # as printed, without "tunelab"
+    code, out, err = run_cli_output(capsys, *shlex.split(evaluate)[1:])  # as printed, without "tunelab"
+    assert code == 0, err
+    assert "(64 examples)" in out and "exact_match" not in out
+    code, _, err = run_cli_output(capsys, *shlex.split(export)[1:])
     assert code == 0, err
     assert json.loads(Path(f"{run_dir}-peft-r{best}", "adapter_config.json").read_text())["r"] == best

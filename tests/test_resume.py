@@ -87,7 +87,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, qa_j
 
 
 def test_a_metrics_line_still_being_written_is_not_read(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n\n{"step": 2, "loss": 2.25}\n{"step": 3, "lo')
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.5}\n\n{"step": 2, "loss": 2.25}\n{"step": 3, "lo'
+    )
     assert RunDir(tmp_path).metrics() == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}]
     RunDir(tmp_path).truncate_metrics(last_step=1)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'

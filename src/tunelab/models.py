@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from torch import nn
 
 from tunelab.attention import use_cpu_attention
 from tunelab.config import BUILTIN_MODELS, check_model
@@ -187,4 +188,15 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, **kwargs):
         )
     use_cpu_attention(model)
     use_rms_norm(model)
+    contiguous_head_input(model)
     return model
+
+
+def contiguous_head_input(model: nn.Module) -> None:
+    """Give the output head a contiguous input. generate() computes the logits of the last position
+    only, `hidden[:, -1:, :]`, a strided view; torch 2.13 on CPU multiplies that with the head by
+    expanding the weight over the batch, a batch x vocab x hidden copy: 0.97 s against 0.01 s for 16
+    sequences at SmolLM2's head, half of a 16-prompt prefill (BENCHMARKS.md, change 17)."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
