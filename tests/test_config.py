@@ -42,12 +42,33 @@ def test_unknown_key_names_line_and_suggests(tmp_path):
 def test_unknown_method_key_and_method_name(tmp_path):
     with pytest.raises(TunelabError, match=r"unknown key 'method\.alph'; did you mean 'method\.alpha'"):
         load_config(_write(tmp_path, "method: {name: lora, alph: 8}\n"))
-    with pytest.raises(TunelabError, match=r"unknown key 'method\.rank'; valid keys here: name, r, alpha"):
-        load_config(_write(tmp_path, "method: {name: lora, rank: 8}\n"))
+    with pytest.raises(TunelabError, match=r"unknown key 'method\.ranks'; valid keys here: name, r, alpha"):
+        load_config(_write(tmp_path, "method: {name: lora, ranks: 8}\n"))
     with pytest.raises(
         TunelabError, match=r"unknown method 'lorax'; choose one of: lora, dylora, full, spiel"
     ):
         load_config(_write(tmp_path, "method: {name: lorax}\n"))
+    with pytest.raises(
+        TunelabError,
+        match=r"unknown method 'QLoRA'; QLoRA is method lora with quantization: nf4; choose one of: lora,",
+    ):
+        load_config(_write(tmp_path, "method: {name: QLoRA}\n"))
+
+
+def test_every_misspelt_key_at_once_and_other_tools_names_translated(tmp_path):
+    path = _write(
+        tmp_path,
+        "model: smollm2-135m\nlearning_rate: 1e-4\nmethod: {name: lora, lora_r: 8}\n"
+        "train:\n  max_step: 3\n  per_device_train_batch_size: 4\n",
+    )
+    with pytest.raises(TunelabError) as raised:
+        load_config(path)
+    assert str(raised.value) == (
+        f"{path}:2: unknown key 'learning_rate'; tunelab calls it 'train.lr'; "
+        f"also {path}:3: unknown key 'method.lora_r'; tunelab calls it 'method.r'; "
+        f"also {path}:5: unknown key 'train.max_step'; did you mean 'train.max_steps'?; "
+        f"also {path}:6: unknown key 'train.per_device_train_batch_size'; tunelab calls it 'train.batch_size'"
+    )
 
 
 def test_wrong_type_and_out_of_range(tmp_path):

@@ -22,6 +22,42 @@ from tunelab.tasks import builtin_task_names, builtin_tasks, parse_builtin
 
 MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
 METHOD_NAMES = tuple(METHOD_CONFIGS)
+# what transformers' TrainingArguments, PEFT and axolotl call a key, and what to write here instead: a
+# config written from habit is told the name, not only shown the list
+OTHER_TOOLS_KEYS = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.scheduler",
+    "lr_scheduler": "train.scheduler",
+    "warmup_steps": "train.warmup_ratio (a fraction of the steps)",
+    "max_grad_norm": "train.max_grad_norm",
+    "bf16": "train.precision: bf16",
+    "fp16": "train.precision (auto, bf16 or fp32)",
+    "max_seq_length": "data.max_length",
+    "sequence_len": "data.max_length",
+    "cutoff_len": "data.max_length",
+    "max_length": "data.max_length",
+    "lora_r": "method.r",
+    "rank": "method.r",
+    "lora_alpha": "method.alpha",
+    "lora_dropout": "method.dropout",
+    "lora_target_modules": "method.target_modules",
+    "base_model": "model",
+    "model_name_or_path": "model",
+    "load_in_4bit": "quantization: nf4",
+    "adapter": "method.name",
+}
+# method names other tools use for what is a method here plus a setting
+OTHER_TOOLS_METHODS = {
+    "qlora": "method lora with quantization: nf4",
+    "qdylora": "method dylora with quantization: nf4",
+    "full_finetune": "method full",
+    "sparse": "method spiel",
+}
 
 
 # The columns each row format reads (`data.format`); `data.columns` maps them to a dataset's own names
@@ -234,19 +270,29 @@ def _allowed_keys(model: type[BaseModel], data: Any, loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _error_loc(err: dict) -> tuple:
+    """Where a validation error is, as config keys (the method discriminator's tag left out)."""
+    return tuple(p for p in err["loc"] if p not in METHOD_NAMES or err["loc"][0] != "method")
+
+
 def _format_error(err: dict, data: Any, source: str, text: str, located: dict[str, str] | None) -> str:
-    loc = tuple(p for p in err["loc"] if p not in METHOD_NAMES or err["loc"][0] != "method")
+    loc = _error_loc(err)
     key = ".".join(str(p) for p in loc) or "<root>"
     where = _where(key, source, text, located)
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(RunConfig, data, loc[:-1])
         close = closest(str(loc[-1]), allowed)
-        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close])}'?" if close else ""
+        if str(loc[-1]) in OTHER_TOOLS_KEYS:
+            hint = f"tunelab calls it '{OTHER_TOOLS_KEYS[str(loc[-1])]}'"
+        else:
+            hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close])}'?" if close else ""
         valid = f"valid keys here: {', '.join(allowed)}" if allowed else ""
         return f"{where}: unknown key '{key}'; " + (hint or valid)
     if kind == "union_tag_invalid":
-        return f"{where}: unknown method {err['ctx']['tag']!r}; choose one of: {', '.join(METHOD_NAMES)}"
+        tag = err["ctx"]["tag"]
+        other = f"{tag} is {OTHER_TOOLS_METHODS[tag.lower()]}; " if tag.lower() in OTHER_TOOLS_METHODS else ""
+        return f"{where}: unknown method {tag!r}; {other}choose one of: {', '.join(METHOD_NAMES)}"
     if kind == "union_tag_not_found":
         return f"{where}: 'method' needs a 'name' (one of: {', '.join(METHOD_NAMES)})"
     if kind == "literal_error":
@@ -424,7 +470,13 @@ def validate(
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise TunelabError(_format_error(exc.errors()[0], data, source, text, located)) from None
+        # every misspelt key in one message, in the file's order, not one per attempt; else the first error
+        order = {key: i for i, (key, _, _) in enumerate(yaml_keys(text))}
+        errors = [err for err in exc.errors() if err["type"] == "extra_forbidden"] or exc.errors()[:1]
+        errors.sort(key=lambda err: order.get(".".join(map(str, _error_loc(err))), len(order)))
+        raise TunelabError(
+            "; also ".join(_format_error(err, data, source, text, located) for err in errors)
+        ) from None
     if config.quantization == "nf4" and config.method.trains_base_weights:
         raise TunelabError(
             f"{_where('quantization', source, text, located)}: quantization: nf4 cannot be combined "
