@@ -78,7 +78,7 @@ def test_merged_export_equals_the_adapter_forward(lora_run, tmp_path):
     _, built = load_run(lora_run, precision="fp32")
     with torch.no_grad():
         ours = built.model(input_ids=_tokens()).logits
-    out = export_run(lora_run, "merged", tmp_path / "merged")
+    out = export_run(lora_run, "Merged", tmp_path / "merged", dtype="float32")  # other tools' spellings
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=_tokens()).logits, ours, atol=1e-4, rtol=1e-4)
@@ -95,6 +95,10 @@ def test_merged_export_equals_the_adapter_forward(lora_run, tmp_path):
 def test_export_refuses_bad_requests(lora_run, tmp_path):
     with pytest.raises(TunelabError, match="exports as peft, merged or gguf, not 'spiel'"):
         export_run(lora_run, "spiel", tmp_path / "x")
+    with pytest.raises(TunelabError, match="exports as peft, merged or gguf, not 'guff'; did you mean gguf"):
+        export_run(lora_run, "guff", tmp_path / "x")
+    with pytest.raises(TunelabError, match="--dtype float8: use one of fp32, bf16, fp16"):
+        export_run(lora_run, "merged", tmp_path / "x", dtype="float8")
     with pytest.raises(TunelabError, match="needs a dylora run"):
         export_run(lora_run, "peft", tmp_path / "y", rank=2)
     (tmp_path / "full").mkdir()

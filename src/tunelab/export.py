@@ -8,13 +8,15 @@ from pathlib import Path
 
 import torch
 
-from tunelab.assemble import load_run
+from tunelab.assemble import load_run, read_run_config
 from tunelab.data import TRAINED_CHAT_TEMPLATES, resolve_template
-from tunelab.errors import TunelabError, shell_word
+from tunelab.errors import TunelabError, closest, shell_word
+from tunelab.methods import create_method
 from tunelab.quant import dequantize_model
 from tunelab.rundir import atomic_directory, check_writable
 
 MERGED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 FILE_LIKE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json")
 
 
@@ -30,6 +32,8 @@ def export_run(
     `dtype` is a merged model's weight type; `gguf_type` a GGUF's (f16 or q8_0)."""
     from tunelab.gguf_export import GGUF_TYPES
 
+    # GGUF, Q8_0, float16: what other tools write means the same here
+    fmt, gguf_type, dtype = fmt.lower(), gguf_type.lower(), DTYPE_NAMES.get(dtype.lower(), dtype.lower())
     if out.exists() and not out.is_dir():
         raise TunelabError(f"export target {out} is a file; --out names a directory to create")
     if not out.exists() and out.suffix.lower() in FILE_LIKE_SUFFIXES:
@@ -44,13 +48,16 @@ def export_run(
     if gguf_type not in GGUF_TYPES:
         raise TunelabError(f"--gguf-type {gguf_type}: use one of {', '.join(GGUF_TYPES)}")
     check_writable(out, "--out", folder=True)
-    config, built = load_run(run_dir, precision="fp32")  # merged into fp32 weights, whatever trained
-    formats = built.method.export_formats()
+    method = read_run_config(run_dir).method  # a mistyped --format is told before the model loads
+    formats = create_method(method).export_formats()
     if "merged" in formats:
         formats = [*formats, "gguf"]  # written from the merged model
     if fmt not in formats:
         choices = f"{', '.join(formats[:-1])} or {formats[-1]}" if len(formats) > 1 else formats[0]
-        raise TunelabError(f"method '{config.method.name}' exports as {choices}, not '{fmt}'")
+        near = closest(fmt, formats)
+        hint = f"; did you mean {near}?" if near else ""
+        raise TunelabError(f"method '{method.name}' exports as {choices}, not '{fmt}'{hint}")
+    config, built = load_run(run_dir, precision="fp32")  # merged into fp32 weights, whatever trained
     built.method.set_rank(built.model, rank)
     template = resolve_template(config.data.template, built.tokenizer)
     if template != "chat":  # what serves the export must prompt the model as the run trained it
