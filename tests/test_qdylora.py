@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -324,8 +325,18 @@ def test_eval_and_export_without_a_rank_say_which_rank_they_used(qdylora_run, tm
     code, out, _ = run_cli_output(capsys, "eval", str(qdylora_run), "--limit", "2")
     assert code == 0 and "at rank 6 (the run's r; --ranks all evaluates every rank)" in out
     code, out, _ = run_cli_output(
-        capsys, "export", str(qdylora_run), "--format", "peft", "--out", str(tmp_path / "a")
+        capsys, "export", str(qdylora_run), "--format", "PEFT", "--out", str(tmp_path / "a")
     )
     assert code == 0 and "at rank 6 (the run's r; --rank N exports another)" in out
+    # the line that says how to load it loads the base in 4-bit, as it trained, and runs as printed
+    load = re.search(
+        r"^load it: (.*\)) \(its base model is named in adapter_config.json\)$", out, re.M
+    ).group(1)
+    assert "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4')" in load
+    import peft
+    import transformers
+
+    loaded = eval(load, {"peft": peft, "transformers": transformers})
+    assert any(is_4bit(module) for module in loaded.modules())
     code, out, _ = run_cli_output(capsys, "eval", str(qdylora_run), "--limit", "2", "--ranks", "1,6")
     assert code == 0 and "at rank" not in out

@@ -249,18 +249,26 @@ def export(
     from tunelab.export import export_run
     from tunelab.gguf_export import ollama_name
 
+    fmt = fmt.lower()  # GGUF, Merged: what other tools write
     for option, value, applies in (("--dtype", dtype, "merged"), ("--gguf-type", gguf_type, "gguf")):
         if value is not None and fmt != applies:
             raise TunelabError(f"{option} applies to --format {applies}, not {fmt}; drop it")
     export_run(run_dir, fmt, out, rank, dtype or "fp32", gguf_type or "f16")
     console.print(f"[green]exported[/green] {fmt} to {out}")
-    method = read_run_config(run_dir).method
+    config = read_run_config(run_dir)
+    method = config.method
     if rank is None and method.name == "dylora":
         console.print(f"at rank {method.r} (the run's r; --rank N exports another)")
     name = ollama_name(out.name)
     next_step = {
-        "peft": f"load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}) (its base model is "
-        "named in adapter_config.json)",
+        "peft": f"load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}"
+        + (  # the adapter learned the 4-bit base's rounding: load the base as it trained
+            ", quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, "
+            "bnb_4bit_quant_type='nf4'))"
+            if config.quantization == "nf4"
+            else ")"
+        )
+        + " (its base model is named in adapter_config.json)",
         "merged": f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}), or serve it: "
         f"vllm serve {shell_word(out)}",
         "gguf": f"try it: cd {shell_word(out)} && ollama create {name} -f Modelfile && ollama run {name}",
