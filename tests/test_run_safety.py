@@ -415,3 +415,17 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_export(tmp_path, capsys, 
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", small], check=True)
+
+
+def test_a_run_whose_eval_data_moved_is_told_where_it_may_be_and_how_to_give_it(capsys, finished_run):
+    _, run_dir = finished_run
+    data = run_dir.parent.parent / "qa.jsonl"
+    moved = data.parent / "moved" / "qa.jsonl"
+    moved.parent.mkdir()
+    data.rename(moved)
+    code, err = run_cli(capsys, "eval", str(run_dir))
+    assert_one_line_error(
+        code, err, f"dataset not found: '{data}'", "(the run's data.eval; --data PATH evaluates on another)"
+    )
+    code, err = run_cli(capsys, "eval", str(run_dir), "--data", str(moved))
+    assert code == 0, err

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tunelab.console import stdout_console
-from tunelab.errors import RunInterrupted, TunelabError, shell_word
+from tunelab.errors import DatasetNotFound, RunInterrupted, TunelabError, shell_word
 
 try:  # typer 0.2x carries its own click; earlier versions use click itself
     from typer._click import exceptions as click_errors
@@ -194,7 +194,13 @@ def eval_command(
     options = config.data
     if data:  # another dataset: its format is detected, and read whole (the run's eval split is its own)
         options = config.data.model_copy(update={"format": "auto", "eval": spec, "eval_split": None})
-    dataset = eval_dataset(options, built.tokenizer, limit=limit)  # data.columns where it has them
+    try:
+        dataset = eval_dataset(options, built.tokenizer, limit=limit)  # data.columns where it has them
+    except DatasetNotFound as missing:
+        if data:
+            raise
+        # the run's own data.eval, moved or deleted since it trained
+        raise DatasetNotFound(f"{missing} (the run's data.eval; --data PATH evaluates on another)") from None
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         generated: list[list[str]] = []

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tunelab.errors import TunelabError, closest, did_you_mean, note_near_hub_id, shell_word
+from tunelab.errors import DatasetNotFound, TunelabError, closest, did_you_mean, note_near_hub_id, shell_word
 from tunelab.methods import METHOD_CONFIGS
 from tunelab.methods.lora.config import LoraConfig
 from tunelab.schema import Section
@@ -557,7 +557,7 @@ def check_source(spec: str) -> Path | None:
     name, colon, split = spec.partition(":")
     task = closest(name, builtin_tasks()) if colon else None
     hint = f"; did you mean {task}:{split}?" if task else did_you_mean(path)
-    raise TunelabError(
+    raise DatasetNotFound(
         f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
         f"({names}, or :eval, :dev, :test){hint}"
     )

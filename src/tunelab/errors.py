@@ -28,6 +28,10 @@ class DataError(TunelabError):
     the same model and data options fails the same way (a sweep skips its other trials on that data)."""
 
 
+class DatasetNotFound(TunelabError):
+    """A dataset named by path or name that is nowhere: no file, folder, hub id or built-in."""
+
+
 class RunInterrupted(TunelabError):
     """Training stopped on Ctrl-C/SIGTERM after saving a resumable checkpoint (exit code 130)."""
 
