@@ -1,5 +1,5 @@
-"""RESULTS.md's gsm8k comparison tables, from the sweep database: one row per trial (a QDyLoRA trial at
-its dev-best rank), then the QDyLoRA adapters' dev / test loss at every rank.
+"""RESULTS.md's gsm8k comparison tables, from the sweep database of one dataset: one row per trial (a
+QDyLoRA trial at its dev-best rank), then the QDyLoRA adapters' dev / test loss at every rank.
 
 python scripts/comparison_tables.py results/comparison-gsm8k.sqlite [--notes NOTES.json]
 
@@ -41,9 +41,14 @@ def arm(config: dict) -> str:
 
 
 def short(lr: float) -> str:
-    """0.0003 -> '3e-4'."""
-    mantissa, exponent = f"{lr:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+    """0.0003 -> '3e-4', 0.00025 -> '2.5e-4'."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def figure(value: float | None, scale: float = 1.0, digits: int = 4) -> str:
+    """A nullable column (a trial that failed to measure it) as text."""
+    return "–" if value is None else f"{value / scale:.{digits}f}"
 
 
 def tables(db: Path, notes: dict[str, str]) -> str:
@@ -57,18 +62,20 @@ def tables(db: Path, notes: dict[str, str]) -> str:
         "| arm | lr | dev loss | test loss | s/step | peak GiB | minutes |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (name, lr, seed), rows in sorted(
-        trials.items(), key=lambda item: (ARMS.index(item[0][0]), item[0][1:])
-    ):
+
+    def arm_order(name: str) -> int:  # an arm the spec did not have goes last
+        return ARMS.index(name) if name in ARMS else len(ARMS)
+
+    for (name, lr, seed), rows in sorted(trials.items(), key=lambda item: (arm_order(item[0][0]), item[0])):
         row = min(rows, key=lambda row: row["score"])  # a QDyLoRA trial: its dev-best rank
         label = (
             name + (f" (rank {row['rank']})" if row["rank"] else "") + (f", seed {seed}" if seed != 1 else "")
         )
         mark = notes.get(f"{name} {short(lr)}", "")
         lines.append(
-            f"| {label} | {short(lr)} | {row['score']:.4f} | {row['test_score']:.4f} | "
-            f"{row['step_time_s']:.2f}{mark} | {row['peak_memory_bytes'] / 2**30:.2f} | "
-            f"{row['duration_s'] / 60:.1f}{mark} |"
+            f"| {label} | {short(lr)} | {figure(row['score'])} | {figure(row['test_score'])} | "
+            f"{figure(row['step_time_s'], digits=2)}{mark} | {figure(row['peak_memory_bytes'], 2**30, 2)} | "
+            f"{figure(row['duration_s'], 60, 1)}{mark} |"
         )
     lines += [
         "",
@@ -78,7 +85,9 @@ def tables(db: Path, notes: dict[str, str]) -> str:
     for (name, lr, seed), rows in sorted(trials.items(), key=lambda item: item[0][1:]):
         if name == "QDyLoRA r16":
             at = {row["rank"]: row for row in rows}
-            scores = " | ".join(f"{at[b]['score']:.4f} / {at[b]['test_score']:.4f}" for b in RANKS)
+            scores = " | ".join(
+                f"{figure(at[b]['score'])} / {figure(at[b]['test_score'])}" if b in at else "–" for b in RANKS
+            )
             lines.append(f"| {short(lr)}{f', seed {seed}' if seed != 1 else ''} | {scores} |")
     return "\n".join(lines)
 

@@ -71,6 +71,29 @@ def test_every_misspelt_key_at_once_and_other_tools_names_translated(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train: {bf16: false}\n", "unknown key 'train.bf16'; tunelab writes it 'train.precision: fp32'"),
+        ("load_in_4bit: true\n", "unknown key 'load_in_4bit'; tunelab writes it 'quantization: nf4'"),
+        ("max_steps: 10\n", "unknown key 'max_steps'; did you mean 'train.max_steps'?"),
+        ("method: {name: dylora, rank: 8}\n", "unknown key 'method.rank'; tunelab calls it 'method.r'"),
+        # a translation only where its key exists: SpIEL has no rank
+        ("method: {name: spiel, rank: 8}\n", "unknown key 'method.rank'; valid keys here: name, density,"),
+        # the valid keys of a section once, however many of its keys are unknown
+        (
+            "train: {foo: 1, bar: 2}\n",
+            "unknown key 'train.foo'; valid keys here: lr, epochs,",
+        ),
+    ],
+)
+def test_what_an_unknown_key_probably_meant(tmp_path, text, message):
+    with pytest.raises(TunelabError) as raised:
+        load_config(_write(tmp_path, text))
+    assert message in str(raised.value)
+    assert str(raised.value).count("valid keys here") <= 1
+
+
 def test_wrong_type_and_out_of_range(tmp_path):
     with pytest.raises(TunelabError, match=r"run\.yaml:2: 'train\.lr' is 'fast'"):
         load_config(_write(tmp_path, "train:\n  lr: fast\n"))

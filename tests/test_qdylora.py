@@ -332,11 +332,15 @@ def test_eval_and_export_without_a_rank_say_which_rank_they_used(qdylora_run, tm
     load = re.search(
         r"^load it: (.*\)) \(its base model is named in adapter_config.json\)$", out, re.M
     ).group(1)
-    assert "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4')" in load
+    assert (
+        "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True)"
+        in load
+    )
     import peft
     import transformers
 
     loaded = eval(load, {"peft": peft, "transformers": transformers})
-    assert any(is_4bit(module) for module in loaded.modules())
+    stored = [module.weight.quant_state for module in loaded.modules() if is_4bit(module)]
+    assert stored and all(state.quant_type == "nf4" and state.nested for state in stored)  # double quant
     code, out, _ = run_cli_output(capsys, "eval", str(qdylora_run), "--limit", "2", "--ranks", "1,6")
     assert code == 0 and "at rank" not in out

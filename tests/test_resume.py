@@ -94,6 +94,11 @@ def test_a_metrics_line_still_being_written_is_not_read(tmp_path):
     RunDir(tmp_path).truncate_metrics(last_step=1)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
     assert RunDir(tmp_path / "not-started").metrics() == []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(
+        TunelabError, match=r"metrics\.jsonl:2: not a JSON record \(the file was edited or dam"
+    ):
+        RunDir(tmp_path).metrics()
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):

@@ -192,7 +192,7 @@ def _training_after_steps(config_path: Path, run: RunDir, steps: int) -> subproc
     )
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
-        if run.metrics_file.is_file() and run.metrics_file.read_text().count('"loss"') >= steps:
+        if sum("loss" in record for record in run.metrics()) >= steps:
             break
         time.sleep(0.01)
     return process

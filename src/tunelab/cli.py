@@ -178,6 +178,7 @@ def eval_command(
     from rich.progress import Progress
 
     from tunelab.assemble import load_run, read_run_config
+    from tunelab.config import check_source
     from tunelab.data import eval_dataset
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
@@ -185,22 +186,24 @@ def eval_command(
 
     if json_path:  # before the evaluation, not after it; an earlier `tunelab eval --json` is replaced
         check_writable(json_path, "--json", folder=False, ours=json_report("run"))
-    # the request is checked against the run before its model loads
-    rank_list = parse_ranks(ranks, read_run_config(run_dir).method.evaluable_ranks()) if ranks else None
-    config, built = load_run(run_dir)
+    # the request and the data are checked against the run before its model loads
+    config = read_run_config(run_dir)
+    rank_list = parse_ranks(ranks, config.method.evaluable_ranks()) if ranks else None
     spec = data or config.data.eval
     if not spec:
         raise TunelabError("the run has no data.eval; pass --data NAME|PATH")
-    options = config.data
-    if data:  # another dataset: its format is detected, and read whole (the run's eval split is its own)
-        options = config.data.model_copy(update={"format": "auto", "eval": spec, "eval_split": None})
     try:
-        dataset = eval_dataset(options, built.tokenizer, limit=limit)  # data.columns where it has them
+        check_source(spec)
     except DatasetNotFound as missing:
         if data:
             raise
         # the run's own data.eval, moved or deleted since it trained
         raise DatasetNotFound(f"{missing} (the run's data.eval; --data PATH evaluates on another)") from None
+    config, built = load_run(run_dir)
+    options = config.data
+    if data:  # another dataset: its format is detected, and read whole (the run's eval split is its own)
+        options = config.data.model_copy(update={"format": "auto", "eval": spec, "eval_split": None})
+    dataset = eval_dataset(options, built.tokenizer, limit=limit)  # data.columns where it has them
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         generated: list[list[str]] = []
@@ -254,6 +257,7 @@ def export(
     from tunelab.assemble import read_run_config
     from tunelab.export import export_run
     from tunelab.gguf_export import ollama_name
+    from tunelab.quant import NF4_STORAGE
 
     fmt = fmt.lower()  # GGUF, Merged: what other tools write
     for option, value, applies in (("--dtype", dtype, "merged"), ("--gguf-type", gguf_type, "gguf")):
@@ -268,9 +272,10 @@ def export(
     name = ollama_name(out.name)
     next_step = {
         "peft": f"load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}"
-        + (  # the adapter learned the 4-bit base's rounding: load the base as it trained
-            ", quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, "
-            "bnb_4bit_quant_type='nf4'))"
+        + (  # the adapter learned the 4-bit base's rounding: the base stored as it trained
+            ", quantization_config=transformers.BitsAndBytesConfig("
+            + ", ".join(f"{key}={value!r}" for key, value in NF4_STORAGE.items())
+            + "))"
             if config.quantization == "nf4"
             else ")"
         )

@@ -22,8 +22,8 @@ from tunelab.tasks import builtin_task_names, builtin_tasks, parse_builtin
 
 MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
 METHOD_NAMES = tuple(METHOD_CONFIGS)
-# what transformers' TrainingArguments, PEFT and axolotl call a key, and what to write here instead: a
-# config written from habit is told the name, not only shown the list
+# what transformers' TrainingArguments, PEFT and axolotl call a key, and its name here: a config written
+# from habit is told the name, where that key exists in the config (SpIEL has no method.r)
 OTHER_TOOLS_KEYS = {
     "learning_rate": "train.lr",
     "num_train_epochs": "train.epochs",
@@ -33,14 +33,9 @@ OTHER_TOOLS_KEYS = {
     "gradient_accumulation_steps": "train.grad_accum",
     "lr_scheduler_type": "train.scheduler",
     "lr_scheduler": "train.scheduler",
-    "warmup_steps": "train.warmup_ratio (a fraction of the steps)",
-    "max_grad_norm": "train.max_grad_norm",
-    "bf16": "train.precision: bf16",
-    "fp16": "train.precision (auto, bf16 or fp32)",
     "max_seq_length": "data.max_length",
     "sequence_len": "data.max_length",
     "cutoff_len": "data.max_length",
-    "max_length": "data.max_length",
     "lora_r": "method.r",
     "rank": "method.r",
     "lora_alpha": "method.alpha",
@@ -48,8 +43,11 @@ OTHER_TOOLS_KEYS = {
     "lora_target_modules": "method.target_modules",
     "base_model": "model",
     "model_name_or_path": "model",
-    "load_in_4bit": "quantization: nf4",
-    "adapter": "method.name",
+}
+# switches of other tools that are a setting here: (key, value when true, value when false)
+OTHER_TOOLS_SWITCHES = {
+    "bf16": ("train.precision", "bf16", "fp32"),
+    "load_in_4bit": ("quantization", "nf4", "none"),
 }
 # method names other tools use for what is a method here plus a setting
 OTHER_TOOLS_METHODS = {
@@ -275,20 +273,58 @@ def _error_loc(err: dict) -> tuple:
     return tuple(p for p in err["loc"] if p not in METHOD_NAMES or err["loc"][0] != "method")
 
 
-def _format_error(err: dict, data: Any, source: str, text: str, located: dict[str, str] | None) -> str:
+def _has_key(dotted: str, data: Any) -> bool:
+    """Whether `dotted` is a key of the config (the method's keys as its name in `data` says)."""
+    *section, name = dotted.split(".")
+    return name in _allowed_keys(RunConfig, data, tuple(section))
+
+
+def _unknown_key_hint(loc: tuple, value: Any, data: Any, allowed: list[str]) -> str:
+    """What an unknown key probably meant: another tool's name for a key, a key of a section written at
+    the top level (`max_steps: 10`), or a near spelling; '' when nothing is close."""
+    name = str(loc[-1])
+    if name in OTHER_TOOLS_SWITCHES:
+        target, on, off = OTHER_TOOLS_SWITCHES[name]
+        if _has_key(target, data):
+            return f"tunelab writes it '{target}: {on if value else off}'"
+    if name in OTHER_TOOLS_KEYS and _has_key(OTHER_TOOLS_KEYS[name], data):
+        return f"tunelab calls it '{OTHER_TOOLS_KEYS[name]}'"
+    if not loc[:-1]:
+        sections = [
+            f"{section}.{name}"
+            for section in ("train", "data", "method")
+            if _has_key(f"{section}.{name}", data)
+        ]
+        if sections:
+            return f"did you mean '{sections[0]}'?"
+    close = closest(name, allowed)
+    return f"did you mean '{'.'.join([*map(str, loc[:-1]), close])}'?" if close else ""
+
+
+def _format_error(
+    err: dict,
+    data: Any,
+    source: str,
+    text: str,
+    located: dict[str, str] | None,
+    listed: set[tuple] | None = None,
+) -> str:
+    """One error's message; `listed` (when several are reported) holds the sections whose valid keys an
+    earlier message listed."""
     loc = _error_loc(err)
     key = ".".join(str(p) for p in loc) or "<root>"
     where = _where(key, source, text, located)
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(RunConfig, data, loc[:-1])
-        close = closest(str(loc[-1]), allowed)
-        if str(loc[-1]) in OTHER_TOOLS_KEYS:
-            hint = f"tunelab calls it '{OTHER_TOOLS_KEYS[str(loc[-1])]}'"
-        else:
-            hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close])}'?" if close else ""
-        valid = f"valid keys here: {', '.join(allowed)}" if allowed else ""
-        return f"{where}: unknown key '{key}'; " + (hint or valid)
+        hint = _unknown_key_hint(loc, err["input"], data, allowed)
+        if hint or not allowed:
+            return f"{where}: unknown key '{key}'; {hint}"
+        if listed is not None:  # several unknown keys: each section's valid keys are listed once
+            if loc[:-1] in listed:
+                return f"{where}: unknown key '{key}'"
+            listed.add(loc[:-1])
+        return f"{where}: unknown key '{key}'; valid keys here: {', '.join(allowed)}"
     if kind == "union_tag_invalid":
         tag = err["ctx"]["tag"]
         other = f"{tag} is {OTHER_TOOLS_METHODS[tag.lower()]}; " if tag.lower() in OTHER_TOOLS_METHODS else ""
@@ -474,8 +510,9 @@ def validate(
         order = {key: i for i, (key, _, _) in enumerate(yaml_keys(text))}
         errors = [err for err in exc.errors() if err["type"] == "extra_forbidden"] or exc.errors()[:1]
         errors.sort(key=lambda err: order.get(".".join(map(str, _error_loc(err))), len(order)))
+        listed: set[tuple] = set()
         raise TunelabError(
-            "; also ".join(_format_error(err, data, source, text, located) for err in errors)
+            "; also ".join(_format_error(err, data, source, text, located, listed) for err in errors)
         ) from None
     if config.quantization == "nf4" and config.method.trains_base_weights:
         raise TunelabError(

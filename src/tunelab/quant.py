@@ -30,6 +30,10 @@ def is_4bit(module: nn.Module) -> bool:
     return bool(LINEAR_4BIT) and isinstance(module, LINEAR_4BIT)
 
 
+# QLoRA's storage: what a 4-bit base is stored as, here and wherever an adapter trained on it is loaded
+NF4_STORAGE = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+
+
 def nf4_config(compute_dtype: torch.dtype):
     """QLoRA's storage: NF4 with double quantization; embeddings, norms and LM head stay full."""
     from transformers import BitsAndBytesConfig
@@ -38,12 +42,7 @@ def nf4_config(compute_dtype: torch.dtype):
         raise TunelabError(
             "quantization: nf4 needs a working bitsandbytes install (pip install bitsandbytes)"
         )
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
+    return BitsAndBytesConfig(**NF4_STORAGE, bnb_4bit_compute_dtype=compute_dtype)
 
 
 def release_loading_memory(model: nn.Module) -> int:

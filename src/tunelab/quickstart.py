@@ -106,7 +106,7 @@ def run_quickstart(
     run, rank_option = shell_word(run_dir), f" --rank {best_rank}" if best_rank else ""
     export_dir = shell_word(f"{run_dir}-peft" + (f"-r{best_rank}" if best_rank else ""))
     # every rank with exact match would generate 200 answers 16 times (hours on a CPU): loss, on more examples
-    ranks_option = " --ranks all --no-exact-match --limit 64" if best_rank else ""
+    ranks_option = f" --ranks all --no-exact-match --limit {max(64, eval_examples)}" if best_rank else ""
     console.print(
         f"next: tunelab eval {run}{ranks_option} | "
         f"tunelab export {run}{rank_option} --format peft --out {export_dir}"

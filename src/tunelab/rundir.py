@@ -360,7 +360,17 @@ def read_metrics(path: Path) -> list[dict]:
     line without one is a record still being written, or cut off when the process was killed: left out.
     """
     lines = path.read_text().split("\n")[:-1]  # what follows the last newline is not a whole record
-    return [json.loads(line) for line in lines if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise TunelabError(
+                f"{path}:{number}: not a JSON record (the file was edited or damaged); remove that line"
+            ) from None
+    return records
 
 
 def write_atomically(path: Path, text: str) -> None:
