@@ -55,3 +55,23 @@ def test_quickstart_prints_its_results_and_a_next_command_that_works(
     code, _, err = run_cli_output(capsys, *shlex.split(export)[1:])
     assert code == 0, err
     assert json.loads(Path(f"{run_dir}-peft-r{best}", "adapter_config.json").read_text())["r"] == best
+
+
+def test_a_quickstart_of_another_method_prints_its_own_export(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    """`--config` of a SpIEL run: no rank table, and the printed export is SpIEL's format, which runs."""
+    method = re.search(r"^method: .*$", DEFAULT_CONFIG.read_text(), re.M).group(0)
+    shipped = DEFAULT_CONFIG.read_text().replace(method, "method: {name: spiel, density: 0.01}")
+    config = tmp_path / "spiel.yaml"
+    config.write_text(shipped.replace("model: smollm2-135m\n", f"model: {tiny_model_dir}\n"))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli_output(
+        capsys, "quickstart", "--config", str(config), "--steps", "2", "--eval-examples", "2"
+    )
+    assert code == 0, err
+    assert "best rank" not in out
+    evaluate, export = re.search(r"^next: (.*)$", out, re.M).group(1).split(" | ")
+    assert evaluate == "tunelab eval runs/quickstart --no-exact-match --limit 64"
+    assert export == "tunelab export runs/quickstart --format spiel --out runs/quickstart-spiel"
+    code, _, err = run_cli_output(capsys, *shlex.split(export)[1:])
+    assert code == 0, err
+    assert Path("runs/quickstart-spiel").is_dir()

@@ -95,11 +95,14 @@ def test_merged_export_equals_the_adapter_forward(lora_run, tmp_path):
 def test_export_refuses_bad_requests(lora_run, tmp_path):
     with pytest.raises(TunelabError, match="exports as peft, merged or gguf, not 'spiel'"):
         export_run(lora_run, "spiel", tmp_path / "x")
-    with pytest.raises(TunelabError, match="exports as peft, merged or gguf, not 'guff'; did you mean gguf"):
-        export_run(lora_run, "guff", tmp_path / "x")
-    with pytest.raises(TunelabError, match="--dtype float8: use one of fp32, bf16, fp16"):
-        export_run(lora_run, "merged", tmp_path / "x", dtype="float8")
-    with pytest.raises(TunelabError, match="needs a dylora run"):
+    # other tools' spellings are read in any case, and an error echoes what was written
+    with pytest.raises(TunelabError, match="exports as peft, merged or gguf, not 'GUFF'; did you mean gguf"):
+        export_run(lora_run, "GUFF", tmp_path / "x")
+    with pytest.raises(TunelabError, match="--dtype Float8: use one of fp32, bf16, fp16"):
+        export_run(lora_run, "merged", tmp_path / "x", dtype="Float8")
+    with pytest.raises(TunelabError, match="--gguf-type Q4_K: use one of"):
+        export_run(lora_run, "gguf", tmp_path / "x", gguf_type="Q4_K")
+    with pytest.raises(TunelabError, match="trains one rank; drop --rank"):
         export_run(lora_run, "peft", tmp_path / "y", rank=2)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("keep")
@@ -337,6 +340,10 @@ def test_ranks_on_a_one_rank_run_fail_before_the_model_loads(lora_run, tmp_path,
     monkeypatch.setattr(tunelab.assemble, "build", no_loading)
     code, err = run_cli(capsys, "eval", str(lora_run), "--ranks", "all")
     assert_one_line_error(code, err, "this run's method trains one rank")
+    out = tmp_path / "adapter"
+    code, err = run_cli(capsys, "export", str(lora_run), "--format", "peft", "--out", str(out), "--rank", "2")
+    assert_one_line_error(code, err, "--rank 2: this run's method trains one rank; drop --rank")
+    assert not out.exists()
 
 
 def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -259,11 +259,11 @@ def export(
     from tunelab.gguf_export import ollama_name
     from tunelab.quant import NF4_STORAGE
 
-    fmt = fmt.lower()  # GGUF, Merged: what other tools write
     for option, value, applies in (("--dtype", dtype, "merged"), ("--gguf-type", gguf_type, "gguf")):
-        if value is not None and fmt != applies:
+        if value is not None and fmt.lower() != applies:  # GGUF, Merged: what other tools write
             raise TunelabError(f"{option} applies to --format {applies}, not {fmt}; drop it")
     export_run(run_dir, fmt, out, rank, dtype or "fp32", gguf_type or "f16")
+    fmt = fmt.lower()
     console.print(f"[green]exported[/green] {fmt} to {out}")
     config = read_run_config(run_dir)
     method = config.method
@@ -293,13 +293,7 @@ def _load_for_generation(run_dir: Path, rank: int | None):
     from tunelab.assemble import load_run, read_run_config
     from tunelab.data import resolve_template
 
-    evaluable = read_run_config(run_dir).method.evaluable_ranks()
-    if rank is not None and rank not in evaluable:
-        raise TunelabError(
-            f"--rank {rank}: this run trained ranks {evaluable[0]}..{evaluable[-1]}"
-            if evaluable
-            else f"--rank {rank}: this run's method trains one rank; drop --rank"
-        )
+    read_run_config(run_dir).method.check_rank(rank)
     config, built = load_run(run_dir)
     built.method.set_rank(built.model, rank)
     return built, resolve_template(config.data.template, built.tokenizer)

@@ -11,12 +11,16 @@ import torch
 from tunelab.assemble import load_run, read_run_config
 from tunelab.data import TRAINED_CHAT_TEMPLATES, resolve_template
 from tunelab.errors import TunelabError, closest, shell_word
-from tunelab.methods import create_method
 from tunelab.quant import dequantize_model
 from tunelab.rundir import atomic_directory, check_writable
 
 MERGED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+# what torch, numpy and llama.cpp call the same weight types
+DTYPE_NAMES = {
+    **{name: "fp32" for name in ("float32", "float", "f32")},
+    **{name: "fp16" for name in ("float16", "half", "f16")},
+    "bfloat16": "bf16",
+}
 FILE_LIKE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json")
 
 
@@ -32,7 +36,8 @@ def export_run(
     `dtype` is a merged model's weight type; `gguf_type` a GGUF's (f16 or q8_0)."""
     from tunelab.gguf_export import GGUF_TYPES
 
-    # GGUF, Q8_0, float16: what other tools write means the same here
+    # GGUF, Q8_0, float16: what other tools write means the same here (errors echo what was written)
+    given_fmt, given_gguf_type, given_dtype = fmt, gguf_type, dtype
     fmt, gguf_type, dtype = fmt.lower(), gguf_type.lower(), DTYPE_NAMES.get(dtype.lower(), dtype.lower())
     if out.exists() and not out.is_dir():
         raise TunelabError(f"export target {out} is a file; --out names a directory to create")
@@ -44,19 +49,20 @@ def export_run(
     if out.exists() and any(out.iterdir()):
         raise TunelabError(f"export target {out} exists and is not empty; choose another --out or remove it")
     if dtype not in MERGED_DTYPES:
-        raise TunelabError(f"--dtype {dtype}: use one of {', '.join(MERGED_DTYPES)}")
+        raise TunelabError(f"--dtype {given_dtype}: use one of {', '.join(MERGED_DTYPES)}")
     if gguf_type not in GGUF_TYPES:
-        raise TunelabError(f"--gguf-type {gguf_type}: use one of {', '.join(GGUF_TYPES)}")
+        raise TunelabError(f"--gguf-type {given_gguf_type}: use one of {', '.join(GGUF_TYPES)}")
     check_writable(out, "--out", folder=True)
-    method = read_run_config(run_dir).method  # a mistyped --format is told before the model loads
-    formats = create_method(method).export_formats()
+    method = read_run_config(run_dir).method  # a mistyped --format or --rank is told before the model loads
+    method.check_rank(rank)
+    formats = list(method.export_formats)
     if "merged" in formats:
         formats = [*formats, "gguf"]  # written from the merged model
     if fmt not in formats:
         choices = f"{', '.join(formats[:-1])} or {formats[-1]}" if len(formats) > 1 else formats[0]
         near = closest(fmt, formats)
         hint = f"; did you mean {near}?" if near else ""
-        raise TunelabError(f"method '{method.name}' exports as {choices}, not '{fmt}'{hint}")
+        raise TunelabError(f"method '{method.name}' exports as {choices}, not '{given_fmt}'{hint}")
     config, built = load_run(run_dir, precision="fp32")  # merged into fp32 weights, whatever trained
     built.method.set_rank(built.model, rank)
     template = resolve_template(config.data.template, built.tokenizer)

@@ -104,12 +104,14 @@ def run_quickstart(
         f"{', loss_curve.png' if plot else ''})"
     )
     run, rank_option = shell_word(run_dir), f" --rank {best_rank}" if best_rank else ""
-    export_dir = shell_word(f"{run_dir}-peft" + (f"-r{best_rank}" if best_rank else ""))
-    # every rank with exact match would generate 200 answers 16 times (hours on a CPU): loss, on more examples
-    ranks_option = f" --ranks all --no-exact-match --limit {max(64, eval_examples)}" if best_rank else ""
+    fmt = config.method.export_formats[0]  # peft for adapters; a --config of another method has its own
+    export_dir = shell_word(f"{run_dir}-{fmt}" + (f"-r{best_rank}" if best_rank else ""))
+    # exact match generates up to 256 tokens an answer (every rank: hours on a CPU): loss, on more examples
+    limit = max(64, eval_examples)
+    eval_options = (" --ranks all" if best_rank else "") + f" --no-exact-match --limit {limit}"
     console.print(
-        f"next: tunelab eval {run}{ranks_option} | "
-        f"tunelab export {run}{rank_option} --format peft --out {export_dir}"
+        f"next: tunelab eval {run}{eval_options} | "
+        f"tunelab export {run}{rank_option} --format {fmt} --out {export_dir}"
     )
     console.print(f"total time {time.perf_counter() - started:.0f} s")
     return run_dir

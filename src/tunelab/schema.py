@@ -7,6 +7,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
+from tunelab.errors import TunelabError
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -29,7 +31,19 @@ class MethodSection(Section):
     implementation: ClassVar[str]  # "module:Class" of its `methods.base.Method`, imported when built
     # True: the base model's own weights train (so they cannot be 4-bit, and stay fp32 under bf16)
     trains_base_weights: ClassVar[bool] = False
+    # what `tunelab export --format` writes for it ('merged' also gives 'gguf')
+    export_formats: ClassVar[tuple[str, ...]] = ("merged",)
 
     def evaluable_ranks(self) -> list[int]:
         """The ranks one trained adapter can be evaluated at (DyLoRA: every rank); [] for none."""
         return []
+
+    def check_rank(self, rank: int | None) -> None:
+        """Refuse a --rank this method's run cannot compute at (before its model loads)."""
+        evaluable = self.evaluable_ranks()
+        if rank is not None and rank not in evaluable:
+            raise TunelabError(
+                f"--rank {rank}: this run trained ranks {evaluable[0]}..{evaluable[-1]}"
+                if evaluable
+                else f"--rank {rank}: this run's method trains one rank; drop --rank"
+            )

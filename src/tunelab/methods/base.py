@@ -120,9 +120,6 @@ class Method:
         """Return a plain HF model with the method's update (at `rank`) folded into its weights."""
         raise NotImplementedError
 
-    def export_formats(self) -> tuple[str, ...]:
-        return ("merged",)
-
     def export(self, model: nn.Module, fmt: str, out: Path, base_model: str, rank: int | None = None) -> None:
         """Write `fmt` (other than 'merged', which export.py handles through merge())."""
         raise TunelabError(f"method '{self.config.name}' cannot export format '{fmt}'")

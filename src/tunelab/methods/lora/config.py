@@ -11,6 +11,7 @@ class LoraConfig(MethodSection):
     """LoRA: h = W x + (alpha / r) * B (A x)."""
 
     implementation: ClassVar[str] = "tunelab.methods.lora.method:LoraMethod"
+    export_formats: ClassVar[tuple[str, ...]] = ("peft", "merged")
     name: Literal["lora"] = "lora"
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
@@ -22,6 +23,7 @@ class DyLoraConfig(MethodSection):
     """DyLoRA: one rank b per optimizer step from {r_min..r}; forward with A[:b], B[:, :b], scale alpha/b."""
 
     implementation: ClassVar[str] = "tunelab.methods.lora.dylora:DyLoraMethod"
+    export_formats: ClassVar[tuple[str, ...]] = ("peft", "merged")
     name: Literal["dylora"] = "dylora"
     r: int = Field(64, gt=0)
     r_min: int = Field(1, gt=0)

@@ -50,9 +50,6 @@ class LoraMethod(Method):
                 replace_module(model, name, merged)
         return model
 
-    def export_formats(self) -> tuple[str, ...]:
-        return ("peft", "merged")
-
     def export(self, model: nn.Module, fmt: str, out: Path, base_model: str, rank: int | None = None) -> None:
         if fmt != "peft":
             super().export(model, fmt, out, base_model)

@@ -11,6 +11,7 @@ class SpielConfig(MethodSection):
     """SpIEL sparse fine-tuning: per weight matrix k (index, delta) pairs; update -> prune -> regrow."""
 
     implementation: ClassVar[str] = "tunelab.methods.spiel.method:SpielMethod"
+    export_formats: ClassVar[tuple[str, ...]] = ("spiel", "merged")
     name: Literal["spiel"] = "spiel"
     # budget: a fraction of all model parameters, or an absolute count (num_tunable wins when set)
     density: float | None = Field(0.01, gt=0, le=1)

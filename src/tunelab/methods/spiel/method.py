@@ -230,9 +230,6 @@ class SpielMethod(Method):
             replace_module(model, name, layer.merged_linear())
         return model
 
-    def export_formats(self) -> tuple[str, ...]:
-        return ("spiel", "merged")
-
     def export(self, model: nn.Module, fmt: str, out: Path, base_model: str, rank: int | None = None) -> None:
         """`spiel`: one safetensors file with `<module>.indices` (flat row-major) and `<module>.values`
         per target module, named as in the base model, plus a JSON config with the matrix shapes."""
