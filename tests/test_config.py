@@ -21,12 +21,12 @@ def _write(tmp_path, text: str):
 
 def test_defaults_and_typed_overrides(tmp_path):
     config = load_config(
-        _write(tmp_path, "method: {name: lora, r: 4}\n"),
+        _write(tmp_path, "method: {name: lora, r: 4}\ndata: {train: gsm8k:train}\n"),
         ["train.lr=1e-4", "method.r=16", "data.train_on_prompt=true"],
     )
     assert config.train.lr == 1e-4 and config.method.r == 16 and config.data.train_on_prompt is True
     assert config.name == "run" and str(config.resolved_output_dir()) == "runs/run"
-    assert load_config(_write(tmp_path, "method: full\n")).method.name == "full"
+    assert load_config(_write(tmp_path, "method: full\ndata: {train: gsm8k:train}\n")).method.name == "full"
 
 
 def test_unknown_key_names_line_and_suggests(tmp_path):
@@ -45,7 +45,8 @@ def test_unknown_method_key_and_method_name(tmp_path):
     with pytest.raises(TunelabError, match=r"unknown key 'method\.ranks'; valid keys here: name, r, alpha"):
         load_config(_write(tmp_path, "method: {name: lora, ranks: 8}\n"))
     with pytest.raises(
-        TunelabError, match=r"unknown method 'lorax'; choose one of: lora, dylora, full, spiel"
+        TunelabError,
+        match=r"unknown method 'lorax'; did you mean lora\? choose one of: lora, dylora, full, spiel",
     ):
         load_config(_write(tmp_path, "method: {name: lorax}\n"))
     with pytest.raises(
@@ -193,7 +194,7 @@ def test_cli_never_overwrites_an_existing_run(tmp_path, tiny_model_dir):
     saved = dump_config(validate({"model": tiny_model_dir, "output_dir": str(run_dir)}))
     (run_dir / "config.yaml").write_text(saved)  # as tunelab writes a run's config
     (run_dir / "metrics.jsonl").write_text("")
-    path = _write(tmp_path, f"model: {tiny_model_dir}\noutput_dir: {run_dir}\n")
+    path = _write(tmp_path, f"model: {tiny_model_dir}\ndata: {{train: gsm8k:train}}\noutput_dir: {run_dir}\n")
     result = _cli("train", str(path), cwd=tmp_path)
     assert result.returncode == 2 and "already holds a run; use --resume" in result.stderr
     assert (run_dir / "config.yaml").read_text() == saved
@@ -235,3 +236,35 @@ def test_version_is_the_installed_one(tmp_path):
 
     result = _cli("--version", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == f"tunelab {version('tunelab')}"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # a config without data would train on data.train's default, a built-in task, without a word
+        ("model: smollm2-135m\nmethod: lora\n", "run.yaml: no data.train; name the data to train on"),
+        ("method: lora\ndata: {eval: gsm8k:eval}\n", "no data.train"),
+        (
+            "method: lora\ndata: my.jsonl\n",
+            "run.yaml:2: 'data' is 'my.jsonl'; data is a section: write data: {train: my.jsonl}",
+        ),
+        ("method: lroa\n", "run.yaml:1: unknown method 'lroa'; did you mean lora? choose one of"),
+        ("method: lora\n\tdata: {train: x.jsonl}\n", "run.yaml:2: YAML syntax error: found character '\\t'"),
+        ("method:\n  name: lora\n   r: 8\n", "mapping values are not allowed here; check the indentation"),
+    ],
+)
+def test_what_a_config_mistake_is_told(tmp_path, text, message):
+    with pytest.raises(TunelabError) as raised:
+        load_config(_write(tmp_path, text))
+    assert message in str(raised.value)
+    if "\\t" in message:
+        assert str(raised.value).endswith("indent with spaces, not tabs")
+
+
+def test_a_data_file_given_as_the_config_is_told_how_to_name_it(tmp_path, capsys):
+    data = tmp_path / "train.jsonl.gz"
+    data.write_bytes(b"")
+    code, err = run_cli(capsys, "train", str(data))
+    assert_one_line_error(
+        code, err, f"{data} is a data file, not a config; name it in one: data: {{train: {data}}}"
+    )

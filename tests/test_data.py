@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tunelab.config import DataConfig
+from tunelab.config import DataConfig, load_config
 from tunelab.data import IGNORE_INDEX, build_dataset, load_rows
 from tunelab.errors import TunelabError
 
@@ -158,8 +158,32 @@ def test_missing_field_names_the_row(tmp_path, tokenizer):
 
 
 def test_unknown_columns_and_empty_files(tmp_path, tokenizer):
-    with pytest.raises(TunelabError, match="cannot tell the format from columns"):
+    with pytest.raises(TunelabError, match="cannot tell the format.*e.g. {instruction: question"):
         build_dataset(str(_write(tmp_path, "odd.jsonl", [{"question": "a"}])), tokenizer)
+
+
+@pytest.mark.parametrize(
+    "row, mapping",
+    [  # Dolly; a Q&A sheet's capitals; prompt/response pairs
+        (
+            {"instruction": "Add", "context": "2 and 3", "response": "5", "category": "math"},
+            {"output": "response", "input": "context"},
+        ),
+        ({"Question": "2+3?", "Answer": "5"}, {"instruction": "Question", "output": "Answer"}),
+        ({"prompt": "2+3=", "response": "5"}, {"instruction": "prompt", "output": "response"}),
+    ],
+)
+def test_common_column_names_are_told_the_mapping_that_reads_them(tmp_path, tokenizer, row, mapping):
+    import shlex
+
+    path = _write(tmp_path, "rows.jsonl", [row])
+    with pytest.raises(TunelabError) as refused:
+        build_dataset(str(path), tokenizer)
+    told = str(refused.value)
+    assert "{" + ", ".join(f"{field}: {column}" for field, column in mapping.items()) + "}" in told
+    overrides = shlex.split(told.split("(on the command line: ")[1].removesuffix(")"))
+    config = load_config(None, [f"data.train={path}", *overrides])
+    assert build_dataset(str(path), tokenizer, config.data).examples[0].reference == "5"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(TunelabError, match="has no rows"):

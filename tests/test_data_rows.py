@@ -287,13 +287,22 @@ def test_files_as_people_save_them(tmp_path, tokenizer):
     assert "Add; then stop" in example.prompt and "2,5" in example.prompt and example.reference == "7,5"
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("prompt,completion\n1+1=,2\n1+2=,3,extra\n")
-    with pytest.raises(TunelabError, match=rf"{ragged}:3: row has 3 fields, the header has 2"):
+    with pytest.raises(TunelabError, match=rf"{ragged}:3: row has 3 cells, the header has 2; quote"):
         build_dataset(str(ragged), tokenizer)
+    short = tmp_path / "short.csv"  # a cell left out: its count, and no advice about quoting
+    short.write_text("prompt,completion\n1+1=,2\n2+2=\n1+2=,3\n")
+    with pytest.raises(TunelabError, match=rf"{short}:3: row has 1 cells, the header has 2; fill in"):
+        build_dataset(str(short), tokenizer)
+    # both are bad rows that data.skip_bad_rows skips
+    for path, kept_references in ((ragged, ["2"]), (short, ["2", "3"])):
+        kept = build_dataset(str(path), tokenizer, DataConfig(skip_bad_rows=True), quiet=True)
+        assert [example.reference for example in kept.examples] == kept_references
+        assert kept.report.counts == {"skipped: wrong number of cells": 1}
     # Excel: CRLF line ends, also inside a quoted cell of several lines; the row after it still named
     # by the line it starts on
     multiline = tmp_path / "multiline.csv"
     multiline.write_bytes(b'prompt,completion\r\n"Sum:\r\n1+1=","2\r\nexactly"\r\n1+2=,3,extra\r\n')
-    with pytest.raises(TunelabError, match=rf"{multiline}:5: row has 3 fields"):
+    with pytest.raises(TunelabError, match=rf"{multiline}:5: row has 3 cells"):
         build_dataset(str(multiline), tokenizer)
     multiline.write_bytes(multiline.read_bytes().replace(b",extra", b""))
     dataset = build_dataset(str(multiline), tokenizer)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, run_cli, tiny_config, tree_digest
+from conftest import assert_one_line_error, run_cli, run_cli_output, tiny_config, tree_digest
 from tunelab.config import dump_config
 from tunelab.rundir import RunDir, rank_curve_file, trained_weights
 from tunelab.train import StopOnSignal, train
@@ -429,3 +429,55 @@ def test_a_run_whose_eval_data_moved_is_told_where_it_may_be_and_how_to_give_it(
     )
     code, err = run_cli(capsys, "eval", str(run_dir), "--data", str(moved))
     assert code == 0, err
+
+
+def test_a_bad_eval_file_is_found_before_training(tmp_path, capsys, tiny_model_dir, qa_jsonl):
+    """data.eval is read and checked row by row at the start, even with no evaluation during training:
+    `tunelab eval` of the run would otherwise fail only after the training."""
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text(
+        qa_jsonl.read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "no answer"}) + "\n"
+    )
+    out = tmp_path / "runs" / "r"
+    path, _ = _config_file(
+        tmp_path, tiny_model_dir, qa_jsonl, out, **{"data.eval": str(bad), "train.eval_steps": 0}
+    )
+    code, err = run_cli(capsys, "train", str(path))
+    assert_one_line_error(code, err, f"{bad}:2: row has no 'completion' field")
+    assert not out.exists()
+
+
+def test_eval_takes_data_settings_for_the_file_it_reads(tmp_path, capsys, finished_run):
+    """What a data error advises (data.skip_bad_rows, data.columns) can be given to eval itself."""
+    _, run_dir = finished_run
+    dolly = tmp_path / "dolly.jsonl"
+    rows = [{"instruction": "Add", "context": f"{i} and 1", "response": str(i + 1)} for i in range(3)]
+    dolly.write_text("".join(json.dumps(row) + "\n" for row in rows) + "{not json\n")
+    code, err = run_cli(capsys, "eval", str(run_dir), "--data", str(dolly))
+    assert_one_line_error(code, err, f"{dolly}:4: invalid JSON", "data.skip_bad_rows=true")
+    code, err = run_cli(capsys, "eval", str(run_dir), "--data", str(dolly), "data.skip_bad_rows=true")
+    assert_one_line_error(
+        code, err, "(on the command line: data.columns.output=response data.columns.input=context)"
+    )
+    settings = ["data.skip_bad_rows=true", "data.columns.output=response", "data.columns.input=context"]
+    code, out, err = run_cli_output(capsys, "eval", str(run_dir), "--data", str(dolly), *settings)
+    assert code == 0, err
+    assert "(3 examples)" in out
+    code, err = run_cli(capsys, "eval", str(run_dir), "train.lr=1")
+    assert_one_line_error(code, err, "train.lr=1: only data.* settings apply to a trained run")
+
+
+def test_a_run_whose_base_model_moved_says_where_to_change_it(tmp_path, capsys, finished_run, tiny_model_dir):
+    _, run_dir = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    config_file = copy / "config.yaml"
+    gone = tmp_path / "gone-model"
+    config_file.write_text(config_file.read_text().replace(str(Path(tiny_model_dir).resolve()), str(gone)))
+    told = f"the base model of this run is gone: {gone} (model: in {config_file})"
+    for command in (
+        ["eval", str(copy)],
+        ["export", str(copy), "--format", "peft", "--out", str(tmp_path / "x")],
+    ):
+        assert_one_line_error(*run_cli(capsys, *command), told)
+    assert_one_line_error(*run_cli(capsys, "train", str(copy), "--resume"), told)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import set_seed
 
-from tunelab.config import RunConfig
+from tunelab.config import RunConfig, check_saved_model
 from tunelab.errors import TunelabError
 from tunelab.methods import create_method
 from tunelab.methods.base import Method
@@ -67,7 +67,9 @@ def _saved_config(run: RunDir) -> RunConfig:
     from tunelab.config import read_yaml, validate
 
     data, text = read_yaml(run.config_file)
-    return validate(data, str(run.config_file), text)
+    config = validate(data, str(run.config_file), text)
+    check_saved_model(config.model, run.config_file)
+    return config
 
 
 def load_run(run_dir: Path, precision: str | None = None) -> tuple[RunConfig, TunedModel]:

@@ -66,7 +66,7 @@ def train(
     ),
 ) -> None:
     """Fine-tune a model as CONFIG says."""
-    from tunelab.config import load_config
+    from tunelab.config import check_saved_model, load_config
     from tunelab.rundir import CONFIG_FILE, RunDir
     from tunelab.train import is_main_process
     from tunelab.train import train as run_training
@@ -82,6 +82,7 @@ def train(
     ):
         # a run's own config trains that folder, wherever it was moved or copied to
         run_config.output_dir = str(run.path.resolve())
+        check_saved_model(run_config.model, config)
     run_dir = run_training(run_config, resume=resume, overwrite=overwrite).run_dir
     if not is_main_process():
         return
@@ -163,6 +164,9 @@ def _metrics_table(rows: list[dict]) -> Table:
 @app.command("eval")
 def eval_command(
     run_dir: Path = RUN_DIR,
+    overrides: list[str] = typer.Argument(
+        None, help="data.* settings for the evaluated data, e.g. data.skip_bad_rows=true"
+    ),
     data: str = typer.Option(None, "--data", help="dataset name or file (default: the run's data.eval)"),
     ranks: str = typer.Option(None, "--ranks", help="dylora runs: all | 1,2,4,8 | 1-64"),
     limit: int = typer.Option(None, "--limit", min=1, help="evaluate only the first N examples"),
@@ -178,7 +182,7 @@ def eval_command(
     from rich.progress import Progress
 
     from tunelab.assemble import load_run, read_run_config
-    from tunelab.config import check_source
+    from tunelab.config import check_source, with_data_overrides
     from tunelab.data import eval_dataset
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
@@ -187,7 +191,7 @@ def eval_command(
     if json_path:  # before the evaluation, not after it; an earlier `tunelab eval --json` is replaced
         check_writable(json_path, "--json", folder=False, ours=json_report("run"))
     # the request and the data are checked against the run before its model loads
-    config = read_run_config(run_dir)
+    config = with_data_overrides(read_run_config(run_dir), overrides or [])
     rank_list = parse_ranks(ranks, config.method.evaluable_ranks()) if ranks else None
     spec = data or config.data.eval
     if not spec:
@@ -199,10 +203,10 @@ def eval_command(
             raise
         # the run's own data.eval, moved or deleted since it trained
         raise DatasetNotFound(f"{missing} (the run's data.eval; --data PATH evaluates on another)") from None
+    options = config.data  # the run's, with the overrides
     config, built = load_run(run_dir)
-    options = config.data
     if data:  # another dataset: its format is detected, and read whole (the run's eval split is its own)
-        options = config.data.model_copy(update={"format": "auto", "eval": spec, "eval_split": None})
+        options = options.model_copy(update={"format": "auto", "eval": spec, "eval_split": None})
     dataset = eval_dataset(options, built.tokenizer, limit=limit)  # data.columns where it has them
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:

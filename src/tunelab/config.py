@@ -327,7 +327,11 @@ def _format_error(
         return f"{where}: unknown key '{key}'; valid keys here: {', '.join(allowed)}"
     if kind == "union_tag_invalid":
         tag = err["ctx"]["tag"]
-        other = f"{tag} is {OTHER_TOOLS_METHODS[tag.lower()]}; " if tag.lower() in OTHER_TOOLS_METHODS else ""
+        near = closest(tag, METHOD_NAMES)
+        if tag.lower() in OTHER_TOOLS_METHODS:
+            other = f"{tag} is {OTHER_TOOLS_METHODS[tag.lower()]}; "
+        else:
+            other = f"did you mean {near}? " if near else ""
         return f"{where}: unknown method {tag!r}; {other}choose one of: {', '.join(METHOD_NAMES)}"
     if kind == "union_tag_not_found":
         return f"{where}: 'method' needs a 'name' (one of: {', '.join(METHOD_NAMES)})"
@@ -335,6 +339,9 @@ def _format_error(
         expected = err.get("ctx", {}).get("expected", "")
         return f"{where}: '{key}' is {err['input']!r}; expected {expected}"
     msg = err["msg"].removeprefix("Value error, ")
+    if loc == ("data",) and isinstance(err["input"], str):  # `data: my.jsonl`
+        given = err["input"]
+        return f"{where}: 'data' is {given!r}; data is a section: write data: {{train: {given}}}"
     if kind == "model_type" or kind.endswith("_type") or kind.endswith("_parsing"):
         return f"{where}: '{key}' is {err['input']!r}: {msg.lower()}"
     if kind == "value_error":  # our own validators already say what to change
@@ -457,11 +464,25 @@ def source_encoding(raw: bytes) -> str:
     return "CP1252" if any(0x80 <= byte <= 0x9F for byte in raw) else "latin1"
 
 
+# what the YAML parser's most common complaints mean in a config
+YAML_HINTS = {
+    "found character '\\t'": "; indent with spaces, not tabs",
+    "mapping values are not allowed here": (
+        "; check the indentation of this line and the one before, and quote a value that holds ': '"
+    ),
+}
+
+
 def read_yaml(path: str | Path) -> tuple[dict, str]:
     """Read a YAML mapping; returns (data, text). Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise TunelabError(f"config file not found: {path}{did_you_mean(path)}")
+    if data_suffix(path) in FILE_SUFFIXES:  # `tunelab train data.jsonl`: the data, not a config
+        raise TunelabError(
+            f"{path} is a data file, not a config; name it in one: data: {{train: {path}}} (see "
+            f"examples/mydata.yaml), or check it first with: tunelab data {shell_word(path)}"
+        )
     try:
         text = read_utf8(path)
     except OSError as exc:
@@ -472,7 +493,8 @@ def read_yaml(path: str | Path) -> tuple[dict, str]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise TunelabError(f"{where}: YAML syntax error: {problem}") from None
+        hint = next((hint for start, hint in YAML_HINTS.items() if problem.startswith(start)), "")
+        raise TunelabError(f"{where}: YAML syntax error: {problem}{hint}") from None
     if data is None:  # an empty file would silently mean "every default": hours of training
         raise TunelabError(
             f"{path}: the file is empty; write at least model:, method: and data: (see examples/lora.yaml)"
@@ -607,6 +629,16 @@ def model_location(model: str) -> str:
     return str(path.resolve()) if model not in BUILTIN_MODELS and path.exists() else model
 
 
+def check_saved_model(model: str, config_file: Path) -> None:
+    """A run's base model folder, saved as an absolute path, must still be there: said as the run's
+    config, which the user never typed, and where to change it."""
+    if Path(model).is_absolute() and not Path(model).exists():
+        raise TunelabError(
+            f"the base model of this run is gone: {model} (model: in {config_file}); move it back, or set "
+            "model: there to where it is now"
+        )
+
+
 def check_model(name: str) -> Path | None:
     """The local model folder that `name` names (None: a built-in or a hub id); fails at once when it
     names no model, so a typo is found before any long work (a sweep's trials, a hub download)."""
@@ -646,9 +678,31 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data = deep_merge(data, _absolute_paths(nested, Path.cwd()))
         located = {item.split("=", 1)[0]: f"override {item}" for item in overrides}
     config = validate(data, source, text, located)
+    if path is not None and not (isinstance(data.get("data"), dict) and "train" in data["data"]):
+        # data.train's default (a built-in task) would train without a word about the data
+        raise TunelabError(
+            f"{path}: no data.train; name the data to train on, e.g. data: {{train: my.jsonl}} (a .jsonl, "
+            ".json, .csv or .parquet file; or a built-in task such as gsm8k:train: tunelab datasets)"
+        )
     if config.name is None and path is not None:
         config.name = Path(path).stem
     return config
+
+
+def with_data_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """`config` with dotted `data.*` overrides (eval of a run: how to read another file), validated as a
+    whole; other keys are refused, since they would not change what the trained run is."""
+    for item in overrides:
+        if "=" not in item:
+            raise TunelabError(f"'{item}' is not a data.KEY=VALUE setting; give one run directory")
+        if not item.startswith("data."):
+            raise TunelabError(
+                f"{item}: only data.* settings apply to a trained run (e.g. data.skip_bad_rows=true, "
+                "data.columns.output=response)"
+            )
+    nested = _absolute_paths(parse_overrides(overrides), Path.cwd())
+    located = {item.split("=", 1)[0]: f"override {item}" for item in overrides}
+    return validate(deep_merge(config.model_dump(mode="json"), nested), "overrides", "", located)
 
 
 def dump_config(config: RunConfig) -> str:

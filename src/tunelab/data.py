@@ -91,26 +91,35 @@ def first_row(rows: list[Row]) -> tuple[str, dict]:
     )
 
 
-def _read_csv(path: Path, text: str, delimiter: str | None = None) -> list[Row]:
+def _read_csv(path: Path, text: str, delimiter: str | None = None, keep_bad: bool = False) -> list[Row]:
     """Strings only (no type guessing, so ' 5' stays ' 5'); the delimiter (, ; tab), unless given, is
     read off the header line, so a semicolon CSV from a European spreadsheet works as is. A cell of
     several lines (Excel writes CRLF inside quotes) keeps plain newlines, and a row is named by the line
-    it starts on."""
+    it starts on. A row with more or fewer cells than the header is bad (kept as such with `keep_bad`)."""
     header = text.split("\n", 1)[0]
     delimiter = delimiter or max(",;\t", key=header.count)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows, start = [], 2  # the line after the header
     try:
         for row in reader:
-            if None in row or None in row.values():
-                fields = len(row) - (None in row) + len(row.get(None) or [])
-                raise DataError(
-                    f"{path}:{start}: row has {fields} fields, the header has "
-                    f"{len(reader.fieldnames)}; quote fields that contain '{delimiter}'"
+            # DictReader puts extra cells under the key None, and gives missing ones the value None
+            count = sum(value is not None for key, value in row.items() if key is not None)
+            count += len(row.get(None) or [])
+            if count != len(reader.fieldnames):
+                fix = (
+                    f"quote cells that contain '{delimiter}'"
+                    if count > len(reader.fieldnames)
+                    else "fill in the missing cells (an empty one is two delimiters in a row)"
                 )
-            cells = {key: value.replace("\r\n", "\n") for key, value in row.items()}
-            if any(value.strip() for value in cells.values()):  # a spreadsheet's empty rows (,,,) are none
-                rows.append((f"{path}:{start}", cells))
+                message = f"{path}:{start}: row has {count} cells, the header has {len(reader.fieldnames)}"
+                bad = BadRow(f"{message}; {fix}{SKIP_HINT}", "wrong number of cells")
+                if not keep_bad:
+                    raise bad
+                rows.append((f"{path}:{start}", bad))
+            else:
+                cells = {key: value.replace("\r\n", "\n") for key, value in row.items()}
+                if any(value.strip() for value in cells.values()):  # a spreadsheet's empty row (,,,) is none
+                    rows.append((f"{path}:{start}", cells))
             start = reader.line_num + 1
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
@@ -182,7 +191,7 @@ def _read_file(path: Path, keep_bad: bool) -> list[Row]:
     except TunelabError as exc:  # not UTF-8, a damaged archive: the data, whichever run reads it
         raise DataError(str(exc)) from None
     if suffix in (".csv", ".tsv"):
-        return _read_csv(path, text, "\t" if suffix == ".tsv" else None)
+        return _read_csv(path, text, "\t" if suffix == ".tsv" else None, keep_bad)
     read = _read_jsonl if suffix == ".jsonl" else _read_json
     return read(path, text, keep_bad)
 
@@ -287,11 +296,35 @@ def detect_format(rows: list[Row], requested: str) -> str:
         if all(field in first for field in fields):
             return fmt
     needs = "; ".join(f"{fmt}: {', '.join(fields)}" for fmt, fields in FORMAT_FIELDS.items())
+    suggested = suggested_columns(first)
+    mapping = suggested or {"instruction": "question", "output": "answer"}
+    in_yaml = ", ".join(f"{field}: {column}" for field, column in mapping.items())
     raise DataError(
         f"{where}: cannot tell the format from columns {sorted(first)}; rows need ({needs}), or name yours "
-        "with data.columns, e.g. {instruction: question, output: answer} (on the command line: "
-        "data.columns.instruction=question data.columns.output=answer)"
+        f"with data.columns, {'' if suggested else 'e.g. '}{{{in_yaml}}} (on the command line: "
+        f"{' '.join(f'data.columns.{field}={column}' for field, column in mapping.items())})"
     )
+
+
+# other datasets' names for the prompt, the response and alpaca's context (Dolly, gsm8k, Q&A sheets)
+PROMPT_COLUMNS = ("instruction", "prompt", "question", "query", "input")
+RESPONSE_COLUMNS = ("response", "answer", "output", "completion", "target")
+CONTEXT_COLUMNS = ("context", "input")
+
+
+def suggested_columns(row: dict) -> dict[str, str]:
+    """The data.columns that read `row` as alpaca, when it has a prompt and a response column under
+    common names other than the format's ({} when it has not)."""
+    present = {str(name).lower(): name for name in row}
+    prompt = next((present[c] for c in PROMPT_COLUMNS if c in present), None)
+    response = next((present[c] for c in RESPONSE_COLUMNS if c in present and present[c] != prompt), None)
+    if prompt is None or response is None:
+        return {}
+    context = next(
+        (present[c] for c in CONTEXT_COLUMNS if c in present and present[c] not in (prompt, response)), None
+    )
+    mapping = {"instruction": prompt, "output": response, **({"input": context} if context else {})}
+    return {field: column for field, column in mapping.items() if field != column}
 
 
 # -- rendering -------------------------------------------------------------------------------------

@@ -27,9 +27,7 @@ from tunelab.data import (
     TokenizedDataset,
     check_source,
     collator,
-    eval_columns,
     eval_dataset,
-    load_rows,
     train_dataset,
 )
 from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError, shell_word
@@ -429,11 +427,13 @@ def _train_locked(
     tokenizer = load_tokenizer(resolve_model(config.model), config.data.chat_template)
     train_set = train_dataset(config.data, tokenizer)
     eval_set: TokenizedDataset | None = None
-    if config.data.eval and config.train.eval_steps:
-        eval_set = eval_dataset(config.data, tokenizer, limit=config.data.eval_limit)
-    elif config.data.eval:
-        # exists and reads: `tunelab eval` of this run will need it
-        load_rows(config.data.eval, eval_columns(config.data), config.data.eval_split, "data.eval_split")
+    if config.data.eval:
+        # built even when no step evaluates: `tunelab eval` of this run reads it, and a bad row or an
+        # unknown format is found now, not after the training
+        checked = eval_dataset(
+            config.data, tokenizer, limit=config.data.eval_limit, quiet=not config.train.eval_steps
+        )
+        eval_set = checked if config.train.eval_steps else None
     if untrained is None:
         # a spinner on a terminal, nothing in a log: the training line below follows the loading
         nf4 = " (4-bit nf4)" if config.quantization == "nf4" else ""
