@@ -268,3 +268,24 @@ def test_a_data_file_given_as_the_config_is_told_how_to_name_it(tmp_path, capsys
     assert_one_line_error(
         code, err, f"{data} is a data file, not a config; name it in one: data: {{train: {data}}}"
     )
+
+
+@pytest.mark.parametrize(
+    "typed, meant",
+    [
+        ("trian.jsonl", "train.jsonl"),
+        ("train.json", "train.jsonl"),  # another suffix, the same stem
+        ("run.yml", "run.yaml"),
+        ("opena.jsonl", "openai.jsonl"),
+        # a shared suffix alone is no likeness: nothing is suggested
+        ("nothere.jsonl", None),
+        ("eval.jsonl", None),
+    ],
+)
+def test_a_missing_file_is_told_only_a_name_near_its_own(tmp_path, monkeypatch, typed, meant):
+    from tunelab.errors import did_you_mean
+
+    for name in ("train.jsonl", "openai.jsonl", "alpaca.json", "run.yaml"):
+        (tmp_path / name).touch()
+    monkeypatch.chdir(tmp_path)
+    assert did_you_mean(typed) == (f"; did you mean {meant}?" if meant else "")

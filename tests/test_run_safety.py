@@ -435,9 +435,7 @@ def test_a_bad_eval_file_is_found_before_training(tmp_path, capsys, tiny_model_d
     """data.eval is read and checked row by row at the start, even with no evaluation during training:
     `tunelab eval` of the run would otherwise fail only after the training."""
     bad = tmp_path / "eval.jsonl"
-    bad.write_text(
-        qa_jsonl.read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "no answer"}) + "\n"
-    )
+    bad.write_text(qa_jsonl.read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "no answer"}) + "\n")
     out = tmp_path / "runs" / "r"
     path, _ = _config_file(
         tmp_path, tiny_model_dir, qa_jsonl, out, **{"data.eval": str(bad), "train.eval_steps": 0}

@@ -80,11 +80,26 @@ def did_you_mean(path: str | Path) -> str:
         names = [entry.name for entry in islice(parent.iterdir(), 10_000)]  # a huge folder: its first
     except OSError:
         return ""
-    near = closest(parts[depth - 1], names)
+    near = _closest_name(parts[depth - 1], names)
     if near is None:
         return ""
     suggestion = parent.joinpath(near, *parts[depth:])
     return f"; did you mean {suggestion}?" if suggestion.exists() else ""
+
+
+def _closest_name(name: str, names: list[str]) -> str | None:
+    """The file or folder name that `name` was probably meant to be, compared by stems, so that a shared
+    '.jsonl' does not make 'openai.jsonl' look like 'nothere.jsonl'; a name with the same suffix first,
+    then one with another (train.json for train.jsonl)."""
+    suffix = Path(name).suffix
+    if not suffix:
+        return closest(name, names)
+    for same in (True, False):
+        stems = {Path(other).stem: other for other in names if (Path(other).suffix == suffix) == same}
+        near = closest(Path(name).stem, stems)
+        if near is not None:
+            return stems[near]
+    return None
 
 
 def shell_word(value: str | Path) -> str:
