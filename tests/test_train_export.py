@@ -422,6 +422,31 @@ def test_an_alpaca_trained_run_exports_its_own_prompt_format(tmp_path, tiny_mode
     )
 
 
+def test_an_export_is_replaced_only_when_it_holds_nothing_else(lora_run, tmp_path, capsys):
+    """A re-run export script: --overwrite replaces the folder an earlier export wrote, never one with a
+    file added to it or a folder tunelab did not write."""
+    from conftest import assert_one_line_error, run_cli
+
+    out = tmp_path / "adapter"
+    command = ["export", str(lora_run), "--format", "peft", "--out", str(out)]
+    assert run_cli(capsys, *command)[0] == 0
+    assert_one_line_error(*run_cli(capsys, *command), "exists and is not empty", "--overwrite")
+    first = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    assert run_cli(capsys, *command, "--overwrite")[0] == 0
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns != first
+    (out / "notes.txt").write_text("mine")
+    assert_one_line_error(
+        *run_cli(capsys, *command, "--overwrite"), "holds files tunelab export did not write (notes.txt)"
+    )
+    assert (out / "notes.txt").read_text() == "mine"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.safetensors").write_text("not an export")
+    command[-1] = str(mine)
+    assert_one_line_error(*run_cli(capsys, *command, "--overwrite"), "was not written by tunelab export")
+    assert (mine / "model.safetensors").read_text() == "not an export"
+
+
 def test_a_merged_export_in_bf16_is_half_the_size(lora_run, tmp_path):
     from safetensors import safe_open
 

@@ -255,6 +255,9 @@ def export(
     rank: int = typer.Option(None, "--rank", help="dylora runs: export this rank (1..r)"),
     dtype: str = typer.Option(None, "--dtype", help="merged: weight type, fp32 (default) | bf16 | fp16"),
     gguf_type: str = typer.Option(None, "--gguf-type", help="gguf: f16 (default) | q8_0"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an earlier export in --out (never a folder of other files)"
+    ),
 ) -> None:
     """Export a run as a PEFT adapter, a merged HF model, a GGUF file (+ Ollama Modelfile), or a
     method's own format."""
@@ -266,7 +269,7 @@ def export(
     for option, value, applies in (("--dtype", dtype, "merged"), ("--gguf-type", gguf_type, "gguf")):
         if value is not None and fmt.lower() != applies:  # GGUF, Merged: what other tools write
             raise TunelabError(f"{option} applies to --format {applies}, not {fmt}; drop it")
-    export_run(run_dir, fmt, out, rank, dtype or "fp32", gguf_type or "f16")
+    export_run(run_dir, fmt, out, rank, dtype or "fp32", gguf_type or "f16", overwrite)
     fmt = fmt.lower()
     console.print(f"[green]exported[/green] {fmt} to {out}")
     config = read_run_config(run_dir)

@@ -22,6 +22,8 @@ DTYPE_NAMES = {
     "bfloat16": "bf16",
 }
 FILE_LIKE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json")
+# written last into every export: the files it holds, so that --overwrite replaces only an export
+EXPORT_MANIFEST = ".tunelab-export.json"
 
 
 def export_run(
@@ -31,9 +33,11 @@ def export_run(
     rank: int | None = None,
     dtype: str = "fp32",
     gguf_type: str = "f16",
+    overwrite: bool = False,
 ) -> Path:
-    """Write `fmt` for the run in `run_dir` into `out` (atomically; an existing `out` is refused).
-    `dtype` is a merged model's weight type; `gguf_type` a GGUF's (f16 or q8_0)."""
+    """Write `fmt` for the run in `run_dir` into `out` (atomically). An existing `out` is refused, or with
+    `overwrite` replaced when it holds an earlier export and nothing else. `dtype` is a merged model's
+    weight type; `gguf_type` a GGUF's (f16 or q8_0)."""
     from tunelab.gguf_export import GGUF_TYPES
 
     # GGUF, Q8_0, float16: what other tools write means the same here (errors echo what was written)
@@ -47,7 +51,12 @@ def export_run(
             f"{shell_word(out.with_suffix(''))})"
         )
     if out.exists() and any(out.iterdir()):
-        raise TunelabError(f"export target {out} exists and is not empty; choose another --out or remove it")
+        if not overwrite:
+            raise TunelabError(
+                f"export target {out} exists and is not empty; choose another --out, or --overwrite to "
+                "replace an earlier export"
+            )
+        _check_replaceable(out)
     if dtype not in MERGED_DTYPES:
         raise TunelabError(f"--dtype {given_dtype}: use one of {', '.join(MERGED_DTYPES)}")
     if gguf_type not in GGUF_TYPES:
@@ -81,7 +90,32 @@ def export_run(
         else:
             built.method.export(built.model, fmt, tmp, base_model=built.model_path, rank=rank)
         _readable_by_transformers_4(tmp)
+        written = sorted(str(path.relative_to(tmp)) for path in tmp.rglob("*") if path.is_file())
+        manifest = {"run": str(run_dir.resolve()), "format": fmt, "rank": rank, "files": written}
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """--overwrite replaces a folder only when an export wrote it and nothing has been added since: a
+    user's file there would be lost with the folder."""
+    manifest = out / EXPORT_MANIFEST
+    if not manifest.is_file():
+        raise TunelabError(
+            f"--overwrite: {out} was not written by tunelab export (no {EXPORT_MANIFEST}); choose another "
+            "--out, or empty it yourself"
+        )
+    try:
+        ours = set(json.loads(manifest.read_text(encoding="utf-8"))["files"]) | {EXPORT_MANIFEST}
+    except (ValueError, KeyError, TypeError):
+        raise TunelabError(f"--overwrite: {manifest} is damaged; choose another --out") from None
+    others = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
+    others = [name for name in others if name not in ours]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise TunelabError(
+            f"--overwrite: {out} holds files tunelab export did not write ({shown}); move them out first"
+        )
 
 
 def _readable_by_transformers_4(folder: Path) -> None:
