@@ -160,6 +160,18 @@ def test_missing_field_names_the_row(tmp_path, tokenizer):
 def test_unknown_columns_and_empty_files(tmp_path, tokenizer):
     with pytest.raises(TunelabError, match="cannot tell the format.*e.g. {instruction: question"):
         build_dataset(str(_write(tmp_path, "odd.jsonl", [{"question": "a"}])), tokenizer)
+    for name in ("empty.jsonl", "empty.json", "empty.csv"):  # told alike, whatever the type
+        (tmp_path / name).write_text("\n")
+        with pytest.raises(TunelabError, match=f"{name}: the dataset has no rows"):
+            build_dataset(str(tmp_path / name), tokenizer)
+    with pytest.raises(TunelabError, match="dataset not found"):
+        build_dataset(str(tmp_path / "nope.jsonl"), tokenizer)
+    with pytest.raises(TunelabError, match="no example keeps a response token"):
+        build_dataset(
+            str(_write(tmp_path, "cut.jsonl", [{"prompt": "word " * 50, "completion": "x"}])),
+            tokenizer,
+            DataConfig(max_length=8),
+        )
 
 
 @pytest.mark.parametrize(
@@ -184,18 +196,6 @@ def test_common_column_names_are_told_the_mapping_that_reads_them(tmp_path, toke
     overrides = shlex.split(told.split("(on the command line: ")[1].removesuffix(")"))
     config = load_config(None, [f"data.train={path}", *overrides])
     assert build_dataset(str(path), tokenizer, config.data).examples[0].reference == "5"
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    with pytest.raises(TunelabError, match="has no rows"):
-        build_dataset(str(empty), tokenizer)
-    with pytest.raises(TunelabError, match="dataset not found"):
-        build_dataset(str(tmp_path / "nope.jsonl"), tokenizer)
-    with pytest.raises(TunelabError, match="no example keeps a response token"):
-        build_dataset(
-            str(_write(tmp_path, "cut.jsonl", [{"prompt": "word " * 50, "completion": "x"}])),
-            tokenizer,
-            DataConfig(max_length=8),
-        )
 
 
 def test_gsm8k_builtin_split():

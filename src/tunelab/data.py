@@ -128,6 +128,8 @@ def _read_csv(path: Path, text: str, delimiter: str | None = None, keep_bad: boo
 
 def _read_json(path: Path, text: str, keep_bad: bool = False) -> list[Row]:
     """A JSON list of objects, {"data": [...]}, or JSON lines in a .json file."""
+    if not text.strip():  # empty: told as an empty .jsonl or .csv is, not as invalid JSON
+        return []
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
