@@ -289,3 +289,14 @@ def test_a_missing_file_is_told_only_a_name_near_its_own(tmp_path, monkeypatch, 
         (tmp_path / name).touch()
     monkeypatch.chdir(tmp_path)
     assert did_you_mean(typed) == (f"; did you mean {meant}?" if meant else "")
+
+
+def test_another_method_named_on_the_command_line_is_told_how_to_replace_the_section(tmp_path):
+    path = _write(tmp_path, "method: {name: lora, r: 8, alpha: 16}\ndata: {train: gsm8k:train}\n")
+    with pytest.raises(TunelabError) as raised:
+        load_config(path, ["method.name=spiel"])
+    assert str(raised.value) == (
+        f"{path}:1: unknown key 'method.r' for method spiel; override method.name=spiel keeps the file's "
+        f"other method keys, method=spiel replaces its method section; also {path}:1: unknown key 'method.alpha'"
+    )
+    assert load_config(path, ["method=spiel"]).method.name == "spiel"

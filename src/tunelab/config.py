@@ -317,6 +317,16 @@ def _format_error(
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(RunConfig, data, loc[:-1])
+        if loc[:1] == ("method",) and "method.name" in (located or {}):
+            # the file's keys of its own method, under another name set on the command line
+            if listed is not None and ("method.name",) in listed:
+                return f"{where}: unknown key '{key}'"
+            (listed if listed is not None else set()).add(("method.name",))
+            name = data["method"]["name"]
+            return (
+                f"{where}: unknown key '{key}' for method {name}; {located['method.name']} keeps the file's "
+                f"other method keys, method={name} replaces its method section"
+            )
         hint = _unknown_key_hint(loc, err["input"], data, allowed)
         if hint or not allowed:
             return f"{where}: unknown key '{key}'; {hint}"
