@@ -297,6 +297,7 @@ def test_another_method_named_on_the_command_line_is_told_how_to_replace_the_sec
         load_config(path, ["method.name=spiel"])
     assert str(raised.value) == (
         f"{path}:1: unknown key 'method.r' for method spiel; override method.name=spiel keeps the file's "
-        f"other method keys, method=spiel replaces its method section; also {path}:1: unknown key 'method.alpha'"
+        "other method keys, method=spiel replaces its method section; "
+        f"also {path}:1: unknown key 'method.alpha'"
     )
     assert load_config(path, ["method=spiel"]).method.name == "spiel"
