@@ -203,8 +203,8 @@ def eval_command(
             raise
         # the run's own data.eval, moved or deleted since it trained
         raise DatasetNotFound(f"{missing} (the run's data.eval; --data PATH evaluates on another)") from None
-    options = config.data  # the run's, with the overrides
-    config, built = load_run(run_dir)
+    _, built = load_run(run_dir)  # `config` stays the run's with the data.* overrides
+    options = config.data
     if data:  # another dataset: its format is detected, and read whole (the run's eval split is its own)
         options = options.model_copy(update={"format": "auto", "eval": spec, "eval_split": None})
     dataset = eval_dataset(options, built.tokenizer, limit=limit)  # data.columns where it has them

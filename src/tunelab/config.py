@@ -307,10 +307,10 @@ def _format_error(
     source: str,
     text: str,
     located: dict[str, str] | None,
-    listed: set[tuple] | None = None,
+    listed: set[tuple],
 ) -> str:
-    """One error's message; `listed` (when several are reported) holds the sections whose valid keys an
-    earlier message listed."""
+    """One error's message; `listed` holds what an earlier message of the same report already said (a
+    section's valid keys, the method.name hint), so that several unknown keys say it once."""
     loc = _error_loc(err)
     key = ".".join(str(p) for p in loc) or "<root>"
     where = _where(key, source, text, located)
@@ -319,9 +319,9 @@ def _format_error(
         allowed = _allowed_keys(RunConfig, data, loc[:-1])
         if loc[:1] == ("method",) and "method.name" in (located or {}):
             # the file's keys of its own method, under another name set on the command line
-            if listed is not None and ("method.name",) in listed:
+            if ("method.name",) in listed:
                 return f"{where}: unknown key '{key}'"
-            (listed if listed is not None else set()).add(("method.name",))
+            listed.add(("method.name",))
             name = data["method"]["name"]
             return (
                 f"{where}: unknown key '{key}' for method {name}; {located['method.name']} keeps the file's "
@@ -330,10 +330,9 @@ def _format_error(
         hint = _unknown_key_hint(loc, err["input"], data, allowed)
         if hint or not allowed:
             return f"{where}: unknown key '{key}'; {hint}"
-        if listed is not None:  # several unknown keys: each section's valid keys are listed once
-            if loc[:-1] in listed:
-                return f"{where}: unknown key '{key}'"
-            listed.add(loc[:-1])
+        if loc[:-1] in listed:  # several unknown keys: each section's valid keys are listed once
+            return f"{where}: unknown key '{key}'"
+        listed.add(loc[:-1])
         return f"{where}: unknown key '{key}'; valid keys here: {', '.join(allowed)}"
     if kind == "union_tag_invalid":
         tag = err["ctx"]["tag"]
@@ -682,11 +681,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data, text = read_yaml(path)
         data = _absolute_paths(data, Path(path).parent)
         source = str(path)
-    located: dict[str, str] = {}
-    if overrides:
-        nested = parse_overrides(overrides)
-        data = deep_merge(data, _absolute_paths(nested, Path.cwd()))
-        located = {item.split("=", 1)[0]: f"override {item}" for item in overrides}
+    data, located = _with_overrides(data, overrides or [])
     config = validate(data, source, text, located)
     if path is not None and not (isinstance(data.get("data"), dict) and "train" in data["data"]):
         # data.train's default (a built-in task) would train without a word about the data
@@ -710,9 +705,17 @@ def with_data_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
                 f"{item}: only data.* settings apply to a trained run (e.g. data.skip_bad_rows=true, "
                 "data.columns.output=response)"
             )
-    nested = _absolute_paths(parse_overrides(overrides), Path.cwd())
-    located = {item.split("=", 1)[0]: f"override {item}" for item in overrides}
-    return validate(deep_merge(config.model_dump(mode="json"), nested), "overrides", "", located)
+    data, located = _with_overrides(config.model_dump(mode="json"), overrides)
+    return validate(data, "overrides", "", located)
+
+
+def _with_overrides(data: dict, overrides: list[str]) -> tuple[dict, dict[str, str]]:
+    """`data` with dotted overrides merged in (their paths relative to the working directory), and where
+    each overridden key came from, for error messages."""
+    if not overrides:
+        return data, {}
+    merged = deep_merge(data, _absolute_paths(parse_overrides(overrides), Path.cwd()))
+    return merged, {item.split("=", 1)[0]: f"override {item}" for item in overrides}
 
 
 def dump_config(config: RunConfig) -> str:
