@@ -68,7 +68,7 @@ def train(
     """Fine-tune a model as CONFIG says."""
     from tunelab.config import check_saved_model, load_config
     from tunelab.rundir import CONFIG_FILE, RunDir
-    from tunelab.train import is_main_process
+    from tunelab.train import end_process_group, is_main_process
     from tunelab.train import train as run_training
 
     if config.is_dir():
@@ -84,6 +84,7 @@ def train(
         run_config.output_dir = str(run.path.resolve())
         check_saved_model(run_config.model, config)
     run_dir = run_training(run_config, resume=resume, overwrite=overwrite).run_dir
+    end_process_group()
     if not is_main_process():
         return
     err_console.print(f"[green]done[/green]: run directory {run_dir}")

@@ -375,6 +375,16 @@ def can_resume(config: RunConfig) -> bool:
     return True
 
 
+def end_process_group() -> None:
+    """Shut down a distributed run's process group before the process exits, as PyTorch asks: left to
+    the interpreter's exit, gloo's threads were once torn down mid-flight in a finished 2-process run
+    (a non-main process aborted with 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """Before the Trainer starts, the launcher's environment says which process this is."""
     return int(os.environ.get("RANK", "0")) == 0
