@@ -72,6 +72,8 @@ def test_a_quickstart_of_another_method_prints_its_own_export(tmp_path, capsys, 
     evaluate, export = re.search(r"^next: (.*)$", out, re.M).group(1).split(" | ")
     assert evaluate == "tunelab eval runs/quickstart --no-exact-match --limit 64"
     assert export == "tunelab export runs/quickstart --format spiel --out runs/quickstart-spiel"
-    code, _, err = run_cli_output(capsys, *shlex.split(export)[1:])
+    code, out, err = run_cli_output(capsys, *shlex.split(export)[1:])
     assert code == 0, err
     assert Path("runs/quickstart-spiel").is_dir()
+    # the quickstart's base is 4-bit: deltas added to the full-precision base are not the model as trained
+    assert "(deltas trained on the 4-bit base: --format merged adds them to it as trained)" in out

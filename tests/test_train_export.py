@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config, write_qa_jsonl
+from conftest import run_cli_output, tiny_config, write_qa_jsonl
 from tunelab.assemble import load_run
 from tunelab.errors import TunelabError
 from tunelab.export import export_run
@@ -512,3 +512,33 @@ def test_time_left_is_not_swung_by_one_suspended_step():
     # 2 s steps, one of which spanned an hour's pause: 10 steps left are ~20 s, not ~2 hours
     assert time_left([2.0, 2.0, 3600.0, 2.0, 2.0], 10) == timedelta(seconds=20)
     assert time_left([1.0, 3.0], 4) == timedelta(seconds=8)
+
+
+def test_a_spiel_export_loads_as_printed_into_the_merged_model(tmp_path, tiny_model_dir, qa_jsonl, capsys):
+    """`--format spiel` says how to apply the deltas to the base; run as printed, that gives the very model
+    `--format merged` writes."""
+    import re
+
+    import transformers
+
+    import tunelab.methods.spiel.method
+
+    method = {"name": "spiel", "num_tunable": 3000, "reselection_steps": 4, "accumulation_steps": 1}
+    config = tiny_config(tiny_model_dir, qa_jsonl, tmp_path / "run", method=method, **{"train.lr": 1e-2})
+    run_dir = str(train(config).run_dir)
+    code, out, err = run_cli_output(
+        capsys, "export", run_dir, "--format", "spiel", "--out", str(tmp_path / "s")
+    )
+    assert code == 0, err
+    load = re.search(r"^load it: (.*)$", out, re.M).group(1)
+    applied = eval(load, {"tunelab": tunelab, "transformers": transformers})
+    code, _, err = run_cli_output(
+        capsys, "export", run_dir, "--format", "merged", "--out", str(tmp_path / "m")
+    )
+    assert code == 0, err
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    changed = [name for name, weight in applied.state_dict().items() if not torch.equal(weight, base[name])]
+    assert len(changed) == 14  # every linear of the 2 layers
+    for name, weight in applied.state_dict().items():
+        assert torch.equal(weight, merged[name]), name

@@ -265,6 +265,7 @@ def export(
     from tunelab.assemble import read_run_config
     from tunelab.export import export_run
     from tunelab.gguf_export import ollama_name
+    from tunelab.models import resolve_model
     from tunelab.quant import NF4_STORAGE
 
     for option, value, applies in (("--dtype", dtype, "merged"), ("--gguf-type", gguf_type, "gguf")):
@@ -278,19 +279,23 @@ def export(
     if rank is None and method.name == "dylora":
         console.print(f"at rank {method.r} (the run's r; --rank N exports another)")
     name = ollama_name(out.name)
+    nf4 = config.quantization == "nf4"
     next_step = {
         "peft": f"load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r}"
         + (  # the adapter learned the 4-bit base's rounding: the base stored as it trained
             ", quantization_config=transformers.BitsAndBytesConfig("
             + ", ".join(f"{key}={value!r}" for key, value in NF4_STORAGE.items())
             + "))"
-            if config.quantization == "nf4"
+            if nf4
             else ")"
         )
         + " (its base model is named in adapter_config.json)",
         "merged": f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}), or serve it: "
         f"vllm serve {shell_word(out)}",
         "gguf": f"try it: cd {shell_word(out)} && ollama create {name} -f Modelfile && ollama run {name}",
+        "spiel": "load it: tunelab.methods.spiel.method.apply_deltas(transformers.AutoModelForCausalLM"
+        f".from_pretrained({resolve_model(config.model)!r}), {str(out)!r})"
+        + (" (deltas trained on the 4-bit base: --format merged adds them to it as trained)" if nf4 else ""),
     }
     if fmt in next_step:
         console.print(next_step[fmt], highlight=False, soft_wrap=True, markup=False)

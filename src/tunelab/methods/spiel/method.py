@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.errors import TunelabError
@@ -251,3 +251,22 @@ class SpielMethod(Method):
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, out / EXPORT_WEIGHTS_FILE, metadata={"format": "pt"})
         (out / EXPORT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def apply_deltas(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Add a `--format spiel` export's deltas to `model`, its base as transformers loads it: the model
+    `--format merged` writes, from a file of k deltas per matrix instead of a full copy."""
+    folder = Path(folder)
+    deltas = load_file(folder / EXPORT_WEIGHTS_FILE)
+    shapes = json.loads((folder / EXPORT_CONFIG_FILE).read_text(encoding="utf-8"))["shapes"]
+    with torch.no_grad():
+        for name, shape in shapes.items():
+            weight = model.get_submodule(name).weight
+            if list(weight.shape) != shape:
+                raise TunelabError(
+                    f"{folder}: {name} is {shape} in the export but {list(weight.shape)} in this model; "
+                    f"load the base it was trained on ({EXPORT_CONFIG_FILE}: base_model_name_or_path)"
+                )
+            values = deltas[f"{name}.values"].to(weight.dtype)
+            weight.view(-1).index_add_(0, deltas[f"{name}.indices"].long(), values)
+    return model
