@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from tunelab.config import dump_config
 from tunelab.errors import TunelabError
-from tunelab.rundir import COMPLETE_MARKER, RunDir, mark_complete
+from tunelab.rundir import COMPLETE_MARKER, RunDir, is_checkpoint_file, mark_complete
 from tunelab.train import _check_resumable, train
 
 METHODS = {
@@ -72,6 +72,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, qa_j
     assert killed_at is not None
     with open(run_dir / "metrics.jsonl", "a") as metrics:  # a kill can land mid-line, too
         metrics.write('{"step": 99, "loss": 1.2')
+    # and mid-save: checkpoints written in part (no marker), one holding a file of the user's too
+    written = (killed_at / COMPLETE_MARKER).read_text().split()
+    assert written and all(is_checkpoint_file(name) for name in written)  # what removal knows of
+    step = int(killed_at.name.removeprefix("checkpoint-"))
+    for later, files in ((step + 3, written[:2]), (step + 4, [written[0], "notes.txt"])):
+        (run_dir / "checkpoints" / f"checkpoint-{later}").mkdir()
+        for name in files:
+            (run_dir / "checkpoints" / f"checkpoint-{later}" / name).write_text("cut short")
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -81,9 +89,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, qa_j
         torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
     steps = [record["step"] for record in RunDir(run_dir).metrics() if "loss" in record]
     assert steps == list(range(1, STEPS + 1))  # no step logged twice after the resume
-    step = int(killed_at.name.removeprefix("checkpoint-"))
+    said = resumed.stdout + resumed.stderr
+    assert f"removed checkpoint-{step + 3}: written in part when the run was stopped" in said
+    assert f"left in place, in checkpoints written in part: checkpoint-{step + 4}/notes.txt" in said
+    assert not (run_dir / "checkpoints" / f"checkpoint-{step + 3}").exists()
+    assert [p.name for p in (run_dir / "checkpoints" / f"checkpoint-{step + 4}").iterdir()] == ["notes.txt"]
     resumed_steps = f"{STEPS - step} step{'s' * (STEPS - step != 1)} (steps {step + 1}-{STEPS}, resumed)"
-    assert f"trained {resumed_steps} in " in resumed.stdout + resumed.stderr  # not all STEPS
+    assert f"trained {resumed_steps} in " in said  # not all STEPS
 
 
 def test_a_metrics_line_still_being_written_is_not_read(tmp_path):

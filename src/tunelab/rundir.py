@@ -11,6 +11,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -34,6 +35,17 @@ LOCK_FILE = ".tunelab.lock"
 WEIGHTS_FILE = "trained.safetensors"  # what Method.save writes into final/ and each checkpoint
 STATE_FILE = "method_state.pt"
 FINAL_FILES = (WEIGHTS_FILE, STATE_FILE)
+# what a checkpoint is written with: the trained tensors and method state, and transformers' Trainer's
+# files (its OPTIMIZER_NAME, SCHEDULER_NAME, SCALER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME, and
+# rng_state.pth or one rng_state_N.pth per process)
+CHECKPOINT_FILES = (
+    *FINAL_FILES,
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+)
 # what training and `tunelab eval`/quickstart write into a run folder: all that --overwrite may remove
 RUN_ENTRIES = (
     CONFIG_FILE,
@@ -151,6 +163,27 @@ class RunDir:
             else:
                 old.rmdir()
         return kept_back
+
+    def remove_incomplete_checkpoints(self) -> tuple[list[str], list[str]]:
+        """The checkpoints a stop or a kill left half-written (no marker), which a resumed run redoes,
+        removed as far as they hold what a checkpoint is written with; only when nothing is being
+        written (a resumed run's start). Returns the folders removed, and what was left in place."""
+        removed, left = [], []
+        for folder in sorted(self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")):
+            if checkpoint_step(folder) is None or folder.is_symlink() or not folder.is_dir():
+                continue  # a user's copy, or a link to a folder elsewhere
+            if (folder / COMPLETE_MARKER).exists():
+                continue
+            for path in folder.iterdir():
+                if path.is_file() and is_checkpoint_file(path.name):
+                    path.unlink()
+            rest = sorted(p.name for p in folder.iterdir())
+            if rest:
+                left += [f"{folder.name}/{name}" for name in rest]
+            else:
+                folder.rmdir()
+                removed.append(folder.name)
+        return removed, left
 
     def require_run(self) -> None:
         """A folder tunelab trained into, or a clear error."""
@@ -346,6 +379,10 @@ def checkpoint_step(checkpoint: Path) -> int | None:
     # isdecimal first: int() refuses digits such as '²'
     written = checkpoint.name.startswith(CHECKPOINT_PREFIX) and number.isdecimal()
     return int(number) if written and number == str(int(number)) else None
+
+
+def is_checkpoint_file(name: str) -> bool:
+    return name in CHECKPOINT_FILES or re.fullmatch(r"rng_state(_[0-9]+)?\.pth", name) is not None
 
 
 def mark_complete(checkpoint: Path) -> None:

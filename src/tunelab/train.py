@@ -88,15 +88,23 @@ class NonFiniteLossGuard(TrainerCallback):
             control.should_evaluate = False
 
 
-class TruncateMetricsOnStart(TrainerCallback):
-    """On resume, drop the metrics of the steps after the checkpoint (they are about to be redone);
-    the Trainer calls this after loading the checkpoint."""
+class TruncateOnResume(TrainerCallback):
+    """On resume, drop what the steps after the checkpoint left (they are about to be redone): their
+    metrics, and checkpoints a stop or a kill left half-written. The Trainer calls this after loading
+    the checkpoint, so a checkpoint that does not load leaves the run as it was."""
 
     def __init__(self, run: RunDir, last_step: int) -> None:
         self.run, self.last_step = run, last_step
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.run.truncate_metrics(self.last_step)
+        removed, left = self.run.remove_incomplete_checkpoints()
+        if removed:
+            console.print(f"removed {', '.join(removed)}: written in part when the run was stopped")
+        if left:
+            console.print(
+                f"[yellow]left in place, in checkpoints written in part: {escape(', '.join(left))}[/yellow]"
+            )
 
 
 class FirstStep(TrainerCallback):
@@ -472,7 +480,7 @@ def _train_locked(
         console.print(f"resuming from {escape(str(checkpoint))}")
     if resume and args.should_save:
         # once the checkpoint has loaded (a damaged one stops the run before anything changes)
-        trainer.add_callback(TruncateMetricsOnStart(run, checkpoint_step(checkpoint) if checkpoint else 0))
+        trainer.add_callback(TruncateOnResume(run, checkpoint_step(checkpoint) if checkpoint else 0))
     first_step = FirstStep()
     trainer.add_callback(first_step)
     console.print(
