@@ -479,3 +479,25 @@ def test_a_run_whose_base_model_moved_says_where_to_change_it(tmp_path, capsys, 
     ):
         assert_one_line_error(*run_cli(capsys, *command), told)
     assert_one_line_error(*run_cli(capsys, "train", str(copy), "--resume"), told)
+
+
+def test_auto_resume_starts_resumes_or_leaves_a_finished_run(tmp_path, capsys, tiny_model_dir, qa_jsonl):
+    """One command for a job that may be requeued: it starts the run, resumes it, or leaves it finished."""
+    run_dir = tmp_path / "runs" / "job"
+    path, _ = _config_file(tmp_path, tiny_model_dir, qa_jsonl, run_dir, **{"train.save_steps": 4})
+    code, out, err = run_cli_output(capsys, "train", str(path), "--auto-resume")
+    assert code == 0 and "resuming" not in out + err, err
+    finished = tree_digest(run_dir)
+    code, out, err = run_cli_output(capsys, "train", str(path), "--auto-resume")
+    assert code == 0 and "is finished" in out + err and tree_digest(run_dir) == finished
+
+    shutil.rmtree(run_dir / "final")  # as a kill after the last checkpoint leaves it
+    last = RunDir(run_dir).latest_checkpoint()
+    code, out, err = run_cli_output(capsys, "train", str(path), "--auto-resume")
+    assert code == 0 and f"resuming from {last}" in out + err, err
+    assert (run_dir / "final" / "trained.safetensors").is_file()
+
+    code, err = run_cli(capsys, "train", str(path), "--auto-resume", "train.lr=0.5")
+    assert_one_line_error(code, err, "'train.lr' differs from")
+    code, err = run_cli(capsys, "train", str(path), "--auto-resume", "--overwrite")
+    assert_one_line_error(code, err, "--auto-resume decides whether to resume by itself; drop --overwrite")

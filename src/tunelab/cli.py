@@ -64,6 +64,12 @@ def train(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace the tunelab run in output_dir (never other files)"
     ),
+    auto_resume: bool = typer.Option(
+        False,
+        "--auto-resume",
+        help="resume when output_dir holds this run, else start it (one command for a job that may be "
+        "requeued)",
+    ),
 ) -> None:
     """Fine-tune a model as CONFIG says."""
     from tunelab.config import check_saved_model, load_config
@@ -83,6 +89,12 @@ def train(
         # a run's own config trains that folder, wherever it was moved or copied to
         run_config.output_dir = str(run.path.resolve())
         check_saved_model(run_config.model, config)
+    if auto_resume:
+        if resume or overwrite:
+            given = "--resume" if resume else "--overwrite"
+            raise TunelabError(f"--auto-resume decides whether to resume by itself; drop {given}")
+        # decided before any process of a distributed run writes the folder: they all decide alike
+        resume = RunDir(run_config.resolved_output_dir()).is_run()
     run_dir = run_training(run_config, resume=resume, overwrite=overwrite).run_dir
     end_process_group()
     if not is_main_process():
