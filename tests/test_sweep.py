@@ -623,6 +623,7 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir):
     runner = CliRunner()
     assert runner.invoke(app, ["sweep", str(spec)]).exit_code == 0
     (first,) = _rows(db).values()
+    trained = (run / "final" / "trained.safetensors").read_bytes()
     again = runner.invoke(app, ["sweep", str(spec)])
     assert "1 trials, 1 already done, 0 to run" in again.output  # the same data: nothing to run
     with open(tmp_path / "add.jsonl", "a") as data:  # a row added, as a user fixes their data
@@ -641,7 +642,11 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir):
     assert "1 trials, 0 already done, 1 to run" in output
     (second,) = _rows(db).values()
     assert second["data_sha256"] != first["data_sha256"] and second["finished_at"] >= first["finished_at"]
-    assert trial_log(run).read_text().count("--- attempt started") == 1  # trained again
+    log = trial_log(run).read_text()
+    assert log.count("--- attempt started") == 1
+    # trained again, not only evaluated: the finished run in the trial's folder trained on the old data
+    assert "the data changed since this trial's run trained: starting it over" in log
+    assert "nothing to resume" not in log and (run / "final" / "trained.safetensors").read_bytes() != trained
     assert runner.invoke(app, ["recommend", "--db", str(db)]).exit_code == 0
 
 

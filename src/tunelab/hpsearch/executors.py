@@ -13,7 +13,8 @@ result to a callback in this process as soon as that trial finishes (so only thi
 
 A trial's files, under the sweep's work dir: <dataset>/<config_id>-s<seed>/ (the run), and beside it
 the same name with .yaml (its train config, `tunelab train` can run it again), .log (its output),
-.result.json, and while a stopped or failed attempt waits for the next, .attempts.json (the earlier
+.result.json, .data_sha256 (the fingerprint of the data files its run trained on: after an edit the
+run starts over), and while a stopped or failed attempt waits for the next, .attempts.json (the earlier
 attempts' start, wall time and peak memory, which the trial's recorded row adds up).
 """
 
@@ -162,7 +163,7 @@ def run_trial_process(
         str(config_path),
         trial.metric,
         str(result_path),
-        json.dumps({"ranks": list(trial.ranks), "test": trial.test}),
+        json.dumps({"ranks": list(trial.ranks), "test": trial.test, "data_sha256": trial.data_sha256}),
     ]
     started_at, start = _now(), time.perf_counter()
     process = processes.start(command, log_path, env=env, cwd=cwd)

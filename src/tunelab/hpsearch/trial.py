@@ -3,10 +3,11 @@ each of its ranks, for dylora), write a result JSON.
 
     python -m tunelab.hpsearch.trial CONFIG.yaml METRIC RESULT.json [OPTIONS_JSON]
 
-OPTIONS_JSON: {"ranks": [...], "test": SPEC or null}. RESULT.json holds {"score", "rows", "metrics",
-"peak_memory_bytes", "step_time_s"} on success (one row per evaluated rank: rank, score, test_score,
-metrics, test_metrics; `score` and `metrics` are the first row's), {"error", "data_error"} on failure
-(data_error: the data failed to load, as it will for every trial on the same data). The executor
+OPTIONS_JSON: {"ranks": [...], "test": SPEC or null, "data_sha256": FINGERPRINT or null}.
+RESULT.json holds {"score", "rows", "metrics", "peak_memory_bytes", "step_time_s"} on success (one row
+per evaluated rank: rank, score, test_score, metrics, test_metrics; `score` and `metrics` are the first
+row's), {"error", "data_error"} on failure (data_error: the data failed to load, as it will for every
+trial on the same data). The executor
 (tunelab.hpsearch.executors) starts this process and records the result; it never trains in its own
 process, so a crash or an out-of-memory kill of one trial leaves the sweep running.
 """
@@ -49,6 +50,11 @@ def _check_halvable(data: DataConfig, rows: int) -> None:
         )
 
 
+def data_marker(run_dir: Path) -> Path:
+    """Beside a trial's run folder: the fingerprint of the data it trained on (`data_fingerprint`)."""
+    return run_dir.with_name(f"{run_dir.name}.data_sha256")
+
+
 def median_step_time(records: list[dict]) -> float | None:
     """The median optimizer step time of a run, from its metrics.jsonl records."""
     times = [record["step_time_s"] for record in records if "step_time_s" in record]
@@ -75,9 +81,19 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
         )
         _check_halvable(config.data, min(len(rows), config.data.eval_limit or len(rows)))
     # an attempt at this trial that a stopped sweep left (Ctrl-C, SIGTERM) goes on from its checkpoint;
-    # one that finished training but not its evaluation is only evaluated
+    # one that finished training but not its evaluation is only evaluated; but never a run that trained
+    # on the dataset's files as they were before an edit
+    resume = can_resume(config)
+    fingerprint = options.get("data_sha256")
+    if fingerprint is not None:
+        trained_on = data_marker(Path(config.resolved_output_dir()))
+        if resume and not (trained_on.is_file() and trained_on.read_text() == fingerprint):
+            print("the data changed since this trial's run trained: starting it over", flush=True)
+            resume = False
+        if not resume:
+            write_atomically(trained_on, fingerprint)
     try:
-        trained = train(config, resume=can_resume(config), overwrite=True)
+        trained = train(config, resume=resume, overwrite=True)
     except ResumeFailed as exc:
         print(f"{exc}\nstarting this trial over", flush=True)
         trained = train(config, overwrite=True)
