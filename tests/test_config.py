@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from huggingface_hub import constants
 
 from conftest import assert_one_line_error, run_cli
 from tunelab.config import dump_config, load_config, parse_overrides, validate
 from tunelab.errors import TunelabError
+from tunelab.hub import offline_unless_reachable
 
 
 def _write(tmp_path, text: str):
@@ -138,13 +140,23 @@ def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch, capsy
         resolve_model("smollm2-13m")
     (tmp_path / "models" / "mine").mkdir(parents=True)
     (tmp_path / "models" / "mine" / "config.json").write_text("{}")
-    # models/mines may be a hub id, or a typo of models/mine: tried on the hub, with a note said at once
+    # models/mines may be a hub id, or a typo of models/mine: with a hub, tried there, with a note said at
+    # once; without one (and not in its cache), an error at once
+    offline_unless_reachable()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     capsys.readouterr()
     assert resolve_model("models/mines") == "models/mines"
     assert "models/mines is no local path, so it is tried as a hub id; did you mean models/mine?" in (
         capsys.readouterr().err.replace("\n", "")
     )
     assert resolve_model("owner/name") == "owner/name" and capsys.readouterr().err == ""  # nothing near
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        TunelabError,
+        match=r"^model not found: models/mines is no local folder, and as a hub id it is not in the hub "
+        r"cache, with no hub to reach; .* did you mean models/mine\?$",
+    ):
+        resolve_model("models/mines")
     with pytest.raises(TunelabError, match=r"models/mine has no tokenizer \(tokenizer.json, "):
         load_tokenizer(resolve_model("models/mine"))
     with pytest.raises(TunelabError, match=r"or :eval, :dev, :test\)$"):  # nothing near: no guess

@@ -29,8 +29,11 @@ def test_an_unresolvable_hub_means_the_cache_only_and_the_error_comes_at_once(hu
     code, err = run_cli(capsys, "data", "add:train", "model=someone/no-such-model")
     lines = err.strip().splitlines()
     assert lines[0].startswith("note: hub.invalid cannot be resolved (no network?)")
-    assert_one_line_error(
-        code, "\n".join(lines[1:]), "cannot load the tokenizer from 'someone/no-such-model'"
+    assert_one_line_error(  # before the data loads
+        code,
+        "\n".join(lines[1:]),
+        "model not found: someone/no-such-model is no local folder, and as a hub id it is not in the hub "
+        "cache, with no hub to reach",
     )
     assert "Retrying" not in err and constants.HF_HUB_OFFLINE
     # a hub dataset id the same way, without a second note

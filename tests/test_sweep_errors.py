@@ -295,10 +295,14 @@ def test_sweep_fails_before_writing_anything(tmp_path, monkeypatch, capsys, trai
     assert message.format(**paths) in line
 
 
-@pytest.mark.parametrize("model", ["./modles/tiny", "smollm2-13m"])
+@pytest.mark.parametrize("model", ["./modles/tiny", "smollm2-13m", "models/tinny"])
 def test_a_mistyped_model_stops_the_sweep_before_its_trials(tmp_path, monkeypatch, capsys, model):
+    """Also a name that could be a hub id (models/tinny beside models/tiny), when no hub can be reached."""
+    from huggingface_hub import constants
+
     from tunelab.hpsearch import commands
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(commands, "run_local", lambda *args, **kwargs: pytest.fail("a trial started"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "tiny").mkdir(parents=True)
@@ -308,7 +312,7 @@ def test_a_mistyped_model_stops_the_sweep_before_its_trials(tmp_path, monkeypatc
         yaml.safe_dump({"base": {"model": model}, "grid": {"train.lr": [1e-4]}, "datasets": [dataset]})
     )
     line = _error_line(capsys, tmp_path, ["sweep", str(spec)])  # nothing written
-    assert line.startswith(f"error: {spec}: model not found: {model}; ") and "did you mean" in line
+    assert line.startswith(f"error: {spec}: model not found: {model}") and "did you mean" in line
 
 
 @pytest.mark.parametrize("written", ["model", "data"])

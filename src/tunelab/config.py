@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import DatasetNotFound, TunelabError, closest, did_you_mean, note_near_hub_id, shell_word
+from tunelab.hub import unreachable
 from tunelab.methods import METHOD_CONFIGS
 from tunelab.methods.lora.config import LoraConfig
 from tunelab.schema import Section
@@ -666,6 +667,12 @@ def check_model(name: str) -> Path | None:
         raise TunelabError(
             f"model not found: {name}; use a built-in ({', '.join(BUILTIN_MODELS)}), a local model "
             f"directory, or a hub id like org/name{hint}"
+        )
+    if unreachable(name):  # offline, and not in the hub cache: it would fail after the data has loaded
+        raise TunelabError(
+            f"model not found: {name} is no local folder, and as a hub id it is not in the hub cache, "
+            f"with no hub to reach; use a built-in ({', '.join(BUILTIN_MODELS)}) or a local model "
+            f"directory{did_you_mean(path)}"
         )
     note_near_hub_id(name)
     return None

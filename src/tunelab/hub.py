@@ -33,3 +33,15 @@ def offline_unless_reachable() -> None:
             f"[yellow]note:[/yellow] {host} cannot be resolved (no network?): hub ids load from the local "
             "hub cache only (HF_HUB_OFFLINE)"
         )
+
+
+def unreachable(repo_id: str) -> bool:
+    """Whether a hub model cannot load here: the hub cannot be reached and its cache has no copy of it."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline_unless_reachable()
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id, such as 'a//b': it loads from nowhere
+        cached = False
+    return constants.HF_HUB_OFFLINE and not cached
