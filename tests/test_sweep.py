@@ -454,7 +454,9 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
 
     monkeypatch.setattr(commands, "run_local", made_up_results)
     path = _spec(tmp_path, tiny_model_dir, {"add": (ADD, "loss")})
-    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "seeds": [1], "confirm_seeds": [2]}))
+    spec = {**yaml.safe_load(path.read_text()), "seeds": [1], "confirm_seeds": [2]}
+    spec["datasets"][0]["columns"] = {"prompt": "question", "completion": "answer"}  # how its file reads
+    path.write_text(yaml.safe_dump(spec))
     result = CliRunner().invoke(app, ["sweep", str(path)])
     assert result.exit_code == 0, result.output
     assert trained == [(1e-3, 1), (1e-2, 1), (1e-3, 2), (1e-2, 2)]
@@ -469,6 +471,7 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
     assert f"next: tunelab train {written}\n" in result.output
     config = load_config(written)
     assert (config.train.lr, config.data.train) == (1e-2, str(tmp_path / "add.jsonl"))
+    assert config.data.columns == {"prompt": "question", "completion": "answer"}
     assert config.train.seed in (1, 2)  # as one of its trials, not the default
 
 

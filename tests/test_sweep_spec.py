@@ -368,3 +368,40 @@ def test_a_datasets_fingerprint_follows_its_data_not_its_folder_or_what_lies_bes
         dataset
     )
     assert data_fingerprint(DatasetSpec(name="add", train="addition:train", eval="addition:eval")) is None
+
+
+def test_each_dataset_may_name_its_own_columns_and_the_configs_still_line_up(tmp_path, monkeypatch):
+    """A question/answer CSV beside alpaca rows: columns per dataset, not in base (which would apply them
+    to every dataset) nor in the config id (the same config on both datasets is one config for CBS)."""
+    from tunelab.hpsearch.spec import DatasetSpec, data_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qa.csv").write_text("question,answer\n1+1=,2\n")
+    path = write(
+        tmp_path,
+        textwrap.dedent("""
+        grid: {train.lr: [1.0e-4, 1.0e-3]}
+        datasets:
+          - {name: add, train: "addition:train", eval: "addition:eval", metric: loss}
+          - name: qa
+            train: qa.csv
+            eval: qa.csv
+            metric: loss
+            columns: {instruction: question, output: answer}
+        """),
+    )
+    trials = expand(load_spec(path))
+    add, qa = trials[0], trials[1]
+    assert add.config["data"]["columns"] == {}
+    assert qa.config["data"]["columns"] == {"instruction": "question", "output": "answer"}
+    assert add.config_id == qa.config_id and len({trial.config_id for trial in trials}) == 2
+    # another mapping reads other data from the same file: the dataset's results are not today's
+    mapped = load_spec(path).datasets[1]
+    other = DatasetSpec(**{**mapped.model_dump(), "columns": {"instruction": "answer", "output": "question"}})
+    assert data_fingerprint(mapped) != data_fingerprint(other)
+    assert data_fingerprint(mapped) != data_fingerprint(DatasetSpec(**{**mapped.model_dump(), "columns": {}}))
+    # a grid over columns, or columns in a zip, is told where they go
+    for swept in ("grid: {data.columns.output: [answer]}", "zip: [{data.columns: [{output: answer}]}]"):
+        text = swept + "\n" + DATASETS
+        with pytest.raises(TunelabError, match=r"is set per dataset and trial; give a dataset its own under"):
+            load_spec(write(tmp_path, text))

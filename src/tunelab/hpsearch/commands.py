@@ -734,6 +734,7 @@ def _cbs_config_files(
             hyperparameters["train.seed"] = trial["train.seed"]
         if len(matrix.datasets) == 1 and "data.train" in trial:
             hyperparameters |= {key: trial.get(key) for key in ("data.train", "data.eval")}
+            hyperparameters |= {key: value for key, value in trial.items() if key.startswith("data.columns.")}
             comment += (
                 f"; trains on the sweep's dataset {matrix.datasets[0]}: set data.train / data.eval for yours"
             )

@@ -11,13 +11,13 @@ import numpy as np
 
 from tunelab.config import flatten
 from tunelab.hpsearch.cbs import cbs_rank, held_out_curve, normalized, orient, top_k_curve
-from tunelab.hpsearch.spec import EVAL_RANK_KEY, PLACEMENT_KEYS
+from tunelab.hpsearch.spec import EVAL_RANK_KEY, placement_key
 from tunelab.hpsearch.store import ScoreMatrix
 
 
 def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
     """A config as flat dotted keys, without the keys that only place a trial."""
-    return {key: value for key, value in flatten(config).items() if key not in PLACEMENT_KEYS}
+    return {key: value for key, value in flatten(config).items() if placement_key(key) is None}
 
 
 def varying_keys(hyperparameters: list[dict[str, Any]]) -> list[str]:

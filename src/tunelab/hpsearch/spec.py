@@ -65,12 +65,22 @@ HIGHER_IS_BETTER = {"exact_match": True, "accuracy": True, "loss": False, "perpl
 TRIAL_METRICS = ("exact_match", "loss", "perplexity")
 # keys that place a trial (its run folder and name, its dataset, its seed) rather than configure it:
 # they are set per trial, and left out of config ids and of the hyperparameters a recommendation lists
-PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval", "train.seed")
+# (data.columns: how a dataset's files name the format's fields, so datasets in different shapes line up)
+PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval", "data.columns", "train.seed")
 PLACEMENT_FIXES = {  # where a spec sets what a grid may not
     "data.train": "list datasets under 'datasets'",
     "data.eval": "list datasets under 'datasets'",
+    "data.columns": "give a dataset its own under 'datasets' (columns: {instruction: question, ...})",
     "train.seed": "list seeds under 'seeds' (each point trains once per seed)",
 }
+
+
+def placement_key(key: str) -> str | None:
+    """The one of PLACEMENT_KEYS that dotted `key` is or lies under (data.columns.output: data.columns);
+    None for a hyperparameter."""
+    return next((placed for placed in PLACEMENT_KEYS if key == placed or key.startswith(placed + ".")), None)
+
+
 EVAL_RANK_KEY = "method.rank"  # the rank a dylora trial's row was evaluated at
 # config keys added after sweeps had run, with their defaults: at the default a key stays out of the
 # config id, so a database written before the key existed still matches its spec (every key is in a
@@ -91,6 +101,7 @@ class DatasetSpec(BaseModel):
     train: str
     eval: str  # dev: what every choice is made on
     test: str | None = None  # reported only; None: eval's rows are split into dev and test
+    columns: dict[str, str] = Field(default_factory=dict)  # its data.columns, in place of base's
     metric: Literal["exact_match", "accuracy", "loss", "perplexity"] = "exact_match"
 
     @field_validator("metric")
@@ -160,8 +171,8 @@ def _check_keys(where: str, group: dict[str, list[Any]], swept: set[str]) -> Non
     (the same key, or one nested in the other)."""
     seen = set(swept)
     for key, values in group.items():
-        if key in PLACEMENT_KEYS:
-            fix = PLACEMENT_FIXES.get(key, "the sweep sets it")
+        if (placed := placement_key(key)) is not None:
+            fix = PLACEMENT_FIXES.get(placed, "the sweep sets it")
             raise ValueError(f"'{where}.{key}' is set per dataset and trial; {fix}")
         if key in seen:
             raise ValueError(f"'{where}.{key}' is swept twice; keep it in one place")
@@ -332,15 +343,15 @@ def _product(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def config_id(config: dict[str, Any]) -> str:
     """A stable 12-hex id of the hyperparameters: sha256 of the sorted-key JSON of `config`.
 
-    name, output_dir, data.train and data.eval are left out: the same hyperparameters on different
-    datasets share an id. Pass resolved configs (as `expand` makes them), so that a default written
-    out and a default left implicit give the same id.
+    PLACEMENT_KEYS are left out: the same hyperparameters on different datasets share an id. Pass
+    resolved configs (as `expand` makes them), so that a default written out and a default left
+    implicit give the same id.
     """
     hyperparameters = nest(
         {
             key: value
             for key, value in flatten(config).items()
-            if key not in PLACEMENT_KEYS and not (key in KEYS_ADDED_LATER and value == KEYS_ADDED_LATER[key])
+            if placement_key(key) is None and not (key in KEYS_ADDED_LATER and value == KEYS_ADDED_LATER[key])
         }
     )
     canonical = json.dumps(hyperparameters, sort_keys=True, separators=(",", ":"))
@@ -356,7 +367,7 @@ def bookkeeping_changes(trial_config: dict[str, Any], recorded: dict[str, Any]) 
     """{key: (recorded value, trial's value)} when two configs differ in BOOKKEEPING_KEYS alone (so they
     train the same model; PLACEMENT_KEYS aside); None when they differ in anything else, or in nothing."""
     ours, theirs = flatten(trial_config), {**KEYS_ADDED_LATER, **flatten(recorded)}  # as config_id reads it
-    keys = (ours.keys() | theirs.keys()) - set(PLACEMENT_KEYS)
+    keys = {key for key in ours.keys() | theirs.keys() if placement_key(key) is None}
     differing = {key for key in keys if ours.get(key) != theirs.get(key)}
     if not differing or not differing <= set(BOOKKEEPING_KEYS):
         return None
@@ -424,6 +435,8 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
                         "name": f"{dataset.name}-{point_id}-s{seed}",
                     },
                 )
+                if dataset.columns:
+                    config["data"]["columns"] = dict(dataset.columns)
                 test = _trial_data(dataset.test) if dataset.test else None
                 trials.append(Trial(point_id, dataset.name, dataset.metric, config, seed, test, ranks))
     if spec.ranks and not any_ranks:
@@ -471,6 +484,9 @@ def data_fingerprint(dataset: DatasetSpec) -> str | None:
     every split is a built-in or a hub id (fixed by its package or revision). Paths are not hashed: a
     copied sweep folder keeps its results."""
     digest, local = hashlib.sha256(), False
+    if dataset.columns:  # how the files are read is part of the data: another mapping is other data
+        digest.update(json.dumps(dataset.columns, sort_keys=True).encode())
+        local = True
     for split in ("train", "eval", "test"):
         value = getattr(dataset, split)
         path = Path(value).expanduser() if value is not None else None
