@@ -149,6 +149,11 @@ def test_defaults_written_or_not_give_the_same_id(tmp_path):
         ("grid: {train.lr: []}\n" + DATASETS, "'grid.train.lr' is an empty list"),
         ("grdi: {train.lr: [1]}\n" + DATASETS, "unknown key 'grdi'; did you mean 'grid'?"),
         ("grid: {train.lr: 0.001}\n" + DATASETS, "'grid.train.lr' must be a list"),
+        (  # a list written as a string: the list it meant, not a list of that one string
+            "grid: {train.lr: '1e-3, 1e-2', method.target_modules: 'q_proj'}\n" + DATASETS,
+            "'grid.train.lr' must be a list (got '1e-3, 1e-2'); write [1e-3, 1e-2]",
+        ),
+        ("grid: {method.name: 'lora, full'}\n" + DATASETS, '(got \'lora, full\'); write ["lora", "full"]'),
         (
             "zip: [{method.r: [4, 8], method.alpha: [8]}]\n" + DATASETS,
             "'zip[0]' lists must have equal lengths",
@@ -156,7 +161,8 @@ def test_defaults_written_or_not_give_the_same_id(tmp_path):
         ("grid: {train.lr: [1]}\n", "'datasets' is required"),
         ("datasets: []\n", "'datasets' is empty"),
         (
-            "datasets:\n  - {name: a, train: x, eval: y}\n  - {name: a, train: z, eval: w}\n",
+            "datasets:\n  - {name: a, train: x, eval: y, metric: loss}\n"
+            "  - {name: a, train: z, eval: w, metric: loss}\n",
             "dataset name 'a' appears twice",
         ),
         ("datasets:\n  - {name: a, train: x, eval: y, metrc: loss}\n", "unknown key 'datasets[0].metrc'"),
@@ -211,10 +217,21 @@ def test_a_bad_value_of_a_sweep_point_names_the_line_that_wrote_it(tmp_path, tex
     [
         # a misspelt key is a missing one too: the misspelling is named, on its line
         (
-            "datasets:\n  - {name: a, train: x, eval: y}\n  - name: b\n    train: x\n    evel: y\n",
+            "datasets:\n  - {name: a, train: x, eval: y, metric: loss}\n"
+            "  - name: b\n    train: x\n    evel: y\n",
             "sweep.yaml:5: unknown key 'datasets[1].evel'; did you mean 'eval'?",
         ),
         ("datasets:\n  - {name: a, eval: y}\n", "sweep.yaml:2: 'datasets[0].train' is required"),
+        (  # without a metric, exact_match scored 0 on every trial of such data: it is asked for
+            "datasets:\n  - {name: a, train: x, eval: y}\n",
+            "sweep.yaml:2: 'datasets[0].metric' is required; add metric: loss (lower is better, for any "
+            "data) or exact_match",
+        ),
+        (
+            "datasets:\n  - {name: a, train: x, metric: loss}\n",
+            "sweep.yaml:2: 'datasets[0].eval' is required; give held-out rows to choose configs on, "
+            "e.g. eval:",
+        ),
         ("grid: {}\nseeds: [1, 1]\n" + DATASETS, "sweep.yaml:2: 'seeds' repeats a seed"),
         # the item itself, whichever keys it holds (an empty one, dotted ones only, a plain string)
         ("arms:\n  - {}\n  - {train.lr: [1.0e-3]}\n" + DATASETS, "sweep.yaml:2: 'arms[0]' is empty"),
@@ -222,14 +239,18 @@ def test_a_bad_value_of_a_sweep_point_names_the_line_that_wrote_it(tmp_path, tex
             "arms:\n  - {train.lr: [1.0e-3]}\n  - {train.lr: 1.0e-3}\n" + DATASETS,
             "sweep.yaml:3: 'arms[1].train.lr'",
         ),
-        ("datasets:\n  - add.jsonl\n  - {name: a, train: x, eval: y}\n", "sweep.yaml:2: 'datasets[0]'"),
+        (
+            "datasets:\n  - add.jsonl\n  - {name: a, train: x, eval: y, metric: loss}\n",
+            "sweep.yaml:2: 'datasets[0]'",
+        ),
         # a grid key that holds dots, named whole by the message
         (
             "grid:\n  train.lr: [1.0e-3]\narms:\n  - {train.lr: [2.0e-3]}\n" + DATASETS,
             "sweep.yaml:4: 'arms[0].train.lr' is swept twice",
         ),
         (  # a message that quotes a value, not a key, names no line
-            "datasets:\n  - {name: seeds, train: x, eval: y}\n  - {name: seeds, train: z, eval: y}\n",
+            "datasets:\n  - {name: seeds, train: x, eval: y, metric: loss}\n"
+            "  - {name: seeds, train: z, eval: y, metric: loss}\n",
             "sweep.yaml: dataset name 'seeds' appears twice",
         ),
     ],
@@ -353,7 +374,7 @@ def test_a_datasets_fingerprint_follows_its_data_not_its_folder_or_what_lies_bes
     folder = tmp_path / "shards"
     folder.mkdir()
     (folder / "a.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
-    dataset = DatasetSpec(name="add", train="shards", eval="addition:eval")
+    dataset = DatasetSpec(name="add", train="shards", eval="addition:eval", metric="loss")
     first = data_fingerprint(dataset)
     (folder / ".DS_Store").write_bytes(b"finder")  # a file browser, git, an editor: not data
     (folder / ".git").mkdir()
@@ -364,10 +385,10 @@ def test_a_datasets_fingerprint_follows_its_data_not_its_folder_or_what_lies_bes
     copied = tmp_path / "copy"
     copied.mkdir()
     (copied / "a.jsonl").write_text((folder / "a.jsonl").read_text())
-    assert data_fingerprint(DatasetSpec(name="add", train="copy", eval="addition:eval")) == data_fingerprint(
-        dataset
-    )
-    assert data_fingerprint(DatasetSpec(name="add", train="addition:train", eval="addition:eval")) is None
+    copy = DatasetSpec(name="add", train="copy", eval="addition:eval", metric="loss")
+    assert data_fingerprint(copy) == data_fingerprint(dataset)
+    builtin = DatasetSpec(name="add", train="addition:train", eval="addition:eval", metric="loss")
+    assert data_fingerprint(builtin) is None
 
 
 def test_each_dataset_may_name_its_own_columns_and_the_configs_still_line_up(tmp_path, monkeypatch):

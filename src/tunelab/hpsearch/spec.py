@@ -102,7 +102,8 @@ class DatasetSpec(BaseModel):
     eval: str  # dev: what every choice is made on
     test: str | None = None  # reported only; None: eval's rows are split into dev and test
     columns: dict[str, str] = Field(default_factory=dict)  # its data.columns, in place of base's
-    metric: Literal["exact_match", "accuracy", "loss", "perplexity"] = "exact_match"
+    # required: exact_match, once the default, scored 0 on every trial of data no model answers exactly
+    metric: Literal["exact_match", "accuracy", "loss", "perplexity"]
 
     @field_validator("metric")
     @classmethod
@@ -242,6 +243,31 @@ def _line(text: str, loc: tuple) -> int | None:
     return line
 
 
+DATASET_KEY_HINTS = {  # what a dataset entry lacks, said with what to write
+    "metric": "; add metric: loss (lower is better, for any data) or exact_match (a generated answer must "
+    "equal the reference: short answers)",
+    "eval": "; give held-out rows to choose configs on, e.g. eval: data/my_eval.jsonl (split into dev and "
+    "test halves unless the dataset has test:)",
+}
+
+
+def _as_list(value: Any) -> str:
+    """A grid's one value as the list to write: '1e-3, 1e-2' (a list written as a string) -> [1e-3, 1e-2]."""
+    if not isinstance(value, str):
+        return f"[{json.dumps(value)}] for that one value"
+    parts = [part.strip() for part in value.split(",")]
+    items = ", ".join(part if _is_number(part) else json.dumps(part) for part in parts)
+    return f"[{items}]" + (" for that one value" if len(parts) == 1 else "")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _format_error(err: dict, source: str, text: str = "") -> str:
     key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"]).lstrip(".")
     kind = err["type"]
@@ -260,12 +286,13 @@ def _format_error(err: dict, source: str, text: str = "") -> str:
         hint = f"did you mean '{close}'?" if close else f"valid keys here: {', '.join(allowed)}"
         return f"{source}: unknown key '{key}'; {hint}"
     if kind == "missing":
-        return f"{source}: '{key}' is required"
+        hint = DATASET_KEY_HINTS.get(str(loc[-1]), "") if loc[0] == "datasets" else ""
+        return f"{source}: '{key}' is required{hint}"
     if kind in ("list_type", "dict_type"):
         shape = "list" if kind == "list_type" else "mapping of key: value"
         # a grid's or an arm's key lists its values: one value is still a list (JSON is YAML too)
         one_value = kind == "list_type" and err["loc"][0] in ("grid", "arms", "zip")
-        fix = f"; write [{json.dumps(err['input'])}] for that one value" if one_value else ""
+        fix = f"; write {_as_list(err['input'])}" if one_value else ""
         return f"{source}: '{key}' must be a {shape} (got {err['input']!r}){fix}"
     return f"{source}: '{key}': {err['msg']} (got {err['input']!r})"
 
