@@ -318,10 +318,10 @@ def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_valid
     runner = CliRunner()
     result = runner.invoke(app, ["sweep", str(path)])
     assert result.exit_code == 0, result.output
-    # each seed's trial tells itself apart
-    assert {
-        re.search(r"\(seed (\d)\): loss", line)[1] for line in result.output.splitlines() if " done " in line
-    } == {"1", "2"}
+    # each seed's trial tells itself apart, and says its score at each rank
+    done = [line for line in result.output.splitlines() if " done " in line]
+    scores = r"\(seed (\d)\): loss at rank 1 \d+\.\d{4}, 4 \d+\.\d{4} "
+    assert {re.search(scores, line)[1] for line in done} == {"1", "2"}
     with ResultsStore(tmp_path / "sweep.sqlite") as store:
         rows = store.rows()
     # 2 trainings per dataset (seeds), each evaluated at 2 ranks: a row per rank, an id per rank

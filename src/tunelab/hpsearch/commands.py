@@ -268,6 +268,10 @@ class SweepProgress:
             self.done += 1
             seed = f" (seed {trial.seed})" if self.seed_count > 1 else ""  # else its lines would read alike
             line = f"done {trial.dataset} {trial.config_id}{seed}: {trial.metric} {result.score:.4f}"
+            if len(result.rows or []) > 1:  # a dylora trial: a score at each rank it was evaluated at
+                line = f"done {trial.dataset} {trial.config_id}{seed}: {trial.metric} at rank " + ", ".join(
+                    f"{row['rank']} {row['score']:.4f}" for row in result.rows
+                )
         line += f" ({result.duration_s or 0:.1f} s)"
         counts = self._counts()
         self.bar.update(self.task, completed=self.done + self.failed, counts=counts)
@@ -340,10 +344,10 @@ def sweep(
     trials, confirmations = _on_data(trials, versions), _on_data(confirmations, versions)
     processes = TrialProcesses()
 
-    def run(what: str, label: str, trials: list[Trial], store: LazyStore) -> tuple[int, int]:
-        """Run the unfinished `trials`: how many failed, of how many run."""
+    def run(what: str, label: str, trials: list[Trial], store: LazyStore) -> tuple[int, int, int]:
+        """Run the unfinished `trials`: how many failed, of how many run, and how many were skipped."""
         if processes.stopping:  # stopped while the confirmations were being chosen
-            return 0, 0
+            return 0, 0, 0
         pending = [trial for trial in trials if not store.finished(trial)]
         err_console.print(
             f"{what}: {len(trials)} trials, {len(trials) - len(pending)} already done, "
@@ -385,7 +389,7 @@ def sweep(
                     pending, work_dir, on_result, address, max_parallel, cpus_per_trial, gpus_per_trial,
                     progress.start,
                 )  # fmt: skip
-        return progress.failed, len(pending) - progress.skipped
+        return progress.failed, len(pending) - progress.skipped, progress.skipped
 
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
     with LazyStore(db) as store, sweep_lock(work_dir), stopping:  # an unusable --db: no runs folder
@@ -398,7 +402,7 @@ def sweep(
                     "again",
                     highlight=False,
                 )
-        failed, ran = run(f"sweep {spec_path}", "sweep", trials, store)
+        failed, ran, skipped = run(f"sweep {spec_path}", "sweep", trials, store)
         confirmed: set[str] = set()
         # a best config's new seeds move its mean, and another config may become its arm's best: confirm
         # until every arm's best has all confirm_seeds (each round adds a config, so this ends)
@@ -408,19 +412,18 @@ def sweep(
                 break
             confirmed |= {trial.config_id for trial in confirming}
             seeds = ", ".join(map(str, spec.confirm_seeds))
-            more_failed, more_ran = run(
-                f"confirm each arm's best config with seeds {seeds}", "confirm", confirming, store
-            )
-            failed, ran = failed + more_failed, ran + more_ran
+            more = run(f"confirm each arm's best config with seeds {seeds}", "confirm", confirming, store)
+            failed, ran, skipped = failed + more[0], ran + more[1], skipped + more[2]
     if processes.stopping:
         raise RunInterrupted(
             f"sweep stopped; its finished trials are in {db}. Run the same command to go on: it skips them, "
             "and each stopped trial resumes from its checkpoint"
         )
     if failed:
+        also = f", and {skipped} more on the same data were skipped" if skipped else ""
         err_console.print(
-            f"[red]{failed} of {ran} trials failed[/red] (errors in {db}, logs in {work_dir}); run the same "
-            "command again to retry them"
+            f"[red]{failed} of {ran} trials failed[/red]{also} (errors in {db}, logs in {work_dir}); run the "
+            f"same command again to retry {'them' if not skipped else 'all of them'}"
         )
         raise typer.Exit(1)
     err_console.print(
