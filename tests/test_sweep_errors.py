@@ -168,6 +168,22 @@ def test_recommend_a_sweep_that_has_no_finished_trial_says_so(tmp_path, capsys, 
     assert message.format(db=db, spec=tmp_path / "grid.yaml") in line
 
 
+@pytest.mark.parametrize("make", [Path, _empty, _failed_trials_only])
+def test_recommend_while_a_sweep_runs_into_the_database_says_to_wait_for_it(tmp_path, capsys, make):
+    """Not "run tunelab sweep", which the running sweep's lock refuses."""
+    from tunelab.rundir import sweep_lock
+
+    db, spec = make(tmp_path / "grid.sqlite"), tmp_path / "grid.yaml"
+    spec.write_text("datasets: []\n")
+    with sweep_lock(tmp_path / "grid-runs"):
+        line = _error_line(capsys, tmp_path, ["recommend", "--db", str(db)])
+    pid = os.getpid()
+    waiting = f"recommend again once the tunelab sweep running into it (pid {pid}) has finished a trial"
+    assert line.endswith(waiting) and "run tunelab sweep" not in line
+    line = _error_line(capsys, tmp_path, ["recommend", "--db", str(db)])  # once it has ended
+    assert line.endswith(f"run tunelab sweep {spec}")
+
+
 @contextmanager
 def _read_only(folder: Path) -> Iterator[None]:
     """`folder` read-only: a read-only bind mount over it as root (whom file modes do not stop), else its
@@ -207,10 +223,16 @@ def test_recommend_reads_a_database_in_a_folder_it_cannot_write(tmp_path, capsys
             code, out, err = run_cli_output(
                 capsys, "recommend", "--db", str(shared / "grid.sqlite"), "--out", str(tmp_path)
             )
+            # without --out the plots have nowhere to go: the tables show all the same
+            plotless = run_cli_output(capsys, "recommend", "--db", str(shared / "grid.sqlite"))
     finally:
         store.close()
     assert code == 0, err
-    assert "c0" in out
+    assert "c0" in out and "coverage curve: " in out
+    assert plotless[0] == 0 and "c0" in plotless[1] and "coverage curve" not in plotless[1]
+    assert f"plots not drawn: cannot write in {shared}; give --out DIR to draw them there" in " ".join(
+        plotless[1].split()
+    )
 
 
 def test_recommend_never_replaces_a_written_config_that_was_edited(tmp_path, capsys):

@@ -350,6 +350,22 @@ def sweep_lock(runs_folder: Path) -> Iterator[None]:
             shutil.rmtree(runs_folder)  # no trial started: nothing of the sweep's is left behind
 
 
+def sweep_running(runs_folder: Path) -> str | None:
+    """The pid of the tunelab sweep that holds `runs_folder`'s lock now (as its lock file says); None when
+    no sweep does."""
+    try:
+        handle = open(runs_folder / LOCK_FILE)  # read only: asking changes nothing
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return handle.read().strip() or "unknown"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 def _acquire(handle: IO[str], busy: str) -> None:
     """Lock `handle`'s file, writing our pid into it; else `busy` (its {pid}: the holder's) as the error."""
     try:

@@ -64,7 +64,7 @@ from tunelab.hpsearch.spec import (
     training_id,
 )
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, ran_on_other_data, select
-from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock
+from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock, sweep_running
 from tunelab.signals import handling_stop_signals
 
 console = stdout_console()
@@ -611,7 +611,7 @@ def _recommend_cbs(
     top: int,
     json_path: Path | None,
     write_config: Path | None,
-    out: Path | None,
+    plot_dir: Path | None,
     cross_validate: bool = False,
     progress: SweepStatus | None = None,
 ) -> None:
@@ -624,14 +624,15 @@ def _recommend_cbs(
 
     from tunelab.plots import coverage_curve, lr_curve  # matplotlib: only when there is a curve to draw
 
-    plot_dir = out or source.parent
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    plot = coverage_curve(
-        result.top_k_curve,
-        plot_dir / f"{source.stem}-coverage.png",
-        title=f"{source.name}: top-K coverage (tau={tau})",
-        held_out=result.held_out_curve,
-    )
+    plot = None
+    if plot_dir is not None:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        plot = coverage_curve(
+            result.top_k_curve,
+            plot_dir / f"{source.stem}-coverage.png",
+            title=f"{source.name}: top-K coverage (tau={tau})",
+            held_out=result.held_out_curve,
+        )
     shape = f"{len(matrix.config_ids)} configs x {len(matrix.datasets)} datasets"
     if progress and progress.finished is False:
         shape += "; provisional, the sweep is not finished"
@@ -684,8 +685,15 @@ def _recommend_cbs(
         )
     elif progress:
         console.print(f"note: {escape(progress.text)}", highlight=False, soft_wrap=True)
-    console.print(f"coverage curve: {plot}", highlight=False)
-    if curves:
+    if plot_dir is None:
+        console.print(
+            f"plots not drawn: cannot write in {source.parent}; give --out DIR to draw them there",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        console.print(f"coverage curve: {plot}", highlight=False)
+    if curves and plot_dir is not None:
         lr_plot = lr_curve(curves, plot_dir / f"{source.stem}-lr.png", f"{source.name}: dev score vs lr")
         console.print(f"learning-rate curves: {lr_plot}", highlight=False)
     if json_path:
@@ -759,13 +767,21 @@ def _spec_beside(db: Path) -> Path | None:
     return next((path for path in map(db.with_suffix, (".yaml", ".yml")) if path.is_file()), None)
 
 
+def _what_next(db: Path, spec: Path | None) -> str:
+    """What to do while `db` holds no result to rank: run its sweep, or wait for the sweep running into it
+    (which refuses a second one)."""
+    running = sweep_running(_work_dir(db))
+    if running:
+        return f"recommend again once the tunelab sweep running into it (pid {running}) has finished a trial"
+    return f"run tunelab sweep {shell_word(spec)}" if spec else "run `tunelab sweep` first"
+
+
 def _check_input(path: Path, option: str) -> None:
     if not path.exists():
         spec = _spec_beside(path) if option == "--db" else None
         if spec is not None:  # the sweep has not written it yet: the fix is to run it, not another file
             raise TunelabError(
-                f"--db {path} does not exist yet: no trial of {spec} has finished; run tunelab sweep "
-                f"{shell_word(spec)}"
+                f"--db {path} does not exist yet: no trial of {spec} has finished; {_what_next(path, spec)}"
             )
         hint = did_you_mean(path) or f"; {_INPUT_HINTS[option]}"
         raise TunelabError(f"{option}: file not found: {path}{hint}")
@@ -824,15 +840,20 @@ def recommend(
         return
     source = db or results
     _check_input(source, sources[0])
-    check_writable(
-        out or source.parent, "--out" if out else "--out (default: the input's folder)", folder=True
-    )
+    plot_dir: Path | None = out or source.parent
+    try:
+        check_writable(plot_dir, "--out", folder=True)
+    except TunelabError:
+        if out:
+            raise
+        plot_dir = None  # the input's folder is read-only, or a colleague's: the tables still show
     progress = None
     if db:
         spec = _spec_beside(db)
         run_it = f"tunelab sweep {shell_word(spec)}" if spec else "`tunelab sweep` first"
+        then = _what_next(db, spec)
         if db.stat().st_size == 0:  # created by a sweep stopped as its first result was being written
-            raise TunelabError(f"{db} holds no trials yet; run {run_it}")
+            raise TunelabError(f"{db} holds no trials yet; {then}")
         versions = _spec_data_versions(spec)
         with ResultsStore(db, read_only=True) as store:
             matrix = store.score_matrix(versions)
@@ -852,17 +873,17 @@ def recommend(
             rows = [row for row, today in zip(rows, on_today, strict=True) if today]
         if not any(row["status"] == "done" for row in rows):
             if stale and not rows:
-                raise TunelabError(f"every result in {db} ran on data since edited; run {run_it}")
+                raise TunelabError(f"every result in {db} ran on data since edited; {then}")
             if rows:  # a ranking of nothing but failures would still name a config to start from
                 latest = max(rows, key=lambda row: row["finished_at"] or "")
                 raise TunelabError(
                     f"no trial in {db} has finished; the latest failed with: {latest['error']}; fix that, "
-                    f"then run {run_it}"
+                    f"then {then}"
                 )
-            raise TunelabError(f"{db} holds no trials yet; run {run_it}")
+            raise TunelabError(f"{db} holds no trials yet; {then}")
     else:
         matrix = load_results_table(results)
-    _recommend_cbs(matrix, source, tau, top, json_path, write_config, out, cross_validate, progress)
+    _recommend_cbs(matrix, source, tau, top, json_path, write_config, plot_dir, cross_validate, progress)
 
 
 def _are(count: int) -> str:
