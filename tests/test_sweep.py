@@ -244,7 +244,7 @@ def test_recommend_results_table(tmp_path):
     )
     assert result.exit_code == 0, result.output
     # each covers one dataset; c2 is first by mean s/best: (0.5 / 0.9 + 1) / 2 > (1 + 1.0 / 2.0) / 2
-    assert "covered" in result.output and "1/2" in result.output  # --top 1: the first row only
+    assert "top-K covers" in result.output and "1/2" in result.output  # --top 1: the first row only
     written = load_config(tmp_path / "out" / "cbs-1-c2.yaml")
     assert (written.train.lr, written.method.r) == (5e-4, 16)
     assert not (tmp_path / "out" / "cbs-2-c1.yaml").exists()  # --top 1
@@ -651,6 +651,37 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir):
     assert "the data changed since this trial's run trained: starting it over" in log
     assert "nothing to resume" not in log and (run / "final" / "trained.safetensors").read_bytes() != trained
     assert runner.invoke(app, ["recommend", "--db", str(db)]).exit_code == 0
+
+
+def test_results_on_edited_data_of_configs_the_spec_dropped_are_not_promised_a_rerun(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """recommend said `tunelab sweep` would run them again; the sweep runs only what its spec lists."""
+    from tunelab.hpsearch import commands
+    from tunelab.hpsearch.executors import TrialResult
+
+    def made_up_results(trials, work_dir, on_result, max_parallel, on_start=None, processes=None):
+        for trial in trials:
+            row = {"rank": None, "score": trial.config["train"]["lr"], "test_score": 1.0}
+            on_result(trial, TrialResult(score=row["score"], rows=[row], step_time_s=0.1))
+
+    monkeypatch.setattr(commands, "run_local", made_up_results)
+    path, db = _spec(tmp_path, tiny_model_dir, {"add": (ADD, "loss")}), tmp_path / "sweep.sqlite"
+    runner = CliRunner()
+    assert runner.invoke(app, ["sweep", str(path)]).exit_code == 0  # lr 1e-3 and 1e-2
+    with open(tmp_path / "add.jsonl", "a") as data:
+        data.write(json.dumps({"prompt": "3+3=", "completion": "6"}) + "\n")
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "grid": {"train.lr": [1.0e-3, 3.0e-3]}}))  # 1e-2 dropped
+    assert runner.invoke(app, ["sweep", str(path)]).exit_code == 0  # 1e-3 again, 3e-3 new
+    result = runner.invoke(app, ["recommend", "--db", str(db)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert (
+        f"note: 1 result in {db} ran on data of add since edited: left out of the ranking; 1 is of configs "
+        f"{path} no longer lists, which it does not run"
+    ) in output
+    assert "(2 configs x 1 datasets" in output and "not in" not in output  # the stale config is not ranked
 
 
 def test_an_eval_set_of_one_row_is_a_data_error_not_a_crash_nor_a_score(tmp_path, tiny_model_dir):

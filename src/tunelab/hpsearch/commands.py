@@ -437,7 +437,7 @@ def sweep(
 def _best_of_each_arm(confirmations: list[Trial], spec: SweepSpec, store: ResultsStore) -> list[Trial]:
     """The `confirmations` of each arm's best config so far: the highest mean dev s/best among the spec's
     own configs on its own datasets (a database may hold other sweeps' trials too)."""
-    ids = {row_id for trial in confirmations for row_id in trial.row_ids()}
+    ids = _row_ids(confirmations)
     matrix = select(store.score_matrix(), ids, [dataset.name for dataset in spec.datasets])
     if not matrix.config_ids:
         return []
@@ -501,7 +501,8 @@ def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, tit
     table = Table(title=title)
     if usual:
         table.caption = "where a row does not say: " + " ".join(f"{k}={v}" for k, v in usual.items())
-    columns = ["#", "config", "hyperparameters", "newly covers", "covered", "mean s/best", "top-K score"]
+    # top-K: the configs ranked this high together, the row's and those above it
+    columns = ["#", "config", "hyperparameters", "newly covers", "top-K covers", "mean s/best", "top-K score"]
     for column in columns + (["test s/best"] if with_test else []):
         left = column in ("hyperparameters", "newly covers")
         # ids are copied from here: never cut one short; long values wrap instead of ending in "…"
@@ -509,16 +510,19 @@ def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, tit
             column, justify="left" if left else "right", no_wrap=column == "config", overflow="fold"
         )
     for entry in ranking[:top]:
+        # a key another method has and this one lacks reads None: leave it out
+        settings = " ".join(
+            f"{key}={value}"
+            for key in keys
+            if (value := entry["hyperparameters"].get(key)) is not None
+            and (key not in usual or value != usual[key])
+        )
+        if all(score is None for score in entry["dev"].values()):  # its 0 s/best is no score it reached
+            settings += " (every trial failed)"
         table.add_row(
             str(entry["rank"]),
             entry["config"],
-            # a key another method has and this one lacks reads None: leave it out
-            " ".join(
-                f"{key}={value}"
-                for key in keys
-                if (value := entry["hyperparameters"].get(key)) is not None
-                and (key not in usual or value != usual[key])
-            ),
+            settings,
             ", ".join(entry["covers"]) or "-",
             f"{entry['covered_total']}/{n_datasets}",
             f"{entry['mean_normalized']:.3f}",
@@ -864,9 +868,16 @@ def recommend(
         if stale:
             edited = ", ".join(sorted({row["dataset"] for row in stale}))
             count = f"{len(stale)} result{'s' if len(stale) > 1 else ''}"
+            listed = _spec_row_ids(spec)
+            unlisted = sum(listed is not None and row["config_id"] not in listed for row in stale)
+            again = f"; {run_it} runs them again" if not unlisted else ""
+            if unlisted:  # a sweep runs what its spec lists: not the configs it has since dropped
+                rerun = len(stale) - unlisted
+                again = f"; {run_it} runs the {rerun} it still lists again" if rerun else ""
+                dropped = f"of configs {spec} no longer lists, which it does not run"
+                again += f"; {unlisted} {_are(unlisted)} {dropped}"
             err_console.print(
-                f"note: {count} in {db} ran on data of {edited} since edited: left out of the ranking; "
-                f"{run_it} runs them again",
+                f"note: {count} in {db} ran on data of {edited} since edited: left out of the ranking{again}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -905,6 +916,28 @@ def _spec_data_versions(spec_path: Path | None) -> dict[str, str | None]:
         return {}
 
 
+def _expanded(spec_path: Path) -> tuple[SweepSpec, list[Trial], list[Trial]]:
+    """A spec, its grid's trials and its confirmation trials."""
+    spec = load_spec(spec_path)
+    return spec, expand(spec), expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
+
+
+def _spec_row_ids(spec_path: Path | None) -> set[str] | None:
+    """The config ids of the result rows a spec's sweep writes; None without a spec, or one that does not
+    load."""
+    if spec_path is None:
+        return None
+    try:
+        _, grid, confirmations = _expanded(spec_path)
+    except TunelabError:
+        return None
+    return _row_ids([*grid, *confirmations])
+
+
+def _row_ids(trials: list[Trial]) -> set[str]:
+    return {row_id for trial in trials for row_id in trial.row_ids()}
+
+
 def _sweep_status(db: Path, store: ResultsStore, versions: dict[str, str | None]) -> SweepStatus | None:
     """How much of its sweep is still to run, when the spec lies beside the database (SPEC.yaml for
     SPEC.sqlite, as `tunelab sweep` names it), its data as `versions` (_spec_data_versions); None when it
@@ -913,9 +946,7 @@ def _sweep_status(db: Path, store: ResultsStore, versions: dict[str, str | None]
     if spec_path is None:
         return None
     try:
-        spec = load_spec(spec_path)
-        grid = expand(spec)
-        confirmations = expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
+        spec, grid, confirmations = _expanded(spec_path)
     except TunelabError as exc:
         return SweepStatus(None, f"{spec_path} does not load ({exc}): how much of its sweep ran is unknown")
 
@@ -927,8 +958,13 @@ def _sweep_status(db: Path, store: ResultsStore, versions: dict[str, str | None]
     if not done + failed:
         return SweepStatus(None, f"no trial of {spec_path} is in {db}: is that another sweep's spec?")
     # configs of an earlier version of the spec (a grid value since removed) are results too: ranked
-    spec_ids = {row_id for trial in [*grid, *confirmations] for row_id in trial.row_ids()}
-    others = len({row["config_id"] for row in store.rows()} - spec_ids)
+    spec_ids = _row_ids([*grid, *confirmations])
+    ranked = {  # results on data since edited are not ranked
+        row["config_id"]
+        for row in store.rows()
+        if not ran_on_other_data(row["data_sha256"], versions.get(row["dataset"]))
+    }
+    others = len(ranked - spec_ids)
     other = (
         f"; {others} of the configs in {db} {_are(others)} not in {spec_path} (ranked too)" if others else ""
     )
