@@ -22,8 +22,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tunelab.cli import app
-from tunelab.config import load_config
-from tunelab.errors import TunelabError
+from tunelab.config import check_source, load_config
+from tunelab.errors import DatasetNotFound, TunelabError
 from tunelab.hpsearch.executors import trial_log
 from tunelab.hpsearch.spec import expand, load_spec
 from tunelab.hpsearch.store import ResultsStore
@@ -351,6 +351,8 @@ def test_dylora_ranks_and_seeds_become_rows_that_recommend_ranks_and_cross_valid
     assert load_config(written).method.name == "dylora"  # method.rank is not a config key
     # two datasets: no data of the sweep's is the user's, and no default dataset is trained silently
     assert load_config(written).data.train == str(written.parent / "YOUR_DATA.jsonl")
+    with pytest.raises(DatasetNotFound, match=r"is the placeholder `tunelab recommend --write-config`"):
+        check_source(load_config(written).data.train)  # what training it as written says
     assert f"next: tunelab train {written} data.train=PATH/TO/your_data.jsonl" in result.output.replace(
         "\n", ""
     )

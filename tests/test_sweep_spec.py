@@ -272,7 +272,11 @@ def test_ranks_for_a_sweep_without_dylora_is_an_error(tmp_path):
 
 def test_repeated_point_is_an_error(tmp_path):
     path = write(tmp_path, "grid: {train.lr: [1.0e-4, 0.0001]}\n" + DATASETS)
-    with pytest.raises(TunelabError, match="sweep points 0 and 1 are the same configuration"):
+    with pytest.raises(TunelabError, match=r"points 0 and 1 are the same configuration \(train.lr=0.0001\)"):
+        expand(load_spec(path))
+    # a point is named as its settings, not as a Python dict
+    path = write(tmp_path, "grid: {method: [{name: dylora, r: 4}]}\nranks: [8]\n" + DATASETS)
+    with pytest.raises(TunelabError, match=r"beyond sweep point 0 \(method.name=dylora method.r=4\), which"):
         expand(load_spec(path))
 
 

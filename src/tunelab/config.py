@@ -619,6 +619,11 @@ def check_source(spec: str) -> Path | None:
         )
     if path.exists():
         return path
+    if path.name == YOUR_DATA:
+        raise DatasetNotFound(
+            f"data: {spec} is the placeholder `tunelab recommend --write-config` writes; set data.train to "
+            "your data (in the config, or data.train=PATH on the command line)"
+        )
     if is_hub_id(spec):
         note_near_hub_id(spec)
         return None
@@ -630,6 +635,11 @@ def check_source(spec: str) -> Path | None:
         f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
         f"({names}, or :eval, :dev, :test){hint}"
     )
+
+
+# what a config `tunelab recommend` writes trains on when its sweep had several datasets: no real file, so
+# that `tunelab train` stops at once, saying what to set, instead of training on a default dataset
+YOUR_DATA = "YOUR_DATA.jsonl"
 
 
 def model_location(model: str) -> str:

@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tunelab.config import check_model, dump_config, flatten, model_location, nest, validate
+from tunelab.config import YOUR_DATA, check_model, dump_config, flatten, model_location, nest, validate
 from tunelab.console import stdout_console
 from tunelab.errors import RunInterrupted, TunelabError, did_you_mean, shell_word
 from tunelab.hpsearch.executors import (
@@ -453,10 +453,6 @@ def _best_of_each_arm(confirmations: list[Trial], spec: SweepSpec, store: Result
 
 # ---------------------------------------------------------------------------------------------
 # recommend
-
-# what a written config trains on when the sweep had several datasets: no real file, so that
-# `tunelab train` stops at once with "dataset not found" instead of training on a default dataset
-YOUR_DATA = "YOUR_DATA.jsonl"
 
 
 def _train_config(config: dict[str, Any], source: str, comment: str) -> str:

@@ -429,13 +429,14 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
         base = {**base, "method": {"name": name}}
     for index, point in enumerate(_points(spec)):
         merged = deep_merge(base, nest(point))
-        where = f"{spec._source} (sweep point {index}: {point})"
+        settings = " ".join(f"{key}={value}" for key, value in flatten(nest(point)).items())  # as overrides
+        where = f"{spec._source} (sweep point {index}: {settings})"
         resolved = validate(merged, where, located=_point_lines(spec, point)).model_dump(mode="json")
         point_id = config_id(resolved)
         if point_id in seen_ids:
             raise TunelabError(
                 f"{spec._source}: sweep points {seen_ids[point_id]} and {index} are the same "
-                f"configuration ({point}); remove the repeated value"
+                f"configuration ({settings}); remove the repeated value"
             )
         seen_ids[point_id] = index
         if seeds and not spec.seeds and resolved["train"]["seed"] in seeds:
@@ -448,7 +449,7 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
         beyond = [rank for rank in ranks if rank not in evaluable]
         if beyond:
             raise TunelabError(
-                f"{spec._source}: 'ranks' lists {beyond[0]}, beyond sweep point {index} ({point}), which "
+                f"{spec._source}: 'ranks' lists {beyond[0]}, beyond sweep point {index} ({settings}), which "
                 f"trains ranks {evaluable[0]}..{evaluable[-1]}"
             )
         any_ranks = any_ranks or bool(ranks)
