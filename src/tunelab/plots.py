@@ -83,8 +83,11 @@ def lr_curve(curves: dict[str, list[tuple[float, float]]], path: Path, title: st
     """Each arm's dev score (mean s/best over datasets) against its learning rate, its best starred: a
     curve still rising at an end of its grid says the best lies beyond it."""
     fig, ax = plt.subplots(figsize=(9, 4))
-    for label, points in curves.items():
-        (line,) = ax.plot(*zip(*points, strict=True), "o-", ms=4, label=label)
+    for index, (label, points) in enumerate(curves.items()):
+        # arms can score alike (one run's LoRA and DyLoRA at full rank): their own marker and dash keep a
+        # line drawn over another in sight
+        style = f"{'osD^vPX'[index % 7]}{['-', '--', ':', '-.'][index % 4]}"
+        (line,) = ax.plot(*zip(*points, strict=True), style, ms=5, alpha=0.8, label=label)
         ax.plot(*max(points, key=lambda point: point[1]), "*", ms=12, color=line.get_color())
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
