@@ -48,3 +48,19 @@ def test_a_resolvable_hub_or_a_proxy_leaves_the_hub_online(hub_at, monkeypatch, 
         monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     offline_unless_reachable()
     assert not constants.HF_HUB_OFFLINE and capsys.readouterr().err == ""
+
+
+def test_without_a_hub_a_model_in_its_cache_loads_and_one_not_there_is_not_found(monkeypatch, tmp_path):
+    from tunelab.hub import unreachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    cached = tmp_path / "models--someone--cached"  # the hub cache's layout: a ref to a snapshot
+    (cached / "snapshots" / "abc").mkdir(parents=True)
+    (cached / "snapshots" / "abc" / "config.json").write_text("{}")
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("abc")
+    assert not unreachable("someone/cached")
+    assert unreachable("someone/absent") and unreachable("someone//cached")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # a hub to reach: anything may be there
+    assert not unreachable("someone/absent")

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from tunelab.cli import app
 from tunelab.config import check_source, load_config
-from tunelab.errors import DatasetNotFound, TunelabError
+from tunelab.errors import DatasetNotFound, RunInterrupted, TunelabError
 from tunelab.hpsearch.executors import trial_log
 from tunelab.hpsearch.spec import expand, load_spec
 from tunelab.hpsearch.store import ResultsStore
@@ -621,7 +621,7 @@ def test_a_trained_trial_that_was_not_recorded_is_evaluated_without_training_aga
     assert (again["score"], again["test_score"]) == (first["score"], first["test_score"])
 
 
-def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir):
+def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir, monkeypatch):
     """A sweep re-run after its data file changed kept the old scores as done: now its trials run again."""
     spec, (run,) = _trials_spec(tmp_path, tiny_model_dir, [1])
     db = tmp_path / "sweep.sqlite"
@@ -653,6 +653,22 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir):
     assert "the data changed since this trial's run trained: starting it over" in log
     assert "nothing to resume" not in log and (run / "final" / "trained.safetensors").read_bytes() != trained
     assert runner.invoke(app, ["recommend", "--db", str(db)]).exit_code == 0
+    # a trial stopped as it starts over, before its training, leaves no old run under the new data's name
+    import tunelab.train
+    from tunelab.hpsearch.spec import data_fingerprint
+    from tunelab.hpsearch.trial import data_marker, run_trial
+
+    def stopped(*args, **kwargs):
+        raise RunInterrupted("stopped")
+
+    with open(tmp_path / "add.jsonl", "a") as data:  # edited once more
+        data.write(json.dumps({"prompt": "4+4=", "completion": "8"}) + "\n")
+    edited_data = data_fingerprint(load_spec(spec).datasets[0])
+    with monkeypatch.context() as patched:
+        patched.setattr(tunelab.train, "train", stopped)
+        with pytest.raises(RunInterrupted):
+            run_trial(run.with_name(f"{run.name}.yaml"), "loss", {"data_sha256": edited_data})
+    assert not (run / "final").exists() and data_marker(run).read_text() == edited_data
 
 
 def test_results_on_edited_data_of_configs_the_spec_dropped_are_not_promised_a_rerun(

@@ -425,6 +425,17 @@ def test_each_dataset_may_name_its_own_columns_and_the_configs_still_line_up(tmp
     other = DatasetSpec(**{**mapped.model_dump(), "columns": {"instruction": "answer", "output": "question"}})
     assert data_fingerprint(mapped) != data_fingerprint(other)
     assert data_fingerprint(mapped) != data_fingerprint(DatasetSpec(**{**mapped.model_dump(), "columns": {}}))
+    # base's mapping is that of every dataset naming none: part of how its files read, too
+    based = path.read_text().replace("grid:", "base: {data: {columns: {output: answer}}}\ngrid:")
+    first = load_spec(write(tmp_path, based, "based.yaml"))
+    assert [dataset.columns for dataset in first.datasets] == [
+        {"output": "answer"}, {"instruction": "question", "output": "answer"},
+    ]  # fmt: skip
+    other = load_spec(write(tmp_path, based.replace("output: answer}}}", "output: question}}}"), "b2.yaml"))
+    assert data_fingerprint(other.datasets[0]) != data_fingerprint(first.datasets[0])
+    # a misspelt field is found when the spec loads, not in each trial
+    with pytest.raises(TunelabError, match=r"sweep.yaml:9: unknown field 'instrucion'; did you mean 'instr"):
+        load_spec(write(tmp_path, path.read_text().replace("{instruction:", "{instrucion:")))
     # a grid over columns, or columns in a zip, is told where they go
     for swept in ("grid: {data.columns.output: [answer]}", "zip: [{data.columns: [{output: answer}]}]"):
         text = swept + "\n" + DATASETS

@@ -93,7 +93,8 @@ def train(
         if resume or overwrite:
             given = "--resume" if resume else "--overwrite"
             raise TunelabError(f"--auto-resume decides whether to resume by itself; drop {given}")
-        # decided before any process of a distributed run writes the folder: they all decide alike
+        # every process of a distributed run decides alike: the main process writes a new run's config.yaml
+        # only once all have joined the trainer, after each has looked here
         resume = RunDir(run_config.resolved_output_dir()).is_run()
     run_dir = run_training(run_config, resume=resume, overwrite=overwrite).run_dir
     end_process_group()
@@ -305,10 +306,13 @@ def export(
         "merged": f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}), or serve it: "
         f"vllm serve {shell_word(out)}",
         "gguf": f"try it: cd {shell_word(out)} && ollama create {name} -f Modelfile && ollama run {name}",
-        "spiel": "load it: tunelab.methods.spiel.method.apply_deltas(transformers.AutoModelForCausalLM"
-        f".from_pretrained({resolve_model(config.model)!r}), {str(out)!r})"
-        + (" (deltas trained on the 4-bit base: --format merged adds them to it as trained)" if nf4 else ""),
     }
+    if fmt == "spiel":  # the base's path: a built-in's converted folder
+        as_trained = " (deltas trained on the 4-bit base: --format merged adds them to it as trained)"
+        next_step["spiel"] = (
+            "load it: tunelab.methods.spiel.method.apply_deltas(transformers.AutoModelForCausalLM"
+            f".from_pretrained({resolve_model(config.model)!r}), {str(out)!r})" + (as_trained if nf4 else "")
+        )
     if fmt in next_step:
         console.print(next_step[fmt], highlight=False, soft_wrap=True, markup=False)
 

@@ -77,6 +77,20 @@ BUILTIN_MODELS = {
 }
 
 
+def known_fields(columns: dict[str, str]) -> dict[str, str]:
+    """`data.columns` whose keys are fields of a row format, or a ValueError naming the one that is not."""
+    fields = [f for names in ROW_FIELDS.values() for f in names] + list(OPTIONAL_FIELDS)
+    for field in columns:
+        if field not in fields:
+            close = closest(field, fields)
+            hint = f"did you mean '{close}'? " if close else ""
+            raise ValueError(
+                f"unknown field '{field}'; {hint}the keys are the format's fields ({', '.join(fields)}), "
+                "the values your columns: {instruction: question}"
+            )
+    return columns
+
+
 class DataConfig(Section):
     # a built-in (gsm8k:train), a .jsonl/.json/.csv/.parquet file, a datasets `save_to_disk` folder,
     # a dataset repository folder, or a hub dataset id (owner/name)
@@ -110,16 +124,7 @@ class DataConfig(Section):
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
-        fields = [f for names in ROW_FIELDS.values() for f in names] + list(OPTIONAL_FIELDS)
-        for field in columns:
-            if field not in fields:
-                close = closest(field, fields)
-                hint = f"did you mean '{close}'? " if close else ""
-                raise ValueError(
-                    f"unknown field '{field}'; {hint}the keys are the format's fields ({', '.join(fields)}), "
-                    "the values your columns: {instruction: question}"
-                )
-        return columns
+        return known_fields(columns)
 
     @model_validator(mode="after")
     def _default_eval(self) -> DataConfig:
@@ -597,6 +602,11 @@ def is_hub_id(spec: str) -> bool:
     )
 
 
+# what a config `tunelab recommend` writes trains on when its sweep had several datasets: no real file, so
+# that `tunelab train` stops at once, saying what to set, instead of training on a default dataset
+YOUR_DATA = "YOUR_DATA.jsonl"
+
+
 def check_source(spec: str) -> Path | None:
     """The file or folder that `spec` names (None: a built-in or a hub id); fails at once when it names
     nothing tunelab reads, so a typo is found before any long work."""
@@ -635,11 +645,6 @@ def check_source(spec: str) -> Path | None:
         f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
         f"({names}, or :eval, :dev, :test){hint}"
     )
-
-
-# what a config `tunelab recommend` writes trains on when its sweep had several datasets: no real file, so
-# that `tunelab train` stops at once, saying what to set, instead of training on a default dataset
-YOUR_DATA = "YOUR_DATA.jsonl"
 
 
 def model_location(model: str) -> str:
@@ -681,8 +686,8 @@ def check_model(name: str) -> Path | None:
     if unreachable(name):  # offline, and not in the hub cache: it would fail after the data has loaded
         raise TunelabError(
             f"model not found: {name} is no local folder, and as a hub id it is not in the hub cache, "
-            f"with no hub to reach; use a built-in ({', '.join(BUILTIN_MODELS)}) or a local model "
-            f"directory{did_you_mean(path)}"
+            f"with no hub to reach; use a built-in ({', '.join(BUILTIN_MODELS)}), a local model directory, "
+            f"or download it where the hub is reachable{did_you_mean(path)}"
         )
     note_near_hub_id(name)
     return None

@@ -42,6 +42,6 @@ def unreachable(repo_id: str) -> bool:
     offline_unless_reachable()
     try:
         cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except ValueError:  # not a valid repo id, such as 'a//b': it loads from nowhere
+    except ValueError:  # HFValidationError: no valid repo id ('a//b'), which loads from nowhere
         cached = False
     return constants.HF_HUB_OFFLINE and not cached

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,10 +170,10 @@ class RunDir:
         removed as far as they hold what a checkpoint is written with; only when nothing is being
         written (a resumed run's start). Returns the folders removed, and what was left in place."""
         removed, left = [], []
-        for folder in sorted(self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")):
+        for folder in self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"):
             if checkpoint_step(folder) is None or folder.is_symlink() or not folder.is_dir():
                 continue  # a user's copy, or a link to a folder elsewhere
-            if (folder / COMPLETE_MARKER).exists():
+            if (folder / COMPLETE_MARKER).is_file():
                 continue
             for path in folder.iterdir():
                 if path.is_file() and is_checkpoint_file(path.name):
@@ -183,7 +184,7 @@ class RunDir:
             else:
                 folder.rmdir()
                 removed.append(folder.name)
-        return removed, left
+        return sorted(removed, key=lambda name: checkpoint_step(Path(name))), sorted(left)
 
     def require_run(self) -> None:
         """A folder tunelab trained into, or a clear error."""
@@ -367,16 +368,22 @@ def sweep_running(runs_folder: Path) -> str | None:
 
 
 def _acquire(handle: IO[str], busy: str) -> None:
-    """Lock `handle`'s file, writing our pid into it; else `busy` (its {pid}: the holder's) as the error."""
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EAGAIN, errno.EACCES):
-            raise
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise TunelabError(busy.format(pid=holder)) from None
+    """Lock `handle`'s file, writing our pid into it; else `busy` (its {pid}: the holder's) as the error.
+    Tried for half a second: `sweep_running` holds the lock for a moment to ask."""
+    deadline = time.monotonic() + 0.5
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() > deadline:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise TunelabError(busy.format(pid=holder))
+        time.sleep(0.05)
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -398,13 +405,14 @@ def checkpoint_step(checkpoint: Path) -> int | None:
 
 
 def is_checkpoint_file(name: str) -> bool:
+    """A file a checkpoint is written with (CHECKPOINT_FILES, or one process's RNG state)."""
     return name in CHECKPOINT_FILES or re.fullmatch(r"rng_state(_[0-9]+)?\.pth", name) is not None
 
 
 def mark_complete(checkpoint: Path) -> None:
     """The COMPLETE marker, listing the files the checkpoint was written with (what removing it may
-    delete: anything added later is the user's)."""
-    names = sorted(p.name for p in checkpoint.iterdir() if p.is_file())
+    delete: anything else is the user's, also a file left in a half-written checkpoint of this step)."""
+    names = sorted(p.name for p in checkpoint.iterdir() if p.is_file() and is_checkpoint_file(p.name))
     write_atomically(checkpoint / COMPLETE_MARKER, "".join(f"{name}\n" for name in names))
 
 

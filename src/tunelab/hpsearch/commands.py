@@ -412,8 +412,9 @@ def sweep(
                 break
             confirmed |= {trial.config_id for trial in confirming}
             seeds = ", ".join(map(str, spec.confirm_seeds))
-            more = run(f"confirm each arm's best config with seeds {seeds}", "confirm", confirming, store)
-            failed, ran, skipped = failed + more[0], ran + more[1], skipped + more[2]
+            what = f"confirm each arm's best config with seeds {seeds}"
+            more_failed, more_ran, more_skipped = run(what, "confirm", confirming, store)
+            failed, ran, skipped = failed + more_failed, ran + more_ran, skipped + more_skipped
     if processes.stopping:
         raise RunInterrupted(
             f"sweep stopped; its finished trials are in {db}. Run the same command to go on: it skips them, "
@@ -851,9 +852,8 @@ def recommend(
     if db:
         spec = _spec_beside(db)
         run_it = f"tunelab sweep {shell_word(spec)}" if spec else "`tunelab sweep` first"
-        then = _what_next(db, spec)
         if db.stat().st_size == 0:  # created by a sweep stopped as its first result was being written
-            raise TunelabError(f"{db} holds no trials yet; {then}")
+            raise TunelabError(f"{db} holds no trials yet; {_what_next(db, spec)}")
         versions = _spec_data_versions(spec)
         with ResultsStore(db, read_only=True) as store:
             matrix = store.score_matrix(versions)
@@ -880,14 +880,14 @@ def recommend(
             rows = [row for row, today in zip(rows, on_today, strict=True) if today]
         if not any(row["status"] == "done" for row in rows):
             if stale and not rows:
-                raise TunelabError(f"every result in {db} ran on data since edited; {then}")
+                raise TunelabError(f"every result in {db} ran on data since edited; {_what_next(db, spec)}")
             if rows:  # a ranking of nothing but failures would still name a config to start from
                 latest = max(rows, key=lambda row: row["finished_at"] or "")
                 raise TunelabError(
                     f"no trial in {db} has finished; the latest failed with: {latest['error']}; fix that, "
-                    f"then {then}"
+                    f"then {_what_next(db, spec)}"
                 )
-            raise TunelabError(f"{db} holds no trials yet; {then}")
+            raise TunelabError(f"{db} holds no trials yet; {_what_next(db, spec)}")
     else:
         matrix = load_results_table(results)
     _recommend_cbs(matrix, source, tau, top, json_path, write_config, plot_dir, cross_validate, progress)

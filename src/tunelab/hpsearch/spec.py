@@ -51,6 +51,7 @@ from tunelab.config import (
     data_suffix,
     deep_merge,
     flatten,
+    known_fields,
     nest,
     read_yaml,
     validate,
@@ -102,6 +103,12 @@ class DatasetSpec(BaseModel):
     eval: str  # dev: what every choice is made on
     test: str | None = None  # reported only; None: eval's rows are split into dev and test
     columns: dict[str, str] = Field(default_factory=dict)  # its data.columns, in place of base's
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
+        return known_fields(columns)  # a typo found before any trial, not in each one
+
     # required: exact_match, once the default, scored 0 on every trial of data no model answers exactly
     metric: Literal["exact_match", "accuracy", "loss", "perplexity"]
 
@@ -159,6 +166,15 @@ class SweepSpec(BaseModel):
                 )
         if any(rank < 1 for rank in self.ranks) or len(set(self.ranks)) != len(self.ranks):
             raise ValueError("'ranks' must list distinct ranks of 1 or more")
+        # base's data.columns, the mapping of every dataset that names none of its own: part of how its
+        # files read (data_fingerprint), like a dataset's own
+        base_columns = {
+            key.removeprefix("data.columns."): value
+            for key, value in flatten(self.base).items()
+            if key.startswith("data.columns.")
+        }
+        for dataset in self.datasets:
+            dataset.columns = dataset.columns or base_columns
         for i, group in enumerate(self.zip):
             lengths = {key: len(values) for key, values in group.items()}
             if len(set(lengths.values())) > 1:

@@ -86,11 +86,23 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     resume = can_resume(config)
     fingerprint = options.get("data_sha256")
     if fingerprint is not None:
-        trained_on = data_marker(Path(config.resolved_output_dir()))
-        if resume and not (trained_on.is_file() and trained_on.read_text() == fingerprint):
-            print("the data changed since this trial's run trained: starting it over", flush=True)
-            resume = False
-        if not resume:
+        run = RunDir(config.resolved_output_dir())
+        trained_on = data_marker(run.path)
+        recorded = trained_on.read_text() if trained_on.is_file() else None
+        if recorded != fingerprint:
+            if resume:
+                why = (  # none: a run an older tunelab began, before it kept the record
+                    "the data changed since this trial's run trained"
+                    if recorded
+                    else "there is no record of the data this trial's run trained on"
+                )
+                print(f"{why}: starting it over", flush=True)
+                resume = False
+            if run.is_run():  # cleared before the new fingerprint is written: a stop from here on never
+                run.check_can_start(overwrite=True)  # finds the old run under the new data's name
+                trained_on.unlink(missing_ok=True)
+                with run.lock():
+                    run.clear()
             write_atomically(trained_on, fingerprint)
     try:
         trained = train(config, resume=resume, overwrite=True)
