@@ -631,6 +631,9 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir, monkey
     trained = (run / "final" / "trained.safetensors").read_bytes()
     again = runner.invoke(app, ["sweep", str(spec)])
     assert "1 trials, 1 already done, 0 to run" in again.output  # the same data: nothing to run
+    assert "note: add has no test set: the eval rows are split in two by a fixed seed" in " ".join(
+        again.output.split()
+    )
     with open(tmp_path / "add.jsonl", "a") as data:  # a row added, as a user fixes their data
         data.write(json.dumps({"prompt": "3+3=", "completion": "6"}) + "\n")
     # before the sweep runs again, its result is not one to recommend from

@@ -394,6 +394,14 @@ def sweep(
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
     with LazyStore(db) as store, sweep_lock(work_dir), stopping:  # an unusable --db: no runs folder
         _refuse_retraining_for_bookkeeping([*trials, *confirmations], store, spec_path)
+        halved = [dataset.name for dataset in spec.datasets if dataset.test is None]
+        if halved:  # the split is the sweep's own doing: said once, not left to a footnote of recommend
+            have = "has" if len(halved) == 1 else "have"
+            err_console.print(
+                f"note: {', '.join(halved)} {have} no test set: the eval rows are split in two by a fixed "
+                "seed, dev (where configs are chosen) and test (only reported)",
+                highlight=False,
+            )
         for dataset in versions:
             stale = [trial for trial in trials if trial.dataset == dataset and _on_old_data(trial, store)]
             if stale:
