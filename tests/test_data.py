@@ -271,3 +271,41 @@ def test_segments_tokenized_in_batches_are_tokenized_as_one_by_one(tokenizer):
             labels += segment_ids if is_response else [IGNORE_INDEX] * len(segment_ids)
         assert feature == {"input_ids": ids[:32], "labels": labels[:32]} and cut == (len(ids) > 32)
     assert batched[3][1] and not batched[0][1]
+
+
+def test_holdout_keeps_a_seeded_share_of_the_training_rows_out_for_eval(tmp_path, tokenizer):
+    from tunelab.data import eval_dataset, holdout_indices, train_dataset
+
+    # the first rows of numpy's default_rng(0).permutation(n), in file order: the same in every run
+    assert holdout_indices(10, 0.3) == holdout_indices(10, 3) == [2, 4, 6]
+    assert holdout_indices(64, 0.1) == [8, 16, 23, 27, 36, 44]  # 6.4 rows rounded
+    assert holdout_indices(5, 0.01) == [2]  # at least one
+    path = _write(tmp_path, "all.jsonl", [{"prompt": f"Q{i}", "completion": f" {i}"} for i in range(10)])
+    options = load_config(None, [f"data.train={path}", "data.holdout=30%"]).data
+    held, trained = eval_dataset(options, tokenizer), train_dataset(options, tokenizer)
+    assert [example.reference for example in held.examples] == [" 2", " 4", " 6"]
+    assert [example.reference for example in trained.examples] == [f" {i}" for i in (0, 1, 3, 5, 7, 8, 9)]
+    assert options.eval_name == f"{path} (data.holdout=0.3)"
+    # a built-in's own eval split is not added beside the held-out rows
+    assert load_config(None, ["data.train=gsm8k:train", "data.holdout=0.1"]).data.eval is None
+    with pytest.raises(TunelabError, match=r"data.holdout=10 keeps 10 of data.train's 10 rows for eval"):
+        train_dataset(options.model_copy(update={"holdout": 10}), tokenizer)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.holdout=1.5"], "data.holdout=1.5: 'data.holdout': 1.5 is neither a share of the rows"),
+        (["data.holdout=0"], "'data.holdout': 0 is neither a share of the rows (0.1 or 10%) nor a whole"),
+        (["data.holdout=ten"], "'data.holdout': ten is neither a share of the rows"),
+        (
+            ["data.eval=gsm8k:eval", "data.holdout=0.1"],
+            "override data.holdout=0.1: data.holdout keeps rows of data.train out as the eval set, and "
+            "data.eval names another (gsm8k:eval); keep one of the two",
+        ),
+    ],
+)
+def test_holdout_takes_a_share_or_a_count_and_no_eval_set_beside_it(overrides, message):
+    with pytest.raises(TunelabError) as caught:
+        load_config(None, overrides)
+    assert message in str(caught.value)

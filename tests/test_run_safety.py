@@ -498,6 +498,11 @@ def test_auto_resume_starts_resumes_or_leaves_a_finished_run(tmp_path, capsys, t
     assert (run_dir / "final" / "trained.safetensors").is_file()
 
     code, err = run_cli(capsys, "train", str(path), "--auto-resume", "train.lr=0.5")
-    assert_one_line_error(code, err, "'train.lr' differs from")
+    assert_one_line_error(code, err, "--auto-resume: 'train.lr' differs from")
     code, err = run_cli(capsys, "train", str(path), "--auto-resume", "--overwrite")
     assert_one_line_error(code, err, "--auto-resume decides whether to resume by itself; drop --overwrite")
+
+    shutil.rmtree(run_dir / "final")
+    shutil.rmtree(RunDir(run_dir).checkpoints_dir)  # as a kill before the first checkpoint leaves it
+    code, out, err = run_cli_output(capsys, "train", str(path), "--auto-resume")
+    assert code == 0 and "--auto-resume: no complete checkpoint" in out + err, err

@@ -114,7 +114,9 @@ def killed_and_resumed(tmp_path_factory, tiny_model_dir):
         time.sleep(0.2)
     sweep.send_signal(signal.SIGKILL)  # mid-way through the 4th trial
     sweep.wait()
-    orphan_ended = _wait_until(lambda: str(tmp) not in _process_list(), seconds=5)
+    # its watcher looks every second, but needs the GIL, which a C call (an import, a tokenizer) can hold
+    # for seconds on 2 busy cores
+    orphan_ended = _wait_until(lambda: str(tmp) not in _process_list(), seconds=20)
     before = _rows(db)
     logs = {key: (tmp / "results-runs" / key[0] / f"{key[1]}-s42.log").stat().st_mtime_ns for key in before}
     resumed = subprocess.run(

@@ -171,11 +171,13 @@ def test_recommend_a_sweep_that_has_no_finished_trial_says_so(tmp_path, capsys, 
 def test_a_config_whose_every_trial_failed_is_marked_in_the_ranking(tmp_path, capsys):
     db = _failed_trials_only(tmp_path / "grid.sqlite")  # c0 failed
     with ResultsStore(db) as store:
-        store.record("c1", {"train": {"lr": 1e-3}}, "add", "loss", 1.5)
+        store.record("c1", {"train": {"lr": 1e-3}}, "add", "loss", 1.5, test_score=1.6)
     code, out, err = run_cli_output(capsys, "recommend", "--db", str(db))
     assert code == 0, err
     rows = {line.split()[3]: line for line in out.splitlines() if line.startswith(("│ 1 ", "│ 2 "))}
     assert "(every trial failed)" in rows["c0"] and "failed" not in rows["c1"]
+    # test s/best, the last column: a failed config has none, rather than a score of 0
+    assert rows["c0"].split("│")[-2].strip() == "-" and rows["c1"].split("│")[-2].strip() == "1.000"
 
 
 @pytest.mark.parametrize("make", [Path, _empty, _failed_trials_only])

@@ -395,6 +395,15 @@ def test_a_datasets_fingerprint_follows_its_data_not_its_folder_or_what_lies_bes
     assert data_fingerprint(builtin) is None
 
 
+def _beside_addition(tmp_path, dataset: str) -> Path:
+    """A spec of two learning rates on the built-in addition task and on `dataset` (a YAML list item)."""
+    text = 'grid: {train.lr: [1.0e-4, 1.0e-3]}\ndatasets:\n  - {name: add, train: "addition:train", '
+    return write(
+        tmp_path,
+        text + 'eval: "addition:eval", metric: loss}\n' + textwrap.indent(textwrap.dedent(dataset), "  "),
+    )
+
+
 def test_each_dataset_may_name_its_own_columns_and_the_configs_still_line_up(tmp_path, monkeypatch):
     """A question/answer CSV beside alpaca rows: columns per dataset, not in base (which would apply them
     to every dataset) nor in the config id (the same config on both datasets is one config for CBS)."""
@@ -402,18 +411,15 @@ def test_each_dataset_may_name_its_own_columns_and_the_configs_still_line_up(tmp
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "qa.csv").write_text("question,answer\n1+1=,2\n")
-    path = write(
+    path = _beside_addition(
         tmp_path,
-        textwrap.dedent("""
-        grid: {train.lr: [1.0e-4, 1.0e-3]}
-        datasets:
-          - {name: add, train: "addition:train", eval: "addition:eval", metric: loss}
+        """
           - name: qa
             train: qa.csv
             eval: qa.csv
             metric: loss
             columns: {instruction: question, output: answer}
-        """),
+        """,
     )
     trials = expand(load_spec(path))
     add, qa = trials[0], trials[1]
@@ -441,3 +447,43 @@ def test_each_dataset_may_name_its_own_columns_and_the_configs_still_line_up(tmp
         text = swept + "\n" + DATASETS
         with pytest.raises(TunelabError, match=r"is set per dataset and trial; give a dataset its own under"):
             load_spec(write(tmp_path, text))
+
+
+def test_a_dataset_may_hold_out_rows_of_its_training_data_as_its_eval_set(tmp_path, monkeypatch):
+    """One file per dataset, as users have it: holdout in place of eval, per dataset or from base, part
+    of the data (its fingerprint) and not of the config id."""
+    from tunelab.hpsearch.spec import data_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qa.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n' * 4)
+    path = _beside_addition(tmp_path, "- {name: qa, train: qa.jsonl, holdout: 0.25, metric: loss}\n")
+    trials = expand(load_spec(path))
+    add, qa = trials[0], trials[1]
+    assert (qa.config["data"]["eval"], qa.config["data"]["holdout"]) == (None, 0.25)
+    assert (add.config["data"]["eval"], add.config["data"]["holdout"]) == ("addition:eval", None)
+    assert add.config_id == qa.config_id
+    spec = load_spec(path)
+    other = load_spec(write(tmp_path, path.read_text().replace("0.25", "2"), "other.yaml"))
+    assert other.datasets[1].holdout == 2 and data_fingerprint(other.datasets[1]) != data_fingerprint(
+        spec.datasets[1]
+    )
+    # base's holdout is that of each dataset with no eval set of its own
+    based = load_spec(write(tmp_path, "base: {data: {holdout: 0.5}}\n" + path.read_text().replace(
+        ", holdout: 0.25", ""), "based.yaml"))  # fmt: skip
+    assert [dataset.holdout for dataset in based.datasets] == [None, 0.5]
+    for text, message in [
+        (
+            "datasets:\n  - {name: a, train: x, eval: y, holdout: 0.1, metric: loss}\n",
+            "sweep.yaml:2: 'datasets[0].holdout' keeps rows of train out as the eval set, and eval names "
+            "another; keep one of the two",
+        ),
+        (
+            "datasets:\n  - {name: a, train: x, holdout: 1.5, metric: loss}\n",
+            "sweep.yaml:2: holdout: 1.5 is neither a share of the rows",
+        ),
+        ("datasets:\n  - {name: a, train: x, metric: loss}\n", "or holdout: 0.1 to keep that share of train"),
+        ("grid: {data.holdout: [0.1]}\n" + DATASETS, "set per dataset and trial; give a dataset its own"),
+    ]:
+        with pytest.raises(TunelabError) as caught:
+            load_spec(write(tmp_path, text))
+        assert message in str(caught.value)

@@ -542,3 +542,31 @@ def test_a_spiel_export_loads_as_printed_into_the_merged_model(tmp_path, tiny_mo
     assert len(changed) == 14  # every linear of the 2 layers
     for name, weight in applied.state_dict().items():
         assert torch.equal(weight, merged[name]), name
+
+
+def test_a_run_on_one_file_evaluates_on_the_rows_it_held_out(tmp_path, tiny_model_dir, qa_jsonl, capsys):
+    """data.holdout: eval during training, `tunelab eval` and `tunelab data` read the same held-out rows,
+    and an eval that would pick other rows of the training file is refused."""
+    from conftest import assert_one_line_error, run_cli, run_cli_output
+
+    overrides = {"data.eval": None, "data.holdout": 0.2, "train.max_steps": 2, "train.eval_steps": 2}
+    result = train(tiny_config(tiny_model_dir, qa_jsonl, tmp_path / "run", **overrides))
+    evals = [record for record in _records(result.run_dir) if "eval_loss" in record]
+    out = tmp_path / "eval.json"
+    code, err = run_cli(capsys, "eval", str(result.run_dir), "--json", str(out))
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["examples"] == 13 and report["data"] == f"{qa_jsonl} (data.holdout=0.2)"  # 12.8 of 64
+    assert report["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
+    for override in ("data.holdout=0.5", f"data.train={tmp_path / 'other.jsonl'}"):
+        code, err = run_cli(capsys, "eval", str(result.run_dir), override)
+        assert_one_line_error(code, err, "would pick rows it trained on")
+    # rows held out now of a run that trained on all of its data are no eval set
+    overrides = {"data.eval": None, "train.max_steps": 1}
+    whole = train(tiny_config(tiny_model_dir, qa_jsonl, tmp_path / "whole", **overrides)).run_dir
+    code, err = run_cli(capsys, "eval", str(whole), "data.holdout=0.2")
+    assert_one_line_error(code, err, "data.holdout: the run trained on all of data.train, so rows held out")
+    code, out_text, err = run_cli_output(capsys, "data", str(result.run_dir), "--examples", "0")
+    assert code == 0, err
+    assert "data.train: " in out_text and "51 rows" in out_text
+    assert f"data.eval: {qa_jsonl} (data.holdout=0.2) — 13 rows" in out_text

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 
 from tunelab.console import stdout_console
 from tunelab.errors import DatasetNotFound, RunInterrupted, TunelabError, shell_word
+
+if TYPE_CHECKING:
+    from tunelab.config import DataConfig
 
 try:  # typer 0.2x carries its own click; earlier versions use click itself
     from typer._click import exceptions as click_errors
@@ -96,13 +99,14 @@ def train(
         # every process of a distributed run decides alike: the main process writes a new run's config.yaml
         # only once all have joined the trainer, after each has looked here
         resume = RunDir(run_config.resolved_output_dir()).is_run()
-    run_dir = run_training(run_config, resume=resume, overwrite=overwrite).run_dir
+    option = "--auto-resume" if auto_resume else "--resume"
+    run_dir = run_training(run_config, resume=resume, overwrite=overwrite, resume_option=option).run_dir
     end_process_group()
     if not is_main_process():
         return
     err_console.print(f"[green]done[/green]: run directory {run_dir}")
     quoted_run, merged = shell_word(run_dir), shell_word(f"{run_dir}-merged")
-    evaluate = f"tunelab eval {quoted_run}" + ("" if run_config.data.eval else " --data NAME|PATH")
+    evaluate = f"tunelab eval {quoted_run}" + ("" if run_config.data.eval_name else " --data NAME|PATH")
     err_console.print(
         f"next: {evaluate} | tunelab chat {quoted_run} | tunelab export {quoted_run} --format merged "
         f"--out {merged}",
@@ -160,9 +164,28 @@ def data_command(
         options.max_length,
         examples,
     )
-    if options.eval:
+    if options.eval_name:
         dataset = eval_dataset(options, tokenizer, limit=options.eval_limit, quiet=True)
-        print_dataset_report(console, "data.eval", options.eval, dataset, tokenizer, options.max_length, 0)
+        print_dataset_report(
+            console, "data.eval", options.eval_name, dataset, tokenizer, options.max_length, 0
+        )
+
+
+def _check_held_out(options: DataConfig, trained: DataConfig) -> None:
+    """An eval of a run on its held-out rows reads the rows it held out: an override of a key that picks
+    them would evaluate on rows it trained on."""
+    if trained.holdout is None and options.holdout is not None:
+        raise TunelabError(
+            "data.holdout: the run trained on all of data.train, so rows held out now were trained on; "
+            "pass --data NAME|PATH to evaluate on other data"
+        )
+    for key in ("holdout", "train", "split"):
+        if trained.holdout is not None and getattr(options, key) != getattr(trained, key):
+            raise TunelabError(
+                f"data.{key}: the run's eval set is the rows data.holdout={trained.holdout:g} kept out of "
+                f"data.train; another data.{key} would pick rows it trained on; drop the override, or pass "
+                "--data NAME|PATH"
+            )
 
 
 def _metrics_table(rows: list[dict]) -> Table:
@@ -181,7 +204,7 @@ def eval_command(
     overrides: list[str] = typer.Argument(
         None, help="data.* settings for the evaluated data, e.g. data.skip_bad_rows=true"
     ),
-    data: str = typer.Option(None, "--data", help="dataset name or file (default: the run's data.eval)"),
+    data: str = typer.Option(None, "--data", help="dataset name or file (default: the run's eval set)"),
     ranks: str = typer.Option(None, "--ranks", help="dylora runs: all | 1,2,4,8 | 1-64"),
     limit: int = typer.Option(None, "--limit", min=1, help="evaluate only the first N examples"),
     exact_match: bool = typer.Option(
@@ -205,22 +228,30 @@ def eval_command(
     if json_path:  # before the evaluation, not after it; an earlier `tunelab eval --json` is replaced
         check_writable(json_path, "--json", folder=False, ours=json_report("run"))
     # the request and the data are checked against the run before its model loads
-    config = with_data_overrides(read_run_config(run_dir), overrides or [])
+    trained = read_run_config(run_dir)
+    config = with_data_overrides(trained, overrides or [])
     rank_list = parse_ranks(ranks, config.method.evaluable_ranks()) if ranks else None
-    spec = data or config.data.eval
-    if not spec:
+    if not data:
+        _check_held_out(config.data, trained.data)
+    if not (data or config.data.eval_name):
         raise TunelabError("the run has no data.eval; pass --data NAME|PATH")
+    key, source = (
+        ("data.eval", config.data.eval) if config.data.holdout is None else ("data.train", config.data.train)
+    )
     try:
-        check_source(spec)
+        check_source(data or source)
     except DatasetNotFound as missing:
         if data:
             raise
-        # the run's own data.eval, moved or deleted since it trained
-        raise DatasetNotFound(f"{missing} (the run's data.eval; --data PATH evaluates on another)") from None
+        # the run's own data, moved or deleted since it trained
+        raise DatasetNotFound(f"{missing} (the run's {key}; --data PATH evaluates on another)") from None
     _, built = load_run(run_dir)  # `config` stays the run's with the data.* overrides
     options = config.data
     if data:  # another dataset: its format is detected, and read whole (the run's eval split is its own)
-        options = options.model_copy(update={"format": "auto", "eval": spec, "eval_split": None})
+        options = options.model_copy(
+            update={"format": "auto", "eval": data, "eval_split": None, "holdout": None}
+        )
+    spec = options.eval_name
     dataset = eval_dataset(options, built.tokenizer, limit=limit)  # data.columns where it has them
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:

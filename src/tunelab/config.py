@@ -77,6 +77,21 @@ BUILTIN_MODELS = {
 }
 
 
+def share_or_count(holdout: Any) -> float | None:
+    """data.holdout as a share of the rows (0 < x < 1; '10%' is 0.1) or a whole count of them, or a
+    ValueError saying what it takes."""
+    if holdout is None:
+        return None
+    text = str(holdout).strip()
+    try:
+        number = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        number = None
+    if number is None or not (0 < number < 1 or (number >= 1 and number == int(number))):
+        raise ValueError(f"{text} is neither a share of the rows (0.1 or 10%) nor a whole count of them (2)")
+    return number
+
+
 def known_fields(columns: dict[str, str]) -> dict[str, str]:
     """`data.columns` whose keys are fields of a row format, or a ValueError naming the one that is not."""
     fields = [f for names in ROW_FIELDS.values() for f in names] + list(OPTIONAL_FIELDS)
@@ -98,6 +113,9 @@ class DataConfig(Section):
     # unset: the built-in task's own eval split when train is one (gsm8k:train -> gsm8k:eval), else
     # no eval set; never another dataset than the user named
     eval: str | None = None
+    # rows of data.train held out as the eval set, for data that comes as one file: a share (0.1) or a
+    # count (200); a seeded choice, the same rows in every run of the same data, never trained on
+    holdout: float | None = None
     # the split of a Hugging Face dataset with several (DatasetDict, hub) that train reads
     split: str = "train"
     # the split eval reads; unset: 'validation', else 'test', whichever the dataset has
@@ -126,9 +144,22 @@ class DataConfig(Section):
     def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
         return known_fields(columns)
 
+    @field_validator("holdout", mode="before")
+    @classmethod
+    def _share_or_count(cls, holdout: Any) -> float | None:
+        return share_or_count(holdout)
+
+    @property
+    def eval_name(self) -> str | None:
+        """The eval set as messages name it: data.eval, or the rows data.holdout keeps out of data.train;
+        None: there is none."""
+        if self.holdout is None:
+            return self.eval or None
+        return f"{self.train} (data.holdout={self.holdout:g})"
+
     @model_validator(mode="after")
     def _default_eval(self) -> DataConfig:
-        if self.eval is None and "eval" not in self.model_fields_set:
+        if self.eval is None and "eval" not in self.model_fields_set and self.holdout is None:
             name, _, split = self.train.partition(":")
             if split == "train" and name in builtin_task_names():
                 self.__dict__["eval"] = f"{name}:eval"  # bypasses re-validation of the assignment
@@ -551,6 +582,11 @@ def validate(
         raise TunelabError(
             "; also ".join(_format_error(err, data, source, text, located, listed) for err in errors)
         ) from None
+    if config.data.holdout is not None and config.data.eval:
+        raise TunelabError(
+            f"{_where('data.holdout', source, text, located)}: data.holdout keeps rows of data.train out "
+            f"as the eval set, and data.eval names another ({config.data.eval}); keep one of the two"
+        )
     if config.quantization == "nf4" and config.method.trains_base_weights:
         raise TunelabError(
             f"{_where('quantization', source, text, located)}: quantization: nf4 cannot be combined "

@@ -21,7 +21,9 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -743,6 +745,27 @@ def _with_progress(rows: list[Row], spec: str) -> Iterator[Row]:
             progress.advance(task)
 
 
+HOLDOUT_SEED = 0  # the permutation whose first rows data.holdout keeps out of training
+
+
+def holdout_indices(n: int, holdout: float) -> list[int]:
+    """Which of `n` rows data.holdout keeps out of training, in file order: the first `holdout` (a count,
+    or a share of `n`, rounded, at least 1) of a seeded permutation, the same rows in every run."""
+    count = int(holdout) if holdout >= 1 else max(1, round(holdout * n))
+    if count >= n:
+        raise DataError(
+            f"data.holdout={holdout:g} keeps {count} of data.train's {n} rows for eval, which leaves none "
+            "to train on; hold out fewer, or name an eval set of its own in data.eval"
+        )
+    return sorted(np.random.default_rng(HOLDOUT_SEED).permutation(n)[:count].tolist())
+
+
+def _part(rows: list[Row], holdout: float, held_out: bool) -> list[Row]:
+    """The rows data.holdout keeps for eval (`held_out`), or the others."""
+    kept = set(holdout_indices(len(rows), holdout))
+    return [row for i, row in enumerate(rows) if (i in kept) == held_out]
+
+
 def build_dataset(
     spec: str,
     tokenizer,
@@ -751,14 +774,18 @@ def build_dataset(
     split: str | None = None,
     quiet: bool = False,
     split_key: str = "data.split",
+    part: Literal["all", "trained", "held out"] = "all",
 ) -> TokenizedDataset:
     """Load, render and tokenize `spec` as `options` say (columns, format, template, max_length,
-    train_on_prompt, skip_bad_rows); `split` picks a Hugging Face dataset's split. Examples with no
-    response token left after truncation are dropped; every dropped, skipped or truncated row is
-    counted in one summary line on stderr (unless `quiet`: the caller reports them)."""
+    train_on_prompt, skip_bad_rows); `split` picks a Hugging Face dataset's split; `part`: all rows, or
+    those data.holdout trains on or keeps out. Examples with no response token left after truncation are
+    dropped; every dropped, skipped or truncated row is counted in one summary line on stderr (unless
+    `quiet`: the caller reports them)."""
     options = options or DataConfig()
     max_length, train_on_prompt = options.max_length, options.train_on_prompt
     rows, task = load_rows(spec, options, split, split_key)
+    if part != "all":
+        rows = _part(rows, options.holdout, part == "held out")
     if limit is not None:  # the first `limit` rows, with the bad lines kept among them (skipped below)
         good = [i for i, (_, row) in enumerate(rows) if not isinstance(row, BadRow)]
         rows = rows[: good[limit - 1] + 1] if len(good) >= limit else rows
@@ -829,14 +856,22 @@ def build_dataset(
 
 
 def train_dataset(options: DataConfig, tokenizer, quiet: bool = False) -> TokenizedDataset:
-    """data.train (its data.split), as `options` say."""
-    return build_dataset(options.train, tokenizer, options, split=options.split, quiet=quiet)
+    """data.train (its data.split) less the rows data.holdout keeps out, as `options` say."""
+    part = "all" if options.holdout is None else "trained"
+    return build_dataset(options.train, tokenizer, options, split=options.split, quiet=quiet, part=part)
+
+
+def eval_rows(options: DataConfig) -> list[Row]:
+    """The eval set's rows, before rendering: data.eval's, or those data.holdout keeps out of data.train."""
+    if options.holdout is not None:
+        return _part(load_rows(options.train, options, options.split)[0], options.holdout, held_out=True)
+    return load_rows(options.eval, eval_columns(options), options.eval_split, "data.eval_split")[0]
 
 
 def eval_columns(options: DataConfig) -> DataConfig:
     """`options` with data.columns cut to the columns data.eval has: an eval file may be in the format's
     own names (chat rows) beside training rows that need the mapping."""
-    if not options.columns:
+    if not options.columns or options.holdout is not None:  # held-out rows are data.train's own
         return options
     rows = load_rows(
         options.eval, options.model_copy(update={"columns": {}}), options.eval_split, "data.eval_split"
@@ -847,8 +882,10 @@ def eval_columns(options: DataConfig) -> DataConfig:
 def eval_dataset(
     options: DataConfig, tokenizer, limit: int | None = None, quiet: bool = False
 ) -> TokenizedDataset:
-    """data.eval (its data.eval_split), its first `limit` rows, as `options` say (data.columns where the
-    file has those columns)."""
+    """data.eval (its data.eval_split), or the rows data.holdout keeps out of data.train; its first `limit`
+    rows, as `options` say (data.columns where the file has those columns)."""
+    if options.holdout is not None:
+        return build_dataset(options.train, tokenizer, options, limit, options.split, quiet, part="held out")
     options = eval_columns(options)
     return build_dataset(
         options.eval, tokenizer, options, limit, options.eval_split, quiet, split_key="data.eval_split"

@@ -351,10 +351,11 @@ def make_trainer(
     return trainer
 
 
-def _check_resumable(config: RunConfig, run: RunDir) -> None:
-    """Resume only a run that exists, with the run's own config (wherever the folder now lives)."""
+def _check_resumable(config: RunConfig, run: RunDir, option: str = "--resume") -> None:
+    """Resume only a run that exists, with the run's own config (wherever the folder now lives);
+    `option`: the command-line option the errors name."""
     if not run.config_file.is_file():
-        raise TunelabError(f"--resume: {run} holds no run to resume (no {CONFIG_FILE}); drop --resume")
+        raise TunelabError(f"{option}: {run} holds no run to resume (no {CONFIG_FILE}); drop {option}")
     # through the schema: a key that a newer tunelab added (with its default) is not a change, and an
     # edited file's mistake is named by its line
     text = run.config_file.read_text()
@@ -365,7 +366,7 @@ def _check_resumable(config: RunConfig, run: RunDir) -> None:
     changed = [key for key in keys if key not in RESUMABLE_CHANGES and current.get(key) != saved.get(key)]
     if changed:
         raise TunelabError(
-            f"--resume: '{changed[0]}' differs from {run.config_file}; resume with the run's own "
+            f"{option}: '{changed[0]}' differs from {run.config_file}; resume with the run's own "
             f"config: tunelab train {shell_word(run.config_file)} --resume"
         )
 
@@ -408,10 +409,15 @@ class TrainedRun:
 
 
 def train(
-    config: RunConfig, resume: bool = False, overwrite: bool = False, untrained: TunedModel | None = None
+    config: RunConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    untrained: TunedModel | None = None,
+    resume_option: str = "--resume",
 ) -> TrainedRun:
     """Train `config` end to end; `untrained`: the model `build(config)` gives, when the caller has it
-    already (the quickstart evaluates it first), so the base is not loaded twice.
+    already (the quickstart evaluates it first), so the base is not loaded twice; `resume_option`: the
+    command-line option that asked to resume, as messages name it.
 
     The run folder is locked for the whole training (main process), so a second `tunelab train` into
     it fails at once; a finished run resumed is left as it is."""
@@ -419,7 +425,7 @@ def train(
     if not is_main_process():  # under accelerate launch: one process tells what all of them do
         console.quiet = True
     if resume:
-        _check_resumable(config, run)
+        _check_resumable(config, run, resume_option)
         if run.is_finished():
             console.print(
                 f"{run} is finished ({run.final_dir} exists); nothing to resume, nothing changed. "
@@ -435,17 +441,22 @@ def train(
     with lock:
         if not resume:
             run.check_can_start(overwrite)
-        return _train_locked(config, run, resume, overwrite, untrained)
+        return _train_locked(config, run, resume, overwrite, untrained, resume_option)
 
 
 def _train_locked(
-    config: RunConfig, run: RunDir, resume: bool, overwrite: bool, untrained: TunedModel | None
+    config: RunConfig,
+    run: RunDir,
+    resume: bool,
+    overwrite: bool,
+    untrained: TunedModel | None,
+    resume_option: str,
 ) -> TrainedRun:
     # the data first: a bad row is found in seconds, not after the model has loaded
     tokenizer = load_tokenizer(resolve_model(config.model), config.data.chat_template)
     train_set = train_dataset(config.data, tokenizer)
     eval_set: TokenizedDataset | None = None
-    if config.data.eval:
+    if config.data.eval_name:
         # built even when no step evaluates: `tunelab eval` of this run reads it, and a bad row or an
         # unknown format is found now, not after the training
         checked = eval_dataset(
@@ -473,9 +484,8 @@ def _train_locked(
             write_atomically(run.config_file, dump_config(config))
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
-        console.print(
-            f"[yellow]--resume: no complete checkpoint in {run.checkpoints_dir}; starting over[/yellow]"
-        )
+        what = f"{resume_option}: no complete checkpoint in {run.checkpoints_dir}; starting over"
+        console.print(f"[yellow]{escape(what)}[/yellow]")
     elif resume:
         console.print(f"resuming from {escape(str(checkpoint))}")
     if resume and args.should_save:
@@ -499,7 +509,7 @@ def _train_locked(
             ) from None
         except Exception as exc:
             if checkpoint is not None and not first_step.begun:
-                raise _resume_failed(checkpoint, exc) from exc
+                raise _resume_failed(checkpoint, exc, resume_option) from exc
             raise
         finally:
             reporter.close()
@@ -525,14 +535,14 @@ def _train_locked(
     return TrainedRun(run.path, built)
 
 
-def _resume_failed(checkpoint: Path, exc: Exception) -> ResumeFailed:
+def _resume_failed(checkpoint: Path, exc: Exception, option: str) -> ResumeFailed:
     """What failed before the first step of a resumed run, said as the checkpoint's fault."""
     if isinstance(exc, TunelabError):  # already says which file and how to fix it
         return ResumeFailed(str(exc))
     # its first sentence: what torch advises after it (to load untrusted pickles) is not for a damaged file
     reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
     return ResumeFailed(
-        f"--resume: {checkpoint} did not load ({type(exc).__name__}: {reason}); remove that folder to "
+        f"{option}: {checkpoint} did not load ({type(exc).__name__}: {reason}); remove that folder to "
         "resume from the checkpoint before it, or start over with --overwrite"
     )
 

@@ -502,7 +502,7 @@ def _recommend_published(model: str, method: str, json_path: Path | None, write_
 def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, title: str) -> Table:
     keys = varying_keys([entry["hyperparameters"] for entry in ranking])
     usual = usual_values([entry["hyperparameters"] for entry in ranking], keys)
-    with_test = ranking[0]["test_mean_normalized"] is not None
+    with_test = any(entry["test_mean_normalized"] is not None for entry in ranking)
     table = Table(title=title)
     if usual:
         table.caption = "where a row does not say: " + " ".join(f"{k}={v}" for k, v in usual.items())
@@ -532,9 +532,13 @@ def _ranking_table(ranking: list[dict[str, Any]], n_datasets: int, top: int, tit
             f"{entry['covered_total']}/{n_datasets}",
             f"{entry['mean_normalized']:.3f}",
             f"{entry['top_k']:.3f}",
-            *([f"{entry['test_mean_normalized']:.3f}"] if with_test else []),
+            *([_score(entry["test_mean_normalized"])] if with_test else []),
         )
     return table
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _start_from(entry: dict[str, Any], datasets: list[str]) -> Table:
@@ -595,7 +599,7 @@ def _arms_table(groups: dict[str, list[dict[str, Any]]]) -> Table:
             str(len(groups[arm])),
             f"{best['config']} {_describe(best['hyperparameters'], brief=True)}",
             f"{best['mean_normalized']:.3f}",
-            "-" if test is None else f"{test:.3f}",
+            _score(test),
             str(int(min(seeds))) if (seeds := [n for n in best["seeds"].values() if n]) else "-",
             "-" if spread is None else f"±{spread:.1%}",
             f"{statistics.median(times):.2f}" if times else "-",
@@ -753,7 +757,7 @@ def _cbs_config_files(
         if "train.seed" in trial:
             hyperparameters["train.seed"] = trial["train.seed"]
         if len(matrix.datasets) == 1 and "data.train" in trial:
-            hyperparameters |= {key: trial.get(key) for key in ("data.train", "data.eval")}
+            hyperparameters |= {key: trial.get(key) for key in ("data.train", "data.eval", "data.holdout")}
             hyperparameters |= {key: value for key, value in trial.items() if key.startswith("data.columns.")}
             comment += (
                 f"; trains on the sweep's dataset {matrix.datasets[0]}: set data.train / data.eval for yours"

@@ -158,8 +158,11 @@ def rank_matrix(matrix: ScoreMatrix, tau: float, cross_validate: bool = False) -
             "dev": _cells(matrix, matrix.scores, entry.config),
             "dev_normalized": _cells(matrix, normalized(oriented), entry.config),
             "test": _cells(matrix, matrix.test_scores, entry.config),
+            # None for a row with no test score at all (its trials failed): 0 would read as a score
             "test_mean_normalized": (
-                float(test_normalized[entry.config].mean()) if test_normalized is not None else None
+                float(test_normalized[entry.config].mean())
+                if test_normalized is not None and not np.isnan(matrix.test_scores[entry.config]).all()
+                else None
             ),
             "spread": _cells(matrix, matrix.spread, entry.config),
             "test_spread": _cells(matrix, matrix.test_spread, entry.config),

@@ -54,6 +54,7 @@ from tunelab.config import (
     known_fields,
     nest,
     read_yaml,
+    share_or_count,
     validate,
     yaml_keys,
 )
@@ -67,10 +68,19 @@ TRIAL_METRICS = ("exact_match", "loss", "perplexity")
 # keys that place a trial (its run folder and name, its dataset, its seed) rather than configure it:
 # they are set per trial, and left out of config ids and of the hyperparameters a recommendation lists
 # (data.columns: how a dataset's files name the format's fields, so datasets in different shapes line up)
-PLACEMENT_KEYS = ("name", "output_dir", "data.train", "data.eval", "data.columns", "train.seed")
+PLACEMENT_KEYS = (
+    "name",
+    "output_dir",
+    "data.train",
+    "data.eval",
+    "data.holdout",
+    "data.columns",
+    "train.seed",
+)
 PLACEMENT_FIXES = {  # where a spec sets what a grid may not
     "data.train": "list datasets under 'datasets'",
     "data.eval": "list datasets under 'datasets'",
+    "data.holdout": "give a dataset its own under 'datasets' (holdout: 0.1)",
     "data.columns": "give a dataset its own under 'datasets' (columns: {instruction: question, ...})",
     "train.seed": "list seeds under 'seeds' (each point trains once per seed)",
 }
@@ -100,7 +110,9 @@ class DatasetSpec(BaseModel):
 
     name: str
     train: str
-    eval: str  # dev: what every choice is made on
+    eval: str | None = None  # dev: what every choice is made on
+    # or: its data.holdout, rows of train kept out as the eval set (in place of base's)
+    holdout: float | None = None
     test: str | None = None  # reported only; None: eval's rows are split into dev and test
     columns: dict[str, str] = Field(default_factory=dict)  # its data.columns, in place of base's
 
@@ -108,6 +120,14 @@ class DatasetSpec(BaseModel):
     @classmethod
     def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
         return known_fields(columns)  # a typo found before any trial, not in each one
+
+    @field_validator("holdout", mode="before")
+    @classmethod
+    def _share_or_count(cls, holdout: Any) -> float | None:
+        try:
+            return share_or_count(holdout)
+        except ValueError as exc:
+            raise ValueError(f"holdout: {exc}") from None
 
     # required: exact_match, once the default, scored 0 on every trial of data no model answers exactly
     metric: Literal["exact_match", "accuracy", "loss", "perplexity"]
@@ -173,8 +193,21 @@ class SweepSpec(BaseModel):
             for key, value in flatten(self.base).items()
             if key.startswith("data.columns.")
         }
-        for dataset in self.datasets:
+        try:  # for each dataset with no eval set
+            base_holdout = share_or_count(flatten(self.base).get("data.holdout"))
+        except ValueError as exc:
+            raise ValueError(f"'base.data.holdout': {exc}") from None
+        for i, dataset in enumerate(self.datasets):
             dataset.columns = dataset.columns or base_columns
+            if dataset.eval and dataset.holdout is not None:
+                raise ValueError(
+                    f"'datasets[{i}].holdout' keeps rows of train out as the eval set, and eval names "
+                    "another; keep one of the two"
+                )
+            if not dataset.eval:
+                dataset.holdout = dataset.holdout if dataset.holdout is not None else base_holdout
+            if not dataset.eval and dataset.holdout is None:
+                raise ValueError(f"'datasets[{i}].eval' is required{DATASET_KEY_HINTS['eval']}")
         for i, group in enumerate(self.zip):
             lengths = {key: len(values) for key, values in group.items()}
             if len(set(lengths.values())) > 1:
@@ -262,8 +295,9 @@ def _line(text: str, loc: tuple) -> int | None:
 DATASET_KEY_HINTS = {  # what a dataset entry lacks, said with what to write
     "metric": "; add metric: loss (lower is better, for any data) or exact_match (a generated answer must "
     "equal the reference: short answers)",
-    "eval": "; give held-out rows to choose configs on, e.g. eval: data/my_eval.jsonl (split into dev and "
-    "test halves unless the dataset has test:)",
+    "eval": "; give held-out rows to choose configs on, e.g. eval: data/my_eval.jsonl, or holdout: 0.1 to "
+    "keep that share of train's rows out for it (split into dev and test halves unless the dataset has "
+    "test:)",
 }
 
 
@@ -474,7 +508,11 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
                 config = deep_merge(
                     resolved,
                     {
-                        "data": {"train": _trial_data(dataset.train), "eval": _trial_data(dataset.eval)},
+                        "data": {
+                            "train": _trial_data(dataset.train),
+                            "eval": _trial_data(dataset.eval) if dataset.eval else None,
+                            "holdout": dataset.holdout,
+                        },
                         "train": {"seed": seed},
                         "name": f"{dataset.name}-{point_id}-s{seed}",
                     },
@@ -530,6 +568,9 @@ def data_fingerprint(dataset: DatasetSpec) -> str | None:
     digest, local = hashlib.sha256(), False
     if dataset.columns:  # how the files are read is part of the data: another mapping is other data
         digest.update(json.dumps(dataset.columns, sort_keys=True).encode())
+        local = True
+    if dataset.holdout is not None:  # which rows train: other rows are other data
+        digest.update(f"holdout={dataset.holdout:g}".encode())
         local = True
     for split in ("train", "eval", "test"):
         value = getattr(dataset, split)

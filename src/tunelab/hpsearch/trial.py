@@ -45,8 +45,8 @@ def _check_halvable(data: DataConfig, rows: int) -> None:
     if rows < 2:
         limit = f" (data.eval_limit is {data.eval_limit})" if data.eval_limit == rows else ""
         raise DataError(
-            f"{data.eval}: {rows} usable eval row{limit} cannot be split into dev and test halves; give at "
-            "least 2, or the dataset a test set of its own (test:)"
+            f"{data.eval_name}: {rows} usable eval row{limit} cannot be split into dev and test halves; give "
+            "at least 2, or the dataset a test set of its own (test:)"
         )
 
 
@@ -67,7 +67,7 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     # torch comes in here, not at import: the sweep and recommend commands import this module
     from tunelab.assemble import load_run
     from tunelab.config import load_config
-    from tunelab.data import eval_columns, eval_dataset, load_rows
+    from tunelab.data import eval_dataset, eval_rows
     from tunelab.evaluate import evaluate_ranks
     from tunelab.reporting import peak_memory_bytes
     from tunelab.rundir import RunDir
@@ -76,10 +76,8 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     options = options or {}
     config = load_config(config_path)
     if not options.get("test"):  # before training: an eval set of one row cannot be halved
-        rows, _ = load_rows(
-            config.data.eval, eval_columns(config.data), config.data.eval_split, "data.eval_split"
-        )
-        _check_halvable(config.data, min(len(rows), config.data.eval_limit or len(rows)))
+        rows = len(eval_rows(config.data))
+        _check_halvable(config.data, min(rows, config.data.eval_limit or rows))
     # an attempt at this trial that a stopped sweep left (Ctrl-C, SIGTERM) goes on from its checkpoint;
     # one that finished training but not its evaluation is only evaluated; but never a run that trained
     # on the dataset's files as they were before an edit
@@ -113,7 +111,9 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     dev = eval_dataset(config.data, built.tokenizer, limit=config.data.eval_limit)
     if options.get("test"):
         # read as the dev set is: data.columns where the file has those columns
-        test_data = config.data.model_copy(update={"eval": options["test"], "eval_split": None})
+        test_data = config.data.model_copy(
+            update={"eval": options["test"], "eval_split": None, "holdout": None}
+        )
         test = eval_dataset(test_data, built.tokenizer, limit=config.data.eval_limit)
     else:
         _check_halvable(config.data, len(dev))  # rows can be dropped (no response token within max_length)
