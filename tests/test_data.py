@@ -298,6 +298,8 @@ def test_holdout_keeps_a_seeded_share_of_the_training_rows_out_for_eval(tmp_path
         (["data.holdout=1.5"], "data.holdout=1.5: 'data.holdout': 1.5 is neither a share of the rows"),
         (["data.holdout=0"], "'data.holdout': 0 is neither a share of the rows (0.1 or 10%) nor a whole"),
         (["data.holdout=ten"], "'data.holdout': ten is neither a share of the rows"),
+        (["data.holdout=100%"], "'data.holdout': 100% is neither a share of the rows"),
+        (["data.holdout=inf"], "'data.holdout': inf is neither a share of the rows"),
         (
             ["data.eval=gsm8k:eval", "data.holdout=0.1"],
             "override data.holdout=0.1: data.holdout keeps rows of data.train out as the eval set, and "

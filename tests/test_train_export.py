@@ -545,8 +545,8 @@ def test_a_spiel_export_loads_as_printed_into_the_merged_model(tmp_path, tiny_mo
 
 
 def test_a_run_on_one_file_evaluates_on_the_rows_it_held_out(tmp_path, tiny_model_dir, qa_jsonl, capsys):
-    """data.holdout: eval during training, `tunelab eval` and `tunelab data` read the same held-out rows,
-    and an eval that would pick other rows of the training file is refused."""
+    """data.holdout: eval during training, `tunelab eval` and `tunelab data` read the same held-out rows
+    (also from the file moved), and an eval that would pick other rows of it is refused."""
     from conftest import assert_one_line_error, run_cli, run_cli_output
 
     overrides = {"data.eval": None, "data.holdout": 0.2, "train.max_steps": 2, "train.eval_steps": 2}
@@ -556,11 +556,24 @@ def test_a_run_on_one_file_evaluates_on_the_rows_it_held_out(tmp_path, tiny_mode
     code, err = run_cli(capsys, "eval", str(result.run_dir), "--json", str(out))
     assert code == 0, err
     report = json.loads(out.read_text())
-    assert report["examples"] == 13 and report["data"] == f"{qa_jsonl} (data.holdout=0.2)"  # 12.8 of 64
+    assert (report["examples"], report["data"], report["holdout"]) == (13, str(qa_jsonl), 0.2)  # 12.8 of 64
     assert report["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
-    for override in ("data.holdout=0.5", f"data.train={tmp_path / 'other.jsonl'}"):
+    recorded = json.loads((result.run_dir / "holdout.json").read_text())
+    assert (recorded["train_rows"], recorded["held_out"]) == (64, 13)
+    moved, grown = tmp_path / "moved.jsonl", tmp_path / "grown.jsonl"
+    moved.write_text(qa_jsonl.read_text())
+    grown.write_text(qa_jsonl.read_text() + '{"prompt": "Q: 9+9=", "completion": " 18"}\n')
+    code, err = run_cli(capsys, "eval", str(result.run_dir), f"data.train={moved}", "--json", str(out))
+    assert code == 0 and json.loads(out.read_text())["loss"] == report["loss"], err
+    for override, message in [
+        ("data.holdout=0.5", "the rows data.holdout=0.5 picks now are not the 13 the run held out"),
+        (f"data.train={grown}", "the run held out of data.train's 64 (it has 65 now): they may"),
+        (f"data.eval={qa_jsonl}", "data.eval: the run's eval set is the rows data.holdout kept out"),
+    ]:
         code, err = run_cli(capsys, "eval", str(result.run_dir), override)
-        assert_one_line_error(code, err, "would pick rows it trained on")
+        assert_one_line_error(code, err, message)
+    code, err = run_cli(capsys, "eval", str(result.run_dir), "--data", str(qa_jsonl), "--limit", "2")
+    assert code == 0 and "is the file the run trained on: these scores include rows it trained on" in err
     # rows held out now of a run that trained on all of its data are no eval set
     overrides = {"data.eval": None, "train.max_steps": 1}
     whole = train(tiny_config(tiny_model_dir, qa_jsonl, tmp_path / "whole", **overrides)).run_dir

@@ -20,6 +20,7 @@ from tunelab.errors import DatasetNotFound, RunInterrupted, TunelabError, shell_
 
 if TYPE_CHECKING:
     from tunelab.config import DataConfig
+    from tunelab.rundir import RunDir
 
 try:  # typer 0.2x carries its own click; earlier versions use click itself
     from typer._click import exceptions as click_errors
@@ -171,21 +172,42 @@ def data_command(
         )
 
 
-def _check_held_out(options: DataConfig, trained: DataConfig) -> None:
-    """An eval of a run on its held-out rows reads the rows it held out: an override of a key that picks
-    them would evaluate on rows it trained on."""
-    if trained.holdout is None and options.holdout is not None:
-        raise TunelabError(
-            "data.holdout: the run trained on all of data.train, so rows held out now were trained on; "
-            "pass --data NAME|PATH to evaluate on other data"
-        )
-    for key in ("holdout", "train", "split"):
-        if trained.holdout is not None and getattr(options, key) != getattr(trained, key):
+def _check_held_out(options: DataConfig, trained: DataConfig, run: RunDir) -> None:
+    """An eval of a run on its held-out rows reads the rows it held out, which the run recorded: other
+    rows (the file grown or edited since, an override) may include rows it trained on."""
+    from tunelab.data import holdout_record
+
+    if trained.holdout is None:
+        if options.holdout is not None:
             raise TunelabError(
-                f"data.{key}: the run's eval set is the rows data.holdout={trained.holdout:g} kept out of "
-                f"data.train; another data.{key} would pick rows it trained on; drop the override, or pass "
-                "--data NAME|PATH"
+                "data.holdout: the run trained on all of data.train, so rows held out now were trained on; "
+                "pass --data NAME|PATH to evaluate on other data"
             )
+        return
+    if not run.holdout_file.is_file():
+        return
+    recorded, now = json.loads(run.holdout_file.read_text()), holdout_record(options)
+    if now["sha256"] != recorded["sha256"]:
+        raise TunelabError(
+            f"the rows data.holdout={options.holdout:g} picks now are not the {recorded['held_out']} the run "
+            f"held out of data.train's {recorded['train_rows']} (it has {now['train_rows']} now): they may "
+            "include rows it trained on; evaluate on data.train as it trained (a moved file: "
+            "data.train=NEWPATH), or pass --data NAME|PATH"
+        )
+
+
+def _note_trained_on(data: str, trained_on: str) -> None:
+    """Say so when --data names the file the run trained on: its scores are on trained rows."""
+    if (
+        Path(data).exists()
+        and Path(trained_on).exists()
+        and Path(data).resolve() == Path(trained_on).resolve()
+    ):
+        err_console.print(
+            f"[yellow]note:[/yellow] {escape(data)} is the file the run trained on: these scores include "
+            "rows it trained on",
+            soft_wrap=True,
+        )
 
 
 def _metrics_table(rows: list[dict]) -> Table:
@@ -229,10 +251,13 @@ def eval_command(
         check_writable(json_path, "--json", folder=False, ours=json_report("run"))
     # the request and the data are checked against the run before its model loads
     trained = read_run_config(run_dir)
+    if trained.data.holdout is not None and any(item.startswith("data.eval=") for item in overrides or []):
+        raise TunelabError(
+            "data.eval: the run's eval set is the rows data.holdout kept out of its data.train; pass --data "
+            "NAME|PATH to evaluate on another"
+        )
     config = with_data_overrides(trained, overrides or [])
     rank_list = parse_ranks(ranks, config.method.evaluable_ranks()) if ranks else None
-    if not data:
-        _check_held_out(config.data, trained.data)
     if not (data or config.data.eval_name):
         raise TunelabError("the run has no data.eval; pass --data NAME|PATH")
     key, source = (
@@ -244,7 +269,14 @@ def eval_command(
         if data:
             raise
         # the run's own data, moved or deleted since it trained
-        raise DatasetNotFound(f"{missing} (the run's {key}; --data PATH evaluates on another)") from None
+        moved = "; moved: data.train=NEWPATH" if config.data.holdout is not None else ""
+        raise DatasetNotFound(
+            f"{missing} (the run's {key}{moved}; --data PATH evaluates on another)"
+        ) from None
+    if data:
+        _note_trained_on(data, trained.data.train)
+    else:
+        _check_held_out(config.data, trained.data, trained_weights(run_dir)[0])
     _, built = load_run(run_dir)  # `config` stays the run's with the data.* overrides
     options = config.data
     if data:  # another dataset: its format is detected, and read whole (the run's eval split is its own)
@@ -257,7 +289,9 @@ def eval_command(
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         generated: list[list[str]] = []
         rows = evaluate_ranks(built, dataset, rank_list, with_exact_match, batch_size, progress, generated)
-    result: dict = {"run": str(run_dir.resolve()), "data": spec, "examples": len(dataset)}
+    result: dict = {"run": str(run_dir.resolve()), "data": options.eval or options.train}
+    result |= {"holdout": options.holdout} if options.holdout is not None else {}
+    result["examples"] = len(dataset)
     # a line of its own, not the table's title: a title wraps to the table's width, inside a path
     console.print(f"{run_dir.name} on {spec} ({len(dataset)} examples)", soft_wrap=True, markup=False)
     if not ranks and config.method.name == "dylora":  # which of its ranks these figures are

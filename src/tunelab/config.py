@@ -8,6 +8,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -82,13 +83,14 @@ def share_or_count(holdout: Any) -> float | None:
     ValueError saying what it takes."""
     if holdout is None:
         return None
-    text = str(holdout).strip()
+    text, share = str(holdout).strip(), str(holdout).strip().endswith("%")
     try:
-        number = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+        number = float(text.removesuffix("%")) / (100 if share else 1)
     except ValueError:
-        number = None
-    if number is None or not (0 < number < 1 or (number >= 1 and number == int(number))):
-        raise ValueError(f"{text} is neither a share of the rows (0.1 or 10%) nor a whole count of them (2)")
+        number = math.nan
+    whole = math.isfinite(number) and number >= 1 and number == int(number) and not share
+    if not (0 < number < 1 or whole):
+        raise ValueError(f"{text} is neither a share of the rows (0.1 or 10%) nor a whole count (200)")
     return number
 
 
@@ -585,7 +587,8 @@ def validate(
     if config.data.holdout is not None and config.data.eval:
         raise TunelabError(
             f"{_where('data.holdout', source, text, located)}: data.holdout keeps rows of data.train out "
-            f"as the eval set, and data.eval names another ({config.data.eval}); keep one of the two"
+            f"as the eval set, and data.eval names another ({config.data.eval}); keep one of the two "
+            "(on the command line, data.eval=null drops a config's data.eval)"
         )
     if config.quantization == "nf4" and config.method.trains_base_weights:
         raise TunelabError(

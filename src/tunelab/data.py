@@ -14,6 +14,7 @@ tokenizer's chat template), the ### Instruction / ### Response template, or as w
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -760,6 +761,15 @@ def holdout_indices(n: int, holdout: float) -> list[int]:
     return sorted(np.random.default_rng(HOLDOUT_SEED).permutation(n)[:count].tolist())
 
 
+def rows_digest(rows: list[Row]) -> str:
+    """sha256 of the rows' contents, not their places: the same rows read from a moved file match."""
+    digest = hashlib.sha256()
+    for _, row in rows:
+        content = row if isinstance(row, dict) else str(row)  # a BadRow kept in place: its reason
+        digest.update(json.dumps(content, sort_keys=True, default=str).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def _part(rows: list[Row], holdout: float, held_out: bool) -> list[Row]:
     """The rows data.holdout keeps for eval (`held_out`), or the others."""
     kept = set(holdout_indices(len(rows), holdout))
@@ -786,6 +796,7 @@ def build_dataset(
     rows, task = load_rows(spec, options, split, split_key)
     if part != "all":
         rows = _part(rows, options.holdout, part == "held out")
+        spec = options.eval_name if part == "held out" else spec  # as messages name it from here on
     if limit is not None:  # the first `limit` rows, with the bad lines kept among them (skipped below)
         good = [i for i, (_, row) in enumerate(rows) if not isinstance(row, BadRow)]
         rows = rows[: good[limit - 1] + 1] if len(good) >= limit else rows
@@ -866,6 +877,14 @@ def eval_rows(options: DataConfig) -> list[Row]:
     if options.holdout is not None:
         return _part(load_rows(options.train, options, options.split)[0], options.holdout, held_out=True)
     return load_rows(options.eval, eval_columns(options), options.eval_split, "data.eval_split")[0]
+
+
+def holdout_record(options: DataConfig) -> dict[str, int | str]:
+    """What a run keeps of the rows data.holdout held out, to evaluate on those and no others later: how
+    many of how many rows of data.train, and the sha256 of their contents."""
+    rows = load_rows(options.train, options, options.split)[0]
+    held = _part(rows, options.holdout, held_out=True)
+    return {"train_rows": len(rows), "held_out": len(held), "sha256": rows_digest(held)}
 
 
 def eval_columns(options: DataConfig) -> DataConfig:

@@ -40,7 +40,7 @@ def _evaluate(model, tokenizer, config, eval_examples: int, label: str) -> dict[
     """Loss and perplexity only: exact match generates up to 256 tokens an answer, which took 40% of the
     quickstart's time, and on 16 examples after 30 steps it moves by one example either way."""
     dataset = _eval_set(config, tokenizer, eval_examples)
-    console.print(f"evaluating {label} on {eval_examples} examples of {config.data.eval} ...")
+    console.print(f"evaluating {label} on {eval_examples} examples of {config.data.eval_name} ...")
     with Progress(console=console, transient=True) as progress:
         return evaluate(model, tokenizer, dataset, with_exact_match=False, progress=progress)
 
@@ -59,7 +59,7 @@ def _rank_table(trained, config, eval_examples: int, run_dir: Path) -> int | Non
     summary = summarize_ranks(rows)
     plot = rank_curve(summary, run_dir / "rank_curve.png", title="quickstart: one QDyLoRA run at each rank")
     # a line of its own, not the table's title: the narrow table would wrap it
-    console.print(f"the same adapter truncated to rank b ({config.data.eval}, {eval_examples} examples)")
+    console.print(f"the same adapter truncated to rank b ({config.data.eval_name}, {eval_examples} examples)")
     table = Table()
     for column in ("rank", "loss", "perplexity"):
         table.add_column(column, justify="right")
@@ -91,7 +91,7 @@ def run_quickstart(
     after = _evaluate(trained.model, trained.tokenizer, config, eval_examples, "the fine-tuned model")
     plot = loss_curve(RunDir(run_dir).metrics(), run_dir / "loss_curve.png")
 
-    table = Table(title=f"{config.data.eval}, first {eval_examples} examples")
+    table = Table(title=f"{config.data.eval_name}, first {eval_examples} examples")
     for column in ("metric", "before", "after"):
         table.add_column(column, justify="right")
     for metric in before:

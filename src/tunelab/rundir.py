@@ -33,6 +33,7 @@ LOGS_DIR = "logs"  # train.report_to: tensorboard's event files
 CHECKPOINT_PREFIX = "checkpoint-"  # checkpoints/checkpoint-N, as transformers' Trainer names them
 COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint directory
 LOCK_FILE = ".tunelab.lock"
+HOLDOUT_FILE = "holdout.json"  # data.holdout: which rows the run held out (their count and sha256)
 WEIGHTS_FILE = "trained.safetensors"  # what Method.save writes into final/ and each checkpoint
 STATE_FILE = "method_state.pt"
 FINAL_FILES = (WEIGHTS_FILE, STATE_FILE)
@@ -55,6 +56,7 @@ RUN_ENTRIES = (
     CHECKPOINTS_DIR,
     LOGS_DIR,
     LOCK_FILE,
+    HOLDOUT_FILE,
     "rank_curve.png",
     "loss_curve.png",
 )
@@ -93,6 +95,7 @@ class RunDir:
         self.checkpoints_dir = self.path / CHECKPOINTS_DIR
         self.logs_dir = self.path / LOGS_DIR
         self.lock_file = self.path / LOCK_FILE
+        self.holdout_file = self.path / HOLDOUT_FILE
 
     def __str__(self) -> str:
         return str(self.path)

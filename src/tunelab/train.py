@@ -5,6 +5,7 @@ This module never asks which method it runs; it calls the method's hooks.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -28,6 +29,7 @@ from tunelab.data import (
     check_source,
     collator,
     eval_dataset,
+    holdout_record,
     train_dataset,
 )
 from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError, shell_word
@@ -482,6 +484,8 @@ def _train_locked(
             if overwrite:
                 run.clear()  # only now: everything above validated and loaded
             write_atomically(run.config_file, dump_config(config))
+            if config.data.holdout is not None:  # `tunelab eval` checks that it reads these rows again
+                write_atomically(run.holdout_file, json.dumps(holdout_record(config.data)))
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         what = f"{resume_option}: no complete checkpoint in {run.checkpoints_dir}; starting over"

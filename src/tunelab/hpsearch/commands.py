@@ -760,7 +760,8 @@ def _cbs_config_files(
             hyperparameters |= {key: trial.get(key) for key in ("data.train", "data.eval", "data.holdout")}
             hyperparameters |= {key: value for key, value in trial.items() if key.startswith("data.columns.")}
             comment += (
-                f"; trains on the sweep's dataset {matrix.datasets[0]}: set data.train / data.eval for yours"
+                f"; trains on the sweep's dataset {matrix.datasets[0]}: set data.train / data.eval (or "
+                "data.holdout) for yours"
             )
         else:
             hyperparameters |= {"data.train": YOUR_DATA, "data.eval": None}
