@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import constants
 
 from conftest import assert_one_line_error, run_cli
-from tunelab.config import dump_config, load_config, parse_overrides, validate
+from tunelab.config import check_source, dump_config, load_config, parse_overrides, validate
 from tunelab.errors import TunelabError
 from tunelab.hub import offline_unless_reachable
 
@@ -134,6 +134,14 @@ def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch, capsy
         spec = load_config(None, [f"data.train={written}"]).data.train  # made absolute, as a config does
         with pytest.raises(TunelabError, match=f"did you mean {tmp_path / meant}\\?$"):
             load_rows(spec)
+    # a mistyped suffix is no hub id (data/train.jsnl: owner 'data'), and the config beside is no data file
+    with pytest.raises(
+        TunelabError, match=r"^dataset not found: data/train\.jsnl; did you mean data/train\.jsonl\?$"
+    ):
+        check_source("data/train.jsnl")
+    (tmp_path / "train.yaml").write_text("model: smollm2-135m\n")
+    with pytest.raises(TunelabError, match=r"\(owner/name\) nor a built-in .*:test\)$"):
+        check_source("train.jsnl")
     with pytest.raises(TunelabError, match=r"'gsm9k:train' is neither .* did you mean gsm8k:train\?$"):
         load_rows(load_config(None, ["data.train=gsm9k:train"]).data.train)
     with pytest.raises(TunelabError, match=r"model not found: smollm2-13m; .* did you mean smollm2-135m\?$"):

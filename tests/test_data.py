@@ -296,7 +296,7 @@ def test_holdout_keeps_a_seeded_share_of_the_training_rows_out_for_eval(tmp_path
     "overrides, message",
     [
         (["data.holdout=1.5"], "data.holdout=1.5: 'data.holdout': 1.5 is neither a share of the rows"),
-        (["data.holdout=0"], "'data.holdout': 0 is neither a share of the rows (0.1 or 10%) nor a whole"),
+        (["data.holdout=0"], "'data.holdout': 0 is neither a share of the rows (e.g. 0.1 or 10%) nor a co"),
         (["data.holdout=ten"], "'data.holdout': ten is neither a share of the rows"),
         (["data.holdout=100%"], "'data.holdout': 100% is neither a share of the rows"),
         (["data.holdout=inf"], "'data.holdout': inf is neither a share of the rows"),
@@ -311,3 +311,14 @@ def test_holdout_takes_a_share_or_a_count_and_no_eval_set_beside_it(overrides, m
     with pytest.raises(TunelabError) as caught:
         load_config(None, overrides)
     assert message in str(caught.value)
+
+
+def test_an_eval_set_given_beside_a_configs_holdout_is_told_how_to_drop_that(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n  holdout: 0.1\n")
+    with pytest.raises(TunelabError) as caught:
+        load_config(config, ["data.eval=gsm8k:eval"])
+    assert str(caught.value).startswith("override data.eval=gsm8k:eval: data.holdout keeps rows")
+    assert str(caught.value).endswith(
+        "keep one of the two; data.holdout=null drops the config's data.holdout"
+    )

@@ -516,3 +516,39 @@ def test_tables_printed_into_a_pipe_keep_each_row_on_one_line(monkeypatch):
     assert stdout_console().width == PIPED_WIDTH
     monkeypatch.setenv("COLUMNS", "100")  # the user's own width wins
     assert stdout_console().width == 100
+
+
+def test_a_trial_start_says_whether_it_evaluates_resumes_or_trains_anew(tmp_path, capsys):
+    """What the trial process will do with the run it finds: a finished run on today's data is only
+    evaluated, but a run on other data (a data file edited since) is trained anew."""
+    from dataclasses import replace
+
+    from tunelab.config import dump_config, validate
+    from tunelab.hpsearch.commands import SweepProgress
+    from tunelab.hpsearch.spec import Trial
+    from tunelab.hpsearch.trial import data_marker
+
+    trial = Trial("c0", "add", "loss", validate({}).model_dump(mode="json"), 1, data_sha256="today")
+    run = tmp_path / "add" / "c0-s1"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(validate({})))
+    log = run.with_name("c0-s1.log")
+    progress = SweepProgress("sweep", [trial], 0, 1)
+    for recorded, expected in [
+        ("today", ", trained: evaluating: log"),
+        ("before", ", its run trained on other"),
+    ]:
+        data_marker(run).write_text(recorded)
+        capsys.readouterr()
+        progress.start(trial, log)
+        assert expected in " ".join(capsys.readouterr().err.split())
+    progress.start(replace(trial, data_sha256=None), log)  # built-in data: no fingerprint, never stale
+    assert "trained: evaluating" in capsys.readouterr().err
+
+
+def test_a_mistyped_database_name_is_told_the_database_beside_it(tmp_path, capsys):
+    """Not "no trial has finished; run tunelab sweep": the sweep's database is there, under its name."""
+    (tmp_path / "grid.yaml").write_text("datasets: []\n")
+    _empty(tmp_path / "grid.sqlite")
+    code, err = run_cli(capsys, "recommend", "--db", str(tmp_path / "grid.sqllite"))
+    assert code == 2 and f"did you mean {tmp_path / 'grid.sqlite'}?" in err

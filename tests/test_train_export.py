@@ -566,8 +566,8 @@ def test_a_run_on_one_file_evaluates_on_the_rows_it_held_out(tmp_path, tiny_mode
     code, err = run_cli(capsys, "eval", str(result.run_dir), f"data.train={moved}", "--json", str(out))
     assert code == 0 and json.loads(out.read_text())["loss"] == report["loss"], err
     for override, message in [
-        ("data.holdout=0.5", "the rows data.holdout=0.5 picks now are not the 13 the run held out"),
-        (f"data.train={grown}", "the run held out of data.train's 64 (it has 65 now): they may"),
+        ("data.holdout=0.5", "data.holdout=0.5: the run held out data.holdout=0.2 of its data.train; other"),
+        (f"data.train={grown}", "are not the 13 it held out of 64 (the file has 65 now), and may include"),
         (f"data.eval={qa_jsonl}", "data.eval: the run's eval set is the rows data.holdout kept out"),
     ]:
         code, err = run_cli(capsys, "eval", str(result.run_dir), override)
@@ -581,5 +581,5 @@ def test_a_run_on_one_file_evaluates_on_the_rows_it_held_out(tmp_path, tiny_mode
     assert_one_line_error(code, err, "data.holdout: the run trained on all of data.train, so rows held out")
     code, out_text, err = run_cli_output(capsys, "data", str(result.run_dir), "--examples", "0")
     assert code == 0, err
-    assert "data.train: " in out_text and "51 rows" in out_text
+    assert "data.train: " in out_text and "51 rows (13 more held out: data.holdout)" in out_text
     assert f"data.eval: {qa_jsonl} (data.holdout=0.2) — 13 rows" in out_text

@@ -184,15 +184,21 @@ def _check_held_out(options: DataConfig, trained: DataConfig, run: RunDir) -> No
                 "pass --data NAME|PATH to evaluate on other data"
             )
         return
+    if options.holdout != trained.holdout:
+        raise TunelabError(
+            f"data.holdout={options.holdout:g}: the run held out data.holdout={trained.holdout:g} of its "
+            "data.train; other rows may include rows it trained on; drop the override, or pass "
+            "--data NAME|PATH"
+        )
     if not run.holdout_file.is_file():
         return
     recorded, now = json.loads(run.holdout_file.read_text()), holdout_record(options)
     if now["sha256"] != recorded["sha256"]:
         raise TunelabError(
-            f"the rows data.holdout={options.holdout:g} picks now are not the {recorded['held_out']} the run "
-            f"held out of data.train's {recorded['train_rows']} (it has {now['train_rows']} now): they may "
-            "include rows it trained on; evaluate on data.train as it trained (a moved file: "
-            "data.train=NEWPATH), or pass --data NAME|PATH"
+            f"data.train is not as the run trained on it: the rows data.holdout picks now are not the "
+            f"{recorded['held_out']} it held out of {recorded['train_rows']} (the file has "
+            f"{now['train_rows']} now), and may include rows it trained on; evaluate on the file as it "
+            "was (moved: data.train=NEWPATH), or pass --data NAME|PATH"
         )
 
 

@@ -90,7 +90,7 @@ def share_or_count(holdout: Any) -> float | None:
         number = math.nan
     whole = math.isfinite(number) and number >= 1 and number == int(number) and not share
     if not (0 < number < 1 or whole):
-        raise ValueError(f"{text} is neither a share of the rows (0.1 or 10%) nor a whole count (200)")
+        raise ValueError(f"{text} is neither a share of the rows (e.g. 0.1 or 10%) nor a count (e.g. 200)")
     return number
 
 
@@ -585,10 +585,14 @@ def validate(
             "; also ".join(_format_error(err, data, source, text, located, listed) for err in errors)
         ) from None
     if config.data.holdout is not None and config.data.eval:
+        # the one set last (on the command line) is the one the user means: the hint drops the other
+        given = [key for key in ("data.eval", "data.holdout") if key in (located or {})]
+        other = {"data.eval": "data.holdout", "data.holdout": "data.eval"}
+        fix = f"; {other[given[0]]}=null drops the config's {other[given[0]]}" if len(given) == 1 else ""
+        at = given[0] if len(given) == 1 else "data.holdout"
         raise TunelabError(
-            f"{_where('data.holdout', source, text, located)}: data.holdout keeps rows of data.train out "
-            f"as the eval set, and data.eval names another ({config.data.eval}); keep one of the two "
-            "(on the command line, data.eval=null drops a config's data.eval)"
+            f"{_where(at, source, text, located)}: data.holdout keeps rows of data.train out "
+            f"as the eval set, and data.eval names another ({config.data.eval}); keep one of the two{fix}"
         )
     if config.quantization == "nf4" and config.method.trains_base_weights:
         raise TunelabError(
@@ -673,13 +677,16 @@ def check_source(spec: str) -> Path | None:
             f"data: {spec} is the placeholder `tunelab recommend --write-config` writes; set data.train to "
             "your data (in the config, or data.train=PATH on the command line)"
         )
+    near = did_you_mean(path, keep=lambda entry: entry.is_dir() or data_suffix(entry) in FILE_SUFFIXES)
     if is_hub_id(spec):
+        if near and path.suffix:  # data/qa.cvs beside data/qa.csv: a mistyped file, not a hub dataset
+            raise DatasetNotFound(f"dataset not found: {spec}{near}")
         note_near_hub_id(spec)
         return None
     names = ", ".join(f"{name}:train" for name in builtin_tasks())
     name, colon, split = spec.partition(":")
     task = closest(name, builtin_tasks()) if colon else None
-    hint = f"; did you mean {task}:{split}?" if task else did_you_mean(path)
+    hint = f"; did you mean {task}:{split}?" if task else near
     raise DatasetNotFound(
         f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
         f"({names}, or :eval, :dev, :test){hint}"

@@ -697,6 +697,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
         self.features, self.examples, self.task, self.format = features, examples, task, fmt
         self.template = template  # how the rows became text: chat, alpaca or none
         self.rows, self.report = rows, report or RowReport()  # rows read; those skipped, cut, dropped
+        self.held_out = 0  # rows of the file that data.holdout kept out of these
 
     def __len__(self) -> int:
         return len(self.features)
@@ -794,8 +795,10 @@ def build_dataset(
     options = options or DataConfig()
     max_length, train_on_prompt = options.max_length, options.train_on_prompt
     rows, task = load_rows(spec, options, split, split_key)
+    held_out = 0
     if part != "all":
-        rows = _part(rows, options.holdout, part == "held out")
+        every_row, rows = rows, _part(rows, options.holdout, part == "held out")
+        held_out = len(every_row) - len(rows) if part == "trained" else 0
         spec = options.eval_name if part == "held out" else spec  # as messages name it from here on
     if limit is not None:  # the first `limit` rows, with the bad lines kept among them (skipped below)
         good = [i for i, (_, row) in enumerate(rows) if not isinstance(row, BadRow)]
@@ -863,7 +866,9 @@ def build_dataset(
     if summary and not quiet:
         report_console = Console(stderr=True, emoji=False, soft_wrap=True, highlight=False)
         report_console.print(f"[yellow]{escape(summary)}[/yellow]")
-    return TokenizedDataset(features, examples, task, fmt, template, len(rows), report)
+    dataset = TokenizedDataset(features, examples, task, fmt, template, len(rows), report)
+    dataset.held_out = held_out
+    return dataset
 
 
 def train_dataset(options: DataConfig, tokenizer, quiet: bool = False) -> TokenizedDataset:

@@ -7,7 +7,7 @@ import difflib
 import functools
 import os
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from pathlib import Path
 
@@ -63,11 +63,12 @@ def _note_near_hub_id(name: str, cwd: str) -> None:
         )
 
 
-def did_you_mean(path: str | Path) -> str:
+def did_you_mean(path: str | Path, keep: Callable[[Path], bool] | None = None) -> str:
     """'; did you mean NEAR?' for a path that does not exist, where one near it does; else ''.
 
     The first missing part of the path is compared with the names in the folder above it, so a
-    typo in a folder's name is found as well as one in the file's."""
+    typo in a folder's name is found as well as one in the file's; `keep`: which entries may be meant
+    (a data file or a folder, not the config beside it)."""
     path = Path(path).expanduser()
     parts = path.parts
     for depth in range(1, len(parts) + 1):
@@ -77,9 +78,10 @@ def did_you_mean(path: str | Path) -> str:
         return ""
     parent = Path(*parts[: depth - 1]) if depth > 1 else Path(".")
     try:
-        names = [entry.name for entry in islice(parent.iterdir(), 10_000)]  # a huge folder: its first
+        entries = list(islice(parent.iterdir(), 10_000))  # a huge folder: its first
     except OSError:
         return ""
+    names = [entry.name for entry in entries if keep is None or keep(entry)]
     near = _closest_name(parts[depth - 1], names)
     if near is None:
         return ""

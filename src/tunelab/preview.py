@@ -49,7 +49,9 @@ def print_dataset_report(
     console.print(
         Text.assemble(
             (f"{key}: ", "bold"),
-            f"{spec} — {plural(dataset.rows, 'row')}, format {dataset.format}, "
+            f"{spec} — {plural(dataset.rows, 'row')}"
+            f"{f' ({dataset.held_out} more held out: data.holdout)' if dataset.held_out else ''}, "
+            f"format {dataset.format}, "
             f"template {dataset.template}; "
             f"{len(dataset)} used",
         ),

@@ -366,6 +366,11 @@ def _check_resumable(config: RunConfig, run: RunDir, option: str = "--resume") -
     saved["model"], current["model"] = model_location(saved["model"]), model_location(current["model"])
     keys = sorted(set(saved) | set(current))
     changed = [key for key in keys if key not in RESUMABLE_CHANGES and current.get(key) != saved.get(key)]
+    if changed and run.is_finished():  # nothing left to resume: this config is another run
+        raise TunelabError(
+            f"{option}: '{changed[0]}' differs from {run.config_file}, a finished run; train this config "
+            f"into another output_dir, or replace that run with --overwrite in place of {option}"
+        )
     if changed:
         raise TunelabError(
             f"{option}: '{changed[0]}' differs from {run.config_file}; resume with the run's own "
@@ -498,7 +503,8 @@ def _train_locked(
     first_step = FirstStep()
     trainer.add_callback(first_step)
     console.print(
-        f"training [bold]{config.method.name}[/bold] on {escape(config.model)} ({len(train_set)} examples, "
+        f"training [bold]{config.method.name}[/bold] on {escape(config.model)} ({len(train_set)} examples"
+        f"{f', {train_set.held_out} rows held out for eval' if train_set.held_out else ''}, "
         f"{'bf16' if args.bf16 else 'fp32'}{', base in 4-bit nf4' if config.quantization == 'nf4' else ''}) "
         f"-> {escape(str(run))}"
     )

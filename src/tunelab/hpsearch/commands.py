@@ -30,7 +30,7 @@ from rich.table import Table
 
 from tunelab.config import YOUR_DATA, check_model, dump_config, flatten, model_location, nest, validate
 from tunelab.console import stdout_console
-from tunelab.errors import RunInterrupted, TunelabError, did_you_mean, shell_word
+from tunelab.errors import RunInterrupted, TunelabError, closest, did_you_mean, shell_word
 from tunelab.hpsearch.executors import (
     TrialProcesses,
     TrialResult,
@@ -64,6 +64,7 @@ from tunelab.hpsearch.spec import (
     training_id,
 )
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, ran_on_other_data, select
+from tunelab.hpsearch.trial import data_marker
 from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock, sweep_running
 from tunelab.signals import handling_stop_signals
 
@@ -290,9 +291,14 @@ class SweepProgress:
         varying = [f"{key}={settings[key]}" for key in self.keys if settings.get(key) is not None]
         what = " ".join(varying) or _describe(settings)
         run = RunDir(log.with_name(log.stem))  # the run folder beside its log
-        checkpoint = run.latest_checkpoint()
-        goes_on = ", trained: evaluating" if run.is_finished() else ""
-        goes_on = goes_on or (f", resuming from {checkpoint.name}" if checkpoint else "")
+        checkpoint, marker = run.latest_checkpoint(), data_marker(run.path)
+        recorded = marker.read_text() if marker.is_file() else None
+        if trial.data_sha256 is not None and recorded != trial.data_sha256:  # the trial starts it over
+            goes_on = ", its run trained on other data: training anew" if run.is_run() else ""
+        elif run.is_finished():
+            goes_on = ", trained: evaluating"
+        else:
+            goes_on = f", resuming from {checkpoint.name}" if checkpoint else ""
         line = f"started {trial.dataset} {trial.config_id} ({what}, seed {trial.seed}){goes_on}: log {log}"
         err_console.print(escape(line), highlight=False)
 
@@ -792,6 +798,10 @@ def _what_next(db: Path, spec: Path | None) -> str:
 
 def _check_input(path: Path, option: str) -> None:
     if not path.exists():
+        if option == "--db" and path.suffix != ".sqlite" and path.parent.is_dir():  # spec.sqllite
+            near = closest(path.name, [database.name for database in path.parent.glob("*.sqlite")])
+            if near:
+                raise TunelabError(f"--db: file not found: {path}; did you mean {path.with_name(near)}?")
         spec = _spec_beside(path) if option == "--db" else None
         if spec is not None:  # the sweep has not written it yet: the fix is to run it, not another file
             raise TunelabError(
