@@ -279,9 +279,7 @@ def eval_command(
         raise DatasetNotFound(
             f"{missing} (the run's {key}{moved}; --data PATH evaluates on another)"
         ) from None
-    if data:
-        _note_trained_on(data, trained.data.train)
-    else:
+    if not data:
         _check_held_out(config.data, trained.data, trained_weights(run_dir)[0])
     _, built = load_run(run_dir)  # `config` stays the run's with the data.* overrides
     options = config.data
@@ -291,6 +289,8 @@ def eval_command(
         )
     spec = options.eval_name
     dataset = eval_dataset(options, built.tokenizer, limit=limit)  # data.columns where it has them
+    if data:  # once it has read: a bad file's error stays the one line said
+        _note_trained_on(data, trained.data.train)
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         generated: list[list[str]] = []
