@@ -566,9 +566,10 @@ def test_a_run_on_one_file_evaluates_on_the_rows_it_held_out(tmp_path, tiny_mode
     code, err = run_cli(capsys, "eval", str(result.run_dir), f"data.train={moved}", "--json", str(out))
     assert code == 0 and json.loads(out.read_text())["loss"] == report["loss"], err
     for override, message in [
-        ("data.holdout=0.5", "data.holdout=0.5: the run held out data.holdout=0.2 of its data.train; other"),
+        ("data.holdout=0.5", "data.holdout: the run's eval set is the rows data.holdout=0.2 kept out of"),
+        ("data.holdout=null", "data.holdout: the run's eval set is the rows data.holdout=0.2 kept out of"),
         (f"data.train={grown}", "are not the 13 it held out of 64 (the file has 65 now), and may include"),
-        (f"data.eval={qa_jsonl}", "data.eval: the run's eval set is the rows data.holdout kept out"),
+        (f"data.eval={qa_jsonl}", "data.eval: the run's eval set is the rows data.holdout=0.2 kept out"),
     ]:
         code, err = run_cli(capsys, "eval", str(result.run_dir), override)
         assert_one_line_error(code, err, message)
@@ -578,7 +579,7 @@ def test_a_run_on_one_file_evaluates_on_the_rows_it_held_out(tmp_path, tiny_mode
     overrides = {"data.eval": None, "train.max_steps": 1}
     whole = train(tiny_config(tiny_model_dir, qa_jsonl, tmp_path / "whole", **overrides)).run_dir
     code, err = run_cli(capsys, "eval", str(whole), "data.holdout=0.2")
-    assert_one_line_error(code, err, "data.holdout: the run trained on all of data.train, so rows held out")
+    assert_one_line_error(code, err, "data.holdout: the run trained on all of data.train, and other rows")
     code, out_text, err = run_cli_output(capsys, "data", str(result.run_dir), "--examples", "0")
     assert code == 0, err
     assert "data.train: " in out_text and "51 rows (13 more held out: data.holdout)" in out_text

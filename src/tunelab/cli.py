@@ -172,25 +172,29 @@ def data_command(
         )
 
 
-def _check_held_out(options: DataConfig, trained: DataConfig, run: RunDir) -> None:
-    """An eval of a run on its held-out rows reads the rows it held out, which the run recorded: other
-    rows (the file grown or edited since, an override) may include rows it trained on."""
+def _check_eval_overrides(overrides: list[str], trained: DataConfig) -> None:
+    """Which rows are a run's eval set is the run's: data.holdout's own rows, or none of data.train (all of
+    it trained). An override of data.holdout, or of data.eval beside it, would score other rows."""
+    keys = {item.split("=", 1)[0] for item in overrides}
+    for key in ("data.holdout", "data.eval"):
+        if key in keys and (key == "data.holdout" or trained.holdout is not None):
+            held = (
+                "the run trained on all of data.train"
+                if trained.holdout is None
+                else f"the run's eval set is the rows data.holdout={trained.holdout:g} kept out of data.train"
+            )
+            raise TunelabError(
+                f"{key}: {held}, and other rows may include rows it trained on; drop the override, or pass "
+                "--data NAME|PATH to evaluate on other data"
+            )
+
+
+def _check_held_out(options: DataConfig, run: RunDir) -> None:
+    """An eval of a run on its held-out rows reads the rows it held out, as the run recorded them: a file
+    grown or edited since would give other rows, which may include rows it trained on."""
     from tunelab.data import holdout_record
 
-    if trained.holdout is None:
-        if options.holdout is not None:
-            raise TunelabError(
-                "data.holdout: the run trained on all of data.train, so rows held out now were trained on; "
-                "pass --data NAME|PATH to evaluate on other data"
-            )
-        return
-    if options.holdout != trained.holdout:
-        raise TunelabError(
-            f"data.holdout={options.holdout:g}: the run held out data.holdout={trained.holdout:g} of its "
-            "data.train; other rows may include rows it trained on; drop the override, or pass "
-            "--data NAME|PATH"
-        )
-    if not run.holdout_file.is_file():
+    if options.holdout is None or not run.holdout_file.is_file():
         return
     recorded, now = json.loads(run.holdout_file.read_text()), holdout_record(options)
     if now["sha256"] != recorded["sha256"]:
@@ -257,11 +261,7 @@ def eval_command(
         check_writable(json_path, "--json", folder=False, ours=json_report("run"))
     # the request and the data are checked against the run before its model loads
     trained = read_run_config(run_dir)
-    if trained.data.holdout is not None and any(item.startswith("data.eval=") for item in overrides or []):
-        raise TunelabError(
-            "data.eval: the run's eval set is the rows data.holdout kept out of its data.train; pass --data "
-            "NAME|PATH to evaluate on another"
-        )
+    _check_eval_overrides(overrides or [], trained.data)
     config = with_data_overrides(trained, overrides or [])
     rank_list = parse_ranks(ranks, config.method.evaluable_ranks()) if ranks else None
     if not (data or config.data.eval_name):
@@ -280,7 +280,7 @@ def eval_command(
             f"{missing} (the run's {key}{moved}; --data PATH evaluates on another)"
         ) from None
     if not data:
-        _check_held_out(config.data, trained.data, trained_weights(run_dir)[0])
+        _check_held_out(config.data, trained_weights(run_dir)[0])
     _, built = load_run(run_dir)  # `config` stays the run's with the data.* overrides
     options = config.data
     if data:  # another dataset: its format is detected, and read whole (the run's eval split is its own)
@@ -296,7 +296,8 @@ def eval_command(
         generated: list[list[str]] = []
         rows = evaluate_ranks(built, dataset, rank_list, with_exact_match, batch_size, progress, generated)
     result: dict = {"run": str(run_dir.resolve()), "data": options.eval or options.train}
-    result |= {"holdout": options.holdout} if options.holdout is not None else {}
+    if options.holdout is not None:
+        result["holdout"] = options.holdout
     result["examples"] = len(dataset)
     # a line of its own, not the table's title: a title wraps to the table's width, inside a path
     console.print(f"{run_dir.name} on {spec} ({len(dataset)} examples)", soft_wrap=True, markup=False)

@@ -83,7 +83,8 @@ def share_or_count(holdout: Any) -> float | None:
     ValueError saying what it takes."""
     if holdout is None:
         return None
-    text, share = str(holdout).strip(), str(holdout).strip().endswith("%")
+    text = str(holdout).strip()
+    share = text.endswith("%")
     try:
         number = float(text.removesuffix("%")) / (100 if share else 1)
     except ValueError:

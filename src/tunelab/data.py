@@ -877,19 +877,24 @@ def train_dataset(options: DataConfig, tokenizer, quiet: bool = False) -> Tokeni
     return build_dataset(options.train, tokenizer, options, split=options.split, quiet=quiet, part=part)
 
 
+def _held_out_rows(options: DataConfig) -> tuple[list[Row], int]:
+    """The rows data.holdout keeps out of data.train, and how many rows data.train has."""
+    rows = load_rows(options.train, options, options.split)[0]
+    return _part(rows, options.holdout, held_out=True), len(rows)
+
+
 def eval_rows(options: DataConfig) -> list[Row]:
     """The eval set's rows, before rendering: data.eval's, or those data.holdout keeps out of data.train."""
     if options.holdout is not None:
-        return _part(load_rows(options.train, options, options.split)[0], options.holdout, held_out=True)
+        return _held_out_rows(options)[0]
     return load_rows(options.eval, eval_columns(options), options.eval_split, "data.eval_split")[0]
 
 
 def holdout_record(options: DataConfig) -> dict[str, int | str]:
     """What a run keeps of the rows data.holdout held out, to evaluate on those and no others later: how
     many of how many rows of data.train, and the sha256 of their contents."""
-    rows = load_rows(options.train, options, options.split)[0]
-    held = _part(rows, options.holdout, held_out=True)
-    return {"train_rows": len(rows), "held_out": len(held), "sha256": rows_digest(held)}
+    held, train_rows = _held_out_rows(options)
+    return {"train_rows": train_rows, "held_out": len(held), "sha256": rows_digest(held)}
 
 
 def eval_columns(options: DataConfig) -> DataConfig:

@@ -64,7 +64,7 @@ from tunelab.hpsearch.spec import (
     training_id,
 )
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, ran_on_other_data, select
-from tunelab.hpsearch.trial import data_marker
+from tunelab.hpsearch.trial import trained_on
 from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock, sweep_running
 from tunelab.signals import handling_stop_signals
 
@@ -291,9 +291,8 @@ class SweepProgress:
         varying = [f"{key}={settings[key]}" for key in self.keys if settings.get(key) is not None]
         what = " ".join(varying) or _describe(settings)
         run = RunDir(log.with_name(log.stem))  # the run folder beside its log
-        checkpoint, marker = run.latest_checkpoint(), data_marker(run.path)
-        recorded = marker.read_text() if marker.is_file() else None
-        if trial.data_sha256 is not None and recorded != trial.data_sha256:  # the trial starts it over
+        checkpoint = run.latest_checkpoint()
+        if trial.data_sha256 is not None and trained_on(run.path) != trial.data_sha256:  # starts it over
             goes_on = ", its run trained on other data: training anew" if run.is_run() else ""
         elif run.is_finished():
             goes_on = ", trained: evaluating"

@@ -55,6 +55,13 @@ def data_marker(run_dir: Path) -> Path:
     return run_dir.with_name(f"{run_dir.name}.data_sha256")
 
 
+def trained_on(run_dir: Path) -> str | None:
+    """The fingerprint of the data a trial's run trained on; None: no record (not begun, or begun by an
+    older tunelab)."""
+    marker = data_marker(run_dir)
+    return marker.read_text() if marker.is_file() else None
+
+
 def median_step_time(records: list[dict]) -> float | None:
     """The median optimizer step time of a run, from its metrics.jsonl records."""
     times = [record["step_time_s"] for record in records if "step_time_s" in record]
@@ -85,8 +92,7 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     fingerprint = options.get("data_sha256")
     if fingerprint is not None:
         run = RunDir(config.resolved_output_dir())
-        trained_on = data_marker(run.path)
-        recorded = trained_on.read_text() if trained_on.is_file() else None
+        recorded = trained_on(run.path)
         if recorded != fingerprint:
             if resume:
                 why = (  # none: a run an older tunelab began, before it kept the record
@@ -98,10 +104,10 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
                 resume = False
             if run.is_run():  # cleared before the new fingerprint is written: a stop from here on never
                 run.check_can_start(overwrite=True)  # finds the old run under the new data's name
-                trained_on.unlink(missing_ok=True)
+                data_marker(run.path).unlink(missing_ok=True)
                 with run.lock():
                     run.clear()
-            write_atomically(trained_on, fingerprint)
+            write_atomically(data_marker(run.path), fingerprint)
     try:
         trained = train(config, resume=resume, overwrite=True)
     except ResumeFailed as exc:
