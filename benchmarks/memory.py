@@ -3,13 +3,13 @@ loading (and how much of it is the checkpoint file's pages, from /proc/self/smap
 during a few training steps (the kernel's high-water mark is reset when training begins,
 /proc/self/clear_refs). The steps are `tunelab train`'s own (make_trainer: hooks, loss, optimizer).
 
-    python -m benchmarks.memory --quantization nf4 [--gradient-checkpointing] [--model smollm2-135m]
+    python -m benchmarks.memory --quantization nf4 [--gradient-checkpointing [--every N]] [--rank R]
     python -m benchmarks.memory --data gsm8k:train --max-length 384 --steps 60
 
-Batch 8 × 128 tokens, first half a masked prompt, LoRA r8 all-linear. With --data, batches of that
-data as `tunelab train` makes them (its collator, lengths grouped), and a line per step: the batch's
-padded length, the resident memory after the step and the peak so far. Allocator settings come from
-the environment (e.g. MALLOC_MMAP_THRESHOLD_), so one command compares them.
+Batch 8 × 128 tokens, first half a masked prompt, LoRA all-linear (r8, or --rank). With --data,
+batches of that data as `tunelab train` makes them (its collator, lengths grouped), and a line per
+step: the batch's padded length, the resident memory after the step and the peak so far. Allocator
+settings come from the environment (e.g. MALLOC_MMAP_THRESHOLD_), so one command compares them.
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quantization", default="none", choices=("none", "nf4"))
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--every", type=int, default=1, help="train.gradient_checkpointing_every")
+    parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--data", help="train on this data (a tunelab data spec) instead of fixed batches")
@@ -98,8 +100,12 @@ def main() -> None:
         args.model,
         {
             "quantization": args.quantization,
-            "method": {"name": "lora", "r": 8},
-            "train": {"gradient_checkpointing": args.gradient_checkpointing, "precision": args.precision},
+            "method": {"name": "lora", "r": args.rank},
+            "train": {
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "gradient_checkpointing_every": args.every,
+                "precision": args.precision,
+            },
             **({"data": {"train": args.data, "max_length": args.max_length}} if args.data else {}),
         },
         batch=8,
@@ -114,8 +120,8 @@ def main() -> None:
     else:
         train_on_fixed_batches(config, built, 128, [ResetPeakAtStart(), timer])
     print(
-        f"quantization={args.quantization} gradient_checkpointing={args.gradient_checkpointing} "
-        f"precision={args.precision}: "
+        f"quantization={args.quantization} r={args.rank} gradient_checkpointing="
+        f"{args.gradient_checkpointing} every={args.every} precision={args.precision}: "
         f"peak while loading {loaded_peak / 2**30:.2f} GiB, "
         f"resident after loading {resident / 2**30:.2f} GiB "
         f"(checkpoint file pages {checkpoint_pages / 2**30:.2f} GiB), "

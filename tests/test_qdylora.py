@@ -243,6 +243,47 @@ def test_gradient_checkpointing_on_an_nf4_base_trains(tmp_path, tiny_model_dir, 
     assert losses[-1] < losses[0] - 0.3
 
 
+def test_checkpointing_every_nth_layer_recomputes_those_layers_and_trains_the_same(
+    tmp_path, tiny_model_dir, qa_jsonl
+):
+    """train.gradient_checkpointing_every: 2 recomputes the first of the 2 layers only (called twice a
+    step), and the recompute changes no number: the losses equal those without checkpointing."""
+    from tunelab.assemble import build
+    from tunelab.data import train_dataset
+    from tunelab.train import make_trainer
+
+    calls, losses = {}, {}
+    for setting, every in ((False, 1), (True, 1), (True, 2)):
+        config = tiny_config(
+            tiny_model_dir,
+            qa_jsonl,
+            tmp_path / f"{setting}-{every}",
+            method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+            **{
+                "train.gradient_checkpointing": setting,
+                "train.gradient_checkpointing_every": every,
+                "train.max_steps": 3,
+            },
+        )
+        built = build(config)
+        counts = calls[setting, every] = [0, 0]
+        for index, layer in enumerate(built.model.model.layers):
+            # inside the layer's forward, which is what the recompute runs again (a layer's own hooks are not)
+            layer.self_attn.register_forward_pre_hook(
+                lambda *_, i=index, c=counts: c.__setitem__(i, c[i] + 1)
+            )
+        trainer = make_trainer(
+            config,
+            built,
+            tmp_path / f"{setting}-{every}",
+            train_dataset(config.data, built.tokenizer, quiet=True),
+        )
+        trainer.train()
+        losses[setting, every] = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    assert calls == {(False, 1): [3, 3], (True, 1): [6, 6], (True, 2): [6, 3]}
+    assert losses[True, 1] == losses[False, 1] == losses[True, 2]
+
+
 def test_releasing_checkpoint_pages_keeps_every_value(tiny_model_dir):
     """The pages advised away are those only the 4-bit weights were read from: afterwards the
     unquantized tensors (views into the same mapping) and the logits are unchanged."""

@@ -198,11 +198,15 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(0, ge=0)
     eval_steps: int = Field(0, ge=0)
     log_steps: int = Field(10, gt=0)
-    # auto: bf16 on a GPU that supports it, else fp32
+    # auto: bf16 where the hardware computes it natively (a recent GPU, a CPU with AVX512-BF16 or AMX),
+    # else fp32; trained tensors and optimizer state stay fp32 either way
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # recompute activations in the backward pass (less memory, more time); auto: on with an nf4
     # base, as in the QLoRA recipe (benchmarks.memory: NF4 0.93x of fp32 LoRA without, ~0.5x with)
     gradient_checkpointing: Literal["auto", True, False] = "auto"
+    # with gradient checkpointing on: recompute only every N-th decoder layer, the others keep their
+    # activations (between the two settings above in memory and time; BENCHMARKS.md change 19)
+    gradient_checkpointing_every: int = Field(1, ge=1)
     # the LM head only at labelled positions, a chunk of tokens at a time (see loss.py)
     chunked_loss: bool = True
     # batches of similar length (random order of groups): gsm8k:train at batch 8 carries 32% padding

@@ -5,6 +5,7 @@ This module never asks which method it runs; it calls the method's hooks.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 import yaml
 from rich.markup import escape
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -273,6 +275,15 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
     checkpointing_arg = (
         "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     )
+    every = t.gradient_checkpointing_every if checkpointing else 1
+    if (
+        every > 1
+        and "every_n_layers" not in inspect.signature(PreTrainedModel._set_gradient_checkpointing).parameters
+    ):
+        raise TunelabError(
+            f"train.gradient_checkpointing_every: {every} needs a transformers that checkpoints every n-th "
+            f"layer (5.x; this is {transformers.__version__}); upgrade it or drop the key"
+        )
     sampling = (
         {"train_sampling_strategy": "group_by_length" if t.group_by_length else "random"}
         if "train_sampling_strategy" in fields
@@ -302,6 +313,7 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
         # the fused kernel, also on CPU: SmolLM2's full AdamW step 57 ms instead of 210 (BENCHMARKS.md 16)
         optim="paged_adamw_32bit" if on_gpu_4bit else "adamw_torch_fused",
         **{checkpointing_arg: checkpointing},
+        **({f"{checkpointing_arg}_kwargs": {"every_n_layers": every}} if every > 1 else {}),
         **sampling,
         dataloader_pin_memory=torch.cuda.is_available(),
         # on a machine without a GPU this is also what lets a distributed launch use gloo on CPU
