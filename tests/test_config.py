@@ -120,6 +120,17 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_an_override_given_first_is_told_where_it_goes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for command in (["train"], ["data"], ["eval"], ["export", "--format", "merged", "--out", "x"]):
+        code, err = run_cli(capsys, *command, "data.train=mine.jsonl")
+        assert_one_line_error(
+            code, err, "data.train=mine.jsonl is an override, put it after the config, run folder or data"
+        )
+    (tmp_path / "a=b.jsonl").write_text('{"text": "a"}\n')  # a file of that shape is read, not hinted at
+    assert "override" not in run_cli(capsys, "data", "a=b.jsonl", "model=nothere")[1]
+
+
 def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch, capsys):
     from tunelab.data import load_rows
     from tunelab.models import load_tokenizer, resolve_model

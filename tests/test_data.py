@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tunelab.config import DataConfig, load_config
+from tunelab.config import DataConfig, dump_config, load_config
 from tunelab.data import IGNORE_INDEX, build_dataset, load_rows
 from tunelab.errors import TunelabError
 
@@ -311,6 +311,14 @@ def test_holdout_takes_a_share_or_a_count_and_no_eval_set_beside_it(overrides, m
     with pytest.raises(TunelabError) as caught:
         load_config(None, overrides)
     assert message in str(caught.value)
+
+
+def test_a_holdout_count_stays_a_count_in_the_saved_config():
+    saved = {
+        value: dump_config(load_config(None, [f"data.holdout={value}"])) for value in ("200", "10%", "0.1")
+    }
+    assert "holdout: 200\n" in saved["200"]
+    assert "holdout: 0.1\n" in saved["0.1"] and saved["10%"] == saved["0.1"]
 
 
 def test_an_eval_set_given_beside_a_configs_holdout_is_told_how_to_drop_that(tmp_path):

@@ -78,7 +78,7 @@ BUILTIN_MODELS = {
 }
 
 
-def share_or_count(holdout: Any) -> float | None:
+def share_or_count(holdout: Any) -> float | int | None:
     """data.holdout as a share of the rows (0 < x < 1; '10%' is 0.1) or a whole count of them, or a
     ValueError saying what it takes."""
     if holdout is None:
@@ -92,7 +92,7 @@ def share_or_count(holdout: Any) -> float | None:
     whole = math.isfinite(number) and number >= 1 and number == int(number) and not share
     if not (0 < number < 1 or whole):
         raise ValueError(f"{text} is neither a share of the rows (e.g. 0.1 or 10%) nor a count (e.g. 200)")
-    return number
+    return int(number) if whole else number  # a count stays a count: 200, not 200.0, in saved configs
 
 
 def known_fields(columns: dict[str, str]) -> dict[str, str]:
@@ -118,7 +118,7 @@ class DataConfig(Section):
     eval: str | None = None
     # rows of data.train held out as the eval set, for data that comes as one file: a share (0.1) or a
     # count (200); a seeded choice, the same rows in every run of the same data, never trained on
-    holdout: float | None = None
+    holdout: float | int | None = None
     # the split of a Hugging Face dataset with several (DatasetDict, hub) that train reads
     split: str = "train"
     # the split eval reads; unset: 'validation', else 'test', whichever the dataset has
@@ -149,7 +149,7 @@ class DataConfig(Section):
 
     @field_validator("holdout", mode="before")
     @classmethod
-    def _share_or_count(cls, holdout: Any) -> float | None:
+    def _share_or_count(cls, holdout: Any) -> float | int | None:
         return share_or_count(holdout)
 
     @property

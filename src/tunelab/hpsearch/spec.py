@@ -112,7 +112,7 @@ class DatasetSpec(BaseModel):
     train: str
     eval: str | None = None  # dev: what every choice is made on
     # or: its data.holdout, rows of train kept out as the eval set (in place of base's)
-    holdout: float | None = None
+    holdout: float | int | None = None
     test: str | None = None  # reported only; None: eval's rows are split into dev and test
     columns: dict[str, str] = Field(default_factory=dict)  # its data.columns, in place of base's
 
@@ -123,7 +123,7 @@ class DatasetSpec(BaseModel):
 
     @field_validator("holdout", mode="before")
     @classmethod
-    def _share_or_count(cls, holdout: Any) -> float | None:
+    def _share_or_count(cls, holdout: Any) -> float | int | None:
         try:
             return share_or_count(holdout)
         except ValueError as exc:
