@@ -94,6 +94,10 @@ def main() -> None:
     parser.add_argument("--data", help="train on this data (a tunelab data spec) instead of fixed batches")
     parser.add_argument("--max-length", type=int, default=384, help="data.max_length, with --data")
     args = parser.parse_args()
+    if args.every != 1 and not args.gradient_checkpointing:
+        parser.error(
+            "--every picks the layers gradient checkpointing recomputes; give --gradient-checkpointing too"
+        )
     if args.max_length != parser.get_default("max_length") and not args.data:
         parser.error("--max-length sets the length of --data's rows; give --data too")
     config = run_config(

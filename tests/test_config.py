@@ -122,12 +122,20 @@ def test_bad_override_and_missing_file(tmp_path):
 
 def test_an_override_given_first_is_told_where_it_goes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.jsonl").write_text('{"text": "a"}\n')
     for command in (["train"], ["data"], ["eval"], ["export", "--format", "merged", "--out", "x"]):
-        code, err = run_cli(capsys, *command, "data.train=mine.jsonl")
+        code, err = run_cli(capsys, *command, "data.train=data/mine.jsonl")
         assert_one_line_error(
-            code, err, "data.train=mine.jsonl is an override, put it after the config, run folder or data"
+            code,
+            err,
+            "; data.train=data/mine.jsonl is an override: put it after the config, run folder or data",
         )
-    (tmp_path / "a=b.jsonl").write_text('{"text": "a"}\n')  # a file of that shape is read, not hinted at
+        assert "did you mean" not in err
+    # a name with '=' that is no config key gets no such hint: lr is not one, and a=b.jsonl exists
+    assert_one_line_error(*run_cli(capsys, "train", "lr=1e-4"), "config file not found: lr=1e-4")
+    assert "override" not in run_cli(capsys, "train", "lr=1e-4")[1]
+    (tmp_path / "a=b.jsonl").write_text('{"text": "a"}\n')
     assert "override" not in run_cli(capsys, "data", "a=b.jsonl", "model=nothere")[1]
 
 
@@ -241,6 +249,21 @@ def test_gradient_checkpointing_auto_follows_the_qlora_recipe(tmp_path, quantiza
     config = load_config(None, [f"quantization={quantization}", f"train.gradient_checkpointing={setting}"])
     args = training_arguments(config, tmp_path, has_eval=False)
     assert bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing) is expected
+
+
+def test_checkpointing_every_nth_layer_needs_checkpointing_on():
+    assert load_config(None, ["quantization=nf4", "train.gradient_checkpointing_every=2"])
+    for overrides, why in [
+        ([], "auto, on only with quantization: nf4"),
+        (["quantization=nf4", "train.gradient_checkpointing=false"], "false"),
+    ]:
+        with pytest.raises(TunelabError) as caught:
+            load_config(None, [*overrides, "train.gradient_checkpointing_every=2"])
+        assert str(caught.value) == (
+            "override train.gradient_checkpointing_every=2: train.gradient_checkpointing_every: 2 picks "
+            "the layers that gradient checkpointing recomputes, and it is off here "
+            f"(train.gradient_checkpointing: {why}); set that to true, or drop this key"
+        )
 
 
 def test_gradient_checkpointing_rejects_other_values_naming_the_choices():

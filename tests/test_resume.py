@@ -195,6 +195,7 @@ def test_resume_refuses_a_different_config_but_not_fewer_checkpoints(
     (run_dir / "config.yaml").write_text(dump_config(config))
     changed = config.model_copy(deep=True)
     changed.train.keep_checkpoints = 1  # the disk is filling up
+    changed.train.gradient_checkpointing, changed.train.gradient_checkpointing_every = True, 2  # memory is
     _check_resumable(changed, RunDir(run_dir))
     # the same model folder written relative to where you are is the same model
     monkeypatch.chdir(Path(tiny_model_dir).parent)

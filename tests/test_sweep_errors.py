@@ -486,12 +486,15 @@ def test_a_finished_trial_is_not_trained_again_for_a_logging_key(tmp_path, monke
     spec.write_text(yaml.safe_dump(sweep))
     assert run_cli(capsys, "sweep", str(spec))[0] == 0
     sweep["base"]["train"] |= {"log_steps": 1, "save_steps": 2}
+    sweep["base"]["train"] |= {"gradient_checkpointing": True, "gradient_checkpointing_every": 2}
     spec.write_text(yaml.safe_dump(sweep))
     line = _error_line(capsys, tmp_path, ["sweep", str(spec)])
     assert line == (
-        f"error: {spec}: finished trials would train again only because train.log_steps 10 -> 1, "
-        "train.save_steps 0 -> 2 changed; these keys change what a run logs or saves, not what it learns: "
-        "set them back to keep the finished results, or give this sweep another --db"
+        f"error: {spec}: finished trials would train again only because train.gradient_checkpointing "
+        "auto -> True, train.gradient_checkpointing_every 1 -> 2, train.log_steps 10 -> 1, "
+        "train.save_steps 0 -> 2 changed; these keys change what a run logs, saves or "
+        "holds in memory, not what it learns: set them back to keep the finished results, or give this "
+        "sweep another --db"
     )
     sweep["grid"]["train.lr"].append(3e-4)  # a new trial next to the old one: the check is about the old
     sweep["base"]["train"] = {"max_steps": 5}

@@ -133,6 +133,8 @@ def test_a_key_added_later_keeps_the_ids_at_its_default():
     before = config_id(config)  # as a tunelab without train.keep_checkpoints resolved it
     assert config_id({**config, "train": {"lr": 1e-4, "keep_checkpoints": 0}}) == before
     assert config_id({**config, "train": {"lr": 1e-4, "keep_checkpoints": 2}}) != before
+    assert config_id({**config, "train": {"lr": 1e-4, "gradient_checkpointing_every": 1}}) == before
+    assert config_id({**config, "train": {"lr": 1e-4, "gradient_checkpointing_every": 2}}) != before
 
 
 def test_defaults_written_or_not_give_the_same_id(tmp_path):

@@ -250,6 +250,12 @@ class RunConfig(Section):
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / (self.name or self.method.name)
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """train.gradient_checkpointing with `auto` resolved: on with an nf4 base (the QLoRA recipe)."""
+        setting = self.train.gradient_checkpointing
+        return self.quantization == "nf4" if setting == "auto" else setting
+
 
 # ---------------------------------------------------------------------------------------------
 # loading
@@ -526,11 +532,23 @@ YAML_HINTS = {
 }
 
 
+def override_hint(path: str | Path) -> str:
+    """'; X is an override: ...' for a missing path that is a config override given in the place of a
+    config, run folder or data (train.lr=1e-4, data.train=data/x.jsonl, made absolute or not); else ''."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        key, equals, _ = part.partition("=")
+        if equals and key.split(".")[0] in RunConfig.model_fields and not Path(path).exists():
+            override = "/".join(parts[i:])
+            return f"; {override} is an override: put it after the config, run folder or data it changes"
+    return ""
+
+
 def read_yaml(path: str | Path) -> tuple[dict, str]:
     """Read a YAML mapping; returns (data, text). Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise TunelabError(f"config file not found: {path}{did_you_mean(path)}")
+        raise TunelabError(f"config file not found: {path}{override_hint(path) or did_you_mean(path)}")
     if data_suffix(path) in FILE_SUFFIXES:  # `tunelab train data.jsonl`: the data, not a config
         raise TunelabError(
             f"{path} is a data file, not a config; name it in one: data: {{train: {path}}} (see "
@@ -604,6 +622,19 @@ def validate(
             f"{_where('quantization', source, text, located)}: quantization: nf4 cannot be combined "
             f"with method {config.method.name} (4-bit weights do not train); use lora, dylora or spiel on "
             "a 4-bit base, or quantization: none"
+        )
+    every = config.train.gradient_checkpointing_every
+    if every > 1 and not config.gradient_checkpointing:
+        why = (
+            "false"
+            if config.train.gradient_checkpointing is False
+            else "auto, on only with quantization: nf4"
+        )
+        raise TunelabError(
+            f"{_where('train.gradient_checkpointing_every', source, text, located)}: "
+            f"train.gradient_checkpointing_every: {every} picks the layers that gradient checkpointing "
+            f"recomputes, and it is off here (train.gradient_checkpointing: {why}); set that to true, or "
+            "drop this key"
         )
     return config
 
@@ -691,7 +722,7 @@ def check_source(spec: str) -> Path | None:
     names = ", ".join(f"{name}:train" for name in builtin_tasks())
     name, colon, split = spec.partition(":")
     task = closest(name, builtin_tasks()) if colon else None
-    hint = f"; did you mean {task}:{split}?" if task else near
+    hint = f"; did you mean {task}:{split}?" if task else override_hint(spec) or near
     raise DatasetNotFound(
         f"dataset not found: '{spec}' is neither a file, a folder, a hub id (owner/name) nor a built-in "
         f"({names}, or :eval, :dev, :test){hint}"

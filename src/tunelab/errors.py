@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import functools
 import os
-import re
 import shlex
 from collections.abc import Callable, Iterable
 from itertools import islice
@@ -64,19 +63,13 @@ def _note_near_hub_id(name: str, cwd: str) -> None:
         )
 
 
-OVERRIDE_SHAPE = re.compile(r"[A-Za-z_]\w*(\.\w+)*=")  # train.lr=1e-4, data.train=x.jsonl
-
-
 def did_you_mean(path: str | Path, keep: Callable[[Path], bool] | None = None) -> str:
     """'; did you mean NEAR?' for a path that does not exist, where one near it does; else ''.
 
     The first missing part of the path is compared with the names in the folder above it, so a
     typo in a folder's name is found as well as one in the file's; `keep`: which entries may be meant
-    (a data file or a folder, not the config beside it). A missing name shaped like an override
-    (data.train=x.jsonl) is most likely one given before the config: the hint says where it goes."""
+    (a data file or a folder, not the config beside it)."""
     path = Path(path).expanduser()
-    if OVERRIDE_SHAPE.match(path.name) and not path.exists():
-        return f"; if {path.name} is an override, put it after the config, run folder or data it changes"
     parts = path.parts
     for depth in range(1, len(parts) + 1):
         if not Path(*parts[:depth]).exists():

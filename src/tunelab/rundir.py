@@ -22,7 +22,7 @@ from typing import IO
 
 import yaml
 
-from tunelab.config import RunConfig
+from tunelab.config import RunConfig, override_hint
 from tunelab.errors import TunelabError, did_you_mean, shell_word
 
 CONFIG_FILE = "config.yaml"
@@ -192,7 +192,9 @@ class RunDir:
     def require_run(self) -> None:
         """A folder tunelab trained into, or a clear error."""
         if not self.path.exists():
-            raise TunelabError(f"run folder {self.path} not found{did_you_mean(self.path)}")
+            raise TunelabError(
+                f"run folder {self.path} not found{override_hint(self.path) or did_you_mean(self.path)}"
+            )
         if not self.config_file.is_file():
             raise TunelabError(f"{self.path} is not a tunelab run directory (no {CONFIG_FILE})")
         if not self.is_run():

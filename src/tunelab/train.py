@@ -52,9 +52,16 @@ from tunelab.rundir import (
 )
 from tunelab.signals import handling_stop_signals
 
-# config keys that may differ when a run is resumed: where its folder lives, what it is called, and
-# how many checkpoints it keeps (a disk filling up mid-run)
-RESUMABLE_CHANGES = ("output_dir", "name", "train.keep_checkpoints")
+# config keys that may differ when a run is resumed: where its folder lives, what it is called, how
+# many checkpoints it keeps (a disk filling up mid-run) and which layers recompute their activations
+# (memory running out: the same numbers either way)
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "name",
+    "train.keep_checkpoints",
+    "train.gradient_checkpointing",
+    "train.gradient_checkpointing_every",
+)
 
 
 class MethodHooks(TrainerCallback):
@@ -267,23 +274,13 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Trai
     t = config.train
     bf16 = compute_dtype(t.precision) == torch.bfloat16
     on_gpu_4bit = config.quantization == "nf4" and torch.cuda.is_available()
-    checkpointing = t.gradient_checkpointing
-    if checkpointing == "auto":
-        checkpointing = config.quantization == "nf4"
+    checkpointing = config.gradient_checkpointing
     # transformers 5 renamed the argument (the old name warns); older versions only know the old one
     fields = TrainingArguments.__dataclass_fields__
     checkpointing_arg = (
         "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     )
-    every = t.gradient_checkpointing_every if checkpointing else 1
-    if (
-        every > 1
-        and "every_n_layers" not in inspect.signature(PreTrainedModel._set_gradient_checkpointing).parameters
-    ):
-        raise TunelabError(
-            f"train.gradient_checkpointing_every: {every} needs a transformers that checkpoints every n-th "
-            f"layer (5.x; this is {transformers.__version__}); upgrade it or drop the key"
-        )
+    every = t.gradient_checkpointing_every  # > 1 only with checkpointing on (config.validate)
     sampling = (
         {"train_sampling_strategy": "group_by_length" if t.group_by_length else "random"}
         if "train_sampling_strategy" in fields
@@ -427,6 +424,17 @@ class TrainedRun:
     tuned: TunedModel | None
 
 
+def _check_checkpointing_support(config: RunConfig) -> None:
+    """Before the model loads: train.gradient_checkpointing_every needs transformers' every_n_layers."""
+    every = config.train.gradient_checkpointing_every
+    takes = inspect.signature(PreTrainedModel._set_gradient_checkpointing).parameters
+    if every > 1 and "every_n_layers" not in takes:
+        raise TunelabError(
+            f"train.gradient_checkpointing_every: {every} needs a transformers whose checkpointing takes "
+            f"every_n_layers (5.23 does; this is {transformers.__version__}): upgrade it or drop the key"
+        )
+
+
 def train(
     config: RunConfig,
     resume: bool = False,
@@ -451,6 +459,7 @@ def train(
                 "To train longer, start a new run with a higher train.max_steps or train.epochs."
             )
             return TrainedRun(run.path, None)
+    _check_checkpointing_support(config)
     # a mistyped model or data path is the error to see first, before any about the output folder
     resolve_model(config.model)
     config = config.model_copy(update={"model": model_location(config.model)})

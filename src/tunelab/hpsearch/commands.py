@@ -146,8 +146,8 @@ def _refuse_retraining_for_bookkeeping(trials: list[Trial], store: LazyStore, sp
                 changed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
                 raise TunelabError(
                     f"{spec_path}: finished trials would train again only because {changed} changed; "
-                    "these keys change what a run logs or saves, not what it learns: set them back to keep "
-                    "the finished results, or give this sweep another --db"
+                    "these keys change what a run logs, saves or holds in memory, not what it learns: set "
+                    "them back to keep the finished results, or give this sweep another --db"
                 )
 
 

@@ -97,11 +97,12 @@ EVAL_RANK_KEY = "method.rank"  # the rank a dylora trial's row was evaluated at
 # config id, so a database written before the key existed still matches its spec (every key is in a
 # resolved config, so a new one would otherwise change every id and restart every trial)
 KEYS_ADDED_LATER = {"train.keep_checkpoints": 0, "train.gradient_checkpointing_every": 1}
-# keys that change what a run logs and saves, not what it learns. They are in config ids all the same
-# (databases written with them must keep matching their specs); the sweep refuses to train a finished
-# trial again for them alone (bookkeeping_changes)
+# keys that change what a run logs and saves, or how much memory it takes, not what it learns. They are
+# in config ids all the same (databases written with them must keep matching their specs); the sweep
+# refuses to train a finished trial again for them alone (bookkeeping_changes)
 BOOKKEEPING_KEYS = (
-    "train.log_steps", "train.save_steps", "train.keep_checkpoints", "train.eval_steps", "train.report_to"
+    "train.log_steps", "train.save_steps", "train.keep_checkpoints", "train.eval_steps", "train.report_to",
+    "train.gradient_checkpointing", "train.gradient_checkpointing_every",
 )  # fmt: skip
 
 
