@@ -51,7 +51,7 @@ def test_quickstart_prints_its_results_and_a_next_command_that_works(
     assert export == f"tunelab export '{run_dir}' --rank {best} --format peft --out '{run_dir}-peft-r{best}'"
     code, out, err = run_cli_output(capsys, *shlex.split(evaluate)[1:])  # as printed, without "tunelab"
     assert code == 0, err
-    assert "(64 examples)" in out and "exact_match" not in out
+    assert ": 64 examples" in out and "exact_match" not in out
     code, _, err = run_cli_output(capsys, *shlex.split(export)[1:])
     assert code == 0, err
     assert json.loads(Path(f"{run_dir}-peft-r{best}", "adapter_config.json").read_text())["r"] == best

@@ -130,7 +130,7 @@ def test_eval_command_writes_json(lora_run, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
     # what was evaluated, in one line however long its path (a table title would wrap inside it)
-    assert f"{lora_run.name} on {metrics['data']} (8 examples)\n" in result.output
+    assert f"{lora_run.name} on {metrics['data']}: 8 examples\n" in result.output
     assert metrics["examples"] == 8 and 0 <= metrics["exact_match"] <= 1 and metrics["perplexity"] > 1
     # what was scored is there to read: each example's prompt, reference and generated text
     first = metrics["generations"][0]

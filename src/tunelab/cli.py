@@ -300,7 +300,8 @@ def eval_command(
         result["holdout"] = options.holdout
     result["examples"] = len(dataset)
     # a line of its own, not the table's title: a title wraps to the table's width, inside a path
-    console.print(f"{run_dir.name} on {spec} ({len(dataset)} examples)", soft_wrap=True, markup=False)
+    # 'on x.jsonl (data.holdout=0.1): 20 examples', no second parenthesis beside the holdout's
+    console.print(f"{run_dir.name} on {spec}: {len(dataset)} examples", soft_wrap=True, markup=False)
     if not ranks and config.method.name == "dylora":  # which of its ranks these figures are
         console.print(f"at rank {config.method.r} (the run's r; --ranks all evaluates every rank)")
     console.print(_metrics_table(rows))
