@@ -253,16 +253,20 @@ def test_gradient_checkpointing_auto_follows_the_qlora_recipe(tmp_path, quantiza
 
 def test_checkpointing_every_nth_layer_needs_checkpointing_on():
     assert load_config(None, ["quantization=nf4", "train.gradient_checkpointing_every=2"])
-    for overrides, why in [
-        ([], "auto, on only with quantization: nf4"),
-        (["quantization=nf4", "train.gradient_checkpointing=false"], "false"),
+    for overrides, at, why in [
+        ([], "train.gradient_checkpointing_every=2", "auto, on only with quantization: nf4"),
+        (
+            ["quantization=nf4", "train.gradient_checkpointing=false"],
+            "train.gradient_checkpointing=false",
+            "false",
+        ),
     ]:
         with pytest.raises(TunelabError) as caught:
             load_config(None, [*overrides, "train.gradient_checkpointing_every=2"])
         assert str(caught.value) == (
-            "override train.gradient_checkpointing_every=2: train.gradient_checkpointing_every: 2 picks "
-            "the layers that gradient checkpointing recomputes, and it is off here "
-            f"(train.gradient_checkpointing: {why}); set that to true, or drop this key"
+            f"override {at}: train.gradient_checkpointing_every: 2 picks the layers that gradient "
+            f"checkpointing recomputes, and it is off here (train.gradient_checkpointing: {why}); set "
+            "train.gradient_checkpointing to true, or train.gradient_checkpointing_every to 1"
         )
 
 

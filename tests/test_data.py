@@ -296,9 +296,13 @@ def test_holdout_keeps_a_seeded_share_of_the_training_rows_out_for_eval(tmp_path
     "overrides, message",
     [
         (["data.holdout=1.5"], "data.holdout=1.5: 'data.holdout': 1.5 is neither a share of the rows"),
-        (["data.holdout=0"], "'data.holdout': 0 is neither a share of the rows (e.g. 0.1 or 10%) nor a co"),
+        (
+            ["data.holdout=0"],
+            "'data.holdout': 0 is neither a share of the rows, below 1 (e.g. 0.1 or 10%), nor a co",
+        ),
         (["data.holdout=ten"], "'data.holdout': ten is neither a share of the rows"),
-        (["data.holdout=100%"], "'data.holdout': 100% is neither a share of the rows"),
+        (["data.holdout=100%"], "'data.holdout': 100% keeps all the rows out; a share is below 1 (e.g. 0.1"),
+        (["data.holdout=1.0"], "'data.holdout': 1.0 keeps all the rows out; a share is below 1 (e.g. 0.1"),
         (["data.holdout=inf"], "'data.holdout': inf is neither a share of the rows"),
         (
             ["data.eval=gsm8k:eval", "data.holdout=0.1"],

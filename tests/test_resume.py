@@ -201,7 +201,10 @@ def test_resume_refuses_a_different_config_but_not_fewer_checkpoints(
     monkeypatch.chdir(Path(tiny_model_dir).parent)
     _check_resumable(changed.model_copy(update={"model": Path(tiny_model_dir).name}), RunDir(run_dir))
     changed.train.lr = 0.5
-    with pytest.raises(TunelabError, match="'train.lr' differs from"):
+    changed.train.batch_size = 3
+    with pytest.raises(
+        TunelabError, match=r"\(train.batch_size 3 here, 16 in the run, train.lr 0.5 here, 0.01 "
+    ):
         train(changed, resume=True)
 
 

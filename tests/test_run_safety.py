@@ -498,8 +498,10 @@ def test_auto_resume_starts_resumes_or_leaves_a_finished_run(tmp_path, capsys, t
     assert (run_dir / "final" / "trained.safetensors").is_file()
 
     code, err = run_cli(capsys, "train", str(path), "--auto-resume", "train.lr=0.5")
-    assert_one_line_error(code, err, "--auto-resume: 'train.lr' differs from")
-    assert "a finished run; train this config into another output_dir, or replace that run with" in err
+    assert_one_line_error(code, err, "--auto-resume: this config differs from")
+    assert (
+        "a finished run (train.lr 0.5 here, 0.005 in the run); train it into another output_dir, or " in err
+    )
     code, err = run_cli(capsys, "train", str(path), "--auto-resume", "--overwrite")
     assert_one_line_error(code, err, "--auto-resume decides whether to resume by itself; drop --overwrite")
 

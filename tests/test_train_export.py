@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -584,3 +585,24 @@ def test_a_run_on_one_file_evaluates_on_the_rows_it_held_out(tmp_path, tiny_mode
     assert code == 0, err
     assert "data.train: " in out_text and "51 rows (13 more held out: data.holdout)" in out_text
     assert f"data.eval: {qa_jsonl} (data.holdout=0.2) — 13 rows" in out_text
+    # resumed (a stopped run: no final weights) with a setting that may change, which it says
+    shutil.rmtree(result.run_dir / "final")
+    config_file = str(result.run_dir / "config.yaml")
+    code, out_text, err = run_cli_output(
+        capsys, "train", config_file, "--resume", "train.gradient_checkpointing=true"
+    )
+    note = f"resuming with train.gradient_checkpointing True (auto in {config_file})"
+    assert code == 0 and note in out_text + err, out_text + err
+    code, err = run_cli(capsys, "train", config_file, "--resume", "--overwrite")
+    assert_one_line_error(
+        code, err, "--resume continues the run in ", " and --overwrite replaces it; give one"
+    )
+    # resumed after its file grew, it would train on rows it held out
+    shutil.rmtree(result.run_dir / "final")
+    qa_jsonl.write_text(grown.read_text())
+    code, err = run_cli(capsys, "train", config_file, "--resume")
+    assert_one_line_error(
+        code,
+        err,
+        "not the 13 it held out of 64 (the file has 65 now), and may include rows it trained on; put ",
+    )

@@ -20,7 +20,6 @@ from tunelab.errors import DatasetNotFound, RunInterrupted, TunelabError, shell_
 
 if TYPE_CHECKING:
     from tunelab.config import DataConfig
-    from tunelab.rundir import RunDir
 
 try:  # typer 0.2x carries its own click; earlier versions use click itself
     from typer._click import exceptions as click_errors
@@ -189,23 +188,6 @@ def _check_eval_overrides(overrides: list[str], trained: DataConfig) -> None:
             )
 
 
-def _check_held_out(options: DataConfig, run: RunDir) -> None:
-    """An eval of a run on its held-out rows reads the rows it held out, as the run recorded them: a file
-    grown or edited since would give other rows, which may include rows it trained on."""
-    from tunelab.data import holdout_record
-
-    if options.holdout is None or not run.holdout_file.is_file():
-        return
-    recorded, now = json.loads(run.holdout_file.read_text()), holdout_record(options)
-    if now["sha256"] != recorded["sha256"]:
-        raise TunelabError(
-            f"data.train is not as the run trained on it: the rows data.holdout picks now are not the "
-            f"{recorded['held_out']} it held out of {recorded['train_rows']} (the file has "
-            f"{now['train_rows']} now), and may include rows it trained on; evaluate on the file as it "
-            "was (moved: data.train=NEWPATH), or pass --data NAME|PATH"
-        )
-
-
 def _note_trained_on(data: str, trained_on: str) -> None:
     """Say so when --data names the file the run trained on: its scores are on trained rows."""
     if (
@@ -252,7 +234,7 @@ def eval_command(
 
     from tunelab.assemble import load_run, read_run_config
     from tunelab.config import check_source, with_data_overrides
-    from tunelab.data import eval_dataset
+    from tunelab.data import check_held_out, eval_dataset
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
     from tunelab.rundir import check_writable, json_report, rank_curve_file, trained_weights
@@ -280,7 +262,11 @@ def eval_command(
             f"{missing} (the run's {key}{moved}; --data PATH evaluates on another)"
         ) from None
     if not data:
-        _check_held_out(config.data, trained_weights(run_dir)[0])
+        check_held_out(
+            config.data,
+            trained_weights(run_dir)[0].holdout_file,
+            "evaluate on the file as it was (moved: data.train=NEWPATH), or pass --data NAME|PATH",
+        )
     _, built = load_run(run_dir)  # `config` stays the run's with the data.* overrides
     options = config.data
     if data:  # another dataset: its format is detected, and read whole (the run's eval split is its own)

@@ -90,8 +90,14 @@ def share_or_count(holdout: Any) -> float | int | None:
     except ValueError:
         number = math.nan
     whole = math.isfinite(number) and number >= 1 and number == int(number) and not share
+    if number == 1 and text != "1":  # 1.0: a share of all the rows more likely than a count of one
+        raise ValueError(
+            f"{text} keeps all the rows out; a share is below 1 (e.g. 0.1 or 10%), a count of one row is 1"
+        )
     if not (0 < number < 1 or whole):
-        raise ValueError(f"{text} is neither a share of the rows (e.g. 0.1 or 10%) nor a count (e.g. 200)")
+        raise ValueError(
+            f"{text} is neither a share of the rows, below 1 (e.g. 0.1 or 10%), nor a count (e.g. 200)"
+        )
     return int(number) if whole else number  # a count stays a count: 200, not 200.0, in saved configs
 
 
@@ -630,11 +636,14 @@ def validate(
             if config.train.gradient_checkpointing is False
             else "auto, on only with quantization: nf4"
         )
+        # at the override that turned it off, if one did (a resumed run's file has the other key)
+        keys = ("train.gradient_checkpointing", "train.gradient_checkpointing_every")
+        at = next((key for key in keys if key in (located or {})), keys[1])
         raise TunelabError(
-            f"{_where('train.gradient_checkpointing_every', source, text, located)}: "
-            f"train.gradient_checkpointing_every: {every} picks the layers that gradient checkpointing "
-            f"recomputes, and it is off here (train.gradient_checkpointing: {why}); set that to true, or "
-            "drop this key"
+            f"{_where(at, source, text, located)}: train.gradient_checkpointing_every: {every} picks the "
+            "layers that gradient checkpointing recomputes, and it is off here "
+            f"(train.gradient_checkpointing: {why}); set train.gradient_checkpointing to true, or "
+            "train.gradient_checkpointing_every to 1"
         )
     return config
 

@@ -897,6 +897,26 @@ def holdout_record(options: DataConfig) -> dict[str, int | str]:
     return {"train_rows": train_rows, "held_out": len(held), "sha256": rows_digest(held)}
 
 
+def check_held_out(options: DataConfig, recorded_file: Path, fix: str) -> None:
+    """The rows data.holdout picks are those a run recorded it held out (`recorded_file`, its
+    holdout.json), or an error ending in `fix`: from a file grown or edited since, they would be other
+    rows, which may include rows the run trained on."""
+    if options.holdout is None or not recorded_file.is_file():
+        return
+    recorded, now = json.loads(recorded_file.read_text()), holdout_record(options)
+    if now["sha256"] != recorded["sha256"]:
+        rows = (
+            f"the file has {now['train_rows']} now"
+            if now["train_rows"] != recorded["train_rows"]
+            else "their contents changed"
+        )
+        raise TunelabError(
+            f"data.train is not as the run trained on it: the rows data.holdout picks now are not the "
+            f"{recorded['held_out']} it held out of {recorded['train_rows']} ({rows}), and may include rows "
+            f"it trained on; {fix}"
+        )
+
+
 def eval_columns(options: DataConfig) -> DataConfig:
     """`options` with data.columns cut to the columns data.eval has: an eval file may be in the format's
     own names (chat rows) beside training rows that need the mapping."""

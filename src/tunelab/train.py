@@ -28,6 +28,7 @@ from tunelab.assemble import TunedModel, build
 from tunelab.config import RunConfig, dump_config, flatten, model_location, validate
 from tunelab.data import (
     TokenizedDataset,
+    check_held_out,
     check_source,
     collator,
     eval_dataset,
@@ -362,9 +363,10 @@ def make_trainer(
     return trainer
 
 
-def _check_resumable(config: RunConfig, run: RunDir, option: str = "--resume") -> None:
+def _check_resumable(config: RunConfig, run: RunDir, option: str = "--resume") -> dict[str, tuple]:
     """Resume only a run that exists, with the run's own config (wherever the folder now lives);
-    `option`: the command-line option the errors name."""
+    `option`: the command-line option the errors name. Returns the settings of RESUMABLE_CHANGES that
+    differ from the run's, as {key: (the run's, now)}, but where the folder lives and its name."""
     if not run.config_file.is_file():
         raise TunelabError(f"{option}: {run} holds no run to resume (no {CONFIG_FILE}); drop {option}")
     # through the schema: a key that a newer tunelab added (with its default) is not a change, and an
@@ -373,18 +375,20 @@ def _check_resumable(config: RunConfig, run: RunDir, option: str = "--resume") -
     saved = flatten(validate(yaml.safe_load(text) or {}, str(run.config_file), text).model_dump(mode="json"))
     current = flatten(config.model_dump(mode="json"))
     saved["model"], current["model"] = model_location(saved["model"]), model_location(current["model"])
-    keys = sorted(set(saved) | set(current))
-    changed = [key for key in keys if key not in RESUMABLE_CHANGES and current.get(key) != saved.get(key)]
+    differing = [key for key in sorted(set(saved) | set(current)) if current.get(key) != saved.get(key)]
+    changed = [key for key in differing if key not in RESUMABLE_CHANGES]
+    listed = ", ".join(f"{key} {current.get(key)} here, {saved.get(key)} in the run" for key in changed)
     if changed and run.is_finished():  # nothing left to resume: this config is another run
         raise TunelabError(
-            f"{option}: '{changed[0]}' differs from {run.config_file}, a finished run; train this config "
+            f"{option}: this config differs from {run.config_file}, a finished run ({listed}); train it "
             f"into another output_dir, or replace that run with --overwrite in place of {option}"
         )
     if changed:
         raise TunelabError(
-            f"{option}: '{changed[0]}' differs from {run.config_file}; resume with the run's own "
+            f"{option}: this config differs from {run.config_file} ({listed}); resume with the run's own "
             f"config: tunelab train {shell_word(run.config_file)} --resume"
         )
+    return {key: (saved.get(key), current.get(key)) for key in differing if key not in ("output_dir", "name")}
 
 
 def can_resume(config: RunConfig) -> bool:
@@ -424,6 +428,14 @@ class TrainedRun:
     tuned: TunedModel | None
 
 
+def _checkpointing_note(config: RunConfig) -> str:
+    """', gradient checkpointing (every 2nd layer)' for the training line: which memory setting runs."""
+    if not config.gradient_checkpointing:
+        return ""
+    every = config.train.gradient_checkpointing_every
+    return ", gradient checkpointing" + (f" (layers 0, {every}, {2 * every}, ...)" if every > 1 else "")
+
+
 def _check_checkpointing_support(config: RunConfig) -> None:
     """Before the model loads: train.gradient_checkpointing_every needs transformers' every_n_layers."""
     every = config.train.gradient_checkpointing_every
@@ -451,14 +463,25 @@ def train(
     run = RunDir(config.resolved_output_dir())
     if not is_main_process():  # under accelerate launch: one process tells what all of them do
         console.quiet = True
+    if resume and overwrite:
+        raise TunelabError(
+            f"{resume_option} continues the run in {run} and --overwrite replaces it; give one"
+        )
     if resume:
-        _check_resumable(config, run, resume_option)
+        settings = _check_resumable(config, run, resume_option)
         if run.is_finished():
             console.print(
                 f"{run} is finished ({run.final_dir} exists); nothing to resume, nothing changed. "
                 "To train longer, start a new run with a higher train.max_steps or train.epochs."
             )
             return TrainedRun(run.path, None)
+        check_held_out(
+            config.data,
+            run.holdout_file,
+            "put the file back as it was, or train anew (another output_dir, or --overwrite)",
+        )
+        for key, (before, now) in settings.items():  # applied from here on; config.yaml keeps the run's
+            console.print(f"resuming with {key} {now} ({before} in {run.config_file})", highlight=False)
     _check_checkpointing_support(config)
     # a mistyped model or data path is the error to see first, before any about the output folder
     resolve_model(config.model)
@@ -526,8 +549,8 @@ def _train_locked(
     console.print(
         f"training [bold]{config.method.name}[/bold] on {escape(config.model)} ({len(train_set)} examples"
         f"{f', {train_set.held_out} rows held out for eval' if train_set.held_out else ''}, "
-        f"{'bf16' if args.bf16 else 'fp32'}{', base in 4-bit nf4' if config.quantization == 'nf4' else ''}) "
-        f"-> {escape(str(run))}"
+        f"{'bf16' if args.bf16 else 'fp32'}{', base in 4-bit nf4' if config.quantization == 'nf4' else ''}"
+        f"{_checkpointing_note(config)}) -> {escape(str(run))}"
     )
     with stop_request.installed():
         try:
