@@ -139,6 +139,29 @@ def test_an_override_given_first_is_told_where_it_goes(tmp_path, monkeypatch, ca
     assert "override" not in run_cli(capsys, "data", "a=b.jsonl", "model=nothere")[1]
 
 
+def test_a_config_named_without_its_suffix_or_by_its_folder_gets_a_hint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lora.yaml").write_text("model: smollm2-135m\n")
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    assert_one_line_error(
+        *run_cli(capsys, "train", "lora"), "config file not found: lora; did you mean lora.yaml?"
+    )
+    message = "runs is a folder with no config.yaml, not a run; give a config file, or a run folder to resume"
+    assert_one_line_error(*run_cli(capsys, "train", "runs"), message)
+    (tmp_path / "runs" / "a" / "config.yaml").write_text("model: smollm2-135m\n")
+    assert_one_line_error(*run_cli(capsys, "train", "runs"), "not a run (runs in it: runs/a); give a config")
+    for given in (["--train.lr=1e-3"], ["--train.lr", "1e-3"]):
+        code, err = run_cli(capsys, "train", "lora.yaml", *given)
+        assert_one_line_error(
+            code, err, "No such option: --train.lr; overrides take no dashes: train.lr=VALUE"
+        )
+    for spaced in (["train.lr", "=", "1e-3"], ["train.lr", "=1e-3"]):
+        code, err = run_cli(capsys, "train", "lora.yaml", *spaced)
+        assert_one_line_error(
+            code, err, "not of the form key.sub=value, with no spaces around = (train.lr=...)"
+        )
+
+
 def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch, capsys):
     from tunelab.data import load_rows
     from tunelab.models import load_tokenizer, resolve_model

@@ -81,6 +81,13 @@ def train(
     from tunelab.train import train as run_training
 
     if config.is_dir():
+        if not (config / CONFIG_FILE).is_file():
+            runs = sorted(str(found.parent) for found in config.glob(f"*/{CONFIG_FILE}"))
+            inside = f" (runs in it: {', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''})" if runs else ""
+            raise TunelabError(
+                f"{config} is a folder with no {CONFIG_FILE}, not a run{inside}; give a config file, or a "
+                "run folder to resume"
+            )
         config = config / CONFIG_FILE
     run_config = load_config(config, overrides or [])
     run = RunDir(config.parent)
@@ -550,6 +557,9 @@ def main() -> None:
         sys.exit(130)
     except click_errors.UsageError as exc:  # a mistyped command or option, a missing argument, --top 0
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        option = getattr(exc, "option_name", None) or ""
+        if option.startswith("--") and "." in option:  # --train.lr=1e-3: an override written as an option
+            hint = f"; overrides take no dashes: {option.lstrip('-')}=VALUE"
         message = exc.format_message().rstrip(".") + hint
         err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

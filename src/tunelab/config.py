@@ -417,9 +417,13 @@ def _format_error(
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """['train.lr=1e-4', 'method.r=16'] -> {'train': {'lr': 1e-4}, 'method': {'r': 16}}"""
     dotted: dict[str, Any] = {}
-    for item in overrides:
+    for i, item in enumerate(overrides):
         if "=" not in item:
-            raise TunelabError(f"override '{item}' is not of the form key.sub=value (e.g. train.lr=1e-4)")
+            spaced = "=" in overrides[i + 1 : i + 2] or any(
+                o.startswith("=") for o in overrides[i + 1 : i + 2]
+            )
+            hint = f", with no spaces around = ({item}=...)" if spaced else " (e.g. train.lr=1e-4)"
+            raise TunelabError(f"override '{item}' is not of the form key.sub=value{hint}")
         key, raw = item.split("=", 1)
         if not key or any(not part for part in key.split(".")):
             raise TunelabError(f"override '{item}' has an empty key part; write e.g. method.r=16")
@@ -554,7 +558,11 @@ def read_yaml(path: str | Path) -> tuple[dict, str]:
     """Read a YAML mapping; returns (data, text). Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise TunelabError(f"config file not found: {path}{override_hint(path) or did_you_mean(path)}")
+        # `tunelab train lora` beside lora.yaml
+        named = [path.with_name(path.name + suffix) for suffix in (".yaml", ".yml") if not path.suffix]
+        named = [file for file in named if file.is_file()]
+        near = f"; did you mean {named[0]}?" if named else did_you_mean(path)
+        raise TunelabError(f"config file not found: {path}{override_hint(path) or near}")
     if data_suffix(path) in FILE_SUFFIXES:  # `tunelab train data.jsonl`: the data, not a config
         raise TunelabError(
             f"{path} is a data file, not a config; name it in one: data: {{train: {path}}} (see "
