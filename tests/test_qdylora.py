@@ -351,15 +351,14 @@ def test_any_tunelab_trainer_drives_the_method(tmp_path, tiny_model_dir, qa_json
 
 
 def test_the_training_header_says_the_base_is_4_bit(tiny_model_dir, qa_jsonl, tmp_path, capsys):
-    config = tiny_config(
-        tiny_model_dir, qa_jsonl, tmp_path / "run", quantization="nf4", **{"train.max_steps": 1}
-    )
-    train(config)
-    header = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("training "))
-    assert (
-        "examples, bf16, base in 4-bit nf4) -> " in header
-        or "examples, fp32, base in 4-bit nf4) -> " in header
-    )
+    """...and which layers gradient checkpointing recomputes (on by default with nf4)."""
+    for every, says in [(1, "gradient checkpointing"), (2, "gradient checkpointing (layers 0, 2, 4, ...)")]:
+        overrides = {"train.max_steps": 1, "train.gradient_checkpointing_every": every}
+        train(tiny_config(tiny_model_dir, qa_jsonl, tmp_path / str(every), quantization="nf4", **overrides))
+        header = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("training "))
+        assert re.search(rf"examples, (bf16|fp32), base in 4-bit nf4, {re.escape(says)}\) -> ", header), (
+            header
+        )
 
 
 def test_eval_and_export_without_a_rank_say_which_rank_they_used(qdylora_run, tmp_path, capsys):

@@ -99,6 +99,9 @@ def train(
         # a run's own config trains that folder, wherever it was moved or copied to
         run_config.output_dir = str(run.path.resolve())
         check_saved_model(run_config.model, config)
+    if resume and overwrite:  # (a sweep's trial asks for both: resume if it can, else replace)
+        output = run_config.resolved_output_dir()
+        raise TunelabError(f"--resume continues the run in {output} and --overwrite replaces it; give one")
     if auto_resume:
         if resume or overwrite:
             given = "--resume" if resume else "--overwrite"

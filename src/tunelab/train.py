@@ -463,10 +463,6 @@ def train(
     run = RunDir(config.resolved_output_dir())
     if not is_main_process():  # under accelerate launch: one process tells what all of them do
         console.quiet = True
-    if resume and overwrite:
-        raise TunelabError(
-            f"{resume_option} continues the run in {run} and --overwrite replaces it; give one"
-        )
     if resume:
         settings = _check_resumable(config, run, resume_option)
         if run.is_finished():
