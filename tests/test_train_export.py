@@ -606,3 +606,9 @@ def test_a_run_on_one_file_evaluates_on_the_rows_it_held_out(tmp_path, tiny_mode
         err,
         "not the 13 it held out of 64 (the file has 65 now), and may include rows it trained on; put ",
     )
+    # the run's data moved since: `tunelab data RUN` says how to name it
+    elsewhere = qa_jsonl.rename(tmp_path / "elsewhere.jsonl")
+    code, err = run_cli(capsys, "data", str(result.run_dir))
+    assert_one_line_error(code, err, "(the run's data.train; moved: data.train=NEWPATH)")
+    code, err = run_cli(capsys, "data", str(result.run_dir), f"data.train={elsewhere}", "--examples", "0")
+    assert code == 0, err

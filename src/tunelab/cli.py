@@ -138,11 +138,11 @@ def data_command(
     file (.jsonl, .json, .csv, .tsv, .parquet; the text ones also .gz, .bz2, .xz), a datasets folder or
     a built-in dataset (gsm8k:train) instead, checks it as `data.train` of a default config; overrides
     still apply (model=..., data.format=...)."""
-    from tunelab.config import FILE_SUFFIXES, is_hub_id, load_config
+    from tunelab.config import FILE_SUFFIXES, check_source, is_hub_id, load_config
     from tunelab.data import eval_dataset, train_dataset
     from tunelab.models import load_tokenizer, resolve_model
     from tunelab.preview import print_dataset_report
-    from tunelab.rundir import CHECKPOINTS_DIR, CONFIG_FILE
+    from tunelab.rundir import CHECKPOINTS_DIR, CONFIG_FILE, RunDir
 
     path = Path(config)
     if path.parent.name == CHECKPOINTS_DIR and (path.parent.parent / CONFIG_FILE).is_file():
@@ -164,6 +164,13 @@ def data_command(
     else:
         run_config = load_config(path, overrides or [])
     options = run_config.data
+    if path.name == CONFIG_FILE and RunDir(path.parent).is_run():
+        for key, spec in (("data.train", options.train), ("data.eval", options.eval)):
+            try:
+                if spec:
+                    check_source(spec)
+            except DatasetNotFound as missing:  # the run's own data, moved or deleted since it trained
+                raise DatasetNotFound(f"{missing} (the run's {key}; moved: {key}=NEWPATH)") from None
     tokenizer = load_tokenizer(resolve_model(run_config.model), options.chat_template)
     print_dataset_report(
         console,
