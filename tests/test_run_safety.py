@@ -387,7 +387,10 @@ def test_a_checkpoint_that_does_not_load_stops_resume_with_one_line_and_nothing_
         tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.max_steps": 4, "train.save_steps": 2}
     )
     run = RunDir(train(config).run_dir)
-    shutil.rmtree(run.final_dir)  # as if stopped after step 4's checkpoint
+    shutil.rmtree(
+        run.final_dir
+    )  # as if stopped after step 2's checkpoint (the last step's loads no optimizer)
+    shutil.rmtree(run.checkpoints_dir / "checkpoint-4")
     checkpoint = run.latest_checkpoint()
     (checkpoint / "optimizer.pt").write_bytes(b"not a torch file")
     before = tree_digest(run.path)
@@ -425,7 +428,10 @@ def test_a_run_whose_eval_data_moved_is_told_where_it_may_be_and_how_to_give_it(
     data.rename(moved)
     code, err = run_cli(capsys, "eval", str(run_dir))
     assert_one_line_error(
-        code, err, f"dataset not found: '{data}'", "(the run's data.eval; --data PATH evaluates on another)"
+        code,
+        err,
+        f"dataset not found: '{data}'",
+        "(the run's data.eval; moved: data.eval=NEWPATH; --data PATH evaluates on another)",
     )
     code, err = run_cli(capsys, "eval", str(run_dir), "--data", str(moved))
     assert code == 0, err
@@ -491,11 +497,16 @@ def test_auto_resume_starts_resumes_or_leaves_a_finished_run(tmp_path, capsys, t
     code, out, err = run_cli_output(capsys, "train", str(path), "--auto-resume")
     assert code == 0 and "is finished" in out + err and tree_digest(run_dir) == finished
 
+    final = tree_digest(run_dir / "final")
     shutil.rmtree(run_dir / "final")  # as a kill after the last checkpoint leaves it
     last = RunDir(run_dir).latest_checkpoint()
+    assert last.name == "checkpoint-12"  # the last step's: nothing is left to train
     code, out, err = run_cli_output(capsys, "train", str(path), "--auto-resume")
     assert code == 0 and f"resuming from {last}" in out + err, err
-    assert (run_dir / "final" / "trained.safetensors").is_file()
+    # the Trainer would train a 13th step past max_steps 12; the final weights are the last step's
+    assert tree_digest(run_dir / "final") == final
+    assert RunDir(run_dir).latest_checkpoint() == last
+    assert max(record["step"] for record in RunDir(run_dir).metrics() if "step" in record) == 12
 
     code, err = run_cli(capsys, "train", str(path), "--auto-resume", "train.lr=0.5")
     assert_one_line_error(code, err, "--auto-resume: this config differs from")

@@ -138,7 +138,7 @@ def data_command(
     file (.jsonl, .json, .csv, .tsv, .parquet; the text ones also .gz, .bz2, .xz), a datasets folder or
     a built-in dataset (gsm8k:train) instead, checks it as `data.train` of a default config; overrides
     still apply (model=..., data.format=...)."""
-    from tunelab.config import FILE_SUFFIXES, check_source, is_hub_id, load_config
+    from tunelab.config import FILE_SUFFIXES, is_hub_id, load_config
     from tunelab.data import eval_dataset, train_dataset
     from tunelab.models import load_tokenizer, resolve_model
     from tunelab.preview import print_dataset_report
@@ -166,11 +166,8 @@ def data_command(
     options = run_config.data
     if path.name == CONFIG_FILE and RunDir(path.parent).is_run():
         for key, spec in (("data.train", options.train), ("data.eval", options.eval)):
-            try:
-                if spec:
-                    check_source(spec)
-            except DatasetNotFound as missing:  # the run's own data, moved or deleted since it trained
-                raise DatasetNotFound(f"{missing} (the run's {key}; moved: {key}=NEWPATH)") from None
+            if spec:
+                _check_run_data(key, spec)
     tokenizer = load_tokenizer(resolve_model(run_config.model), options.chat_template)
     print_dataset_report(
         console,
@@ -186,6 +183,17 @@ def data_command(
         print_dataset_report(
             console, "data.eval", options.eval_name, dataset, tokenizer, options.max_length, 0
         )
+
+
+def _check_run_data(key: str, spec: str, also: str = "") -> None:
+    """A run's own data (`key`: data.train or data.eval) still where the run read it, or an error that
+    says it is the run's and how to name it where it went."""
+    from tunelab.config import check_source
+
+    try:
+        check_source(spec)
+    except DatasetNotFound as missing:  # moved or deleted since the run trained
+        raise DatasetNotFound(f"{missing} (the run's {key}; moved: {key}=NEWPATH{also})") from None
 
 
 def _check_eval_overrides(overrides: list[str], trained: DataConfig) -> None:
@@ -268,17 +276,10 @@ def eval_command(
     key, source = (
         ("data.eval", config.data.eval) if config.data.holdout is None else ("data.train", config.data.train)
     )
-    try:
-        check_source(data or source)
-    except DatasetNotFound as missing:
-        if data:
-            raise
-        # the run's own data, moved or deleted since it trained
-        moved = "; moved: data.train=NEWPATH" if config.data.holdout is not None else ""
-        raise DatasetNotFound(
-            f"{missing} (the run's {key}{moved}; --data PATH evaluates on another)"
-        ) from None
-    if not data:
+    if data:
+        check_source(data)
+    else:
+        _check_run_data(key, source, "; --data PATH evaluates on another")
         check_held_out(
             config.data,
             trained_weights(run_dir)[0].holdout_file,

@@ -419,9 +419,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     dotted: dict[str, Any] = {}
     for i, item in enumerate(overrides):
         if "=" not in item:
-            spaced = "=" in overrides[i + 1 : i + 2] or any(
-                o.startswith("=") for o in overrides[i + 1 : i + 2]
-            )
+            spaced = overrides[i + 1 : i + 2] != [] and overrides[i + 1].startswith("=")  # train.lr = 1e-3
             hint = f", with no spaces around = ({item}=...)" if spaced else " (e.g. train.lr=1e-4)"
             raise TunelabError(f"override '{item}' is not of the form key.sub=value{hint}")
         key, raw = item.split("=", 1)
@@ -545,10 +543,12 @@ YAML_HINTS = {
 def override_hint(path: str | Path) -> str:
     """'; X is an override: ...' for a missing path that is a config override given in the place of a
     config, run folder or data (train.lr=1e-4, data.train=data/x.jsonl, made absolute or not); else ''."""
+    if Path(path).exists():
+        return ""
     parts = Path(path).parts
     for i, part in enumerate(parts):
         key, equals, _ = part.partition("=")
-        if equals and key.split(".")[0] in RunConfig.model_fields and not Path(path).exists():
+        if equals and key.split(".")[0] in RunConfig.model_fields:
             override = "/".join(parts[i:])
             return f"; {override} is an override: put it after the config, run folder or data it changes"
     return ""

@@ -429,7 +429,7 @@ class TrainedRun:
 
 
 def _checkpointing_note(config: RunConfig) -> str:
-    """', gradient checkpointing (every 2nd layer)' for the training line: which memory setting runs."""
+    """', gradient checkpointing (layers 0, 2, 4, ...)' for the training line: which layers recompute."""
     if not config.gradient_checkpointing:
         return ""
     every = config.train.gradient_checkpointing_every
@@ -550,7 +550,13 @@ def _train_locked(
     )
     with stop_request.installed():
         try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if checkpoint is not None and _is_last_step(checkpoint):
+                # stopped after the last step's checkpoint, before final/: the Trainer would train a step
+                # past max_steps (it checks only after a step), so the checkpoint's tensors are the result
+                console.print(f"{checkpoint.name} holds the last step: writing the final weights")
+                trainer._load_from_checkpoint(str(checkpoint))
+            else:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint of this step
             last = run.latest_checkpoint()
             raise RunInterrupted(
@@ -583,6 +589,12 @@ def _train_locked(
             built.method.save(built.model, tmp)
     built.model.eval()
     return TrainedRun(run.path, built)
+
+
+def _is_last_step(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved at its run's last optimizer step (its Trainer state says so)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"] > 0
 
 
 def _resume_failed(checkpoint: Path, exc: Exception, option: str) -> ResumeFailed:
