@@ -3,7 +3,9 @@ uninterrupted run; NaN losses stop the run; checkpoints are only used when compl
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from tunelab.config import dump_config
+from tunelab.config import RunConfig, dump_config
 from tunelab.errors import TunelabError
 from tunelab.rundir import COMPLETE_MARKER, RunDir, mark_complete
 from tunelab.train import _check_resumable, train
@@ -221,6 +223,60 @@ def test_a_run_saved_before_a_key_existed_resumes(tmp_path, tiny_model_dir, qa_j
     line = next(i for i, row in enumerate(text.splitlines(), 1) if "batchsize:" in row)
     with pytest.raises(TunelabError, match=rf"config.yaml:{line}: unknown key 'train.batchsize'"):
         _check_resumable(config, RunDir(run_dir))
+
+
+def test_a_run_resumes_from_its_data_moved_refuses_other_rows_and_warns_of_edited_ones(
+    tmp_path, tiny_model_dir, qa_jsonl, capsys
+):
+    config = tiny_config(
+        tiny_model_dir, qa_jsonl, tmp_path / "run", **{"train.max_steps": 6, "train.save_steps": 3}
+    )
+    run = RunDir(train(config).run_dir)
+    record = json.loads(run.data_file.read_text())  # data.eval is the same file
+    assert record["data.train"] == record["data.eval"] and record["data.train"]["rows"] == 64
+    rows = qa_jsonl.read_text()
+
+    def on(data: Path) -> RunConfig:
+        return config.model_copy(
+            update={"data": config.data.model_copy(update={"train": str(data), "eval": str(data)})}
+        )
+
+    def stop_at_step_3() -> None:
+        shutil.rmtree(run.final_dir)
+        shutil.rmtree(run.checkpoints_dir / "checkpoint-6")
+        capsys.readouterr()
+
+    # edited where it is: resumed, with a warning
+    qa_jsonl.write_text(rows.replace('"Q: 7+7="', '"Q: 7 + 7 ="'))
+    stop_at_step_3()
+    train(config, resume=True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"warning: data.train ({qa_jsonl}) has changed since the run started (rows edited)" in err
+    assert run.is_finished()
+
+    # moved: the error says how to give its new place; there, the same rows resume
+    qa_jsonl.write_text(rows)
+    moved = qa_jsonl.rename(tmp_path / "elsewhere.jsonl")
+    stop_at_step_3()
+    with pytest.raises(
+        TunelabError, match=r"qa.jsonl' is neither .* moved: data.train=NEWPATH on the command"
+    ):
+        train(config, resume=True)
+    train(on(moved), resume=True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"resuming with data.train {moved} ({qa_jsonl} in {run.config_file})" in err
+    assert "warning" not in err and run.is_finished()
+
+    # other rows elsewhere: refused; a mistyped new path: said as such
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(rows.splitlines(keepends=True)[:-1]))
+    stop_at_step_3()
+    with pytest.raises(
+        TunelabError, match=rf"data.eval {fewer} here, {qa_jsonl} in the run, data.train {fewer} "
+    ):
+        train(on(fewer), resume=True)
+    with pytest.raises(TunelabError, match="dataset not found: .*elsewher.jsonl"):
+        train(on(tmp_path / "elsewher.jsonl"), resume=True)
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_model_dir, qa_jsonl):

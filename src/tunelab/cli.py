@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tunelab.console import stdout_console
-from tunelab.errors import DatasetNotFound, RunInterrupted, TunelabError, shell_word
+from tunelab.errors import RunInterrupted, TunelabError, shell_word
 
 if TYPE_CHECKING:
     from tunelab.config import DataConfig
@@ -138,7 +138,7 @@ def data_command(
     file (.jsonl, .json, .csv, .tsv, .parquet; the text ones also .gz, .bz2, .xz), a datasets folder or
     a built-in dataset (gsm8k:train) instead, checks it as `data.train` of a default config; overrides
     still apply (model=..., data.format=...)."""
-    from tunelab.config import FILE_SUFFIXES, is_hub_id, load_config
+    from tunelab.config import FILE_SUFFIXES, check_run_source, is_hub_id, load_config
     from tunelab.data import eval_dataset, train_dataset
     from tunelab.models import load_tokenizer, resolve_model
     from tunelab.preview import print_dataset_report
@@ -167,7 +167,7 @@ def data_command(
     if path.name == CONFIG_FILE and RunDir(path.parent).is_run():
         for key, spec in (("data.train", options.train), ("data.eval", options.eval)):
             if spec:
-                _check_run_data(key, spec)
+                check_run_source(key, spec)
     tokenizer = load_tokenizer(resolve_model(run_config.model), options.chat_template)
     print_dataset_report(
         console,
@@ -183,17 +183,6 @@ def data_command(
         print_dataset_report(
             console, "data.eval", options.eval_name, dataset, tokenizer, options.max_length, 0
         )
-
-
-def _check_run_data(key: str, spec: str, also: str = "") -> None:
-    """A run's own data (`key`: data.train or data.eval) still where the run read it, or an error that
-    says it is the run's and how to name it where it went."""
-    from tunelab.config import check_source
-
-    try:
-        check_source(spec)
-    except DatasetNotFound as missing:  # moved or deleted since the run trained
-        raise DatasetNotFound(f"{missing} (the run's {key}; moved: {key}=NEWPATH{also})") from None
 
 
 def _check_eval_overrides(overrides: list[str], trained: DataConfig) -> None:
@@ -258,7 +247,7 @@ def eval_command(
     from rich.progress import Progress
 
     from tunelab.assemble import load_run, read_run_config
-    from tunelab.config import check_source, with_data_overrides
+    from tunelab.config import check_run_source, check_source, with_data_overrides
     from tunelab.data import check_held_out, eval_dataset
     from tunelab.evaluate import evaluate_ranks, parse_ranks, summarize_ranks
     from tunelab.plots import rank_curve
@@ -279,7 +268,7 @@ def eval_command(
     if data:
         check_source(data)
     else:
-        _check_run_data(key, source, "; --data PATH evaluates on another")
+        check_run_source(key, source, "; --data PATH evaluates on another")
         check_held_out(
             config.data,
             trained_weights(run_dir)[0].holdout_file,

@@ -698,6 +698,15 @@ def is_hub_id(spec: str) -> bool:
     )
 
 
+def check_run_source(key: str, spec: str, also: str = "") -> None:
+    """A run's own data (`key`: data.train or data.eval) still where the run read it, or an error that
+    says it is the run's and how to name it where it went, followed by `also`."""
+    try:
+        check_source(spec)
+    except DatasetNotFound as missing:  # moved or deleted since the run trained
+        raise DatasetNotFound(f"{missing} (the run's {key}; moved: {key}=NEWPATH{also})") from None
+
+
 # what a config `tunelab recommend` writes trains on when its sweep had several datasets: no real file, so
 # that `tunelab train` stops at once, saying what to set, instead of training on a default dataset
 YOUR_DATA = "YOUR_DATA.jsonl"

@@ -897,6 +897,39 @@ def holdout_record(options: DataConfig) -> dict[str, int | str]:
     return {"train_rows": train_rows, "held_out": len(held), "sha256": rows_digest(held)}
 
 
+def data_record(options: DataConfig) -> dict[str, dict[str, int | str]]:
+    """What a run keeps of its local data files (data.train, and data.eval beside it), to know them
+    again on resume wherever they have moved: per key, how many rows and the sha256 of their contents.
+    Built-ins and hub datasets are named, not placed, so they have no entry."""
+    sources = {"data.train": (options.train, options, options.split, "data.split")}
+    if options.eval and options.holdout is None:
+        sources["data.eval"] = (options.eval, eval_columns(options), options.eval_split, "data.eval_split")
+    record: dict[str, dict[str, int | str]] = {}
+    for key, (spec, key_options, split, split_key) in sources.items():
+        if check_source(spec) is not None:
+            rows = load_rows(spec, key_options, split, split_key)[0]
+            record[key] = {"rows": len(rows), "sha256": rows_digest(rows)}
+    return record
+
+
+def compare_data(options: DataConfig, recorded_file: Path) -> dict[str, str | None]:
+    """Each key of `recorded_file` (a run's data_record) with how its rows differ now, or None where they
+    are the same; {} when the run recorded nothing (built-in or hub data, or a run from before the record)."""
+    if not recorded_file.is_file():
+        return {}
+    recorded, now = json.loads(recorded_file.read_text()), data_record(options)
+    compared: dict[str, str | None] = {}
+    for key, then in recorded.items():
+        rows = now.get(key, {}).get("rows")
+        if rows is None:
+            compared[key] = "not a local file now"
+        elif now[key]["sha256"] == then["sha256"]:
+            compared[key] = None
+        else:
+            compared[key] = f"{rows} rows now, {then['rows']} then" if rows != then["rows"] else "rows edited"
+    return compared
+
+
 def check_held_out(options: DataConfig, recorded_file: Path, fix: str) -> None:
     """The rows data.holdout picks are those a run recorded it held out (`recorded_file`, its
     holdout.json), or an error ending in `fix`: from a file grown or edited since, they would be other

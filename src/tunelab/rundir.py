@@ -34,6 +34,7 @@ CHECKPOINT_PREFIX = "checkpoint-"  # checkpoints/checkpoint-N, as transformers' 
 COMPLETE_MARKER = "COMPLETE"  # written last into a checkpoint directory
 LOCK_FILE = ".tunelab.lock"
 HOLDOUT_FILE = "holdout.json"  # data.holdout: which rows the run held out (their count and sha256)
+DATA_FILE = "data.json"  # data.train's and data.eval's row counts and sha256, when they are local files
 WEIGHTS_FILE = "trained.safetensors"  # what Method.save writes into final/ and each checkpoint
 STATE_FILE = "method_state.pt"
 FINAL_FILES = (WEIGHTS_FILE, STATE_FILE)
@@ -57,6 +58,7 @@ RUN_ENTRIES = (
     LOGS_DIR,
     LOCK_FILE,
     HOLDOUT_FILE,
+    DATA_FILE,
     "rank_curve.png",
     "loss_curve.png",
 )
@@ -96,6 +98,7 @@ class RunDir:
         self.logs_dir = self.path / LOGS_DIR
         self.lock_file = self.path / LOCK_FILE
         self.holdout_file = self.path / HOLDOUT_FILE
+        self.data_file = self.path / DATA_FILE
 
     def __str__(self) -> str:
         return str(self.path)

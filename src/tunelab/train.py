@@ -25,12 +25,14 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.assemble import TunedModel, build
-from tunelab.config import RunConfig, dump_config, flatten, model_location, validate
+from tunelab.config import RunConfig, check_run_source, dump_config, flatten, model_location, validate
 from tunelab.data import (
     TokenizedDataset,
     check_held_out,
     check_source,
     collator,
+    compare_data,
+    data_record,
     eval_dataset,
     holdout_record,
     train_dataset,
@@ -377,6 +379,8 @@ def _check_resumable(config: RunConfig, run: RunDir, option: str = "--resume") -
     saved["model"], current["model"] = model_location(saved["model"]), model_location(current["model"])
     differing = [key for key in sorted(set(saved) | set(current)) if current.get(key) != saved.get(key)]
     changed = [key for key in differing if key not in RESUMABLE_CHANGES]
+    moved = _moved_data(config, run, changed)
+    changed = [key for key in changed if key not in moved]
     listed = ", ".join(f"{key} {current.get(key)} here, {saved.get(key)} in the run" for key in changed)
     if changed and run.is_finished():  # nothing left to resume: this config is another run
         raise TunelabError(
@@ -389,6 +393,17 @@ def _check_resumable(config: RunConfig, run: RunDir, option: str = "--resume") -
             f"config: tunelab train {shell_word(run.config_file)} --resume"
         )
     return {key: (saved.get(key), current.get(key)) for key in differing if key not in ("output_dir", "name")}
+
+
+def _moved_data(config: RunConfig, run: RunDir, keys: list[str]) -> list[str]:
+    """Those of `keys` that are data files whose rows are the ones the run recorded: moved, not changed."""
+    data_keys = [key for key in keys if key in ("data.train", "data.eval")]
+    if not data_keys:
+        return []
+    for key in data_keys:  # a mistyped new path: said as such, with the file it may have meant
+        check_source(getattr(config.data, key.removeprefix("data.")))
+    compared = compare_data(config.data, run.data_file)
+    return [key for key in data_keys if key in compared and compared[key] is None]
 
 
 def can_resume(config: RunConfig) -> bool:
@@ -471,6 +486,9 @@ def train(
                 "To train longer, start a new run with a higher train.max_steps or train.epochs."
             )
             return TrainedRun(run.path, None)
+        for key, spec in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+            if spec:  # moved since the run started: the error says how to give its new place
+                check_run_source(key, spec, f" on the command line with {resume_option}")
         check_held_out(
             config.data,
             run.holdout_file,
@@ -478,12 +496,20 @@ def train(
         )
         for key, (before, now) in settings.items():  # applied from here on; config.yaml keeps the run's
             console.print(f"resuming with {key} {now} ({before} in {run.config_file})", highlight=False)
+        for key, how in compare_data(config.data, run.data_file).items():
+            if how:
+                source = getattr(config.data, key.removeprefix("data."))
+                console.print(
+                    f"[yellow]warning:[/] {key} ({escape(source)}) has changed since the run started "
+                    f"({how}); the resumed steps read it as it is now"
+                )
     _check_checkpointing_support(config)
     # a mistyped model or data path is the error to see first, before any about the output folder
     resolve_model(config.model)
     config = config.model_copy(update={"model": model_location(config.model)})
-    for spec in filter(None, (config.data.train, config.data.eval)):
-        check_source(spec)
+    if not resume:  # (checked above when resuming)
+        for spec in filter(None, (config.data.train, config.data.eval)):
+            check_source(spec)
     lock = run.lock() if is_main_process() else nullcontext()
     with lock:
         if not resume:
@@ -531,6 +557,8 @@ def _train_locked(
             write_atomically(run.config_file, dump_config(config))
             if config.data.holdout is not None:  # `tunelab eval` checks that it reads these rows again
                 write_atomically(run.holdout_file, json.dumps(holdout_record(config.data)))
+            if record := data_record(config.data):  # resume knows the files again if they move
+                write_atomically(run.data_file, json.dumps(record))
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         what = f"{resume_option}: no complete checkpoint in {run.checkpoints_dir}; starting over"
