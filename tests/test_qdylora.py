@@ -351,14 +351,39 @@ def test_any_tunelab_trainer_drives_the_method(tmp_path, tiny_model_dir, qa_json
 
 
 def test_the_training_header_says_the_base_is_4_bit(tiny_model_dir, qa_jsonl, tmp_path, capsys):
-    """...and which layers gradient checkpointing recomputes (on by default with nf4)."""
-    for every, says in [(1, "gradient checkpointing"), (2, "gradient checkpointing (layers 0, 2, 4, ...)")]:
+    """...and which of its 2 layers gradient checkpointing recomputes (on by default with nf4)."""
+    for every, says in [(1, "gradient checkpointing"), (2, "gradient checkpointing (layer 0 of 2 only)")]:
         overrides = {"train.max_steps": 1, "train.gradient_checkpointing_every": every}
         train(tiny_config(tiny_model_dir, qa_jsonl, tmp_path / str(every), quantization="nf4", **overrides))
         header = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("training "))
         assert re.search(rf"examples, (bf16|fp32), base in 4-bit nf4, {re.escape(says)}\) -> ", header), (
             header
         )
+
+
+def test_checkpointing_every_nth_layer_is_refused_before_loading_by_a_transformers_without_it(
+    tiny_model_dir, qa_jsonl, tmp_path, monkeypatch
+):
+    from transformers import PreTrainedModel
+
+    from tunelab.errors import TunelabError
+
+    def as_before_every_n_layers(self, enable=True, gradient_checkpointing_func=None):
+        raise AssertionError("refused before the model loads")
+
+    monkeypatch.setattr(PreTrainedModel, "_set_gradient_checkpointing", as_before_every_n_layers)
+    config = tiny_config(
+        tiny_model_dir,
+        qa_jsonl,
+        tmp_path / "run",
+        quantization="nf4",
+        **{"train.gradient_checkpointing_every": 2},
+    )
+    with pytest.raises(
+        TunelabError, match=r"every_n_layers \(5.23 does; this is .*\): upgrade it or drop the key"
+    ):
+        train(config)
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_and_export_without_a_rank_say_which_rank_they_used(qdylora_run, tmp_path, capsys):

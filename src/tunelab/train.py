@@ -443,12 +443,21 @@ class TrainedRun:
     tuned: TunedModel | None
 
 
-def _checkpointing_note(config: RunConfig) -> str:
-    """', gradient checkpointing (layers 0, 2, 4, ...)' for the training line: which layers recompute."""
+def _checkpointing_note(config: RunConfig, layers: int | None) -> str:
+    """', gradient checkpointing (layers 0, 2, 4, ..., 28 of 30)' for the training line: which of the
+    model's `layers` decoder layers recompute their activations."""
     if not config.gradient_checkpointing:
         return ""
     every = config.train.gradient_checkpointing_every
-    return ", gradient checkpointing" + (f" (layers 0, {every}, {2 * every}, ...)" if every > 1 else "")
+    if every == 1:
+        return ", gradient checkpointing"
+    if layers is None:
+        return f", gradient checkpointing (layers 0, {every}, {2 * every}, ...)"
+    recomputed = [str(layer) for layer in range(0, layers, every)]
+    if len(recomputed) == 1:  # every >= layers: nearly off, which a typo in N may not have meant
+        return f", gradient checkpointing (layer 0 of {layers} only)"
+    shown = recomputed if len(recomputed) <= 4 else [*recomputed[:3], "...", recomputed[-1]]
+    return f", gradient checkpointing (layers {', '.join(shown)} of {layers})"
 
 
 def _check_checkpointing_support(config: RunConfig) -> None:
@@ -574,7 +583,8 @@ def _train_locked(
         f"training [bold]{config.method.name}[/bold] on {escape(config.model)} ({len(train_set)} examples"
         f"{f', {train_set.held_out} rows held out for eval' if train_set.held_out else ''}, "
         f"{'bf16' if args.bf16 else 'fp32'}{', base in 4-bit nf4' if config.quantization == 'nf4' else ''}"
-        f"{_checkpointing_note(config)}) -> {escape(str(run))}"
+        f"{_checkpointing_note(config, getattr(built.model.config, 'num_hidden_layers', None))}) -> "
+        f"{escape(str(run))}"
     )
     with stop_request.installed():
         try:
