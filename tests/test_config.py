@@ -148,8 +148,11 @@ def test_a_config_named_without_its_suffix_or_by_its_folder_gets_a_hint(tmp_path
     )
     message = "runs is a folder with no config.yaml, not a run; give a config file, or a run folder to resume"
     assert_one_line_error(*run_cli(capsys, "train", "runs"), message)
-    (tmp_path / "runs" / "a" / "config.yaml").write_text("model: smollm2-135m\n")
+    (tmp_path / "runs" / "a" / "config.yaml").write_text(dump_config(load_config(None, [])))
     assert_one_line_error(*run_cli(capsys, "train", "runs"), "not a run (runs in it: runs/a); give a config")
+    assert_one_line_error(
+        *run_cli(capsys, "data", "runs"), "runs is a folder of runs (runs in it: runs/a), not"
+    )
     for given in (["--train.lr=1e-3"], ["--train.lr", "1e-3"]):
         code, err = run_cli(capsys, "train", "lora.yaml", *given)
         assert_one_line_error(
@@ -200,6 +203,10 @@ def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch, capsy
         capsys.readouterr().err.replace("\n", "")
     )
     assert resolve_model("owner/name") == "owner/name" and capsys.readouterr().err == ""  # nothing near
+    resolve_model("models/other")  # beside models/ that holds no such folder
+    assert "models/other is no local path, so it is tried as a hub id; models/ has no other" in (
+        capsys.readouterr().err.replace("\n", "")
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(
         TunelabError,

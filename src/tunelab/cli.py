@@ -76,17 +76,15 @@ def train(
 ) -> None:
     """Fine-tune a model as CONFIG says."""
     from tunelab.config import check_saved_model, load_config
-    from tunelab.rundir import CONFIG_FILE, RunDir
+    from tunelab.rundir import CONFIG_FILE, RunDir, runs_in
     from tunelab.train import end_process_group, is_main_process
     from tunelab.train import train as run_training
 
     if config.is_dir():
         if not (config / CONFIG_FILE).is_file():
-            runs = sorted(str(found.parent) for found in config.glob(f"*/{CONFIG_FILE}"))
-            inside = f" (runs in it: {', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''})" if runs else ""
             raise TunelabError(
-                f"{config} is a folder with no {CONFIG_FILE}, not a run{inside}; give a config file, or a "
-                "run folder to resume"
+                f"{config} is a folder with no {CONFIG_FILE}, not a run{runs_in(config)}; give a config "
+                "file, or a run folder to resume"
             )
         config = config / CONFIG_FILE
     run_config = load_config(config, overrides or [])
@@ -142,7 +140,7 @@ def data_command(
     from tunelab.data import eval_dataset, train_dataset
     from tunelab.models import load_tokenizer, resolve_model
     from tunelab.preview import print_dataset_report
-    from tunelab.rundir import CHECKPOINTS_DIR, CONFIG_FILE, RunDir
+    from tunelab.rundir import CHECKPOINTS_DIR, CONFIG_FILE, RunDir, runs_in
 
     path = Path(config)
     if path.parent.name == CHECKPOINTS_DIR and (path.parent.parent / CONFIG_FILE).is_file():
@@ -153,6 +151,11 @@ def data_command(
     # a folder, a built-in or a hub dataset
     other_type = path.suffix.lower() not in (".yaml", ".yml", "")
     named = not path.exists() and (":" in config or is_hub_id(config))
+    if path.is_dir() and (inside := runs_in(path)):
+        raise TunelabError(
+            f"{path} is a folder of runs{inside}, not a dataset; give one run, or a data file or a "
+            "datasets folder"
+        )
     is_data = other_type or path.is_dir() or named
     if path.is_file() and path.suffix.lower() == ".txt":
         raise TunelabError(

@@ -54,7 +54,9 @@ def note_near_hub_id(name: str) -> None:
 
 @functools.cache  # once per name and folder: a training resolves its model and data more than once
 def _note_near_hub_id(name: str, cwd: str) -> None:
-    near = did_you_mean(name)
+    near, folder = did_you_mean(name), Path(name).expanduser().parent
+    if not near and folder.is_dir() and folder != Path("."):  # runs/typo beside a local runs/
+        near = f"; {folder}{os.sep} has no {Path(name).name}"
     if near:
         from rich.console import Console
 

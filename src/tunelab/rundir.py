@@ -398,6 +398,14 @@ def _acquire(handle: IO[str], busy: str) -> None:
     handle.flush()
 
 
+def runs_in(folder: Path) -> str:
+    """' (runs in it: runs/a, runs/b, ...)' for a folder that holds runs one level down; else ''."""
+    runs = sorted(
+        str(found.parent) for found in folder.glob(f"*/{CONFIG_FILE}") if RunDir(found.parent).is_run()
+    )
+    return f" (runs in it: {', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''})" if runs else ""
+
+
 def _listing(names: list[str], most: int = 3) -> str:
     shown = ", ".join(names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
