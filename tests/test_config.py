@@ -11,7 +11,7 @@ from huggingface_hub import constants
 
 from conftest import assert_one_line_error, run_cli
 from tunelab.config import check_source, dump_config, load_config, parse_overrides, validate
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, closest, one_edit_apart
 from tunelab.hub import offline_unless_reachable
 
 
@@ -389,3 +389,19 @@ def test_another_method_named_on_the_command_line_is_told_how_to_replace_the_sec
         f"also {path}:1: unknown key 'method.alpha'"
     )
     assert load_config(path, ["method=spiel"]).method.name == "spiel"
+
+
+def test_a_typo_is_matched_by_one_edit_where_difflib_misses_it():
+    pairs = {
+        "tyni": True,
+        "tiny": False,
+        "tny": True,
+        "tinny": True,
+        "tinx": True,
+        "ytni": False,
+        "tixx": False,
+    }
+    assert {other: one_edit_apart("tiny", other) for other in pairs} == pairs
+    assert closest("tyni", ["data", "runs", "tiny"]) == "tiny"
+    assert closest("ab", ["ba"]) is None  # two letters: anything is one edit from something
+    assert closest("lroa", ["lora", "dylora", "spiel"]) == "lora"

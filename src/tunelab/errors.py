@@ -42,8 +42,26 @@ class ResumeFailed(TunelabError):
 
 def closest(word: str, candidates: Iterable[str]) -> str | None:
     """The candidate that `word`, a likely typo, was probably meant to be; None when none is close."""
-    matches = difflib.get_close_matches(word, list(candidates), n=1)
-    return matches[0] if matches else None
+    candidates = list(candidates)
+    matches = difflib.get_close_matches(word, candidates, n=1)
+    if matches:
+        return matches[0]
+    # difflib's ratio misses two letters swapped in a short word (tyni: 0.5 to tiny)
+    return next((other for other in candidates if len(word) > 2 and one_edit_apart(word, other)), None)
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """Whether `b` is `a` with one letter changed, added or dropped, or two letters swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) != len(b):
+        short, long = sorted((a, b), key=len)
+        return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
+    differ = [i for i in range(len(a)) if a[i] != b[i]]
+    if len(differ) != 2:
+        return len(differ) == 1
+    i, j = differ
+    return a[i] == b[j] and a[j] == b[i]
 
 
 def note_near_hub_id(name: str) -> None:
