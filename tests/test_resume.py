@@ -264,15 +264,18 @@ def test_a_run_resumes_from_its_data_moved_refuses_other_rows_and_warns_of_edite
         train(config, resume=True)
     train(on(moved), resume=True)
     err = " ".join(capsys.readouterr().err.split())
-    assert f"resuming with data.train {moved} ({qa_jsonl} in {run.config_file})" in err
+    assert f"resuming with data.train {moved}: the rows the run started with, moved from {qa_jsonl} (" in err
     assert "warning" not in err and run.is_finished()
+    stop_at_step_3()
+    train(on(moved), resume=True)  # as config.yaml now says: where the data is
+    assert run.is_finished() and "resuming with data" not in capsys.readouterr().err
 
     # other rows elsewhere: refused; a mistyped new path: said as such
     fewer = tmp_path / "fewer.jsonl"
     fewer.write_text("".join(rows.splitlines(keepends=True)[:-1]))
     stop_at_step_3()
     with pytest.raises(
-        TunelabError, match=rf"data.eval {fewer} here, {qa_jsonl} in the run, data.train {fewer} "
+        TunelabError, match=rf"data.eval {fewer} here, {moved} in the run, data.train {fewer} "
     ):
         train(on(fewer), resume=True)
     with pytest.raises(TunelabError, match="dataset not found: .*elsewher.jsonl"):

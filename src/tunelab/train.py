@@ -406,6 +406,16 @@ def _moved_data(config: RunConfig, run: RunDir, keys: list[str]) -> list[str]:
     return [key for key in data_keys if key in compared and compared[key] is None]
 
 
+def _record_moved_data(run: RunDir, config: RunConfig, keys: list[str]) -> None:
+    """The run's config.yaml names its moved data files (`keys`) where they are now, so that later
+    resumes and `tunelab eval` of the run find them."""
+    text = run.config_file.read_text()
+    saved = validate(yaml.safe_load(text) or {}, str(run.config_file), text)
+    moved = {key.removeprefix("data."): getattr(config.data, key.removeprefix("data.")) for key in keys}
+    data = saved.data.model_copy(update=moved)
+    write_atomically(run.config_file, dump_config(saved.model_copy(update={"data": data})))
+
+
 def can_resume(config: RunConfig) -> bool:
     """Whether `config`'s output_dir holds a run of this same config that `train(config, resume=True)`
     takes up: stopped with a complete checkpoint, or finished."""
@@ -504,7 +514,14 @@ def train(
             "put the file back as it was, or train anew (another output_dir, or --overwrite)",
         )
         for key, (before, now) in settings.items():  # applied from here on; config.yaml keeps the run's
-            console.print(f"resuming with {key} {now} ({before} in {run.config_file})", highlight=False)
+            if key.startswith("data."):  # moved, the same rows (_check_resumable): config.yaml follows it
+                console.print(
+                    f"resuming with {key} {now}: the rows the run started with, moved from {before} "
+                    f"({run.config_file} now names it there)",
+                    highlight=False,
+                )
+            else:
+                console.print(f"resuming with {key} {now} ({before} in {run.config_file})", highlight=False)
         for key, how in compare_data(config.data, run.data_file).items():
             if how:
                 source = getattr(config.data, key.removeprefix("data."))
@@ -523,6 +540,9 @@ def train(
     with lock:
         if not resume:
             run.check_can_start(overwrite)
+        elif moved := [key for key in settings if key.startswith("data.")]:
+            if is_main_process():
+                _record_moved_data(run, config, moved)
         return _train_locked(config, run, resume, overwrite, untrained, resume_option)
 
 
