@@ -265,6 +265,28 @@ def test_prompt_files_read_the_runs_column_names(tmp_path):
     assert row_messages(*row, None, None) == [{"role": "user", "content": "What is 2+2?"}]
 
 
+def test_prompt_files_name_their_prompt_column(lora_run, tmp_path, capsys):
+    from conftest import assert_one_line_error, run_cli
+    from tunelab.generate import read_prompt_rows, row_messages
+
+    questions = tmp_path / "qa.jsonl"  # a run trained with no data.columns; the file has its own names
+    questions.write_text('{"question": "What is 2+2?", "answer": "4"}\n')
+    (row,) = read_prompt_rows(questions, {}, "question")
+    assert row_messages(*row, None, None) == [{"role": "user", "content": "What is 2+2?"}]
+    generate = ["generate", str(lora_run), "--file", str(questions), "--max-new-tokens", "1"]
+    assert_one_line_error(
+        *run_cli(capsys, *generate),
+        "qa.jsonl:1: a prompt row needs a 'prompt', 'instruction' or 'messages' field (this one has "
+        "question, answer); name the column that holds the prompt with --prompt-column NAME",
+    )
+    assert_one_line_error(
+        *run_cli(capsys, *generate, "--prompt-column", "questoin"),
+        "--prompt-column questoin: ",
+        "qa.jsonl:1 has no such column (its columns: question, answer); did you mean question?",
+    )
+    assert run_cli(capsys, *generate, "--prompt-column", "question")[0] == 0
+
+
 def test_full_fine_tuning_trains_every_weight(tmp_path, tiny_model_dir, qa_jsonl):
     config = tiny_config(
         tiny_model_dir,

@@ -406,6 +406,9 @@ def generate(
         "--file",
         help="prompts: .jsonl/.json/.csv/.parquet rows (prompt, instruction or messages), or .txt lines",
     ),
+    prompt_column: str = typer.Option(
+        None, "--prompt-column", help="the column of --file that holds the prompt (as data.columns.prompt)"
+    ),
     out: Path = typer.Option(None, "--out", help="write the rows with their 'generated' text here (.jsonl)"),
     rank: int = typer.Option(None, "--rank", help="dylora runs: generate at this rank"),
     system: str = typer.Option(None, "--system", help="a system prompt (chat template runs)"),
@@ -424,12 +427,14 @@ def generate(
 
     if bool(prompt) == bool(file):
         raise TunelabError("give prompts with --prompt TEXT (repeatable) or --file FILE, one of the two")
+    if prompt_column and not file:
+        raise TunelabError("--prompt-column names a column of --file FILE; give the file, or drop the option")
     if out is not None:
         if out.suffix != ".jsonl" and not out.is_dir():
             raise TunelabError(f"--out {out}: name a .jsonl file to write")
         check_writable(out, "--out", folder=False, ours=is_generations)
     rows = (
-        read_prompt_rows(file, read_run_config(run_dir).data.columns)
+        read_prompt_rows(file, read_run_config(run_dir).data.columns, prompt_column)
         if file
         else [(f"--prompt {i + 1}", {"prompt": p}) for i, p in enumerate(prompt)]
     )

@@ -20,11 +20,12 @@ from tunelab.data import (
     as_text,
     clean_messages,
     columns_present,
+    first_row,
     load_rows,
     map_columns,
     render_chat,
 )
-from tunelab.errors import TunelabError, did_you_mean
+from tunelab.errors import TunelabError, closest, did_you_mean
 from tunelab.evaluate import generation_options
 
 COMMANDS = "/reset clears the conversation, /exit or /quit (or Ctrl-D) quits; Ctrl-C stops a reply"
@@ -53,22 +54,42 @@ def row_messages(where: str, row: dict, system: str | None, tokenizer) -> list[d
             user += "\n\n" + as_text(where, row["input"], "input")
         messages = [{"role": "user", "content": user}]
     else:
-        raise TunelabError(f"{where}: a prompt row needs a 'prompt', 'instruction' or 'messages' field")
+        raise TunelabError(
+            f"{where}: a prompt row needs a 'prompt', 'instruction' or 'messages' field (this one has "
+            f"{', '.join(map(str, row))}); name the column that holds the prompt with --prompt-column NAME"
+        )
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
     return messages
 
 
-def read_prompt_rows(path: Path, columns: dict[str, str] | None = None) -> list[Row]:
+def read_prompt_rows(
+    path: Path, columns: dict[str, str] | None = None, prompt_column: str | None = None
+) -> list[Row]:
     """Prompt rows of a .jsonl/.json/.csv/.parquet file, or one prompt per line of a .txt file. The
-    run's `data.columns` apply to the columns of theirs the file has (a file like the training data)."""
+    run's `data.columns` apply to the columns of theirs the file has (a file like the training data);
+    `prompt_column` names the column that holds the prompt, in place of a 'prompt' field."""
     if not path.is_file():
         raise TunelabError(f"--file {path}: file not found{did_you_mean(path)}")
     if path.suffix == ".txt":
+        if prompt_column:
+            raise TunelabError(
+                f"--prompt-column: {path} is a .txt file, one prompt per line; drop the option"
+            )
         lines = read_utf8(path).splitlines()
         return [(f"{path}:{n}", {"prompt": line}) for n, line in enumerate(lines, 1) if line.strip()]
     rows = load_rows(str(path))[0]
-    return map_columns(rows, columns_present(rows, columns or {}))
+    columns = columns_present(rows, columns or {})
+    if prompt_column:
+        where, first = first_row(rows)
+        if prompt_column not in first:
+            near = closest(prompt_column, map(str, first))
+            raise TunelabError(
+                f"--prompt-column {prompt_column}: {where} has no such column (its columns: "
+                f"{', '.join(map(str, first))}){f'; did you mean {near}?' if near else ''}"
+            )
+        columns["prompt"] = prompt_column
+    return map_columns(rows, columns)
 
 
 def is_generations(path: Path) -> bool:
