@@ -596,8 +596,11 @@ def test_a_run_on_one_file_evaluates_on_the_rows_it_held_out(tmp_path, tiny_mode
     ]:
         code, err = run_cli(capsys, "eval", str(result.run_dir), override)
         assert_one_line_error(code, err, message)
-    code, err = run_cli(capsys, "eval", str(result.run_dir), "--data", str(qa_jsonl), "--limit", "2")
-    assert code == 0 and "is the file the run trained on: these scores include rows it trained on" in err
+    for same in (qa_jsonl, moved):  # there, or a copy elsewhere (its rows are those in data.json)
+        code, err = run_cli(capsys, "eval", str(result.run_dir), "--data", str(same), "--limit", "2")
+        assert code == 0 and "holds the rows the run trained on: these scores include rows it" in err
+    code, err = run_cli(capsys, "eval", str(result.run_dir), "--data", str(grown), "--limit", "2")
+    assert code == 0 and "trained on" not in err
     # rows held out now of a run that trained on all of its data are no eval set
     overrides = {"data.eval": None, "train.max_steps": 1}
     whole = train(tiny_config(tiny_model_dir, qa_jsonl, tmp_path / "whole", **overrides)).run_dir

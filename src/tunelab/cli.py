@@ -20,6 +20,7 @@ from tunelab.errors import RunInterrupted, TunelabError, shell_word
 
 if TYPE_CHECKING:
     from tunelab.config import DataConfig
+    from tunelab.rundir import RunDir
 
 try:  # typer 0.2x carries its own click; earlier versions use click itself
     from typer._click import exceptions as click_errors
@@ -205,15 +206,21 @@ def _check_eval_overrides(overrides: list[str], trained: DataConfig) -> None:
             )
 
 
-def _note_trained_on(data: str, trained_on: str) -> None:
-    """Say so when --data names the file the run trained on: its scores are on trained rows."""
-    if (
-        Path(data).exists()
-        and Path(trained_on).exists()
-        and Path(data).resolve() == Path(trained_on).resolve()
-    ):
+def _note_trained_on(data: str, trained: DataConfig, run: RunDir) -> None:
+    """Say so when --data names the file the run trained on, there or moved or copied (its rows are
+    those the run recorded in data.json): its scores are on trained rows."""
+    from tunelab.data import compare_data
+
+    same = Path(data).exists() and Path(data).resolve() == Path(trained.train).resolve()
+    if not same and Path(data).exists():
+        try:
+            compared = compare_data(trained.model_copy(update={"train": data, "eval": None}), run.data_file)
+        except TunelabError:  # read as the run read its own data, it is not that data
+            return
+        same = "data.train" in compared and compared["data.train"] is None
+    if same:
         err_console.print(
-            f"[yellow]note:[/yellow] {escape(data)} is the file the run trained on: these scores include "
+            f"[yellow]note:[/yellow] {escape(data)} holds the rows the run trained on: these scores include "
             "rows it trained on",
             soft_wrap=True,
         )
@@ -286,7 +293,7 @@ def eval_command(
     spec = options.eval_name
     dataset = eval_dataset(options, built.tokenizer, limit=limit)  # data.columns where it has them
     if data:  # once it has read: a bad file's error stays the one line said
-        _note_trained_on(data, trained.data.train)
+        _note_trained_on(data, trained.data, trained_weights(run_dir)[0])
     with_exact_match = dataset.task is not None if exact_match is None else exact_match
     with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         generated: list[list[str]] = []
