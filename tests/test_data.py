@@ -160,6 +160,11 @@ def test_missing_field_names_the_row(tmp_path, tokenizer):
 def test_unknown_columns_and_empty_files(tmp_path, tokenizer):
     with pytest.raises(TunelabError, match="cannot tell the format.*e.g. {instruction: question"):
         build_dataset(str(_write(tmp_path, "odd.jsonl", [{"question": "a"}])), tokenizer)
+    (tmp_path / "odd.csv").write_text("question,answer\na,b\n")  # the columns are named on its line 1
+    with pytest.raises(
+        TunelabError, match=r"odd.csv:1, its header: cannot tell the format from columns \['answer"
+    ):
+        build_dataset(str(tmp_path / "odd.csv"), tokenizer)
     for name in ("empty.jsonl", "empty.json", "empty.csv"):  # told alike, whatever the type
         (tmp_path / name).write_text("\n")
         with pytest.raises(TunelabError, match=f"{name}: the dataset has no rows"):

@@ -83,6 +83,13 @@ def columns_present(rows: list[Row], columns: dict[str, str]) -> dict[str, str]:
     return {field: column for field, column in columns.items() if column in first}
 
 
+def columns_line(where: str) -> str:
+    """Where a row's columns are named: a CSV/TSV file's header line (`qa.csv:2` -> `qa.csv:1, its
+    header`), else the row itself."""
+    path, _, line = where.rpartition(":")
+    return f"{path}:1, its header" if line.isdigit() and data_suffix(path) in (".csv", ".tsv") else where
+
+
 def first_row(rows: list[Row]) -> tuple[str, dict]:
     """The first row that is one (what the format is told from), passing over lines kept as bad."""
     for where, row in rows:
@@ -238,10 +245,11 @@ def map_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
     if not columns:
         return rows
     where, first = first_row(rows)
+    header = columns_line(where)
     for field, column in columns.items():
         if column not in first:
             raise DataError(
-                f"{where}: data.columns.{field} names column '{column}', which the data does not have "
+                f"{header}: data.columns.{field} names column '{column}', which the data does not have "
                 f"(its columns: {', '.join(map(str, first))})"
             )
     mapped = []
@@ -289,12 +297,13 @@ def load_rows(
 
 def detect_format(rows: list[Row], requested: str) -> str:
     where, first = first_row(rows)
+    header = columns_line(where)
     if requested != "auto":
         missing = [field for field in FORMAT_FIELDS[requested] if field not in first]
         if missing:  # the first row already disagrees: the setting, not the rows, is wrong
             raise DataError(
-                f"{where}: data.format={requested} reads {', '.join(FORMAT_FIELDS[requested])}, but the data "
-                f"has columns {sorted(first)}; set data.format=auto, or map yours with data.columns"
+                f"{header}: data.format={requested} reads {', '.join(FORMAT_FIELDS[requested])}, but the "
+                f"data has columns {sorted(first)}; set data.format=auto, or map yours with data.columns"
             )
         return requested
     for fmt, fields in FORMAT_FIELDS.items():
@@ -305,7 +314,7 @@ def detect_format(rows: list[Row], requested: str) -> str:
     mapping = suggested or {"instruction": "question", "output": "answer"}
     in_yaml = ", ".join(f"{field}: {column}" for field, column in mapping.items())
     raise DataError(
-        f"{where}: cannot tell the format from columns {sorted(first)}; rows need ({needs}), or name yours "
+        f"{header}: cannot tell the format from columns {sorted(first)}; rows need ({needs}), or name yours "
         f"with data.columns, {'' if suggested else 'e.g. '}{{{in_yaml}}} (on the command line: "
         f"{' '.join(f'data.columns.{field}={column}' for field, column in mapping.items())})"
     )
