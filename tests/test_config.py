@@ -11,7 +11,7 @@ from huggingface_hub import constants
 
 from conftest import assert_one_line_error, run_cli
 from tunelab.config import check_source, dump_config, load_config, parse_overrides, validate
-from tunelab.errors import TunelabError, closest, one_edit_apart
+from tunelab.errors import TunelabError, closest, did_you_mean, one_edit_apart
 from tunelab.hub import offline_unless_reachable
 
 
@@ -405,3 +405,10 @@ def test_a_typo_is_matched_by_one_edit_where_difflib_misses_it():
     assert closest("tyni", ["data", "runs", "tiny"]) == "tiny"
     assert closest("ab", ["ba"]) is None  # two letters: anything is one edit from something
     assert closest("lroa", ["lora", "dylora", "spiel"]) == "lora"
+
+
+def test_a_file_named_with_another_suffix_is_suggested_before_a_near_name(tmp_path):
+    for name in ("alp_eval.json", "chat_eval.jsonl"):
+        (tmp_path / name).write_text("[]")
+    assert did_you_mean(tmp_path / "alp_eval.jsonl") == f"; did you mean {tmp_path / 'alp_eval.json'}?"
+    assert did_you_mean(tmp_path / "chat_evl.jsonl") == f"; did you mean {tmp_path / 'chat_eval.jsonl'}?"

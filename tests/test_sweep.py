@@ -460,6 +460,11 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
     path = _spec(tmp_path, tiny_model_dir, {"add": (ADD, "loss")})
     spec = {**yaml.safe_load(path.read_text()), "seeds": [1], "confirm_seeds": [2]}
     spec["datasets"][0]["columns"] = {"prompt": "question", "completion": "answer"}  # how its file reads
+    data = tmp_path / "add.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text(
+        "".join(json.dumps({"question": r["prompt"], "answer": r["completion"]}) + "\n" for r in rows)
+    )
     path.write_text(yaml.safe_dump(spec))
     result = CliRunner().invoke(app, ["sweep", str(path)])
     assert result.exit_code == 0, result.output
@@ -632,7 +637,7 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir, monkey
     (first,) = _rows(db).values()
     trained = (run / "final" / "trained.safetensors").read_bytes()
     again = runner.invoke(app, ["sweep", str(spec)])
-    assert "1 trials, 1 already done, 0 to run" in again.output  # the same data: nothing to run
+    assert "1 trial, 1 already done, 0 to run" in again.output  # the same data: nothing to run
     assert "note: add has no test set: the eval rows are split in two by a fixed seed" in " ".join(
         again.output.split()
     )
@@ -649,7 +654,7 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir, monkey
     assert edited.exit_code == 0, edited.output
     output = " ".join(edited.output.split())
     assert "note: the data of add changed since 1 of its trials ran: they run again" in output
-    assert "1 trials, 0 already done, 1 to run" in output
+    assert "1 trial, 0 already done, 1 to run" in output
     (second,) = _rows(db).values()
     assert second["data_sha256"] != first["data_sha256"] and second["finished_at"] >= first["finished_at"]
     log = trial_log(run).read_text()
@@ -704,13 +709,15 @@ def test_results_on_edited_data_of_configs_the_spec_dropped_are_not_promised_a_r
         f"note: 1 result in {db} ran on data of add since edited: left out of the ranking; 1 is of configs "
         f"{path} no longer lists, which it does not run"
     ) in output
-    assert "(2 configs x 1 datasets" in output and "not in" not in output  # the stale config is not ranked
+    assert "(2 configs x 1 dataset" in output and "not in" not in output  # the stale config is not ranked
 
 
 def test_an_eval_set_of_one_row_is_a_data_error_not_a_crash_nor_a_score(tmp_path, tiny_model_dir):
-    """One eval row leaves the test half empty: exact match divided by zero, a loss of 0.0 was stored."""
+    """One eval row leaves the test half empty: exact match divided by zero, a loss of 0.0 was stored. (The
+    sweep refuses a file of one row before any trial: here the second row's prompt fills max_length, so
+    only the trial, tokenizing, finds one usable row.)"""
     spec, (run,) = _trials_spec(tmp_path, tiny_model_dir, [1])
-    one_row = _jsonl(tmp_path / "one.jsonl", ADD[:1])
+    one_row = _jsonl(tmp_path / "one.jsonl", [ADD[0], {"prompt": "1+1= " * 100, "completion": "2"}])
     spec.write_text(spec.read_text().replace(str(tmp_path / "add.jsonl") + "\n", one_row + "\n", 1))
     assert yaml.safe_load(spec.read_text())["datasets"][0]["eval"] == one_row
     result = CliRunner().invoke(app, ["sweep", str(spec)])
@@ -722,7 +729,6 @@ def test_an_eval_set_of_one_row_is_a_data_error_not_a_crash_nor_a_score(tmp_path
         "dataset a test set of its own (test:)"
     )
     assert "Traceback" not in trial_log(run).read_text()
-    assert not (run / "metrics.jsonl").exists()  # found before training
 
 
 def test_a_trial_whose_checkpoint_does_not_load_starts_over(tmp_path, tiny_model_dir):

@@ -279,6 +279,16 @@ def test_recommend_creates_missing_output_folders(tmp_path, capsys):
     assert sorted(path.name for path in (new / "cfg").iterdir()) == ["cbs-1-c1.yaml", "cbs-2-c2.yaml"]
 
 
+def _no_trials(monkeypatch) -> None:
+    from tunelab.hpsearch import commands
+
+    def no_trials(*args, **kwargs):  # a check that let the sweep through fails fast, without training
+        raise AssertionError("the sweep started its trials")
+
+    monkeypatch.setattr(commands, "run_local", no_trials)
+    monkeypatch.setattr(commands, "run_ray", no_trials)
+
+
 def _without_ray(monkeypatch) -> None:
     """Ray as if not installed (it is in the dev environment)."""
     find_spec = importlib.util.find_spec
@@ -309,13 +319,7 @@ def _without_ray(monkeypatch) -> None:
     ],
 )
 def test_sweep_fails_before_writing_anything(tmp_path, monkeypatch, capsys, train, options, message):
-    from tunelab.hpsearch import commands
-
-    def no_trials(*args, **kwargs):  # a check that let the sweep through fails fast, without training
-        raise AssertionError("the sweep started its trials")
-
-    monkeypatch.setattr(commands, "run_local", no_trials)
-    monkeypatch.setattr(commands, "run_ray", no_trials)
+    _no_trials(monkeypatch)
     _without_ray(monkeypatch)
     (tmp_path / "rows.txt").write_text('{"prompt": "1+1=", "completion": "2"}\n')
     (tmp_path / "taken-runs").write_text("a file where the runs folder would go")
@@ -555,3 +559,72 @@ def test_a_mistyped_database_name_is_told_the_database_beside_it(tmp_path, capsy
     _empty(tmp_path / "grid.sqlite")
     code, err = run_cli(capsys, "recommend", "--db", str(tmp_path / "grid.sqllite"))
     assert code == 2 and f"did you mean {tmp_path / 'grid.sqlite'}?" in err
+
+
+def test_a_datasets_rows_are_read_before_any_trial(tmp_path, monkeypatch, capsys):
+    """A column mapping that names no column, or too few eval rows to split into dev and test, is found
+    before the first trial, not when that dataset's first trial runs (after the others': hours)."""
+    _no_trials(monkeypatch)
+    csv = tmp_path / "qa.csv"
+    csv.write_text("question,answer\n" + "".join(f"{a}+1?,{a + 1}\n" for a in range(10)))
+    columns = {"instruction": "question", "output": "answer"}
+    first = {"name": "add", "train": "addition:train", "eval": "addition:eval", "metric": "loss"}
+    spec = tmp_path / "sweep.yaml"
+    for qa, message in [
+        (
+            {"columns": {**columns, "instruction": "quesiton"}, "eval": str(csv)},
+            f"{spec}: dataset 'qa': {csv}:1, its header: data.columns.instruction names column 'quesiton', "
+            "which the data does not have (its columns: question, answer)",
+        ),
+        (
+            {"columns": columns, "holdout": 0.05},
+            f"{spec}: dataset 'qa': {csv} (data.holdout=0.05): 1 usable eval row cannot be split into dev "
+            "and test halves; give at least 2, or the dataset a test set of its own (test:)",
+        ),
+    ]:
+        dataset = {"name": "qa", "train": str(csv), "metric": "loss", **qa}
+        spec.write_text(yaml.safe_dump({"grid": {"train.lr": [1e-4]}, "datasets": [first, dataset]}))
+        assert message in _error_line(capsys, tmp_path, ["sweep", str(spec)])
+
+
+def test_a_database_ranks_each_dataset_by_one_metric(tmp_path, monkeypatch, capsys):
+    """A spec scoring a dataset by another metric than the database's results is refused before any
+    trial; a database that has both already (from an older tunelab) says which rows to remove."""
+    _no_trials(monkeypatch)
+    db = tmp_path / "sweep.sqlite"
+    with ResultsStore(db) as store:
+        for i in range(3):
+            store.record(f"c{i}", {"train": {"lr": 1e-4 * (i + 1)}}, "add", "loss", 1.0 + i)
+    spec = tmp_path / "sweep.yaml"
+    dataset = {"name": "add", "train": "addition:train", "eval": "addition:eval", "metric": "exact_match"}
+    spec.write_text(yaml.safe_dump({"grid": {"train.lr": [1e-4]}, "datasets": [dataset]}))
+    assert (
+        f"error: {db}: dataset 'add' has results there scored by loss, and this spec scores it by "
+        "exact_match; recommend ranks a dataset by one metric: use metric: loss, name the dataset otherwise, "
+        "or give this sweep another --db"
+    ) == _error_line(capsys, tmp_path, ["sweep", str(spec)])
+    with ResultsStore(db) as store:
+        store.record("c9", {"train": {"lr": 1e-2}}, "add", "exact_match", 0.5)
+    assert (
+        f"{db}: dataset 'add' has results scored by loss (3 trials) and exact_match (1 trial), and a dataset "
+        f"is ranked by one metric; remove the others' rows, e.g. sqlite3 {db} \"DELETE FROM trials WHERE "
+        "dataset = 'add' AND metric = 'exact_match'\""
+    ) in _error_line(capsys, tmp_path, ["recommend", "--db", str(db)])
+
+
+def test_a_sweep_says_at_its_start_that_results_of_configs_not_in_its_spec_stay(
+    tmp_path, monkeypatch, capsys
+):
+    _no_trials(monkeypatch)
+    db = tmp_path / "sweep.sqlite"
+    with ResultsStore(db) as store:
+        store.record("c0", {"train": {"lr": 1e-4, "max_steps": 4}}, "add", "loss", 1.0)
+    spec = tmp_path / "sweep.yaml"
+    dataset = {"name": "add", "train": "addition:train", "eval": "addition:eval", "metric": "loss"}
+    spec.write_text(yaml.safe_dump({"grid": {"train.lr": [1e-4]}, "datasets": [dataset]}))
+    with pytest.raises(AssertionError, match="the sweep started its trials"):
+        run_cli(capsys, "sweep", str(spec))
+    assert (
+        f"note: {db} holds finished results of 1 config this spec does not have (an earlier version of it, "
+        "or another spec); they stay, and tunelab recommend ranks them beside this spec's, marked"
+    ) in " ".join(capsys.readouterr().err.split())

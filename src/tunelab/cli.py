@@ -427,9 +427,9 @@ def generate(
     from rich.progress import Progress
 
     from tunelab.assemble import read_run_config
+    from tunelab.console import plural
     from tunelab.evaluate import generate_answers
     from tunelab.generate import is_generations, prompt_text, read_prompt_rows, row_messages, write_jsonl
-    from tunelab.reporting import plural
     from tunelab.rundir import check_writable
 
     if bool(prompt) == bool(file):

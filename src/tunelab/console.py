@@ -15,3 +15,8 @@ PIPED_WIDTH = 200
 def stdout_console() -> Console:
     piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
     return Console(emoji=False, width=PIPED_WIDTH if piped else None)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -111,11 +111,16 @@ def did_you_mean(path: str | Path, keep: Callable[[Path], bool] | None = None) -
 
 def _closest_name(name: str, names: list[str]) -> str | None:
     """The file or folder name that `name` was probably meant to be, compared by stems, so that a shared
-    '.jsonl' does not make 'openai.jsonl' look like 'nothere.jsonl'; a name with the same suffix first,
-    then one with another (train.json for train.jsonl)."""
+    '.jsonl' does not make 'openai.jsonl' look like 'nothere.jsonl': the same stem with another suffix
+    first (alp_eval.json for alp_eval.jsonl, before chat_eval.jsonl), then a near stem with the same
+    suffix, then with another."""
     suffix = Path(name).suffix
     if not suffix:
         return closest(name, names)
+    stem = Path(name).stem
+    same_stem = [other for other in names if Path(other).stem == stem]  # qa.jsonl for qa.json
+    if same_stem:
+        return same_stem[0]
     for same in (True, False):
         stems = {Path(other).stem: other for other in names if (Path(other).suffix == suffix) == same}
         near = closest(Path(name).stem, stems)

@@ -8,8 +8,8 @@ import statistics
 from rich.console import Console
 from rich.text import Text
 
+from tunelab.console import plural
 from tunelab.data import IGNORE_INDEX, TokenizedDataset
-from tunelab.reporting import plural
 
 BAR_WIDTH = 40
 

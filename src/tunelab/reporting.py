@@ -25,6 +25,7 @@ from rich.progress import (
 )
 from transformers import TrainerCallback
 
+from tunelab.console import plural
 from tunelab.methods.base import Method
 
 console = Console(stderr=True, soft_wrap=True, emoji=False)  # one message, one line, whatever the width
@@ -172,11 +173,6 @@ class Reporter(TrainerCallback):
         """Stop the progress display (also when training ends by an exception: no frozen bar)."""
         if self.progress is not None:
             self.progress.stop()
-
-
-def plural(count: int, noun: str) -> str:
-    """'1 step', '2 steps'."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _describe(event: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tunelab.config import YOUR_DATA, check_model, dump_config, flatten, model_location, nest, validate
-from tunelab.console import stdout_console
+from tunelab.console import plural, stdout_console
 from tunelab.errors import RunInterrupted, TunelabError, closest, did_you_mean, shell_word
 from tunelab.hpsearch.executors import (
     TrialProcesses,
@@ -64,7 +64,7 @@ from tunelab.hpsearch.spec import (
     training_id,
 )
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, ran_on_other_data, select
-from tunelab.hpsearch.trial import trained_on
+from tunelab.hpsearch.trial import check_halvable, trained_on
 from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock, sweep_running
 from tunelab.signals import handling_stop_signals
 
@@ -151,6 +151,40 @@ def _refuse_retraining_for_bookkeeping(trials: list[Trial], store: LazyStore, sp
                 )
 
 
+def _check_metrics(trials: list[Trial], store: LazyStore, db: Path) -> None:
+    """A dataset is ranked by one metric: a spec that scores it by another than the results already in
+    `db` would leave them unrankable together, so it stops before any trial."""
+    if store.store is None:
+        return
+    recorded: dict[str, set[str]] = {}
+    for row in store.store.rows():
+        recorded.setdefault(row["dataset"], set()).add(row["metric"])
+    for trial in trials:
+        others = recorded.get(trial.dataset, set()) - {trial.metric}
+        if others:
+            raise TunelabError(
+                f"{db}: dataset '{trial.dataset}' has results there scored by {', '.join(sorted(others))}, "
+                f"and this spec scores it by {trial.metric}; recommend ranks a dataset by one metric: use "
+                f"metric: {sorted(others)[0]}, name the dataset otherwise, or give this sweep another --db"
+            )
+
+
+def _note_results_not_in_spec(trials: list[Trial], store: LazyStore, db: Path) -> None:
+    """Say at the start, not after it, that finished results of configs the spec no longer has (it was
+    edited) stay in `db`, and that recommend ranks them beside this spec's."""
+    if store.store is None:
+        return
+    ours = _row_ids(trials)
+    others = {row["config_id"] for row in store.store.rows() if row["status"] == "done"} - ours
+    if others:
+        err_console.print(
+            f"note: {db} holds finished results of {plural(len(others), 'config')} this spec does not have "
+            "(an earlier version of it, or another spec); they stay, and tunelab recommend ranks them "
+            "beside this spec's, marked; give this sweep another --db to rank it alone",
+            highlight=False,
+        )
+
+
 def _on_old_data(trial: Trial, store: LazyStore) -> bool:
     """Whether `trial` finished, but on its dataset's files as they were before an edit."""
     if store.store is None or trial.data_sha256 is None:
@@ -180,7 +214,13 @@ def _work_dir(db: Path) -> Path:
 
 
 def _check_sweep(
-    spec: SweepSpec, spec_path: Path, executor: str, address: str | None, db: Path, trials: list[Trial]
+    spec: SweepSpec,
+    spec_path: Path,
+    executor: str,
+    address: str | None,
+    db: Path,
+    db_given: bool,
+    trials: list[Trial],
 ) -> None:
     """Everything a sweep needs, checked before it writes anything or starts a trial."""
     for model in dict.fromkeys(trial.config["model"] for trial in trials):
@@ -192,12 +232,40 @@ def _check_sweep(
         raise TunelabError("--address is for --executor ray; drop it or add --executor ray")
     if executor == "ray":
         check_ray()
-    check_writable(db, "--db", folder=False)
+    check_writable(db, "--db" if db_given else "the results database (--db)", folder=False)
     if _work_dir(db).exists() and not _work_dir(db).is_dir():  # its parent is db's: writable, as checked
         raise TunelabError(
             f"--db {db}: the trials' runs folder {_work_dir(db)} is a file; move it or choose another --db"
         )
     check_datasets(spec)
+    _check_rows(spec_path, trials)
+
+
+def _check_rows(spec_path: Path, trials: list[Trial]) -> None:
+    """Each dataset's local files read as its trials' data options say (data.columns, data.format, eval
+    rows enough to split into dev and test), before any trial: a trial would find a mistake there only
+    after the trials before it, which may be hours."""
+    from tunelab.config import DataConfig, check_source
+    from tunelab.data import detect_format, eval_rows, load_rows
+
+    checked: set[str] = set()
+    for trial in trials:
+        key = json.dumps(trial.config["data"], sort_keys=True)
+        if key in checked:
+            continue
+        checked.add(key)
+        options = DataConfig.model_validate(trial.config["data"])
+        try:
+            if check_source(options.train) is not None:
+                detect_format(load_rows(options.train, options, options.split)[0], options.format)
+            evaluated = options.train if options.holdout is not None else options.eval
+            if options.eval_name and check_source(evaluated) is not None:
+                rows = eval_rows(options)
+                detect_format(rows, options.format)
+                if trial.test is None:  # the trial checks it again on the rows left after tokenizing
+                    check_halvable(options, min(len(rows), options.eval_limit or len(rows)))
+        except TunelabError as exc:
+            raise TunelabError(f"{spec_path}: dataset '{trial.dataset}': {exc}") from None
 
 
 STOPPING = (
@@ -342,9 +410,9 @@ def sweep(
     trials = expand(spec)
     # expanded now, so that a bad confirm_seeds stops the sweep before the grid, not after it
     confirmations = expand(spec, seeds=spec.confirm_seeds) if spec.confirm_seeds else []
-    db = db or spec_path.with_suffix(".sqlite")
+    db_given, db = db is not None, db or spec_path.with_suffix(".sqlite")
     work_dir = _work_dir(db)
-    _check_sweep(spec, spec_path, executor, address, db, trials)
+    _check_sweep(spec, spec_path, executor, address, db, db_given, trials)
     versions = _data_versions(spec)
     trials, confirmations = _on_data(trials, versions), _on_data(confirmations, versions)
     processes = TrialProcesses()
@@ -355,7 +423,7 @@ def sweep(
             return 0, 0, 0
         pending = [trial for trial in trials if not store.finished(trial)]
         err_console.print(
-            f"{what}: {len(trials)} trials, {len(trials) - len(pending)} already done, "
+            f"{what}: {plural(len(trials), 'trial')}, {len(trials) - len(pending)} already done, "
             f"{len(pending)} to run -> {db} (runs in {work_dir})",
             highlight=False,
         )
@@ -399,6 +467,8 @@ def sweep(
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
     with LazyStore(db) as store, sweep_lock(work_dir), stopping:  # an unusable --db: no runs folder
         _refuse_retraining_for_bookkeeping([*trials, *confirmations], store, spec_path)
+        _check_metrics(trials, store, db)
+        _note_results_not_in_spec([*trials, *confirmations], store, db)
         halved = [dataset.name for dataset in spec.datasets if dataset.test is None]
         if halved:  # the split is the sweep's own doing: said once, not left to a footnote of recommend
             have = "has" if len(halved) == 1 else "have"
@@ -651,7 +721,9 @@ def _recommend_cbs(
             title=f"{source.name}: top-K coverage (tau={tau})",
             held_out=result.held_out_curve,
         )
-    shape = f"{len(matrix.config_ids)} configs x {len(matrix.datasets)} datasets"
+    shape = f"{plural(len(matrix.config_ids), 'config')} x {plural(len(matrix.datasets), 'dataset')}"
+    if len(ranking) > top:  # the title counts them all: say where the rest went
+        shape += f"; the top {top} shown, --top {len(ranking)} shows all"
     if progress and progress.finished is False:
         shape += "; provisional, the sweep is not finished"
     console.print(

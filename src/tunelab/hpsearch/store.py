@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -22,7 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tunelab.errors import TunelabError
+from tunelab.console import plural
+from tunelab.errors import TunelabError, shell_word
 from tunelab.hpsearch.spec import HIGHER_IS_BETTER
 
 _SCHEMA = """
@@ -319,14 +321,23 @@ class ResultsStore:
             for row in self.rows()
             if not ran_on_other_data(row["data_sha256"], versions.get(row["dataset"]))
         ]
-        directions: dict[str, bool] = {}
+        metrics: dict[str, Counter[str]] = {}
         for row in rows:
-            higher = _metric_direction(row["metric"], str(self.path))
-            if directions.setdefault(row["dataset"], higher) != higher:
-                raise TunelabError(
-                    f"{self.path}: dataset '{row['dataset']}' has trials with metrics of opposite direction; "
-                    "use one metric per dataset"
+            _metric_direction(row["metric"], str(self.path))
+            metrics.setdefault(row["dataset"], Counter())[row["metric"]] += 1
+        directions: dict[str, bool] = {}
+        for dataset, counts in metrics.items():
+            if len(counts) > 1:  # scores on two scales: no ratio to the best means anything
+                fewest = min(counts, key=counts.__getitem__)
+                listed = " and ".join(
+                    f"{metric} ({plural(count, 'trial')})" for metric, count in counts.most_common()
                 )
+                raise TunelabError(
+                    f"{self.path}: dataset '{dataset}' has results scored by {listed}, and a dataset is "
+                    f"ranked by one metric; remove the others' rows, e.g. sqlite3 {shell_word(self.path)} "
+                    f"\"DELETE FROM trials WHERE dataset = '{dataset}' AND metric = '{fewest}'\""
+                )
+            directions[dataset] = HIGHER_IS_BETTER[next(iter(counts))]
         configs = {row["config_id"]: row["config"] for row in rows}
         cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for row in rows:

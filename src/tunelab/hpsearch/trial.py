@@ -40,8 +40,8 @@ def dev_test_indices(n: int, seed: int = DEV_TEST_SEED) -> tuple[list[int], list
     return sorted(order[: (n + 1) // 2]), sorted(order[(n + 1) // 2 :])
 
 
-def _check_halvable(data: DataConfig, rows: int) -> None:
-    """An eval set split into dev and test needs a row for each."""
+def check_halvable(data: DataConfig, rows: int) -> None:
+    """An eval set split into dev and test needs a row for each (`rows`: those it has, or at most has)."""
     if rows < 2:
         limit = f" (data.eval_limit is {data.eval_limit})" if data.eval_limit == rows else ""
         raise DataError(
@@ -84,7 +84,7 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     config = load_config(config_path)
     if not options.get("test"):  # before training: an eval set of one row cannot be halved
         rows = len(eval_rows(config.data))
-        _check_halvable(config.data, min(rows, config.data.eval_limit or rows))
+        check_halvable(config.data, min(rows, config.data.eval_limit or rows))
     # an attempt at this trial that a stopped sweep left (Ctrl-C, SIGTERM) goes on from its checkpoint;
     # one that finished training but not its evaluation is only evaluated; but never a run that trained
     # on the dataset's files as they were before an edit
@@ -122,7 +122,7 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
         )
         test = eval_dataset(test_data, built.tokenizer, limit=config.data.eval_limit)
     else:
-        _check_halvable(config.data, len(dev))  # rows can be dropped (no response token within max_length)
+        check_halvable(config.data, len(dev))  # rows can be dropped (no response token within max_length)
         dev_rows, test_rows = dev_test_indices(len(dev))
         dev, test = dev.subset(dev_rows), dev.subset(test_rows)
     ranks = options.get("ranks") or None
