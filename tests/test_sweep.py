@@ -478,6 +478,12 @@ def test_confirmation_follows_an_arms_best_config_as_new_seeds_move_it(tmp_path,
     assert result.exit_code == 0, result.output
     (written,) = configs.glob("cbs-1-*.yaml")
     assert f"next: tunelab train {written}\n" in result.output
+    first_line = written.read_text().splitlines()[0]
+    assert first_line.startswith("# ranked 1 by CBS in sweep.sqlite (covers add); trains on the sweep's")
+    assert first_line.endswith(
+        "; train.max_steps 2 as the sweep's trials; set train.eval_steps to evaluate on data.eval while "
+        "training, or run tunelab eval RUN after"
+    )
     config = load_config(written)
     assert (config.train.lr, config.data.train) == (1e-2, str(tmp_path / "add.jsonl"))
     assert config.data.columns == {"prompt": "question", "completion": "answer"}

@@ -822,7 +822,7 @@ def _cbs_config_files(
     for entry in ranking:
         path = folder / f"cbs-{entry['rank']}-{entry['config']}.yaml"
         covers = ", ".join(entry["covers"]) or "nothing new"
-        comment = f"#{entry['rank']} in the CBS ranking of {source.name} (covers {covers})"
+        comment = f"ranked {entry['rank']} by CBS in {source.name} (covers {covers})"
         where = f"{source}: config {entry['config']} (hyperparameters must be config keys, e.g. train.lr)"
         hyperparameters = dict(entry["hyperparameters"])
         rank = hyperparameters.pop(EVAL_RANK_KEY, None)
@@ -843,6 +843,11 @@ def _cbs_config_files(
         else:
             hyperparameters |= {"data.train": YOUR_DATA, "data.eval": None}
             comment += f"; set data.train (now {YOUR_DATA}) and data.eval to your data"
+        if "train.max_steps" in trial:  # the budget it was chosen at; trials evaluated after training
+            comment += (
+                f"; train.max_steps {trial['train.max_steps']} as the sweep's trials; set train.eval_steps "
+                "to evaluate on data.eval while training, or run tunelab eval RUN after"
+            )
         files[path] = _train_config(nest(hyperparameters), where, comment)
     return files
 
