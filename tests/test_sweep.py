@@ -687,6 +687,34 @@ def test_results_on_data_since_edited_run_again(tmp_path, tiny_model_dir, monkey
     assert not (run / "final").exists() and data_marker(run).read_text() == edited_data
 
 
+def test_recommend_run_from_another_folder_does_not_call_the_data_edited(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """A spec's data paths are read from the working directory: from elsewhere its files are not found,
+    which is not the data having changed (its results were all left out as 'since edited')."""
+    from tunelab.hpsearch import commands
+    from tunelab.hpsearch.executors import TrialResult
+
+    def made_up_results(trials, work_dir, on_result, max_parallel, on_start=None, processes=None):
+        for trial in trials:
+            row = {"rank": None, "score": trial.config["train"]["lr"], "test_score": 1.0}
+            on_result(trial, TrialResult(score=row["score"], rows=[row], step_time_s=0.1))
+
+    monkeypatch.setattr(commands, "run_local", made_up_results)
+    monkeypatch.chdir(tmp_path)
+    path = _spec(tmp_path, tiny_model_dir, {"add": (ADD, "loss")})
+    spec = yaml.safe_load(path.read_text())
+    spec["datasets"] = [{"name": "add", "train": "add.jsonl", "holdout": 0.5, "metric": "loss"}]
+    path.write_text(yaml.safe_dump(spec))
+    runner = CliRunner()
+    assert runner.invoke(app, ["sweep", str(path)]).exit_code == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = runner.invoke(app, ["recommend", "--db", str(tmp_path / "sweep.sqlite")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "since edited" not in result.output and "(2 configs x 1 dataset)" in result.output
+
+
 def test_results_on_edited_data_of_configs_the_spec_dropped_are_not_promised_a_rerun(
     tmp_path, tiny_model_dir, monkeypatch
 ):

@@ -564,8 +564,8 @@ def _data_files(folder: Path) -> list[Path]:
 def data_fingerprint(dataset: DatasetSpec) -> str | None:
     """sha256 of the contents of a dataset's local files (train, eval, test; a folder's files by their
     relative paths), so that a result on data since edited is told from one on today's data; None when
-    every split is a built-in or a hub id (fixed by its package or revision). Paths are not hashed: a
-    copied sweep folder keeps its results."""
+    every split is a built-in or a hub id (fixed by its package or revision), or a file is not found from
+    the working directory (unknown here). Paths are not hashed: a copied sweep folder keeps its results."""
     digest, local = hashlib.sha256(), False
     if dataset.columns:  # how the files are read is part of the data: another mapping is other data
         digest.update(json.dumps(dataset.columns, sort_keys=True).encode())
@@ -576,8 +576,12 @@ def data_fingerprint(dataset: DatasetSpec) -> str | None:
     for split in ("train", "eval", "test"):
         value = getattr(dataset, split)
         path = Path(value).expanduser() if value is not None else None
-        if path is None or not path.exists():  # a built-in, a hub id (or a name check_datasets refuses)
-            continue
+        if path is None or not path.exists():
+            if (
+                path is not None and data_suffix(path) in FILE_SUFFIXES
+            ):  # a file not found from here (recommend run elsewhere)
+                return None  # unknown, which is not other data
+            continue  # a built-in or a hub id
         local = True
         files = [path] if path.is_file() else _data_files(path)
         for file in files:
