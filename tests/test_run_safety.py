@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli, run_cli_output, tiny_config, tree_digest
 from tunelab.config import dump_config
-from tunelab.rundir import RunDir, rank_curve_file, trained_weights
+from tunelab.rundir import RunDir, checkpoint_step, rank_curve_file, trained_weights
 from tunelab.train import StopOnSignal, train
 
 
@@ -229,6 +229,20 @@ def test_sigint_saves_a_checkpoint_and_a_moved_copy_resumes_to_the_same_weights(
     got = load_file(copy.final_dir / "trained.safetensors")
     for name in reference:
         torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_reader_of_its_output_gone_stops_a_run_with_a_checkpoint(tmp_path, tiny_model_dir, qa_jsonl):
+    """`tunelab train ... 2>&1 | head`: once head had exited, the next print raised BrokenPipeError and
+    the run died, its steps since the last checkpoint lost; now it stops as at Ctrl-C."""
+    overrides = {"train.max_steps": 100000, "train.log_steps": 1}
+    path, config = _config_file(tmp_path, tiny_model_dir, qa_jsonl, tmp_path / "piped", **overrides)
+    run = RunDir(config.resolved_output_dir())
+    process = _training_after_steps(path, run, 2)
+    process.stderr.close()
+    assert process.wait(timeout=120) == 130
+    stopped_at = checkpoint_step(run.latest_checkpoint())
+    assert stopped_at >= 2 and not run.final_dir.exists()
+    assert stopped_at == max(record["step"] for record in run.metrics() if "loss" in record)
 
 
 def test_a_second_ctrl_c_aborts_and_says_how_to_resume(tmp_path, tiny_model_dir, qa_jsonl):

@@ -10,7 +10,8 @@ import json
 import math
 import os
 import signal
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from tunelab.rundir import (
     mark_complete,
     write_atomically,
 )
-from tunelab.signals import handling_stop_signals
+from tunelab.signals import handling_stop_signals, stopping_when_reader_gone
 
 # config keys that may differ when a run is resumed: where its folder lives, what it is called, how
 # many checkpoints it keeps (a disk filling up mid-run) and which layers recompute their activations
@@ -133,7 +134,8 @@ class FirstStep(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """Ctrl-C / SIGTERM: finish the current optimizer step, save a resumable checkpoint, stop.
+    """Ctrl-C / SIGTERM (or the output's reader gone): finish the current optimizer step, save a
+    resumable checkpoint, stop.
 
     A second Ctrl-C stops at once (nothing more is saved; resume starts from the last checkpoint). A
     second SIGTERM does not: schedulers follow theirs with SIGKILL, and a trial of a sweep stopped by
@@ -153,8 +155,14 @@ class StopOnSignal(TrainerCallback):
             "[yellow]stopping after this step (saving a checkpoint); press Ctrl-C again to abort[/yellow]"
         )
 
-    def installed(self):
-        return handling_stop_signals(self._handle)
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        # a reader of the output gone (`| head` exited) stops the run as Ctrl-C does, checkpoint saved
+        with (
+            handling_stop_signals(self._handle),
+            stopping_when_reader_gone(lambda: self._handle(signal.SIGPIPE, None)),
+        ):
+            yield
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
