@@ -412,3 +412,6 @@ def test_a_file_named_with_another_suffix_is_suggested_before_a_near_name(tmp_pa
         (tmp_path / name).write_text("[]")
     assert did_you_mean(tmp_path / "alp_eval.jsonl") == f"; did you mean {tmp_path / 'alp_eval.json'}?"
     assert did_you_mean(tmp_path / "chat_evl.jsonl") == f"; did you mean {tmp_path / 'chat_eval.jsonl'}?"
+    (tmp_path / "sweep.sqlite").write_text("")  # beside its spec, as every sweep leaves it
+    (tmp_path / "sweep.yaml").write_text("")
+    assert did_you_mean(tmp_path / "sweep.yml") == f"; did you mean {tmp_path / 'sweep.yaml'}?"

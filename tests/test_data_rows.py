@@ -449,3 +449,18 @@ def test_data_as_a_new_user_mistakes_it(tmp_path, tokenizer, capsys):
         TunelabError, match="unsupported file type '.xlsx'.*; save a spreadsheet as 'CSV UTF-8'"
     ):
         build_dataset(str(workbook), tokenizer)
+
+
+def test_the_rows_digest_of_a_moved_file_with_a_bad_line_is_the_same(tmp_path):
+    """A bad line kept by data.skip_bad_rows is hashed by its reason, not its message (which names the
+    file): a moved copy is known as the same rows."""
+    from tunelab.data import rows_digest
+
+    text = '{"prompt": "1+1=", "completion": "2"}\n{not json\n'
+    digests = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "qa.jsonl").write_text(text)
+        rows = load_rows(str(tmp_path / folder / "qa.jsonl"), DataConfig(skip_bad_rows=True))[0]
+        digests.append(rows_digest(rows))
+    assert len(rows) == 2 and digests[0] == digests[1]

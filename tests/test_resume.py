@@ -274,10 +274,16 @@ def test_a_run_resumes_from_its_data_moved_refuses_other_rows_and_warns_of_edite
     fewer = tmp_path / "fewer.jsonl"
     fewer.write_text("".join(rows.splitlines(keepends=True)[:-1]))
     stop_at_step_3()
-    with pytest.raises(
-        TunelabError, match=rf"data.eval {fewer} here, {moved} in the run, data.train {fewer} "
-    ):
+    with pytest.raises(TunelabError) as refused:
         train(on(fewer), resume=True)
+    assert str(refused.value).endswith(
+        f"(data.eval {fewer} here, {moved} in the run (other rows: 63 rows now, 64 then), data.train {fewer} "
+        f"here, {moved} in the run (other rows: 63 rows now, 64 then)); resume with the run's data where it "
+        "had it, or train anew (another output_dir, or --overwrite)"
+    )
+    no_eval = on(moved).model_copy(update={"data": on(moved).data.model_copy(update={"eval": None})})
+    with pytest.raises(TunelabError, match=rf"\(data.eval None here, {moved} in the run\); resume with the"):
+        train(no_eval, resume=True)
     with pytest.raises(TunelabError, match="dataset not found: .*elsewher.jsonl"):
         train(on(tmp_path / "elsewher.jsonl"), resume=True)
 

@@ -626,5 +626,5 @@ def test_a_sweep_says_at_its_start_that_results_of_configs_not_in_its_spec_stay(
         run_cli(capsys, "sweep", str(spec))
     assert (
         f"note: {db} holds finished results of 1 config this spec does not have (an earlier version of it, "
-        "or another spec); they stay, and tunelab recommend ranks them beside this spec's, marked"
+        "or another spec); they stay, and tunelab recommend ranks them beside this spec's, saying how many"
     ) in " ".join(capsys.readouterr().err.split())

@@ -775,7 +775,7 @@ def rows_digest(rows: list[Row]) -> str:
     """sha256 of the rows' contents, not their places: the same rows read from a moved file match."""
     digest = hashlib.sha256()
     for _, row in rows:
-        content = row if isinstance(row, dict) else str(row)  # a BadRow kept in place: its reason
+        content = row if isinstance(row, dict) else row.reason  # a BadRow kept in place: its reason
         digest.update(json.dumps(content, sort_keys=True, default=str).encode() + b"\n")
     return digest.hexdigest()
 

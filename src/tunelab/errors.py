@@ -117,10 +117,11 @@ def _closest_name(name: str, names: list[str]) -> str | None:
     suffix = Path(name).suffix
     if not suffix:
         return closest(name, names)
-    stem = Path(name).stem
-    same_stem = [other for other in names if Path(other).stem == stem]  # qa.jsonl for qa.json
-    if same_stem:
-        return same_stem[0]
+    # qa.json for qa.jsonl, sweep.yaml for sweep.yml: a near suffix, not any (sweep.sqlite, qa.py)
+    suffixes = {Path(other).suffix: other for other in names if Path(other).stem == Path(name).stem}
+    near_suffix = closest(suffix, suffixes)
+    if near_suffix is not None:
+        return suffixes[near_suffix]
     for same in (True, False):
         stems = {Path(other).stem: other for other in names if (Path(other).suffix == suffix) == same}
         near = closest(Path(name).stem, stems)

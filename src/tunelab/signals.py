@@ -55,11 +55,14 @@ class _UntilReaderGone:
         if self._gone:
             return
         self._gone = True
-        # the descriptor itself: later writes (the buffer's rest, other writers, the flush at exit) succeed
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())
-        os.close(devnull)
         self._on_gone()
+        # the descriptor itself: later writes (the buffer's rest, other writers, the exit's flush) succeed
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stream without a descriptor: its writes are dropped here only
+            pass
 
     def __getattr__(self, name: str):  # isatty, fileno, encoding, ... as the stream's
         return getattr(self._stream, name)
@@ -69,7 +72,8 @@ class _UntilReaderGone:
 def stopping_when_reader_gone(on_gone: Callable[[], None]) -> Iterator[None]:
     """Inside the block, a closed reader of stderr calls `on_gone` once instead of failing a print."""
     original = sys.stderr
-    sys.stderr = _UntilReaderGone(original, on_gone)
+    if original is not None:  # None: started with stderr closed (2>&-), nothing to write to
+        sys.stderr = _UntilReaderGone(original, on_gone)
     try:
         yield
     finally:

@@ -387,13 +387,22 @@ def _check_resumable(config: RunConfig, run: RunDir, option: str = "--resume") -
     saved["model"], current["model"] = model_location(saved["model"]), model_location(current["model"])
     differing = [key for key in sorted(set(saved) | set(current)) if current.get(key) != saved.get(key)]
     changed = [key for key in differing if key not in RESUMABLE_CHANGES]
-    moved = _moved_data(config, run, changed)
+    moved, not_moved = _moved_data(config, run, changed)
     changed = [key for key in changed if key not in moved]
-    listed = ", ".join(f"{key} {current.get(key)} here, {saved.get(key)} in the run" for key in changed)
+    listed = ", ".join(
+        f"{key} {current.get(key)} here, {saved.get(key)} in the run"
+        + (f" ({not_moved[key]})" if key in not_moved else "")
+        for key in changed
+    )
     if changed and run.is_finished():  # nothing left to resume: this config is another run
         raise TunelabError(
             f"{option}: this config differs from {run.config_file}, a finished run ({listed}); train it "
             f"into another output_dir, or replace that run with --overwrite in place of {option}"
+        )
+    if not_moved:  # its own config names data that is gone or other: no command would resume it
+        raise TunelabError(
+            f"{option}: this config differs from {run.config_file} ({listed}); resume with the run's data "
+            "where it had it, or train anew (another output_dir, or --overwrite)"
         )
     if changed:
         raise TunelabError(
@@ -403,15 +412,23 @@ def _check_resumable(config: RunConfig, run: RunDir, option: str = "--resume") -
     return {key: (saved.get(key), current.get(key)) for key in differing if key not in ("output_dir", "name")}
 
 
-def _moved_data(config: RunConfig, run: RunDir, keys: list[str]) -> list[str]:
-    """Those of `keys` that are data files whose rows are the ones the run recorded: moved, not changed."""
+def _moved_data(config: RunConfig, run: RunDir, keys: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Of the data keys among `keys`: those naming files whose rows are the ones the run recorded (moved,
+    not changed), and why each local file given in place of the run's is not."""
     data_keys = [key for key in keys if key in ("data.train", "data.eval")]
+    given = {key: getattr(config.data, key.removeprefix("data.")) for key in data_keys}
+    for value in filter(None, given.values()):  # a mistyped new path: said as such, with the file it may mean
+        check_source(value)
     if not data_keys:
-        return []
-    for key in data_keys:  # a mistyped new path: said as such, with the file it may have meant
-        check_source(getattr(config.data, key.removeprefix("data.")))
+        return [], {}
+    if not run.data_file.is_file():
+        unchecked = "the run, older than data.json, keeps no sha256 of its rows to check a moved file by"
+        return [], {key: unchecked for key, value in given.items() if value and check_source(value)}
     compared = compare_data(config.data, run.data_file)
-    return [key for key in data_keys if key in compared and compared[key] is None]
+    moved = [key for key in data_keys if key in compared and compared[key] is None]
+    return moved, {
+        key: f"other rows: {compared[key]}" for key in data_keys if given[key] and compared.get(key)
+    }
 
 
 def _record_moved_data(run: RunDir, config: RunConfig, keys: list[str]) -> None:

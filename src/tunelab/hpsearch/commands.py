@@ -64,7 +64,7 @@ from tunelab.hpsearch.spec import (
     training_id,
 )
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, ran_on_other_data, select
-from tunelab.hpsearch.trial import check_halvable, trained_on
+from tunelab.hpsearch.trial import check_eval_rows, trained_on
 from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock, sweep_running
 from tunelab.signals import handling_stop_signals
 
@@ -151,13 +151,20 @@ def _refuse_retraining_for_bookkeeping(trials: list[Trial], store: LazyStore, sp
                 )
 
 
-def _check_metrics(trials: list[Trial], store: LazyStore, db: Path) -> None:
-    """A dataset is ranked by one metric: a spec that scores it by another than the results already in
-    `db` would leave them unrankable together, so it stops before any trial."""
+def _ranked_rows(store: LazyStore, versions: dict[str, str | None]) -> list[dict[str, Any]]:
+    """The results in the database that recommend ranks: none on a dataset's files as they were before
+    an edit (`versions`: each dataset's data_fingerprint)."""
     if store.store is None:
-        return
+        return []
+    rows = store.store.rows()
+    return [row for row in rows if not ran_on_other_data(row["data_sha256"], versions.get(row["dataset"]))]
+
+
+def _check_metrics(trials: list[Trial], ranked: list[dict[str, Any]], db: Path) -> None:
+    """A dataset is ranked by one metric: a spec that scores it by another than the results already in
+    `db` (`ranked`) would leave them unrankable together, so it stops before any trial."""
     recorded: dict[str, set[str]] = {}
-    for row in store.store.rows():
+    for row in ranked:
         recorded.setdefault(row["dataset"], set()).add(row["metric"])
     for trial in trials:
         others = recorded.get(trial.dataset, set()) - {trial.metric}
@@ -169,18 +176,15 @@ def _check_metrics(trials: list[Trial], store: LazyStore, db: Path) -> None:
             )
 
 
-def _note_results_not_in_spec(trials: list[Trial], store: LazyStore, db: Path) -> None:
-    """Say at the start, not after it, that finished results of configs the spec no longer has (it was
-    edited) stay in `db`, and that recommend ranks them beside this spec's."""
-    if store.store is None:
-        return
-    ours = _row_ids(trials)
-    others = {row["config_id"] for row in store.store.rows() if row["status"] == "done"} - ours
+def _note_results_not_in_spec(trials: list[Trial], ranked: list[dict[str, Any]], db: Path) -> None:
+    """Say at the start, not after it, that finished results (`ranked`) of configs the spec no longer has
+    (it was edited) stay in `db`, and that recommend ranks them beside this spec's."""
+    others = {row["config_id"] for row in ranked if row["status"] == "done"} - _row_ids(trials)
     if others:
         err_console.print(
             f"note: {db} holds finished results of {plural(len(others), 'config')} this spec does not have "
             "(an earlier version of it, or another spec); they stay, and tunelab recommend ranks them "
-            "beside this spec's, marked; give this sweep another --db to rank it alone",
+            "beside this spec's, saying how many; give this sweep another --db to rank it alone",
             highlight=False,
         )
 
@@ -246,7 +250,7 @@ def _check_rows(spec_path: Path, trials: list[Trial]) -> None:
     rows enough to split into dev and test), before any trial: a trial would find a mistake there only
     after the trials before it, which may be hours."""
     from tunelab.config import DataConfig, check_source
-    from tunelab.data import detect_format, eval_rows, load_rows
+    from tunelab.data import detect_format, load_rows
 
     checked: set[str] = set()
     for trial in trials:
@@ -258,12 +262,9 @@ def _check_rows(spec_path: Path, trials: list[Trial]) -> None:
         try:
             if check_source(options.train) is not None:
                 detect_format(load_rows(options.train, options, options.split)[0], options.format)
-            evaluated = options.train if options.holdout is not None else options.eval
-            if options.eval_name and check_source(evaluated) is not None:
-                rows = eval_rows(options)
-                detect_format(rows, options.format)
-                if trial.test is None:  # the trial checks it again on the rows left after tokenizing
-                    check_halvable(options, min(len(rows), options.eval_limit or len(rows)))
+            local = [options.train if options.holdout is not None else options.eval, trial.test]
+            if options.eval_name and all(check_source(spec) is not None for spec in filter(None, local)):
+                check_eval_rows(options, trial.test)
         except TunelabError as exc:
             raise TunelabError(f"{spec_path}: dataset '{trial.dataset}': {exc}") from None
 
@@ -467,8 +468,9 @@ def sweep(
     stopping = _stopping_on_signals(processes) if executor == "local" else nullcontext()
     with LazyStore(db) as store, sweep_lock(work_dir), stopping:  # an unusable --db: no runs folder
         _refuse_retraining_for_bookkeeping([*trials, *confirmations], store, spec_path)
-        _check_metrics(trials, store, db)
-        _note_results_not_in_spec([*trials, *confirmations], store, db)
+        ranked = _ranked_rows(store, versions)
+        _check_metrics(trials, ranked, db)
+        _note_results_not_in_spec([*trials, *confirmations], ranked, db)
         halved = [dataset.name for dataset in spec.datasets if dataset.test is None]
         if halved:  # the split is the sweep's own doing: said once, not left to a footnote of recommend
             have = "has" if len(halved) == 1 else "have"

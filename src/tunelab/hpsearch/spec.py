@@ -598,8 +598,8 @@ def data_fingerprint(dataset: DatasetSpec) -> str | None:
 def check_datasets(spec: SweepSpec) -> None:
     """Fail before any trial starts when a dataset of the spec cannot be found: every trial on it would fail.
 
-    Only existence and file type (as `tunelab.data.load_rows` checks them): rows are each trial's
-    to read, as its config (format, data options) says.
+    Only existence and file type (as `tunelab.data.load_rows` checks them): `tunelab sweep` then reads
+    the rows of local files as the trials' data options say (commands._check_rows).
     """
     spec_dir = Path(spec._source).parent
     for dataset in spec.datasets:

@@ -40,6 +40,22 @@ def dev_test_indices(n: int, seed: int = DEV_TEST_SEED) -> tuple[list[int], list
     return sorted(order[: (n + 1) // 2]), sorted(order[(n + 1) // 2 :])
 
 
+def check_eval_rows(data: DataConfig, test: str | None) -> None:
+    """The rows a trial evaluates on read as `data` says (format, columns), and without a `test` split
+    are enough to halve into dev and test (counted before tokenizing, which may drop more)."""
+    from tunelab.data import detect_format, eval_rows
+
+    rows = eval_rows(data)
+    detect_format(rows, data.format)
+    if test:
+        detect_format(
+            eval_rows(data.model_copy(update={"eval": test, "eval_split": None, "holdout": None})),
+            data.format,
+        )
+    else:
+        check_halvable(data, min(len(rows), data.eval_limit or len(rows)))
+
+
 def check_halvable(data: DataConfig, rows: int) -> None:
     """An eval set split into dev and test needs a row for each (`rows`: those it has, or at most has)."""
     if rows < 2:
@@ -74,7 +90,7 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
     # torch comes in here, not at import: the sweep and recommend commands import this module
     from tunelab.assemble import load_run
     from tunelab.config import load_config
-    from tunelab.data import eval_dataset, eval_rows
+    from tunelab.data import eval_dataset
     from tunelab.evaluate import evaluate_ranks
     from tunelab.reporting import peak_memory_bytes
     from tunelab.rundir import RunDir
@@ -82,9 +98,7 @@ def run_trial(config_path: Path, metric: str, options: dict[str, Any] | None = N
 
     options = options or {}
     config = load_config(config_path)
-    if not options.get("test"):  # before training: an eval set of one row cannot be halved
-        rows = len(eval_rows(config.data))
-        check_halvable(config.data, min(rows, config.data.eval_limit or rows))
+    check_eval_rows(config.data, options.get("test"))  # before training
     # an attempt at this trial that a stopped sweep left (Ctrl-C, SIGTERM) goes on from its checkpoint;
     # one that finished training but not its evaluation is only evaluated; but never a run that trained
     # on the dataset's files as they were before an edit
