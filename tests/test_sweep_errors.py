@@ -353,27 +353,47 @@ def test_a_mistyped_model_stops_the_sweep_before_its_trials(tmp_path, monkeypatc
     assert line.startswith(f"error: {spec}: model not found: {model}") and "did you mean" in line
 
 
-@pytest.mark.parametrize("written", ["model", "data"])
-def test_a_path_written_relative_to_the_spec_says_paths_are_read_from_the_working_directory(
-    tmp_path, monkeypatch, capsys, written
+def test_a_model_written_relative_to_the_spec_says_models_are_read_from_the_working_directory(
+    tmp_path, monkeypatch, capsys
 ):
-    """A train config's paths, which worked next to it, fail in a sweep spec: say why, and what works."""
+    """A train config's model path, which worked next to it, fails in a sweep spec: say why, and what
+    works. (Datasets are read from beside the spec, as a train config's are: below.)"""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "tiny").mkdir(parents=True)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "add.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
     (tmp_path / "sweeps").mkdir()
     spec = Path("sweeps/sweep.yaml")
-    model, data = (
-        ("../models/tiny", "addition:train") if written == "model" else ("smollm2-135m", "../data/add.jsonl")
-    )
-    dataset = {"name": "add", "train": data, "eval": "addition:eval", "metric": "loss"}
-    spec.write_text(yaml.safe_dump({"base": {"model": model}, "datasets": [dataset]}))
+    dataset = {"name": "add", "train": "addition:train", "eval": "addition:eval", "metric": "loss"}
+    spec.write_text(yaml.safe_dump({"base": {"model": "../models/tiny"}, "datasets": [dataset]}))
     line = _error_line(capsys, tmp_path, ["sweep", str(spec)])
-    works = "models/tiny" if written == "model" else "data/add.jsonl"
     assert line.endswith(
-        f"; paths in a spec are relative to the working directory, not the spec: use {works}"
+        "; paths in a spec are relative to the working directory, not the spec: use models/tiny"
     )
+
+
+def test_a_specs_datasets_are_read_from_its_folder_or_else_the_working_directory(
+    tmp_path, monkeypatch, capsys
+):
+    """As a train config's paths are; a spec written for the working directory (as before) still works."""
+    from tunelab.hpsearch.spec import load_spec
+
+    _no_trials(monkeypatch)
+    (tmp_path / "sweeps" / "data").mkdir(parents=True)
+    (tmp_path / "sweeps" / "data" / "add.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n' * 4)
+    (tmp_path / "other.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n' * 4)
+    spec = tmp_path / "sweeps" / "sweep.yaml"
+    datasets = [
+        {"name": "add", "train": "data/add.jsonl", "holdout": 0.5, "metric": "loss"},
+        {"name": "other", "train": "other.jsonl", "eval": "addition:eval", "metric": "loss"},
+    ]
+    spec.write_text(yaml.safe_dump({"base": {"model": "smollm2-135m"}, "datasets": datasets}))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_spec("sweeps/sweep.yaml")
+    assert [(d.train, d.eval) for d in loaded.datasets] == [
+        (str(tmp_path / "sweeps" / "data" / "add.jsonl"), None),
+        ("other.jsonl", "addition:eval"),
+    ]
+    with pytest.raises(AssertionError, match="the sweep started its trials"):  # every check passed
+        run_cli(capsys, "sweep", "sweeps/sweep.yaml")
 
 
 def test_sweep_checks_its_confirmation_seeds_before_the_grid(tmp_path, monkeypatch, capsys):

@@ -372,6 +372,10 @@ def load_spec(path: str | Path) -> SweepSpec:
         # a misspelt key is also a missing one: name the misspelling, which the fix is about
         errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
         raise TunelabError(_format_error(errors[0], str(path), text)) from None
+    for dataset in spec.datasets:  # read from the spec's folder, as a train config reads its paths
+        for split in ("train", "eval", "test"):
+            if (value := getattr(dataset, split)) is not None:
+                setattr(dataset, split, _from_folder(value, path.parent))
     spec._source, spec._keys = str(path), yaml_keys(text)
     spec._base_lines = {
         dotted.removeprefix(base_prefix): f"{base_where}:{line}"
@@ -529,6 +533,16 @@ def expand(spec: SweepSpec, seeds: list[int] | None = None) -> list[Trial]:
             "sweep trains dylora; remove 'ranks', or sweep method.r to compare LoRA ranks"
         )
     return trials
+
+
+def _from_folder(value: str, folder: Path) -> str:
+    """A dataset path relative to `folder` (the spec's) as an absolute path when it is there; else as
+    written: a built-in, a hub id, an absolute path, or one read from the working directory (as specs
+    before this were)."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or not (folder / path).exists():  # a built-in, hub id or file found from here
+        return value
+    return str((folder / path).resolve())
 
 
 def beside_the_spec(value: str, spec_dir: Path) -> str:
