@@ -205,6 +205,15 @@ def test_load_errors_name_the_file_and_key(tmp_path, text, message):
             "base: base.yaml\ngrid: {method.r: [4]}\n",
             "base.yaml:3: 'train.lr': Input should be greater than 0",
         ),
+        # a listed method's own line, in the grid or an arm, block style or flow style
+        (
+            "grid:\n  method:\n    - {name: lora, r: 4}\n    - name: lora\n      rank: 8\n",
+            "sweep.yaml:4: unknown key 'method.rank'; tunelab calls it 'method.r'",
+        ),
+        (
+            "arms:\n  - {train.lr: [1.0e-3]}\n  - method: [{name: full}, {name: lora, rnk: 8}]\n",
+            "sweep.yaml:3: unknown key 'method.rnk'",
+        ),
     ],
 )
 def test_a_bad_value_of_a_sweep_point_names_the_line_that_wrote_it(tmp_path, text, message):

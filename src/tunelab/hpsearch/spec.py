@@ -400,7 +400,31 @@ def _point_lines(spec: SweepSpec, point: dict[str, Any]) -> dict[str, str]:
         ]
         if written:
             lines[key] = f"{spec._source}:{written[0]}"
+        if isinstance(point[key], dict) and (line := _item_line(spec, key, point[key])):
+            lines[key] = f"{spec._source}:{line}"  # the listed mapping's own line: {name: lora, rank: 8}
     return lines
+
+
+def _item_line(spec: SweepSpec, key: str, value: dict[str, Any]) -> int | None:
+    """The line of `value`, one of the mappings listed under `key` in the grid, zip or arms (the first equal
+    to it), where its keys are written (method: [{name: lora, rank: 8}, ...]): not `key`'s own line."""
+    listed = {
+        "grid": spec.grid.get(key, []),
+        "zip": [value for group in spec.zip for value in group.get(key, [])],
+        "arms": [value for arm in spec.arms for value in arm.get(key, [])],
+    }
+    sections = {dotted: line for dotted, line, _ in spec._keys if dotted in listed}
+    mappings = [
+        v for section in sorted(sections, key=sections.get) for v in listed[section] if isinstance(v, dict)
+    ]
+    first_lines: dict[int, int] = {}  # each listed mapping's first line, by its YAML node
+    for dotted, line, node in spec._keys:
+        section, _, rest = dotted.partition(".")
+        if section in listed and rest.startswith(f"{key}.") and rest.count(".") == key.count(".") + 1:
+            first_lines.setdefault(node, line)
+    if len(first_lines) != len(mappings) or value not in mappings:
+        return None  # written in a shape this does not follow: the key's own line stands
+    return sorted(first_lines.values())[mappings.index(value)]
 
 
 def _points(spec: SweepSpec) -> list[dict[str, Any]]:
