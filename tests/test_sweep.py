@@ -543,6 +543,20 @@ def _steps_logged(run: Path) -> list[int]:
     return [record["step"] for record in RunDir(run).metrics() if "loss" in record]
 
 
+def test_a_sweep_whose_output_reader_is_gone_stops_as_at_sigterm(tmp_path, tiny_model_dir):
+    """`tunelab sweep spec 2>&1 | head`, head exited: the next print raised BrokenPipeError in the sweep,
+    which died without passing the stop on to its trials; now it stops as at SIGTERM (exit 130)."""
+    spec, (run, _) = _trials_spec(tmp_path, tiny_model_dir, [2, 3])
+    db = tmp_path / "sweep.sqlite"
+    sweep = subprocess.Popen(
+        _sweep_command(spec, db), env=TRIAL_ENV, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    sweep.stderr.readline()  # its first line (the note that add has no test set); then the reader goes
+    sweep.stderr.close()
+    assert sweep.wait(timeout=120) == 130
+    assert not trial_log(run).exists() and not db.exists()  # found at its next line: no trial started
+
+
 # how a stopped trial resumes does not depend on the signal that stopped it: resumed once; the group
 # SIGTERM case runs two trials at once, both of which must save a checkpoint
 @pytest.mark.parametrize(

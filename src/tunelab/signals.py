@@ -55,14 +55,15 @@ class _UntilReaderGone:
         if self._gone:
             return
         self._gone = True
-        self._on_gone()
-        # the descriptor itself: later writes (the buffer's rest, other writers, the exit's flush) succeed
+        # the descriptor itself: later writes (the buffer's rest, on_gone's own, other writers, the exit's
+        # flush) succeed
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())
             os.close(devnull)
         except (OSError, ValueError):  # a stream without a descriptor: its writes are dropped here only
             pass
+        self._on_gone()
 
     def __getattr__(self, name: str):  # isatty, fileno, encoding, ... as the stream's
         return getattr(self._stream, name)

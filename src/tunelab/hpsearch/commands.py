@@ -66,7 +66,7 @@ from tunelab.hpsearch.spec import (
 from tunelab.hpsearch.store import ResultsStore, ScoreMatrix, load_results_table, ran_on_other_data, select
 from tunelab.hpsearch.trial import check_eval_rows, trained_on
 from tunelab.rundir import RunDir, check_writable, json_report, sweep_lock, sweep_running
-from tunelab.signals import handling_stop_signals
+from tunelab.signals import handling_stop_signals, stopping_when_reader_gone
 
 console = stdout_console()
 err_console = Console(stderr=True, soft_wrap=True, emoji=False)  # log lines stay whole
@@ -291,7 +291,8 @@ def _stopping_on_signals(processes: TrialProcesses) -> Iterator[None]:
         if not again:  # on a terminal, over the progress bar's line (it is drawn again below)
             os.write(sys.stderr.fileno(), (b"\r\x1b[2K" if sys.stderr.isatty() else b"") + STOPPING)
 
-    with handling_stop_signals(handle):
+    # the output's reader gone (`| head` exited): stopped as by SIGTERM, where a print would end the sweep
+    with handling_stop_signals(handle), stopping_when_reader_gone(lambda: handle(signal.SIGTERM, None)):
         yield
 
 
