@@ -38,7 +38,7 @@ from tunelab.data import (
     holdout_record,
     train_dataset,
 )
-from tunelab.errors import ResumeFailed, RunInterrupted, TunelabError, shell_word
+from tunelab.errors import DataError, ResumeFailed, RunInterrupted, TunelabError, shell_word
 from tunelab.evaluate import loss_and_perplexity
 from tunelab.loss import causal_lm_loss, supports_head_loss
 from tunelab.memory import release_free_memory
@@ -414,21 +414,22 @@ def _check_resumable(config: RunConfig, run: RunDir, option: str = "--resume") -
 
 def _moved_data(config: RunConfig, run: RunDir, keys: list[str]) -> tuple[list[str], dict[str, str]]:
     """Of the data keys among `keys`: those naming files whose rows are the ones the run recorded (moved,
-    not changed), and why each local file given in place of the run's is not."""
+    not changed), and why each other local file given in place of the run's is not."""
     data_keys = [key for key in keys if key in ("data.train", "data.eval")]
     given = {key: getattr(config.data, key.removeprefix("data.")) for key in data_keys}
-    for value in filter(None, given.values()):  # a mistyped new path: said as such, with the file it may mean
-        check_source(value)
-    if not data_keys:
+    # check_source says a mistyped path, with the file it may mean; None: a built-in or a hub id
+    local = [key for key, value in given.items() if value and check_source(value) is not None]
+    if not local:
         return [], {}
     if not run.data_file.is_file():
         unchecked = "the run, older than data.json, keeps no sha256 of its rows to check a moved file by"
-        return [], {key: unchecked for key, value in given.items() if value and check_source(value)}
-    compared = compare_data(config.data, run.data_file)
-    moved = [key for key in data_keys if key in compared and compared[key] is None]
-    return moved, {
-        key: f"other rows: {compared[key]}" for key in data_keys if given[key] and compared.get(key)
-    }
+        return [], dict.fromkeys(local, unchecked)
+    try:
+        compared = compare_data(config.data, run.data_file)
+    except DataError as unreadable:  # another file's shape (the run's data.columns name no column of it)
+        return [], dict.fromkeys(local, f"other data: {unreadable}")
+    moved = [key for key in local if key in compared and compared[key] is None]
+    return moved, {key: f"other rows: {compared[key]}" for key in local if compared.get(key)}
 
 
 def _record_moved_data(run: RunDir, config: RunConfig, keys: list[str]) -> None:

@@ -154,10 +154,7 @@ def _refuse_retraining_for_bookkeeping(trials: list[Trial], store: LazyStore, sp
 def _ranked_rows(store: LazyStore, versions: dict[str, str | None]) -> list[dict[str, Any]]:
     """The results in the database that recommend ranks: none on a dataset's files as they were before
     an edit (`versions`: each dataset's data_fingerprint)."""
-    if store.store is None:
-        return []
-    rows = store.store.rows()
-    return [row for row in rows if not ran_on_other_data(row["data_sha256"], versions.get(row["dataset"]))]
+    return [] if store.store is None else store.store.rows_on(versions)
 
 
 def _check_metrics(trials: list[Trial], ranked: list[dict[str, Any]], db: Path) -> None:
@@ -1057,11 +1054,7 @@ def _sweep_status(db: Path, store: ResultsStore, versions: dict[str, str | None]
         return SweepStatus(None, f"no trial of {spec_path} is in {db}: is that another sweep's spec?")
     # configs of an earlier version of the spec (a grid value since removed) are results too: ranked
     spec_ids = _row_ids([*grid, *confirmations])
-    ranked = {  # results on data since edited are not ranked
-        row["config_id"]
-        for row in store.rows()
-        if not ran_on_other_data(row["data_sha256"], versions.get(row["dataset"]))
-    }
+    ranked = {row["config_id"] for row in store.rows_on(versions)}  # none on data since edited
     others = len(ranked - spec_ids)
     other = (
         f"; {others} of the configs in {db} {_are(others)} not in {spec_path} (ranked too)" if others else ""

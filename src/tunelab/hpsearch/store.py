@@ -310,17 +310,21 @@ class ResultsStore:
             rows.append(row)
         return rows
 
+    def rows_on(self, data_versions: dict[str, str | None]) -> list[dict[str, Any]]:
+        """The rows that ran on each dataset's files as they are now (`data_versions`: dataset ->
+        data_fingerprint): the results recommend ranks."""
+        return [
+            row
+            for row in self.rows()
+            if not ran_on_other_data(row["data_sha256"], data_versions.get(row["dataset"]))
+        ]
+
     def score_matrix(self, data_versions: dict[str, str | None] | None = None) -> ScoreMatrix:
         """Dev scores of every recorded config × dataset, the mean over its seeds (failed trials left
         out; NaN when none finished: it covers nothing in CBS), with the test scores, the spread over
         seeds and each config's cost. `data_versions` (dataset -> data_fingerprint): results that ran
         on other files than these are left out too."""
-        versions = data_versions or {}
-        rows = [
-            row
-            for row in self.rows()
-            if not ran_on_other_data(row["data_sha256"], versions.get(row["dataset"]))
-        ]
+        rows = self.rows_on(data_versions or {})
         metrics: dict[str, Counter[str]] = {}
         for row in rows:
             _metric_direction(row["metric"], str(self.path))
