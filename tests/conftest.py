@@ -21,7 +21,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def random_llama(**overrides):
     """A tiny random LlamaForCausalLM (2 layers, 4/2 heads), seeded; `overrides` go to LlamaConfig."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return random_causal_lm("Llama", **overrides)
+
+
+def random_causal_lm(architecture: str, **overrides):
+    """A tiny random transformers `{architecture}ForCausalLM` ("Llama", "Qwen2", ...; 2 layers, 4/2
+    heads), seeded; `overrides` go to its config."""
+    import transformers
 
     shape = dict(
         vocab_size=64,
@@ -32,7 +38,8 @@ def random_llama(**overrides):
         num_key_value_heads=2,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**(shape | overrides)))
+    config = getattr(transformers, f"{architecture}Config")(**(shape | overrides))
+    return getattr(transformers, f"{architecture}ForCausalLM")(config)
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +47,18 @@ def smollm2_dir() -> str:
     from tunelab.models import resolve_model
 
     return resolve_model("smollm2-135m")  # converted once into the tunelab cache
+
+
+# the tiny model's shape beside SmolLM2's vocabulary
+TINY_MODEL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    # logits of a random model with the default 0.02 init are nearly flat and a frozen,
+    # tied head then caps what a LoRA can learn in a few steps
+    initializer_range=0.2,
+)
 
 
 @pytest.fixture(scope="session")
@@ -50,13 +69,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = random_llama(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        # logits of a random model with the default 0.02 init are nearly flat and a frozen,
-        # tied head then caps what a LoRA can learn in a few steps
-        initializer_range=0.2,
+        **TINY_MODEL,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -8,9 +8,19 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import tiny_config, write_qa_jsonl
+from conftest import TINY_MODEL, random_causal_lm, tiny_config, write_qa_jsonl
+from tunelab.errors import TunelabError
 from tunelab.export import export_run
-from tunelab.gguf_export import gguf_tensor_name, interleave_rope_rows, modelfile, ollama_name
+from tunelab.gguf_export import (
+    SPLIT_PRE_TOKENIZERS,
+    gguf_tensor_name,
+    interleave_rope_rows,
+    known_pre_tokenizer,
+    modelfile,
+    ollama_name,
+    rope_frequency_factors,
+    write_gguf,
+)
 from tunelab.train import train
 
 needs_llama_cpp = pytest.mark.skipif(
@@ -50,6 +60,70 @@ def test_tensor_names_are_llama_cpps():
     assert gguf_tensor_name("model.layers.0.mlp.down_proj.weight") == "blk.0.ffn_down.weight"
     assert gguf_tensor_name("model.layers.2.post_attention_layernorm.weight") == "blk.2.ffn_norm.weight"
     assert gguf_tensor_name("lm_head.weight") == "output.weight"
+    assert gguf_tensor_name("model.layers.1.self_attn.q_proj.bias") == "blk.1.attn_q.bias"  # Qwen2
+    assert gguf_tensor_name("model.layers.1.self_attn.k_norm.weight") == "blk.1.attn_k_norm.weight"  # Qwen3
+    with pytest.raises(TunelabError, match="no llama.cpp name for tensor model.layers.0.mlp.fc1.weight"):
+        gguf_tensor_name("model.layers.0.mlp.fc1.weight")
+
+
+def _llama_config(rope: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters={"rope_theta": 10000.0} | rope)
+
+
+# Llama 3.1's rope with its context shrunk to 64 tokens, so that a 16-dim head has every kind of pair
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def test_rope_frequency_factors_are_llama_3s_formula():
+    # pair i of a 16-dim head turns once in 2π·10000^(i/8) positions: 6.3, 19.9, 62.8, 199, ... Pairs
+    # turning faster than 64/4 = 16 positions keep their frequency (factor 1), slower than 64 are
+    # slowed 8×, and between, the factor is 1 / ((1 - s)/8 + s) with s = (64/wavelength - 1) / (4 - 1)
+    expected = [1.0, 1.2940, 7.6674, 8.0, 8.0, 8.0, 8.0, 8.0]
+    factors = rope_frequency_factors(_llama_config(LLAMA3_ROPE))
+    torch.testing.assert_close(factors, torch.tensor(expected), atol=1e-3, rtol=0)
+    linear = rope_frequency_factors(_llama_config({"rope_type": "linear", "factor": 4.0}))
+    torch.testing.assert_close(linear, torch.full((8,), 4.0))
+    assert rope_frequency_factors(_llama_config({"rope_type": "default"})) is None
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    with pytest.raises(TunelabError, match="rope scaling 'yarn' is not written; export --format merged"):
+        rope_frequency_factors(_llama_config(yarn))
+
+
+def _tokenizer_split_by(smollm2_dir: str, pattern: str):
+    """SmolLM2's tokenizer with its pre-tokenizer replaced by Llama 3's or Qwen2's form: a Split by
+    `pattern`, then byte-level mapping."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    return tokenizer
+
+
+def test_llama_3s_and_qwen2s_pre_tokenizers_are_named_by_their_regex(smollm2_dir):
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    # transformers' own Qwen2 tokenizer (on a toy vocabulary) carries llama.cpp's qwen2 regex
+    assert (
+        known_pre_tokenizer(Qwen2Tokenizer(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")])) == "qwen2"
+    )
+    assert SPLIT_PRE_TOKENIZERS[PRETOKENIZE_REGEX] == "qwen2"
+    for pattern, name in SPLIT_PRE_TOKENIZERS.items():
+        assert known_pre_tokenizer(_tokenizer_split_by(smollm2_dir, pattern)) == name
+    assert known_pre_tokenizer(_tokenizer_split_by(smollm2_dir, r"\s+")) is None  # no known regex
 
 
 def test_interleaved_rows_rotate_as_halves_do():
@@ -219,3 +293,47 @@ def test_smollm2_through_llama_cpp(tmp_path, smollm2_dir, gguf_type):
         assert np.abs(got - expected).max() < 1e-2 * np.abs(expected).max() and agree == 1.0
     else:  # 8-bit weights: the same next token almost everywhere
         assert agree >= 0.9, agree
+
+
+# architectures besides the plain Llama above: (transformers' class prefix, llama.cpp's pre-tokenizer,
+# config), each with what its GGUF must carry over
+ARCHITECTURES = {
+    "qwen2": ("Qwen2", "qwen2", {}),  # q/k/v biases, rotation by halves
+    "qwen3": ("Qwen3", "qwen2", {"head_dim": 32}),  # q/k norms, heads wider than hidden_size / heads
+    "llama-3.1-rope": ("Llama", "llama-bpe", {"rope_parameters": {"rope_theta": 10000.0} | LLAMA3_ROPE}),
+    "linear-rope": (
+        "Llama",
+        "llama-bpe",
+        {"rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 4.0}},
+    ),
+    "llama-bias": ("Llama", "llama-bpe", {"attention_bias": True}),  # biases reordered with their rows
+}
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_llama_cpp_reads_each_architecture_as_transformers_computes_it(tmp_path, smollm2_dir, architecture):
+    import numpy as np
+    from llama_cpp import Llama
+
+    prefix, pre_tokenizer, overrides = ARCHITECTURES[architecture]
+    pattern = next(regex for regex, name in SPLIT_PRE_TOKENIZERS.items() if name == pre_tokenizer)
+    tokenizer = _tokenizer_split_by(smollm2_dir, pattern)
+    model = random_causal_lm(prefix, vocab_size=len(tokenizer), **TINY_MODEL | overrides).eval()
+    with torch.no_grad():  # biases (zero) and norms (one) made random, so that a misplaced one shows
+        for parameter in model.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    tokenizer.save_pretrained(tmp_path)
+    path = tmp_path / "model.f16.gguf"
+    write_gguf(model, tokenizer, tmp_path, path, "f16", known_pre_tokenizer(tokenizer))
+    text = "I'll pay 12345 dollars on 2026-11-24.\nThanks!!  Bye"  # digits split by threes or one by one
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    llm = Llama(str(path), n_ctx=256, verbose=False, logits_all=True)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    ids += list(range(1000, 1080))  # positions far enough for every rotary pair to turn
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - expected).max() < 1e-2 * np.abs(expected).max(), np.abs(got - expected).max()

@@ -1,8 +1,9 @@
-"""GGUF for llama.cpp and Ollama: a merged Llama-architecture model written with the `gguf` package
-(f16 or q8_0), its tokenizer and chat template inside, and an Ollama Modelfile beside it.
+"""GGUF for llama.cpp and Ollama: a merged Llama, Mistral, Qwen2 or Qwen3 model written with the `gguf`
+package (f16 or q8_0), its tokenizer and chat template inside, and an Ollama Modelfile beside it.
 
-llama.cpp computes rotary embeddings on interleaved pairs of a head's dimensions, Hugging Face's
-Llama on its two halves; the query and key rows are reordered to match (`interleave_rope_rows`).
+llama.cpp's llama graph computes rotary embeddings on interleaved pairs of a head's dimensions,
+Hugging Face's Llama on its two halves; the query and key rows are reordered to match
+(`interleave_rope_rows`). Its qwen2 and qwen3 graphs rotate halves, as Hugging Face does.
 """
 
 from __future__ import annotations
@@ -17,13 +18,21 @@ from torch import nn
 from tunelab.errors import TunelabError
 
 GGUF_TYPES = ("f16", "q8_0")
-LLAMA_ARCHITECTURES = ("llama", "mistral")  # the same graph in llama.cpp ("llama")
+# Hugging Face model_type -> (llama.cpp's architecture, whether that graph rotates interleaved pairs)
+GGUF_ARCHITECTURES = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),  # the same graph
+    "qwen2": ("qwen2", False),  # llama's with q/k/v biases
+    "qwen3": ("qwen3", False),  # llama's with a norm of each query and key head
+}
 LAYER_TENSORS = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
@@ -46,8 +55,8 @@ def gguf_tensor_name(hf_name: str) -> str:
 
 
 def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of a q/k projection reordered per head from halves (x_0..x_{d/2-1} | x_{d/2}..) to pairs
-    (x_0, x_{d/2}, x_1, x_{d/2+1}, ...): the layout llama.cpp rotates."""
+    """Rows of a q/k projection (its weight or bias) reordered per head from halves (x_0..x_{d/2-1} |
+    x_{d/2}..) to pairs (x_0, x_{d/2}, x_1, x_{d/2+1}, ...): the layout llama.cpp's llama graph rotates."""
     head_dim = weight.shape[0] // heads
     return weight.reshape(heads, 2, head_dim // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
@@ -135,6 +144,31 @@ def modelfile(gguf_name: str, tokenizer, trained_template: str = "chat") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rope(config) -> tuple[str, float]:
+    """The rope type and base of a config (transformers 5's `rope_parameters`, or 4's keys)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    return kind, float(rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
+
+
+def rope_frequency_factors(config) -> torch.Tensor | None:
+    """llama.cpp's `rope_freqs` for a model whose rotary frequencies are scaled per dimension pair, not
+    by position (Llama 3.1's "llama3" rope, "linear"): each unscaled frequency / the scaled one that
+    transformers computes for `config`; None when nothing is scaled. Rope that one factor per pair
+    cannot express (yarn, dynamic, longrope) is refused."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kind, base = _rope(config)
+    if kind == "default":
+        return None
+    if kind not in ("linear", "llama3"):
+        raise TunelabError(f"GGUF export: rope scaling '{kind}' is not written; {CONVERT_HINT}")
+    scaled, _ = ROPE_INIT_FUNCTIONS[kind](config)
+    dim = 2 * scaled.numel()
+    unscaled = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return (unscaled / scaled.double()).float()
+
+
 def _tokenizer_to_gguf(writer, tokenizer, tokenizer_dir: Path, vocab_size: int, pre: str | None) -> None:
     """Tokens with their types (special tokens are CONTROL, so llama.cpp parses `<|im_start|>` in a
     prompt as one token), merges, special token ids and the chat template."""
@@ -178,26 +212,26 @@ def _tokenizer_to_gguf(writer, tokenizer, tokenizer_dir: Path, vocab_size: int, 
 def write_gguf(
     model: nn.Module, tokenizer, tokenizer_dir: Path, out_file: Path, gguf_type: str, pre: str | None
 ) -> None:
-    """Write `model` (a merged HF Llama-architecture model) and `tokenizer` (saved in `tokenizer_dir`)
-    as one GGUF file: 2-D weights as `gguf_type` (f16 or q8_0), norms in f32."""
+    """Write `model` (a merged HF model of GGUF_ARCHITECTURES) and `tokenizer` (saved in `tokenizer_dir`)
+    as one GGUF file: 2-D weights as `gguf_type` (f16 or q8_0), norms and biases in f32."""
     import gguf
 
     config = model.config
-    if config.model_type not in LLAMA_ARCHITECTURES:
+    if config.model_type not in GGUF_ARCHITECTURES:
         raise TunelabError(
-            f"GGUF export writes Llama-architecture models ({', '.join(LLAMA_ARCHITECTURES)}); this one is "
+            f"GGUF export writes {', '.join(GGUF_ARCHITECTURES)} models; this one is "
             f"{config.model_type}: {CONVERT_HINT}"
         )
-    rope = getattr(config, "rope_scaling", None) or {}
-    scaling = rope.get("rope_type", rope.get("type"))
-    if scaling not in ("default", None):
-        raise TunelabError(f"GGUF export: rope scaling '{scaling}' is not written yet; {CONVERT_HINT}")
+    architecture, interleaved = GGUF_ARCHITECTURES[config.model_type]
+    frequency_factors = rope_frequency_factors(config)
+    if frequency_factors is not None and architecture != "llama":
+        raise TunelabError(f"GGUF export: llama.cpp's {architecture} reads no rope scaling; {CONVERT_HINT}")
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     quantized = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
 
-    writer = gguf.GGUFWriter(str(out_file), "llama")
+    writer = gguf.GGUFWriter(str(out_file), architecture)
     writer.add_name(out_file.stem)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -205,9 +239,11 @@ def write_gguf(
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or rope.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(_rope(config)[1])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)  # Qwen3's heads are not hidden_size / heads wide
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -218,9 +254,9 @@ def write_gguf(
         if name == "lm_head.weight" and tied:
             continue  # llama.cpp reads the output projection from token_embd when output is absent
         data = tensor.detach().float()
-        if name.endswith("self_attn.q_proj.weight"):
+        if interleaved and ".self_attn.q_proj." in name:
             data = interleave_rope_rows(data, heads)
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif interleaved and ".self_attn.k_proj." in name:
             data = interleave_rope_rows(data, kv_heads)
         array = data.numpy()
         kind = quantized if array.ndim == 2 else gguf.GGMLQuantizationType.F32
@@ -228,15 +264,47 @@ def write_gguf(
             kind = gguf.GGMLQuantizationType.F16  # q8_0 packs rows in blocks of 32
         packed = gguf.quants.quantize(array, kind)
         writer.add_tensor(gguf_tensor_name(name), packed, raw_shape=packed.shape, raw_dtype=kind)
+    if frequency_factors is not None:
+        writer.add_tensor("rope_freqs.weight", frequency_factors.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
 
+# llama.cpp's pre-tokenizers that split text by one regex before byte-level BPE, by that regex
+# (the pattern of a Hugging Face tokenizer's Split pre-tokenizer)
+SPLIT_PRE_TOKENIZERS = {
+    # Llama 3, 3.1, 3.2: digits in threes
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    # Qwen2, Qwen2.5, Qwen3: one digit at a time
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+def split_pattern(pre_tokenizer_state: dict) -> str | None:
+    """The regex of a pre-tokenizer that is one regex Split (isolating its matches) then byte-level
+    mapping with no regex or prefix space of its own, as Llama 3's and Qwen2's are; else None."""
+    steps = pre_tokenizer_state.get("pretokenizers", [])
+    if pre_tokenizer_state.get("type") != "Sequence" or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if (
+        split.get("type") == "Split"
+        and split.get("behavior") == "Isolated"
+        and not split.get("invert")
+        and byte_level == byte_level | {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+    ):
+        return split.get("pattern", {}).get("Regex")
+    return None
+
+
 def known_pre_tokenizer(tokenizer) -> str | None:
-    """llama.cpp's pre-tokenizer name for this tokenizer, when its pre-tokenizer is the same as that
-    of a built-in model (whose GGUF names it); None lets llama.cpp use its default rules."""
+    """llama.cpp's pre-tokenizer name for this tokenizer: that of a built-in model (whose GGUF names
+    it) with the same pre-tokenizer, or of SPLIT_PRE_TOKENIZERS by its regex; None lets llama.cpp use
+    its default rules."""
     import gguf
     from transformers import AutoTokenizer
 
@@ -245,6 +313,9 @@ def known_pre_tokenizer(tokenizer) -> str | None:
     if not tokenizer.is_fast:
         return None
     mine = tokenizer.backend_tokenizer.pre_tokenizer.__getstate__()
+    by_pattern = SPLIT_PRE_TOKENIZERS.get(split_pattern(json.loads(mine)))
+    if by_pattern:
+        return by_pattern
     for name in BUILTIN_MODELS:
         path = builtin_gguf(name)
         # the tokenizer straight from the GGUF: no conversion of the built-in model just to compare
