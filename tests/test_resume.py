@@ -286,6 +286,13 @@ def test_a_run_resumes_from_its_data_moved_refuses_other_rows_and_warns_of_edite
         train(no_eval, resume=True)
     with pytest.raises(TunelabError, match="dataset not found: .*elsewher.jsonl"):
         train(on(tmp_path / "elsewher.jsonl"), resume=True)
+    # a file that does not read as the run's data did: other data, said with why
+    other = tmp_path / "other.jsonl"
+    other.write_text("question,answer\nQ: 1+1=,2\n")
+    with pytest.raises(TunelabError) as refused:
+        train(on(other), resume=True)
+    assert f"data.train {other} here, {moved} in the run (other data: " in str(refused.value)
+    assert f"{other}:1: invalid JSON" in str(refused.value)
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_model_dir, qa_jsonl):
