@@ -250,9 +250,16 @@ def test_a_bad_value_of_a_sweep_point_names_the_line_that_wrote_it(tmp_path, tex
             "arms:\n  - {train.lr: [1.0e-3]}\n  - {train.lr: 1.0e-3}\n" + DATASETS,
             "sweep.yaml:3: 'arms[1].train.lr'",
         ),
-        (
+        (  # a dataset named by its file or built-in name alone: the mapping to write instead
             "datasets:\n  - add.jsonl\n  - {name: a, train: x, eval: y, metric: loss}\n",
-            "sweep.yaml:2: 'datasets[0]'",
+            "sweep.yaml:2: 'add.jsonl' alone is not a dataset; write it as {name: add, train: add.jsonl, "
+            "holdout: 0.1, metric: loss} (metric: exact_match, accuracy, loss or perplexity; eval: FILE or "
+            "holdout: the rows to choose configs on)",
+        ),
+        (
+            "datasets:\n  - {name: a, train: x, eval: y, metric: loss}\n  - gsm8k:train\n",
+            "sweep.yaml:3: 'gsm8k:train' alone is not a dataset; write it as {name: gsm8k, "
+            "train: gsm8k:train, eval: gsm8k:eval, metric: loss}",
         ),
         # a grid key that holds dots, named whole by the message
         (

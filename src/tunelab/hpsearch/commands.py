@@ -506,13 +506,14 @@ def sweep(
     if failed:
         also = f", and {skipped} more on the same data were skipped" if skipped else ""
         err_console.print(
-            f"[red]{failed} of {ran} trials failed[/red]{also} (errors in {db}, logs in {work_dir}); run the "
-            f"same command again to retry {'them' if not skipped else 'all of them'}"
+            f"[red]{failed} of {plural(ran, 'trial')} failed[/red]{also} (errors in {db}, logs in "
+            f"{work_dir}); run the same command again to retry {'them' if not skipped else 'all of them'}"
         )
         raise typer.Exit(1)
     err_console.print(
-        f"[green]sweep finished[/green]: {len(trials)} trials and "
-        f"{sum(trial.config_id in confirmed for trial in confirmations)} confirmations done; rank them with "
+        f"[green]sweep finished[/green]: {plural(len(trials), 'trial')} and "
+        f"{plural(sum(trial.config_id in confirmed for trial in confirmations), 'confirmation')} done; rank "
+        "them with "
         f"tunelab recommend --db {shell_word(db)}",
         highlight=False,
     )

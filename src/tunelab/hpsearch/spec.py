@@ -59,7 +59,7 @@ from tunelab.config import (
     yaml_keys,
 )
 from tunelab.errors import TunelabError, closest, did_you_mean
-from tunelab.tasks import parse_builtin
+from tunelab.tasks import builtin_tasks, parse_builtin
 
 # metric name -> higher is better (DatasetSpec.metric lists the same names); sweep trials compute
 # TRIAL_METRICS themselves, `accuracy` only comes from results tables
@@ -116,6 +116,21 @@ class DatasetSpec(BaseModel):
     holdout: float | int | None = None
     test: str | None = None  # reported only; None: eval's rows are split into dev and test
     columns: dict[str, str] = Field(default_factory=dict)  # its data.columns, in place of base's
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, given: Any) -> Any:
+        if isinstance(given, str):  # `datasets: [mydata.jsonl]`: what to write instead, with its file
+            task, _, _ = given.partition(":")
+            builtin = task in builtin_tasks()
+            name = task if builtin else Path(given).stem or "data"
+            held_out = f"eval: {task}:eval" if builtin else "holdout: 0.1"
+            raise ValueError(
+                f"{given!r} alone is not a dataset; write it as {{name: {name}, train: {given}, {held_out}, "
+                "metric: loss} (metric: exact_match, accuracy, loss or perplexity; eval: FILE or holdout: "
+                "the rows to choose configs on)"
+            )
+        return given
 
     @field_validator("columns")
     @classmethod
