@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli_output, tiny_config, write_qa_jsonl
+from conftest import TINY_MODEL, random_causal_lm, run_cli_output, tiny_config, write_qa_jsonl
 from tunelab.assemble import load_run
 from tunelab.errors import TunelabError
 from tunelab.export import export_run
@@ -70,6 +70,32 @@ def test_peft_loads_our_export_with_the_same_logits(lora_run, tmp_path, tiny_mod
         theirs = peft_model(input_ids=_tokens()).logits
     base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=_tokens()).logits
     assert (ours - base_logits).abs().max() > 1e-3  # the adapter changed something
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+# other architectures' projections: Qwen2's carry biases, Phi-3's are fused (qkv_proj, gate_up_proj),
+# Gemma's norms scale by 1 + weight
+@pytest.mark.parametrize("architecture", ["Qwen2", "Phi3", "Gemma"])
+def test_peft_loads_a_lora_of_each_architecture_with_the_same_logits(tmp_path, smollm2_dir, architecture):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    shape = {"head_dim": 16} if architecture == "Gemma" else {}
+    model = random_causal_lm(architecture, vocab_size=len(tokenizer), pad_token_id=0, **TINY_MODEL | shape)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = write_qa_jsonl(tmp_path / "qa.jsonl")
+    config = tiny_config(str(tmp_path / "base"), data, tmp_path / "run", **{"train.max_steps": 4})
+    run_dir = train(config).run_dir
+    _, built = load_run(run_dir, precision="fp32")
+    with torch.no_grad():
+        ours = built.model(input_ids=_tokens()).logits
+    adapter = export_run(run_dir, "peft", tmp_path / "peft")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        assert (ours - base(input_ids=_tokens()).logits).abs().max() > 1e-3  # the adapter changed something
+        theirs = PeftModel.from_pretrained(base, adapter).eval()(input_ids=_tokens()).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
