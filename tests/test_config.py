@@ -175,6 +175,9 @@ def test_a_mistyped_path_or_name_gets_the_one_meant(tmp_path, monkeypatch, capsy
     (tmp_path / "run.yaml").write_text("model: smollm2-135m\n")
     with pytest.raises(TunelabError, match=r"config file not found: run\.yml; did you mean run\.yaml\?$"):
         load_config("run.yml")
+    (tmp_path / "qa.py").write_text("")  # a script is not the config meant by qa.yaml
+    with pytest.raises(TunelabError, match=r"config file not found: qa\.yaml$"):
+        load_config("qa.yaml")
     for written, meant in [("data/trian.jsonl", "data/train.jsonl"), ("dta/train.jsonl", "data/train.jsonl")]:
         spec = load_config(None, [f"data.train={written}"]).data.train  # made absolute, as a config does
         with pytest.raises(TunelabError, match=f"did you mean {tmp_path / meant}\\?$"):

@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tunelab.errors import DatasetNotFound, TunelabError, closest, did_you_mean, note_near_hub_id, shell_word
+from tunelab.errors import (
+    DatasetNotFound,
+    TunelabError,
+    closest,
+    did_you_mean,
+    folders_or,
+    note_near_hub_id,
+    shell_word,
+)
 from tunelab.hub import unreachable
 from tunelab.methods import METHOD_CONFIGS
 from tunelab.methods.lora.config import LoraConfig
@@ -532,6 +540,7 @@ def source_encoding(raw: bytes) -> str:
 
 
 # what the YAML parser's most common complaints mean in a config
+YAML_FILES = folders_or(".yaml", ".yml")  # what a mistyped config or spec path may mean
 YAML_HINTS = {
     "found character '\\t'": "; indent with spaces, not tabs",
     "mapping values are not allowed here": (
@@ -561,7 +570,7 @@ def read_yaml(path: str | Path) -> tuple[dict, str]:
         # `tunelab train lora` beside lora.yaml
         named = [path.with_name(path.name + suffix) for suffix in (".yaml", ".yml") if not path.suffix]
         named = [file for file in named if file.is_file()]
-        near = f"; did you mean {named[0]}?" if named else did_you_mean(path)
+        near = f"; did you mean {named[0]}?" if named else did_you_mean(path, keep=YAML_FILES)
         raise TunelabError(f"config file not found: {path}{override_hint(path) or near}")
     if data_suffix(path) in FILE_SUFFIXES:  # `tunelab train data.jsonl`: the data, not a config
         raise TunelabError(

@@ -83,6 +83,12 @@ def _note_near_hub_id(name: str, cwd: str) -> None:
         )
 
 
+def folders_or(*suffixes: str) -> Callable[[Path], bool]:
+    """A `keep` for did_you_mean: folders, and files with one of `suffixes` (a config's typo is not
+    meant to name the script beside it)."""
+    return lambda entry: entry.is_dir() or entry.suffix.lower() in suffixes
+
+
 def did_you_mean(path: str | Path, keep: Callable[[Path], bool] | None = None) -> str:
     """'; did you mean NEAR?' for a path that does not exist, where one near it does; else ''.
 

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from tunelab.config import YOUR_DATA, check_model, dump_config, flatten, model_location, nest, validate
 from tunelab.console import plural, stdout_console
-from tunelab.errors import RunInterrupted, TunelabError, closest, did_you_mean, shell_word
+from tunelab.errors import RunInterrupted, TunelabError, closest, did_you_mean, folders_or, shell_word
 from tunelab.hpsearch.executors import (
     TrialProcesses,
     TrialResult,
@@ -853,6 +853,7 @@ def _cbs_config_files(
     return files
 
 
+_INPUT_SUFFIXES = {"--db": (".sqlite",), "--results": (".csv", ".parquet")}
 _INPUT_HINTS = {
     "--db": "pass the .sqlite file that `tunelab sweep` writes (SPEC.sqlite by default)",
     "--results": "pass a .csv or .parquet table with columns config, dataset, score",
@@ -884,7 +885,7 @@ def _check_input(path: Path, option: str) -> None:
             raise TunelabError(
                 f"--db {path} does not exist yet: no trial of {spec} has finished; {_what_next(path, spec)}"
             )
-        hint = did_you_mean(path) or f"; {_INPUT_HINTS[option]}"
+        hint = did_you_mean(path, keep=folders_or(*_INPUT_SUFFIXES[option])) or f"; {_INPUT_HINTS[option]}"
         raise TunelabError(f"{option}: file not found: {path}{hint}")
     if not path.is_file():
         raise TunelabError(f"{option} {path} is a folder, not a file; {_INPUT_HINTS[option]}")

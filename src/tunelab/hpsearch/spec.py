@@ -47,6 +47,7 @@ from pydantic import (
 
 from tunelab.config import (
     FILE_SUFFIXES,
+    YAML_FILES,
     check_source,
     data_suffix,
     deep_merge,
@@ -377,7 +378,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if isinstance(base, str):
         base_path = path.parent / base
         if not base_path.is_file():
-            hint = did_you_mean(base_path) or f"; give it relative to {path.name}"
+            hint = did_you_mean(base_path, keep=YAML_FILES) or f"; give it relative to {path.name}"
             raise TunelabError(f"{path}: 'base' file not found: {base_path}{hint}")
         base, base_text = read_yaml(base_path)
         data, base_where, base_prefix = {**data, "base": base}, base_path, ""
