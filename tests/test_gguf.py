@@ -12,6 +12,7 @@ from conftest import TINY_MODEL, random_causal_lm, tiny_config, write_qa_jsonl
 from tunelab.errors import TunelabError
 from tunelab.export import export_run
 from tunelab.gguf_export import (
+    IGNORE_MERGES,
     SPLIT_PRE_TOKENIZERS,
     gguf_tensor_name,
     interleave_rope_rows,
@@ -97,13 +98,48 @@ def test_rope_frequency_factors_are_llama_3s_formula():
         rope_frequency_factors(_llama_config(yarn))
 
 
-def _tokenizer_split_by(smollm2_dir: str, pattern: str):
+@pytest.mark.parametrize(
+    "architecture, config, message",
+    [
+        (
+            "Qwen3",
+            {"attention_bias": True},
+            "llama.cpp's qwen3 graph has no model.layers.0.self_attn.q_proj.bias",
+        ),
+        ("Llama", {"mlp_bias": True}, "llama.cpp's llama graph has no model.layers.0.mlp.gate_proj.bias"),
+        (
+            "Qwen2",
+            {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 1},
+            "attends through a sliding window of 32 tokens, which llama.cpp's qwen2 graph does not",
+        ),
+        ("Mistral", {"sliding_window": 32}, "sliding window of 32 tokens, which llama.cpp's llama graph"),
+        ("Gemma", {}, "GGUF export writes llama, mistral, qwen2, qwen3 models; this one is gemma"),
+        (
+            "Qwen2",
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+            "for Llama",
+        ),
+    ],
+)
+def test_what_no_llama_cpp_graph_computes_is_refused(architecture, config, message):
+    from tunelab.gguf_export import llama_cpp_graph
+
+    shape = {"head_dim": 8, "max_position_embeddings": 64}
+    with pytest.raises(TunelabError, match=message):
+        llama_cpp_graph(random_causal_lm(architecture, **shape | config))
+    if architecture != "Gemma":  # the same model without that one feature is written
+        without = {"sliding_window": None} if architecture == "Mistral" else {}
+        assert llama_cpp_graph(random_causal_lm(architecture, **shape | without))
+
+
+def _tokenizer_split_by(smollm2_dir: str, pattern: str, ignore_merges: bool):
     """SmolLM2's tokenizer with its pre-tokenizer replaced by Llama 3's or Qwen2's form: a Split by
-    `pattern`, then byte-level mapping."""
+    `pattern`, then byte-level mapping; and its BPE told to `ignore_merges` (as Llama 3's is)."""
     from tokenizers import Regex, pre_tokenizers
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.backend_tokenizer.model.ignore_merges = ignore_merges
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
@@ -122,8 +158,12 @@ def test_llama_3s_and_qwen2s_pre_tokenizers_are_named_by_their_regex(smollm2_dir
     )
     assert SPLIT_PRE_TOKENIZERS[PRETOKENIZE_REGEX] == "qwen2"
     for pattern, name in SPLIT_PRE_TOKENIZERS.items():
-        assert known_pre_tokenizer(_tokenizer_split_by(smollm2_dir, pattern)) == name
-    assert known_pre_tokenizer(_tokenizer_split_by(smollm2_dir, r"\s+")) is None  # no known regex
+        ignores = name in IGNORE_MERGES
+        assert known_pre_tokenizer(_tokenizer_split_by(smollm2_dir, pattern, ignores)) == name
+        # llama.cpp's llama-bpe skips merges for whole words and qwen2 does not: a tokenizer that does
+        # otherwise would split some words differently there
+        assert known_pre_tokenizer(_tokenizer_split_by(smollm2_dir, pattern, not ignores)) is None
+    assert known_pre_tokenizer(_tokenizer_split_by(smollm2_dir, r"\s+", False)) is None  # no known regex
 
 
 def test_interleaved_rows_rotate_as_halves_do():
@@ -318,7 +358,7 @@ def test_llama_cpp_reads_each_architecture_as_transformers_computes_it(tmp_path,
 
     prefix, pre_tokenizer, overrides = ARCHITECTURES[architecture]
     pattern = next(regex for regex, name in SPLIT_PRE_TOKENIZERS.items() if name == pre_tokenizer)
-    tokenizer = _tokenizer_split_by(smollm2_dir, pattern)
+    tokenizer = _tokenizer_split_by(smollm2_dir, pattern, pre_tokenizer in IGNORE_MERGES)
     model = random_causal_lm(prefix, vocab_size=len(tokenizer), **TINY_MODEL | overrides).eval()
     with torch.no_grad():  # biases (zero) and norms (one) made random, so that a misplaced one shows
         for parameter in model.parameters():
@@ -331,6 +371,8 @@ def test_llama_cpp_reads_each_architecture_as_transformers_computes_it(tmp_path,
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     llm = Llama(str(path), n_ctx=256, verbose=False, logits_all=True)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    # with its special tokens: a BOS where transformers adds one, none where it adds none (SmolLM2's)
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"]
     ids += list(range(1000, 1080))  # positions far enough for every rotary pair to turn
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)])

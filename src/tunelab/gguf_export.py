@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,12 +19,20 @@ from torch import nn
 from tunelab.errors import TunelabError
 
 GGUF_TYPES = ("f16", "q8_0")
-# Hugging Face model_type -> (llama.cpp's architecture, whether that graph rotates interleaved pairs)
-GGUF_ARCHITECTURES = {
-    "llama": ("llama", True),
-    "mistral": ("llama", True),  # the same graph
-    "qwen2": ("qwen2", False),  # llama's with q/k/v biases
-    "qwen3": ("qwen3", False),  # llama's with a norm of each query and key head
+
+
+class GGUFArchitecture(NamedTuple):
+    name: str  # llama.cpp's
+    interleaved: bool  # its graph rotates interleaved pairs (llama) or halves, as Hugging Face does
+    biases: tuple[str, ...]  # the layers whose biases its graph loads (a GGUF with others fails to load)
+
+
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GGUF_ARCHITECTURES = {  # by Hugging Face model_type
+    "llama": GGUFArchitecture("llama", True, (*ATTENTION, "self_attn.o_proj")),
+    "mistral": GGUFArchitecture("llama", True, (*ATTENTION, "self_attn.o_proj")),  # the same graph
+    "qwen2": GGUFArchitecture("qwen2", False, ATTENTION),  # llama's with q/k/v biases
+    "qwen3": GGUFArchitecture("qwen3", False, ()),  # llama's with a norm of each query and key head
 }
 LAYER_TENSORS = {
     "input_layernorm": "attn_norm",
@@ -144,6 +153,14 @@ def modelfile(gguf_name: str, tokenizer, trained_template: str = "chat") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sliding_window(config) -> int | None:
+    """The sliding window some of the model's layers attend through, when shorter than its context."""
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    uses = sliding or (config.model_type == "mistral" and window)
+    return window if uses and window and window < config.max_position_embeddings else None
+
+
 def _rope(config) -> tuple[str, float]:
     """The rope type and base of a config (transformers 5's `rope_parameters`, or 4's keys)."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -207,6 +224,43 @@ def _tokenizer_to_gguf(writer, tokenizer, tokenizer_dir: Path, vocab_size: int, 
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    if "tokenizer.ggml.add_bos_token" not in writer.kv_data[0]:
+        # unsaid, llama.cpp adds one for some pre-tokenizers (llama-bpe): say what transformers does
+        ids = tokenizer("a")["input_ids"]
+        writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+
+
+def llama_cpp_graph(model: nn.Module) -> tuple[GGUFArchitecture, torch.Tensor | None]:
+    """The llama.cpp graph that computes `model` as transformers does, and its rope frequency factors
+    (None: unscaled); refused, with the way round, where no graph does."""
+    config = model.config
+    if config.model_type not in GGUF_ARCHITECTURES:
+        raise TunelabError(
+            f"GGUF export writes {', '.join(GGUF_ARCHITECTURES)} models; this one is "
+            f"{config.model_type}: {CONVERT_HINT}"
+        )
+    graph = GGUF_ARCHITECTURES[config.model_type]
+    architecture, biases = graph.name, graph.biases
+    frequency_factors = rope_frequency_factors(config)
+    if frequency_factors is not None and architecture != "llama":
+        raise TunelabError(f"GGUF export writes rope scaling for Llama models only; {CONVERT_HINT}")
+    other_biases = [
+        name
+        for name, _ in model.named_parameters()
+        if name.endswith(".bias") and not name.removesuffix(".bias").endswith(biases)
+    ]
+    if other_biases:
+        raise TunelabError(
+            f"GGUF export: llama.cpp's {architecture} graph has no {other_biases[0]} (a bias); {CONVERT_HINT}"
+        )
+    window = _sliding_window(config)
+    if window:
+        raise TunelabError(
+            f"GGUF export: this model attends through a sliding window of {window} tokens, which llama.cpp's "
+            f"{architecture} graph does not (it would attend to every earlier token); export --format merged "
+            "and serve it with transformers or vLLM"
+        )
+    return graph, frequency_factors
 
 
 def write_gguf(
@@ -217,15 +271,7 @@ def write_gguf(
     import gguf
 
     config = model.config
-    if config.model_type not in GGUF_ARCHITECTURES:
-        raise TunelabError(
-            f"GGUF export writes {', '.join(GGUF_ARCHITECTURES)} models; this one is "
-            f"{config.model_type}: {CONVERT_HINT}"
-        )
-    architecture, interleaved = GGUF_ARCHITECTURES[config.model_type]
-    frequency_factors = rope_frequency_factors(config)
-    if frequency_factors is not None and architecture != "llama":
-        raise TunelabError(f"GGUF export: llama.cpp's {architecture} reads no rope scaling; {CONVERT_HINT}")
+    (architecture, interleaved, _), frequency_factors = llama_cpp_graph(model)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     quantized = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
@@ -282,6 +328,9 @@ SPLIT_PRE_TOKENIZERS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
 }
+# those that also take a word found whole in the vocabulary as one token, without its merges: a
+# tokenizer.json's `"ignore_merges": true` (Llama 3's)
+IGNORE_MERGES = ("llama-bpe",)
 
 
 def split_pattern(pre_tokenizer_state: dict) -> str | None:
@@ -314,7 +363,8 @@ def known_pre_tokenizer(tokenizer) -> str | None:
         return None
     mine = tokenizer.backend_tokenizer.pre_tokenizer.__getstate__()
     by_pattern = SPLIT_PRE_TOKENIZERS.get(split_pattern(json.loads(mine)))
-    if by_pattern:
+    ignores_merges = bool(json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("ignore_merges"))
+    if by_pattern and (by_pattern in IGNORE_MERGES) == ignores_merges:
         return by_pattern
     for name in BUILTIN_MODELS:
         path = builtin_gguf(name)
