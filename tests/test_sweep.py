@@ -413,6 +413,9 @@ def test_confirm_seeds_train_each_arms_best_config_again(tmp_path, tiny_model_di
         assert "(2 configs x 2 datasets; provisional, the sweep is not finished)" in output
         assert f"provisional: {expected}" in output
         assert f"tunelab sweep {spec_copy} runs what is missing or failed" in output
+        # the ranked config's result on rev is gone, deleted or failed: said, once, as the status is
+        covering_nothing = "1 result of the ranked configs missing (failed or not run; a dylora trial gives"
+        assert (covering_nothing in output) == ("rev" in change)
         confirming = re.search(
             r"(\d) of the 2 trials confirming each arm's best with more seeds (\w+) done", output
         )

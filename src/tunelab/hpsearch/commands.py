@@ -766,7 +766,10 @@ def _recommend_cbs(
         )
     if result.missing_trials:
         console.print(
-            f"{result.missing_trials} missing or failed trials count as covering nothing", highlight=False
+            f"{plural(result.missing_trials, 'result')} of the ranked configs missing (failed or not run; a "
+            f"dylora trial gives one per rank) {'count' + ('s' if result.missing_trials == 1 else '')} as "
+            "covering nothing",
+            highlight=False,
         )
     if progress and progress.finished is False:
         console.print(

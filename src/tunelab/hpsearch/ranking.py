@@ -114,7 +114,7 @@ class Ranking:
     entries: list[dict[str, Any]]  # in CBS order: config id, covers, coverage, scores, hyperparameters
     top_k_curve: list[float]  # mean over datasets of the best normalized score among the top K
     uncovered: list[str]  # datasets no config covers (no positive score recorded)
-    missing_trials: int  # missing or failed trials, counted as covering nothing
+    missing_trials: int  # results of ranked configs missing (failed or not run), covering nothing
     held_out_curve: list[float] | None = None  # the same curve, each dataset ranked without itself
 
     def as_json(self) -> dict[str, Any]:
