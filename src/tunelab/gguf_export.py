@@ -8,6 +8,7 @@ Hugging Face's Llama on its two halves; the query and key rows are reordered to 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -354,11 +355,6 @@ def known_pre_tokenizer(tokenizer) -> str | None:
     """llama.cpp's pre-tokenizer name for this tokenizer: that of a built-in model (whose GGUF names
     it) with the same pre-tokenizer, or of SPLIT_PRE_TOKENIZERS by its regex; None lets llama.cpp use
     its default rules."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    from tunelab.models import BUILTIN_MODELS, builtin_gguf
-
     if not tokenizer.is_fast:
         return None
     mine = tokenizer.backend_tokenizer.pre_tokenizer.__getstate__()
@@ -366,11 +362,25 @@ def known_pre_tokenizer(tokenizer) -> str | None:
     ignores_merges = bool(json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("ignore_merges"))
     if by_pattern and (by_pattern in IGNORE_MERGES) == ignores_merges:
         return by_pattern
-    for name in BUILTIN_MODELS:
-        path = builtin_gguf(name)
+    return next((name for state, name in _builtin_pre_tokenizers() if state == mine), None)
+
+
+@functools.cache  # reading a tokenizer out of a GGUF takes seconds
+def _builtin_pre_tokenizers() -> list[tuple[bytes, str | None]]:
+    """Each built-in model's pre-tokenizer state and the name its GGUF gives it."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from tunelab.models import BUILTIN_MODELS, builtin_gguf
+
+    known = []
+    for model in BUILTIN_MODELS:
+        path = builtin_gguf(model)
         # the tokenizer straight from the GGUF: no conversion of the built-in model just to compare
         theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        if theirs.is_fast and theirs.backend_tokenizer.pre_tokenizer.__getstate__() == mine:
+        if theirs.is_fast:
             field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
-            return field.contents() if field else None
-    return None
+            known.append(
+                (theirs.backend_tokenizer.pre_tokenizer.__getstate__(), field.contents() if field else None)
+            )
+    return known
