@@ -345,7 +345,9 @@ def split_pattern(pre_tokenizer_state: dict) -> str | None:
         split.get("type") == "Split"
         and split.get("behavior") == "Isolated"
         and not split.get("invert")
-        and byte_level == byte_level | {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+        and byte_level.get("type") == "ByteLevel"
+        and byte_level.get("add_prefix_space") is False
+        and byte_level.get("use_regex") is False
     ):
         return split.get("pattern", {}).get("Regex")
     return None

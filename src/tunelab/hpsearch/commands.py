@@ -513,8 +513,7 @@ def sweep(
     err_console.print(
         f"[green]sweep finished[/green]: {plural(len(trials), 'trial')} and "
         f"{plural(sum(trial.config_id in confirmed for trial in confirmations), 'confirmation')} done; rank "
-        "them with "
-        f"tunelab recommend --db {shell_word(db)}",
+        f"them with tunelab recommend --db {shell_word(db)}",
         highlight=False,
     )
 
@@ -765,10 +764,10 @@ def _recommend_cbs(
             f"no config covers: {', '.join(result.uncovered)} (no positive score recorded)", highlight=False
         )
     if result.missing_trials:
+        verb = "counts" if result.missing_trials == 1 else "count"
         console.print(
             f"{plural(result.missing_trials, 'result')} of the ranked configs missing (failed or not run; a "
-            f"dylora trial gives one per rank) {'count' + ('s' if result.missing_trials == 1 else '')} as "
-            "covering nothing",
+            f"dylora trial gives one per rank) {verb} as covering nothing",
             highlight=False,
         )
     if progress and progress.finished is False:
